@@ -1,0 +1,215 @@
+//! Membership and failure detection: SWIM through `foca`, wrapped so that its sends, timers
+//! and notifications come out as plain values. No sockets and no clock here.
+
+use crate::store::NodeId;
+use foca::{
+    AccumulatingRuntime, Config, Foca, NoCustomBroadcast, OwnedNotification, PostcardCodec, State,
+    Timer,
+};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::{Deserialize, Serialize};
+use std::num::{NonZeroU32, NonZeroUsize};
+use std::time::Duration;
+
+/// A member's identity: its node id, the address peers reach it at, and a generation that
+/// grows on every restart (and on rejoining after being declared down), so a restarted node
+/// wins over its previous self.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Member {
+    pub id: NodeId,
+    pub addr: String,
+    pub gen: u64,
+}
+
+impl Member {
+    pub fn new(id: NodeId, addr: String, gen: u64) -> Member {
+        Member { id, addr, gen }
+    }
+}
+
+impl foca::Identity for Member {
+    type Addr = NodeId;
+
+    fn renew(&self) -> Option<Self> {
+        Some(Member {
+            gen: self.gen + 1,
+            ..self.clone()
+        })
+    }
+
+    fn addr(&self) -> NodeId {
+        self.id.clone()
+    }
+
+    fn win_addr_conflict(&self, adversary: &Self) -> bool {
+        self.gen > adversary.gen
+    }
+}
+
+/// What the membership layer asks of its surroundings.
+#[derive(Debug, Clone)]
+pub enum MembershipEffect {
+    Send(Member, Vec<u8>),
+    Schedule(Duration, Timer<Member>),
+    Up(Member),
+    Down(Member),
+    /// This node was declared down by others and rejoined under a new generation.
+    Renamed(Member),
+}
+
+/// Timings of the failure detector. The defaults target a LAN: a dead member is declared down
+/// everywhere within about 3 s in clusters of up to 100 nodes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MembershipConfig {
+    pub probe_period_ms: u64,
+    pub probe_rtt_ms: u64,
+    pub suspect_to_down_ms: u64,
+    pub indirect_probes: usize,
+    pub gossip_period_ms: u64,
+    pub gossip_members: usize,
+    /// Expected cluster size, used to size update dissemination.
+    pub expected_size: u32,
+}
+
+impl Default for MembershipConfig {
+    fn default() -> Self {
+        MembershipConfig {
+            probe_period_ms: 500,
+            probe_rtt_ms: 200,
+            suspect_to_down_ms: 1500,
+            indirect_probes: 3,
+            gossip_period_ms: 200,
+            gossip_members: 3,
+            expected_size: 100,
+        }
+    }
+}
+
+impl MembershipConfig {
+    fn foca(&self) -> Config {
+        let mut c =
+            Config::new_lan(NonZeroU32::new(self.expected_size.max(1)).unwrap_or(NonZeroU32::MIN));
+        c.probe_period = Duration::from_millis(self.probe_period_ms.max(2));
+        c.probe_rtt =
+            Duration::from_millis(self.probe_rtt_ms.clamp(1, self.probe_period_ms.max(2) - 1));
+        c.suspect_to_down_after = Duration::from_millis(self.suspect_to_down_ms.max(1));
+        c.num_indirect_probes =
+            NonZeroUsize::new(self.indirect_probes.max(1)).unwrap_or(NonZeroUsize::MIN);
+        c.max_packet_size = NonZeroUsize::new(16 * 1024).unwrap_or(NonZeroUsize::MIN);
+        c.periodic_gossip = Some(foca::PeriodicParams {
+            frequency: Duration::from_millis(self.gossip_period_ms.max(1)),
+            num_members: NonZeroUsize::new(self.gossip_members.max(1)).unwrap_or(NonZeroUsize::MIN),
+        });
+        c
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("membership: {0}")]
+pub struct MembershipError(String);
+
+/// A member as the status endpoint shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MemberStatus {
+    pub id: NodeId,
+    pub addr: String,
+    pub state: &'static str,
+    pub incarnation: u16,
+}
+
+pub struct Membership {
+    foca: Foca<Member, PostcardCodec, StdRng, NoCustomBroadcast>,
+    rt: AccumulatingRuntime<Member>,
+}
+
+impl Membership {
+    pub fn new(me: Member, config: &MembershipConfig, seed: u64) -> Membership {
+        Membership {
+            foca: Foca::new(
+                me,
+                config.foca(),
+                StdRng::seed_from_u64(seed),
+                PostcardCodec,
+            ),
+            rt: AccumulatingRuntime::new(),
+        }
+    }
+
+    pub fn me(&self) -> &Member {
+        self.foca.identity()
+    }
+
+    /// Members currently considered alive or suspect.
+    pub fn live(&self) -> impl Iterator<Item = &Member> {
+        self.foca.iter_members().map(|m| m.id())
+    }
+
+    pub fn status(&self) -> Vec<MemberStatus> {
+        self.foca
+            .iter_membership_state()
+            .map(|m| MemberStatus {
+                id: m.id().id.clone(),
+                addr: m.id().addr.clone(),
+                state: match m.state() {
+                    State::Alive => "alive",
+                    State::Suspect => "suspect",
+                    State::Down => "dead",
+                },
+                incarnation: m.incarnation(),
+            })
+            .collect()
+    }
+
+    pub fn handle_data(
+        &mut self,
+        data: &[u8],
+        out: &mut Vec<MembershipEffect>,
+    ) -> Result<(), MembershipError> {
+        let r = self.foca.handle_data(data, &mut self.rt);
+        self.drain(out);
+        r.map_err(|e| MembershipError(e.to_string()))
+    }
+
+    pub fn handle_timer(&mut self, t: Timer<Member>, out: &mut Vec<MembershipEffect>) {
+        if let Err(e) = self.foca.handle_timer(t, &mut self.rt) {
+            tracing::debug!(%e, "membership timer");
+        }
+        self.drain(out);
+    }
+
+    /// Asks `peer` to let us in; it answers with its view of the cluster.
+    pub fn announce(&mut self, peer: Member, out: &mut Vec<MembershipEffect>) {
+        if let Err(e) = self.foca.announce(peer, &mut self.rt) {
+            tracing::debug!(%e, "membership announce");
+        }
+        self.drain(out);
+    }
+
+    /// Tells the cluster we are leaving, so nobody has to detect it.
+    pub fn leave(&mut self, out: &mut Vec<MembershipEffect>) {
+        if let Err(e) = self.foca.leave_cluster(&mut self.rt) {
+            tracing::debug!(%e, "membership leave");
+        }
+        self.drain(out);
+    }
+
+    fn drain(&mut self, out: &mut Vec<MembershipEffect>) {
+        while let Some((to, data)) = self.rt.to_send() {
+            out.push(MembershipEffect::Send(to, data.to_vec()));
+        }
+        while let Some((after, t)) = self.rt.to_schedule() {
+            out.push(MembershipEffect::Schedule(after, t));
+        }
+        while let Some(n) = self.rt.to_notify() {
+            match n {
+                OwnedNotification::MemberUp(m) => out.push(MembershipEffect::Up(m)),
+                OwnedNotification::MemberDown(m) => out.push(MembershipEffect::Down(m)),
+                OwnedNotification::Rename(_, m) => out.push(MembershipEffect::Up(m)),
+                OwnedNotification::Rejoin(m) => out.push(MembershipEffect::Renamed(m)),
+                _ => {}
+            }
+        }
+    }
+}

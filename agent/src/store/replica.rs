@@ -1,0 +1,673 @@
+//! One node's copy of the replicated state, over any `Backend`. Owns the merge rule, the
+//! per-origin watermarks that anti-entropy compares, the change log that watchers follow and
+//! tombstone collection. It does no IO of its own and reads no clock: time is passed in.
+//!
+//! Invariant (per origin O): a replica whose watermark for O is `w` holds every entry written
+//! by O with an HLC `<= w`, or an entry of the same key with a higher version. Watermarks only
+//! move on a node's own writes, on a complete range received from a peer (`through`), or when
+//! a pushed entry directly follows the watermark (`prev == w`).
+
+use super::backend::{Backend, Batch};
+use super::entry::{Entry, Key, Keyspace, NodeId, Version};
+use super::hlc::{Hlc, HlcClock};
+use super::StoreError;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+const P_KEY: u8 = b'k';
+const P_ORIGIN: u8 = b'o';
+const P_TOMB: u8 = b't';
+const P_CHANGE: u8 = b'c';
+const P_WATERMARK: u8 = b'w';
+const P_COLLECTED: u8 = b'g';
+const META_SEQ: &[u8] = b"m/seq";
+const META_COMPACTED: &[u8] = b"m/compacted";
+
+/// What a replica knows, per origin: `watermarks` (holds everything up to) and `collected`
+/// (tombstones up to here were collected, so a replica below it must reconcile).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    pub watermarks: BTreeMap<NodeId, Hlc>,
+    pub collected: BTreeMap<NodeId, Hlc>,
+}
+
+impl Digest {
+    pub fn watermark(&self, origin: &NodeId) -> Hlc {
+        self.watermarks.get(origin).copied().unwrap_or(Hlc::ZERO)
+    }
+
+    /// Whether a replica with this digest may miss tombstones `other` has already collected,
+    /// and so must reconcile against `other` before trusting or serving ordinary ranges.
+    pub fn behind_horizon_of(&self, other: &Digest) -> bool {
+        other.collected.iter().any(|(o, g)| self.watermark(o) < *g)
+    }
+}
+
+/// One applied change, numbered in this replica's local order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub seq: u64,
+    pub entry: Entry,
+}
+
+/// Entries another replica lacks, and per origin how far they cover it.
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    pub entries: Vec<Entry>,
+    pub through: BTreeMap<NodeId, Hlc>,
+    pub complete: bool,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    hlc: Hlc,
+    origin: NodeId,
+    value: Option<Vec<u8>>,
+    seq: u64,
+}
+
+fn k_key(key: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(key.len() + 1);
+    v.push(P_KEY);
+    v.extend_from_slice(key.as_bytes());
+    v
+}
+
+fn origin_key(prefix: u8, origin: &NodeId, hlc: Hlc) -> Vec<u8> {
+    let mut v = origin_prefix(prefix, origin);
+    v.extend_from_slice(&hlc.to_be_bytes());
+    v
+}
+
+fn origin_prefix(prefix: u8, origin: &NodeId) -> Vec<u8> {
+    let mut v = Vec::with_capacity(origin.as_str().len() + 10);
+    v.push(prefix);
+    v.extend_from_slice(origin.as_str().as_bytes());
+    v.push(0);
+    v
+}
+
+fn named_key(prefix: u8, origin: &NodeId) -> Vec<u8> {
+    let mut v = vec![prefix];
+    v.extend_from_slice(origin.as_str().as_bytes());
+    v
+}
+
+fn c_key(seq: u64) -> Vec<u8> {
+    let mut v = vec![P_CHANGE];
+    v.extend_from_slice(&seq.to_be_bytes());
+    v
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn decode_u64(b: &[u8]) -> Result<u64, StoreError> {
+    let arr: [u8; 8] = b.try_into().map_err(|_| corrupt("integer"))?;
+    Ok(u64::from_be_bytes(arr))
+}
+
+fn decode_stored(key: &[u8], raw: &[u8]) -> Result<(Entry, u64), StoreError> {
+    let key = std::str::from_utf8(key).map_err(|_| corrupt("key"))?;
+    let s: Stored = postcard::from_bytes(raw).map_err(|_| corrupt("entry"))?;
+    let entry = Entry {
+        key: Key::parse(key)?,
+        version: Version {
+            hlc: s.hlc,
+            origin: s.origin,
+        },
+        value: s.value.map(Bytes::from),
+    };
+    Ok((entry, s.seq))
+}
+
+/// Reads an entry by key from any backend; shared by the replica and read-only views.
+pub fn read_entry<B: Backend>(b: &B, key: &str) -> Result<Option<(Entry, u64)>, StoreError> {
+    match b.get(&k_key(key))? {
+        Some(raw) => decode_stored(key.as_bytes(), &raw).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Live (non-tombstone) entries of a keyspace whose name starts with `prefix`, in key order.
+pub fn scan_keyspace<B: Backend>(
+    b: &B,
+    space: Keyspace,
+    prefix: &str,
+    limit: usize,
+) -> Result<Vec<Entry>, StoreError> {
+    let start = k_key(&format!("{}/{}", space.name(), prefix));
+    let mut end = start.clone();
+    end.push(0xff);
+    let mut out = Vec::new();
+    let mut cursor = start;
+    let mut after = false;
+    while out.len() < limit {
+        let page = b.scan(&cursor, after, &end, 256)?;
+        if page.is_empty() {
+            break;
+        }
+        for (k, v) in &page {
+            let (e, _) = decode_stored(&k[1..], v)?;
+            if !e.is_tombstone() && out.len() < limit {
+                out.push(e);
+            }
+        }
+        cursor = page.last().map(|(k, _)| k.clone()).unwrap_or_default();
+        after = true;
+    }
+    Ok(out)
+}
+
+/// Changes with a sequence number above `since`, oldest first. Each key appears at most once,
+/// at its latest change. Errors with `Compacted` when collected tombstones fall in the range.
+pub fn changes_since<B: Backend>(
+    b: &B,
+    since: u64,
+    limit: usize,
+) -> Result<Vec<Change>, StoreError> {
+    let compacted = b
+        .get(META_COMPACTED)?
+        .map(|v| decode_u64(&v))
+        .transpose()?
+        .unwrap_or(0);
+    if since < compacted {
+        return Err(StoreError::Compacted { since, compacted });
+    }
+    let rows = b.scan(&c_key(since), true, &[P_CHANGE + 1], limit)?;
+    let mut out = Vec::with_capacity(rows.len());
+    for (k, key) in rows {
+        let seq = decode_u64(&k[1..])?;
+        let key = std::str::from_utf8(&key).map_err(|_| corrupt("change key"))?;
+        if let Some((entry, s)) = read_entry(b, key)? {
+            if s == seq {
+                out.push(Change { seq, entry });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A node's replica of the store.
+pub struct Replica<B: Backend> {
+    node: NodeId,
+    backend: B,
+    clock: HlcClock,
+    digest: Digest,
+    seq: u64,
+    /// Entries whose wall time is further ahead of ours than this are refused.
+    max_drift_ms: u64,
+}
+
+/// A local write as applied: the change and the previous watermark of this node, which a
+/// receiver uses to extend its own watermark without waiting for anti-entropy.
+#[derive(Debug, Clone)]
+pub struct Written {
+    pub change: Change,
+    pub prev: Hlc,
+}
+
+impl<B: Backend> Replica<B> {
+    /// Opens the replica stored in `backend`, restoring watermarks, sequence and clock.
+    pub fn open(node: NodeId, backend: B) -> Result<Replica<B>, StoreError> {
+        let mut digest = Digest::default();
+        for (prefix, map) in [
+            (P_WATERMARK, &mut digest.watermarks),
+            (P_COLLECTED, &mut digest.collected),
+        ] {
+            for (k, v) in backend.scan(&[prefix], false, &[prefix + 1], usize::MAX)? {
+                let origin = std::str::from_utf8(&k[1..]).map_err(|_| corrupt("origin"))?;
+                map.insert(NodeId::new(origin)?, Hlc(decode_u64(&v)?));
+            }
+        }
+        let seq = backend
+            .get(META_SEQ)?
+            .map(|v| decode_u64(&v))
+            .transpose()?
+            .unwrap_or(0);
+        let last = digest
+            .watermarks
+            .values()
+            .chain(digest.collected.values())
+            .copied()
+            .max()
+            .unwrap_or(Hlc::ZERO);
+        // Our own versions must never repeat: the clock restarts past everything stored.
+        let mut clock = HlcClock::new(last);
+        let mut cursor = origin_prefix(P_ORIGIN, &node);
+        let end = {
+            let mut e = cursor.clone();
+            e.push(0xff);
+            e
+        };
+        cursor.extend_from_slice(&last.to_be_bytes());
+        if let Some((k, _)) = backend.scan(&cursor, false, &end, usize::MAX)?.last() {
+            let n = k.len();
+            clock.observe(Hlc(decode_u64(&k[n - 8..])?));
+        }
+        Ok(Replica {
+            node,
+            backend,
+            clock,
+            digest,
+            seq,
+            max_drift_ms: 15 * 60 * 1000,
+        })
+    }
+
+    pub fn node(&self) -> &NodeId {
+        &self.node
+    }
+
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    pub fn set_max_drift_ms(&mut self, ms: u64) {
+        self.max_drift_ms = ms;
+    }
+
+    pub fn get(&self, key: &Key) -> Result<Option<Entry>, StoreError> {
+        Ok(read_entry(&self.backend, key.as_str())?.map(|(e, _)| e))
+    }
+
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.backend.flush()
+    }
+
+    /// Writes a value (or, with `None`, a tombstone) as this node at a fresh version.
+    pub fn write(
+        &mut self,
+        now_ms: u64,
+        key: Key,
+        value: Option<Bytes>,
+    ) -> Result<Written, StoreError> {
+        let prev = self.digest.watermark(&self.node);
+        let entry = Entry {
+            key,
+            version: Version {
+                hlc: self.clock.tick(now_ms),
+                origin: self.node.clone(),
+            },
+            value,
+        };
+        entry.validate()?;
+        let current = read_entry(&self.backend, entry.key.as_str())?;
+        let mut batch = Batch::default();
+        let change = self.stage(&mut batch, entry, current);
+        self.stage_watermark(&mut batch, &self.node.clone(), change.entry.version.hlc);
+        self.backend.apply(batch)?;
+        Ok(Written { change, prev })
+    }
+
+    /// Merges entries received from a peer. Either every entry is valid and each is merged by
+    /// last-writer-wins, or nothing changes and the error says why.
+    pub fn apply_remote(
+        &mut self,
+        now_ms: u64,
+        entries: &[Entry],
+    ) -> Result<Vec<Change>, StoreError> {
+        for e in entries {
+            e.validate()?;
+            let ahead = e.version.hlc.millis().saturating_sub(now_ms);
+            if ahead > self.max_drift_ms {
+                return Err(StoreError::ClockDrift {
+                    origin: e.version.origin.to_string(),
+                    ahead_ms: ahead,
+                });
+            }
+        }
+        let mut batch = Batch::default();
+        let mut changes = Vec::new();
+        // A batch may carry the same key twice; what we staged is the current value then.
+        let mut staged: BTreeMap<Key, (Entry, u64)> = BTreeMap::new();
+        for e in entries {
+            self.clock.observe(e.version.hlc);
+            let current = match staged.get(&e.key) {
+                Some(s) => Some(s.clone()),
+                None => read_entry(&self.backend, e.key.as_str())?,
+            };
+            let wins = match &current {
+                Some((cur, _)) => e.supersedes(cur),
+                // A tombstone we already collected needs no second life.
+                None => {
+                    !(e.is_tombstone() && e.version.hlc <= self.collected_floor(&e.version.origin))
+                }
+            };
+            if wins {
+                let change = self.stage(&mut batch, e.clone(), current);
+                staged.insert(e.key.clone(), (e.clone(), change.seq));
+                changes.push(change);
+            }
+        }
+        if !batch.is_empty() {
+            self.backend.apply(batch)?;
+        }
+        Ok(changes)
+    }
+
+    fn collected_floor(&self, origin: &NodeId) -> Hlc {
+        self.digest
+            .collected
+            .get(origin)
+            .copied()
+            .unwrap_or(Hlc::ZERO)
+    }
+
+    /// Stages `entry` as the key's new value, replacing `current` in every index.
+    fn stage(&mut self, batch: &mut Batch, entry: Entry, current: Option<(Entry, u64)>) -> Change {
+        if let Some((old, old_seq)) = current {
+            batch.remove(origin_key(P_ORIGIN, &old.version.origin, old.version.hlc));
+            if old.is_tombstone() {
+                batch.remove(origin_key(P_TOMB, &old.version.origin, old.version.hlc));
+            }
+            if old_seq > 0 {
+                batch.remove(c_key(old_seq));
+            }
+        }
+        self.seq += 1;
+        let key = entry.key.as_str().as_bytes().to_vec();
+        let stored = Stored {
+            hlc: entry.version.hlc,
+            origin: entry.version.origin.clone(),
+            value: entry.value.as_ref().map(|v| v.to_vec()),
+            seq: self.seq,
+        };
+        // Serializing plain data into a Vec cannot fail.
+        let raw = postcard::to_allocvec(&stored).unwrap_or_default();
+        batch.put(k_key(entry.key.as_str()), raw);
+        batch.put(
+            origin_key(P_ORIGIN, &entry.version.origin, entry.version.hlc),
+            key.clone(),
+        );
+        if entry.is_tombstone() {
+            batch.put(
+                origin_key(P_TOMB, &entry.version.origin, entry.version.hlc),
+                key.clone(),
+            );
+        }
+        batch.put(c_key(self.seq), key);
+        batch.put(META_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
+        Change {
+            seq: self.seq,
+            entry,
+        }
+    }
+
+    fn stage_watermark(&mut self, batch: &mut Batch, origin: &NodeId, hlc: Hlc) {
+        let w = self
+            .digest
+            .watermarks
+            .entry(origin.clone())
+            .or_insert(Hlc::ZERO);
+        if hlc > *w {
+            *w = hlc;
+            batch.put(named_key(P_WATERMARK, origin), hlc.0.to_be_bytes().to_vec());
+        }
+    }
+
+    /// Raises watermarks to what a peer vouched for (`through`): call only after the entries
+    /// that came with it were applied.
+    pub fn advance(&mut self, through: &BTreeMap<NodeId, Hlc>) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for (origin, hlc) in through {
+            self.stage_watermark(&mut batch, origin, *hlc);
+        }
+        if !batch.is_empty() {
+            self.backend.apply(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Extends the watermark of `origin` to `hlc` if the entry written at `hlc` directly
+    /// followed the one at `prev` and we already hold everything up to `prev`.
+    pub fn advance_chain(
+        &mut self,
+        origin: &NodeId,
+        prev: Hlc,
+        hlc: Hlc,
+    ) -> Result<bool, StoreError> {
+        if self.digest.watermark(origin) != prev || hlc <= prev {
+            return Ok(false);
+        }
+        let mut batch = Batch::default();
+        self.stage_watermark(&mut batch, origin, hlc);
+        self.backend.apply(batch)?;
+        Ok(true)
+    }
+
+    /// What a peer with digest `theirs` lacks, in per-origin version order, bounded by entry
+    /// count and bytes. `through` says how far each origin is covered.
+    pub fn delta_for(
+        &self,
+        theirs: &Digest,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Delta, StoreError> {
+        let mut delta = Delta {
+            complete: true,
+            ..Delta::default()
+        };
+        let mut bytes = 0usize;
+        for (origin, ours) in &self.digest.watermarks {
+            let from = theirs.watermark(origin);
+            if *ours <= from {
+                continue;
+            }
+            let mut cursor = origin_key(P_ORIGIN, origin, from);
+            let end = origin_key(P_ORIGIN, origin, Hlc(ours.0.saturating_add(1)));
+            loop {
+                let room = max_entries.saturating_sub(delta.entries.len());
+                if room == 0 {
+                    delta.complete = false;
+                    return Ok(delta);
+                }
+                let page = self.backend.scan(&cursor, true, &end, room.min(256))?;
+                if page.is_empty() {
+                    break;
+                }
+                for (k, key) in &page {
+                    let key = std::str::from_utf8(key).map_err(|_| corrupt("origin index"))?;
+                    let hlc = Hlc(decode_u64(&k[k.len() - 8..])?);
+                    if let Some((e, _)) = read_entry(&self.backend, key)? {
+                        let size = key.len() + e.value.as_ref().map_or(0, |v| v.len()) + 32;
+                        if bytes + size > max_bytes && !delta.entries.is_empty() {
+                            delta.complete = false;
+                            return Ok(delta);
+                        }
+                        bytes += size;
+                        delta.entries.push(e);
+                    }
+                    delta.through.insert(origin.clone(), hlc);
+                }
+                cursor = page.last().map(|(k, _)| k.clone()).unwrap_or_default();
+            }
+            delta.through.insert(origin.clone(), *ours);
+        }
+        Ok(delta)
+    }
+
+    /// A page of the whole state in key order, tombstones included, for a replica that must
+    /// reconcile. `next` is the cursor for the following page, `None` at the end.
+    pub fn snapshot_page(
+        &self,
+        after: Option<&Key>,
+        limit: usize,
+    ) -> Result<(Vec<Entry>, Option<Key>), StoreError> {
+        let (start, excl) = match after {
+            Some(k) => (k_key(k.as_str()), true),
+            None => (vec![P_KEY], false),
+        };
+        let rows = self.backend.scan(&start, excl, &[P_KEY + 1], limit)?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (k, v) in &rows {
+            out.push(decode_stored(&k[1..], v)?.0);
+        }
+        let next = if rows.len() == limit {
+            out.last().map(|e| e.key.clone())
+        } else {
+            None
+        };
+        Ok((out, next))
+    }
+
+    /// Merges one reconcile page from a peer whose state is `theirs`: entries are merged as
+    /// usual, and our keys in the page's range that the peer lacks although it has seen their
+    /// version were deleted and collected there, so they go here too.
+    pub fn reconcile_page(
+        &mut self,
+        now_ms: u64,
+        theirs: &Digest,
+        after: Option<&Key>,
+        entries: &[Entry],
+        next: Option<&Key>,
+    ) -> Result<Vec<Change>, StoreError> {
+        let mut changes = self.apply_remote(now_ms, entries)?;
+        let present: std::collections::BTreeSet<&Key> = entries.iter().map(|e| &e.key).collect();
+        let (start, excl) = match after {
+            Some(k) => (k_key(k.as_str()), true),
+            None => (vec![P_KEY], false),
+        };
+        let end = match next {
+            Some(k) => {
+                let mut e = k_key(k.as_str());
+                e.push(0);
+                e
+            }
+            None => vec![P_KEY + 1],
+        };
+        let rows = self.backend.scan(&start, excl, &end, usize::MAX)?;
+        let mut batch = Batch::default();
+        for (k, v) in rows {
+            let (e, seq) = decode_stored(&k[1..], &v)?;
+            if present.contains(&e.key) || e.version.hlc > theirs.watermark(&e.version.origin) {
+                continue;
+            }
+            Self::stage_removal(&mut batch, &e, seq);
+            self.seq += 1;
+            changes.push(Change {
+                seq: self.seq,
+                entry: Entry { value: None, ..e },
+            });
+        }
+        if !batch.is_empty() {
+            batch.put(META_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
+            batch.put(META_COMPACTED.to_vec(), self.seq.to_be_bytes().to_vec());
+            self.backend.apply(batch)?;
+        }
+        if next.is_none() {
+            // The whole key space was compared: we now hold what the peer vouched for.
+            self.advance(&theirs.watermarks)?;
+            let mut batch = Batch::default();
+            for (o, g) in &theirs.collected {
+                self.stage_collected(&mut batch, o, *g);
+            }
+            if !batch.is_empty() {
+                self.backend.apply(batch)?;
+            }
+        }
+        Ok(changes)
+    }
+
+    fn stage_removal(batch: &mut Batch, e: &Entry, seq: u64) {
+        batch.remove(k_key(e.key.as_str()));
+        batch.remove(origin_key(P_ORIGIN, &e.version.origin, e.version.hlc));
+        batch.remove(origin_key(P_TOMB, &e.version.origin, e.version.hlc));
+        batch.remove(c_key(seq));
+    }
+
+    fn stage_collected(&mut self, batch: &mut Batch, origin: &NodeId, hlc: Hlc) {
+        let g = self
+            .digest
+            .collected
+            .entry(origin.clone())
+            .or_insert(Hlc::ZERO);
+        if hlc > *g {
+            *g = hlc;
+            batch.put(named_key(P_COLLECTED, origin), hlc.0.to_be_bytes().to_vec());
+        }
+    }
+
+    /// Collects tombstones that every live member has seen (`acked(origin)` is the lowest
+    /// watermark for that origin among them) and that are at least `min_age_ms` old, and any
+    /// tombstone older than `horizon_ms`. Returns how many were collected.
+    pub fn collect_tombstones(
+        &mut self,
+        now_ms: u64,
+        acked: impl Fn(&NodeId) -> Hlc,
+        min_age_ms: u64,
+        horizon_ms: u64,
+    ) -> Result<usize, StoreError> {
+        let aged = Hlc::from_millis(now_ms.saturating_sub(min_age_ms));
+        let expired = Hlc::from_millis(now_ms.saturating_sub(horizon_ms));
+        let origins: Vec<NodeId> = self.digest.watermarks.keys().cloned().collect();
+        let mut batch = Batch::default();
+        let mut count = 0;
+        for origin in origins {
+            let limit = acked(&origin).min(aged).max(expired);
+            if limit == Hlc::ZERO {
+                continue;
+            }
+            let start = origin_prefix(P_TOMB, &origin);
+            let end = origin_key(P_TOMB, &origin, Hlc(limit.0.saturating_add(1)));
+            let mut top = Hlc::ZERO;
+            for (k, key) in self.backend.scan(&start, false, &end, 10_000)? {
+                let key = std::str::from_utf8(&key).map_err(|_| corrupt("tombstone index"))?;
+                let hlc = Hlc(decode_u64(&k[k.len() - 8..])?);
+                if let Some((e, seq)) = read_entry(&self.backend, key)? {
+                    if e.is_tombstone() && e.version.hlc == hlc {
+                        Self::stage_removal(&mut batch, &e, seq);
+                        count += 1;
+                    }
+                }
+                top = top.max(hlc);
+            }
+            if top > Hlc::ZERO {
+                self.stage_collected(&mut batch, &origin, top);
+            }
+        }
+        if !batch.is_empty() {
+            batch.put(META_COMPACTED.to_vec(), self.seq.to_be_bytes().to_vec());
+            self.backend.apply(batch)?;
+        }
+        Ok(count)
+    }
+
+    /// Counts of live entries and tombstones (a full scan: for status, not hot paths).
+    pub fn counts(&self) -> Result<(u64, u64), StoreError> {
+        let mut live = 0;
+        let mut tombs = 0;
+        let mut cursor = vec![P_KEY];
+        let mut after = false;
+        loop {
+            let page = self.backend.scan(&cursor, after, &[P_KEY + 1], 1024)?;
+            if page.is_empty() {
+                break;
+            }
+            for (k, v) in &page {
+                if decode_stored(&k[1..], v)?.0.is_tombstone() {
+                    tombs += 1;
+                } else {
+                    live += 1;
+                }
+            }
+            cursor = page.last().map(|(k, _)| k.clone()).unwrap_or_default();
+            after = true;
+        }
+        Ok((live, tombs))
+    }
+}
