@@ -9,6 +9,7 @@ use crate::sync::{SyncConfig, SyncEffect, SyncEngine, SyncError};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -61,7 +62,7 @@ pub enum NodeError {
 /// (the large-scale dissemination simulation, which studies sync alone).
 pub enum Peers {
     Swim(Box<Membership>),
-    Static(Vec<Member>),
+    Static(Arc<Vec<Member>>),
 }
 
 pub struct Node<B: Backend> {
@@ -69,6 +70,9 @@ pub struct Node<B: Backend> {
     replica: Replica<B>,
     sync: SyncEngine,
     peers: Peers,
+    /// Live members (possibly including us: every pick skips us), refreshed on membership
+    /// changes.
+    live: Arc<Vec<Member>>,
     rng: StdRng,
     cfg: NodeConfig,
 }
@@ -87,14 +91,24 @@ impl<B: Backend> Node<B> {
         seed: u64,
         peers: Peers,
     ) -> Node<B> {
-        Node {
+        let mut node = Node {
             sync: SyncEngine::new(me.clone(), cfg.sync.clone()),
             me,
             replica,
             peers,
+            live: Arc::new(Vec::new()),
             rng: StdRng::seed_from_u64(seed),
             cfg,
-        }
+        };
+        node.refresh_live();
+        node
+    }
+
+    fn refresh_live(&mut self) {
+        self.live = match &self.peers {
+            Peers::Swim(m) => Arc::new(m.live().cloned().collect()),
+            Peers::Static(list) => list.clone(),
+        };
     }
 
     pub fn me(&self) -> &Member {
@@ -128,15 +142,8 @@ impl<B: Backend> Node<B> {
     }
 
     /// Peers to talk to: live members other than us.
-    pub fn peers(&self) -> Vec<Member> {
-        match &self.peers {
-            Peers::Swim(m) => m.live().filter(|m| m.id != self.me.id).cloned().collect(),
-            Peers::Static(list) => list
-                .iter()
-                .filter(|m| m.id != self.me.id)
-                .cloned()
-                .collect(),
-        }
+    pub fn peers(&self) -> impl Iterator<Item = &Member> {
+        self.live.iter().filter(|m| m.id != self.me.id)
     }
 
     pub fn members(&self) -> Vec<MemberStatus> {
@@ -194,9 +201,9 @@ impl<B: Backend> Node<B> {
 
     /// Pushes durable local writes to peers and reports them to watchers.
     pub fn publish(&mut self, written: Vec<Written>, out: &mut Vec<Effect>) {
-        let peers = self.peers();
         let mut fx = Vec::new();
-        self.sync.publish(&written, &peers, &mut self.rng, &mut fx);
+        self.sync
+            .publish(&written, &self.live, &mut self.rng, &mut fx);
         self.sync_effects(fx, out);
         out.extend(written.into_iter().map(|w| Effect::Changed(w.change)));
     }
@@ -238,14 +245,13 @@ impl<B: Backend> Node<B> {
             }
             return Ok(());
         }
-        let peers = self.peers();
         let mut fx = Vec::new();
         let r = self.sync.on_message(
             &mut self.replica,
             now_ms,
             &from,
             msg,
-            &peers,
+            &self.live,
             &mut self.rng,
             &mut fx,
         );
@@ -264,9 +270,8 @@ impl<B: Backend> Node<B> {
                 }
             }
             Timer::Gossip => {
-                let peers = self.peers();
                 let mut fx = Vec::new();
-                self.sync.on_gossip_tick(&peers, &mut self.rng, &mut fx);
+                self.sync.on_gossip_tick(&self.live, &mut self.rng, &mut fx);
                 self.sync_effects(fx, out);
                 out.push(Effect::Schedule(
                     Duration::from_millis(s.gossip_interval_ms),
@@ -274,10 +279,9 @@ impl<B: Backend> Node<B> {
                 ));
             }
             Timer::AntiEntropy => {
-                let peers = self.peers();
                 let mut fx = Vec::new();
                 self.sync
-                    .on_anti_entropy_tick(&self.replica, &peers, &mut self.rng, &mut fx);
+                    .on_anti_entropy_tick(&self.replica, &self.live, &mut self.rng, &mut fx);
                 self.sync_effects(fx, out);
                 // ±25 % jitter keeps rounds from synchronising across the cluster.
                 let base = s.anti_entropy_interval_ms.max(4);
@@ -288,7 +292,7 @@ impl<B: Backend> Node<B> {
                 ));
             }
             Timer::Gc => {
-                let mut live: Vec<NodeId> = self.peers().into_iter().map(|m| m.id).collect();
+                let mut live: Vec<NodeId> = self.peers().map(|m| m.id.clone()).collect();
                 live.push(self.me.id.clone());
                 let r = self.sync.on_gc_tick(&mut self.replica, now_ms, &live);
                 out.push(Effect::Schedule(
@@ -317,6 +321,12 @@ impl<B: Backend> Node<B> {
     }
 
     fn membership_effects(&mut self, fx: Vec<MembershipEffect>, out: &mut Vec<Effect>) {
+        let changed = fx.iter().any(|e| {
+            matches!(
+                e,
+                MembershipEffect::Up(_) | MembershipEffect::Down(_) | MembershipEffect::Renamed(_)
+            )
+        });
         for e in fx {
             match e {
                 MembershipEffect::Send(to, data) => out.push(Effect::Send(
@@ -339,6 +349,9 @@ impl<B: Backend> Node<B> {
                     self.sync.set_me(m);
                 }
             }
+        }
+        if changed {
+            self.refresh_live();
         }
     }
 }

@@ -257,9 +257,11 @@ impl Entry {
         Ok(())
     }
 
-    /// Last writer wins: whether `self` replaces `current`.
+    /// Last writer wins: whether `self` replaces `current`. Honest nodes never issue one
+    /// version twice, but ties are still broken (a tombstone loses to any value, values by
+    /// bytes) so that the merge stays a total order whatever arrives.
     pub fn supersedes(&self, current: &Entry) -> bool {
-        self.version > current.version
+        (&self.version, &self.value) > (&current.version, &current.value)
     }
 }
 

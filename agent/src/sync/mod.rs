@@ -92,16 +92,26 @@ pub struct SyncEngine {
     pub stats: SyncStats,
 }
 
-/// Picks up to `k` distinct members from `peers`, none of them `skip`.
+/// Picks up to `k` distinct members from `peers`, none of them in `skip`. Constant work per
+/// pick on large lists, so a 10 000-node simulation stays cheap.
 pub fn choose<'a, R: RngExt>(
     rng: &mut R,
     peers: &'a [Member],
     k: usize,
-    skip: Option<&NodeId>,
+    skip: &[&NodeId],
 ) -> Vec<&'a Member> {
-    let mut idx: Vec<usize> = (0..peers.len())
-        .filter(|&i| Some(&peers[i].id) != skip)
-        .collect();
+    let n = peers.len();
+    if n > 4 * (k + skip.len()) {
+        let mut picked: Vec<usize> = Vec::with_capacity(k);
+        while picked.len() < k {
+            let i = rng.random_range(0..n);
+            if !picked.contains(&i) && !skip.contains(&&peers[i].id) {
+                picked.push(i);
+            }
+        }
+        return picked.into_iter().map(|i| &peers[i]).collect();
+    }
+    let mut idx: Vec<usize> = (0..n).filter(|&i| !skip.contains(&&peers[i].id)).collect();
     let k = k.min(idx.len());
     for i in 0..k {
         let j = rng.random_range(i..idx.len());
@@ -164,7 +174,7 @@ impl SyncEngine {
         if rumors.is_empty() {
             return;
         }
-        for p in choose(rng, peers, self.cfg.fanout, None) {
+        for p in choose(rng, peers, self.cfg.fanout, &[&self.me.id]) {
             out.push(SyncEffect::Send(p.clone(), Message::Push(rumors.clone())));
         }
         self.queue(rumors);
@@ -189,7 +199,7 @@ impl SyncEngine {
         }
         let batch: Vec<Rumor> = self.rumors.iter().map(|(r, _)| r.clone()).collect();
         for chunk in batch.chunks(message::MAX_ENTRIES.min(self.cfg.max_entries.max(1))) {
-            for p in choose(rng, peers, self.cfg.fanout, None) {
+            for p in choose(rng, peers, self.cfg.fanout, &[&self.me.id]) {
                 out.push(SyncEffect::Send(p.clone(), Message::Push(chunk.to_vec())));
             }
         }
@@ -210,7 +220,7 @@ impl SyncEngine {
         if self.reconciling.is_some() {
             return;
         }
-        if let Some(p) = choose(rng, peers, 1, None).first() {
+        if let Some(p) = choose(rng, peers, 1, &[&self.me.id]).first() {
             self.stats.sync_rounds += 1;
             out.push(SyncEffect::Send(
                 (*p).clone(),
@@ -457,10 +467,8 @@ impl SyncEngine {
             .collect();
         out.extend(changes.into_iter().map(SyncEffect::Changed));
         if self.cfg.forward_immediately {
-            for p in choose(rng, peers, self.cfg.fanout, Some(&from.id)) {
-                if p.id != self.me.id {
-                    out.push(SyncEffect::Send(p.clone(), Message::Push(fresh.clone())));
-                }
+            for p in choose(rng, peers, self.cfg.fanout, &[&self.me.id, &from.id]) {
+                out.push(SyncEffect::Send(p.clone(), Message::Push(fresh.clone())));
             }
             self.queue(fresh);
         } else {

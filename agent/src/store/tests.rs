@@ -1,0 +1,323 @@
+//! Replica behaviour: merge laws (proptest), watermarks, deltas, tombstones and reconcile.
+
+use super::*;
+use proptest::prelude::*;
+use std::collections::BTreeMap;
+
+fn id(s: &str) -> NodeId {
+    NodeId::new(s).unwrap()
+}
+
+fn key(s: &str) -> Key {
+    Key::parse(s).unwrap()
+}
+
+fn replica(node: &str) -> Replica<MemBackend> {
+    Replica::open(id(node), MemBackend::new()).unwrap()
+}
+
+/// The whole state of a replica, tombstones included.
+fn state<B: Backend>(r: &Replica<B>) -> BTreeMap<Key, Entry> {
+    let mut out = BTreeMap::new();
+    let mut after = None;
+    loop {
+        let (page, next) = r.snapshot_page(after.as_ref(), 7).unwrap();
+        out.extend(page.into_iter().map(|e| (e.key.clone(), e)));
+        match next {
+            Some(n) => after = Some(n),
+            None => return out,
+        }
+    }
+}
+
+const NOW: u64 = 1_700_000_000_000;
+
+fn arb_entry() -> impl Strategy<Value = Entry> {
+    (
+        0..6usize,
+        0..40u64,
+        0..3usize,
+        proptest::option::weighted(0.8, 0..1000u32),
+    )
+        .prop_map(|(k, t, o, v)| Entry {
+            key: key(&format!("apps/k{k}")),
+            version: Version {
+                hlc: Hlc::from_millis(NOW + t),
+                origin: id(&format!("n{o}")),
+            },
+            value: v.map(|v| Bytes::from(v.to_string())),
+        })
+}
+
+proptest! {
+    #[test]
+    fn merge_is_commutative_and_idempotent(entries in proptest::collection::vec(arb_entry(), 0..30), seed in any::<u64>()) {
+        let mut a = replica("x");
+        a.apply_remote(NOW, &entries).unwrap();
+        let mut shuffled = entries.clone();
+        let mut s = seed;
+        for i in (1..shuffled.len()).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            shuffled.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        let mut b = replica("y");
+        for e in &shuffled {
+            b.apply_remote(NOW, std::slice::from_ref(e)).unwrap();
+        }
+        // Applying everything again changes nothing.
+        let again = b.apply_remote(NOW, &entries).unwrap();
+        prop_assert!(again.is_empty());
+        prop_assert_eq!(state(&a), state(&b));
+    }
+
+    #[test]
+    fn merge_is_associative(x in proptest::collection::vec(arb_entry(), 0..10),
+                            y in proptest::collection::vec(arb_entry(), 0..10),
+                            z in proptest::collection::vec(arb_entry(), 0..10)) {
+        // (x ∪ y) ∪ z, built by merging replica states, equals x ∪ (y ∪ z).
+        let of = |es: &[Entry]| { let mut r = replica("t"); r.apply_remote(NOW, es).unwrap(); r };
+        let merged = |a: &Replica<MemBackend>, b: &Replica<MemBackend>| {
+            let mut r = replica("t");
+            r.apply_remote(NOW, &state(a).into_values().collect::<Vec<_>>()).unwrap();
+            r.apply_remote(NOW, &state(b).into_values().collect::<Vec<_>>()).unwrap();
+            r
+        };
+        let left = merged(&merged(&of(&x), &of(&y)), &of(&z));
+        let right = merged(&of(&x), &merged(&of(&y), &of(&z)));
+        prop_assert_eq!(state(&left), state(&right));
+    }
+
+    #[test]
+    fn the_highest_version_wins(entries in proptest::collection::vec(arb_entry(), 1..30)) {
+        let mut r = replica("x");
+        r.apply_remote(NOW, &entries).unwrap();
+        let s = state(&r);
+        for e in &entries {
+            let held = &s[&e.key];
+            prop_assert!(held.version >= e.version);
+        }
+    }
+}
+
+#[test]
+fn local_writes_advance_own_watermark_and_survive_reopen_after_flush() {
+    let backend = MemBackend::new();
+    let mut r = Replica::open(id("n1"), backend.clone()).unwrap();
+    let w1 = r.write(NOW, key("apps/a"), Some(Bytes::from("1"))).unwrap();
+    let w2 = r.write(NOW, key("apps/b"), Some(Bytes::from("2"))).unwrap();
+    assert_eq!(w2.prev, w1.change.entry.version.hlc);
+    assert_eq!(r.digest().watermark(&id("n1")), w2.change.entry.version.hlc);
+    r.flush().unwrap();
+    let w3 = r.write(NOW, key("apps/c"), Some(Bytes::from("3"))).unwrap();
+    backend.crash();
+    let mut r = Replica::open(id("n1"), backend.clone()).unwrap();
+    assert!(r.get(&key("apps/b")).unwrap().is_some());
+    assert!(
+        r.get(&key("apps/c")).unwrap().is_none(),
+        "unflushed write survived a crash"
+    );
+    // The clock restarts past every stored version, even with the wall clock behind.
+    let w4 = r.write(NOW - 10_000, key("apps/d"), None).unwrap();
+    assert!(w4.change.entry.version.hlc > w2.change.entry.version.hlc);
+    assert!(
+        w4.change.entry.version.hlc != w3.change.entry.version.hlc
+            || w3.change.entry.key != w4.change.entry.key
+    );
+    assert_eq!(r.seq(), 3);
+}
+
+#[test]
+fn owner_only_keys_cannot_be_written_for_another_node() {
+    let mut r = replica("n1");
+    assert!(matches!(
+        r.write(NOW, key("nodes/n2"), Some(Bytes::from("{}"))),
+        Err(StoreError::NotOwner { .. })
+    ));
+    r.write(NOW, key("nodes/n1"), Some(Bytes::from("{}")))
+        .unwrap();
+}
+
+#[test]
+fn a_batch_with_one_bad_entry_changes_nothing() {
+    let mut src = replica("n2");
+    let good = src
+        .write(NOW, key("apps/a"), Some(Bytes::from("1")))
+        .unwrap()
+        .change
+        .entry;
+    let forged = Entry {
+        key: key("nodes/n9"),
+        ..good.clone()
+    };
+    let mut r = replica("n1");
+    assert!(r.apply_remote(NOW, &[good.clone(), forged]).is_err());
+    assert!(state(&r).is_empty());
+    let future = Entry {
+        version: Version {
+            hlc: Hlc::from_millis(NOW + 3_600_000),
+            origin: id("n2"),
+        },
+        ..good
+    };
+    assert!(matches!(
+        r.apply_remote(NOW, &[future]),
+        Err(StoreError::ClockDrift { .. })
+    ));
+    assert!(state(&r).is_empty());
+}
+
+#[test]
+fn deltas_cover_exactly_what_the_peer_lacks_and_respect_bounds() {
+    let mut a = replica("a");
+    for i in 0..10 {
+        a.write(NOW + i, key(&format!("apps/k{i}")), Some(Bytes::from("v")))
+            .unwrap();
+    }
+    let mut b = replica("b");
+    // Bounded: three rounds of at most 4 entries bring b level.
+    for round in 0..3 {
+        let d = a.delta_for(b.digest(), 4, 1 << 20).unwrap();
+        assert_eq!(d.complete, round == 2, "round {round}");
+        b.apply_remote(NOW, &d.entries).unwrap();
+        b.advance(&d.through).unwrap();
+    }
+    assert_eq!(state(&a), state(&b));
+    assert_eq!(a.digest().watermarks, b.digest().watermarks);
+    let d = a.delta_for(b.digest(), 4, 1 << 20).unwrap();
+    assert!(d.entries.is_empty() && d.complete);
+}
+
+#[test]
+fn push_chain_advances_watermark_only_in_order() {
+    let mut a = replica("a");
+    let w1 = a.write(NOW, key("apps/x"), Some(Bytes::from("1"))).unwrap();
+    let w2 = a.write(NOW, key("apps/y"), Some(Bytes::from("2"))).unwrap();
+    let mut b = replica("b");
+    let h = |w: &Written| w.change.entry.version.hlc;
+    // w2 first: applied, but the watermark cannot skip w1.
+    b.apply_remote(NOW, std::slice::from_ref(&w2.change.entry))
+        .unwrap();
+    assert!(!b.advance_chain(&id("a"), w2.prev, h(&w2)).unwrap());
+    b.apply_remote(NOW, std::slice::from_ref(&w1.change.entry))
+        .unwrap();
+    assert!(b.advance_chain(&id("a"), w1.prev, h(&w1)).unwrap());
+    assert_eq!(b.digest().watermark(&id("a")), h(&w1));
+}
+
+#[test]
+fn tombstones_are_collected_only_when_acknowledged_and_old_enough() {
+    let mut a = replica("a");
+    a.write(NOW, key("apps/x"), Some(Bytes::from("1"))).unwrap();
+    let del = a.write(NOW + 1, key("apps/x"), None).unwrap();
+    let h = del.change.entry.version.hlc;
+    // Not acknowledged by everyone: kept.
+    assert_eq!(
+        a.collect_tombstones(NOW + 120_000, |_| Hlc::ZERO, 60_000, 86_400_000)
+            .unwrap(),
+        0
+    );
+    // Acknowledged but too young: kept.
+    assert_eq!(
+        a.collect_tombstones(NOW + 10, |_| h, 60_000, 86_400_000)
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        a.collect_tombstones(NOW + 120_000, |_| h, 60_000, 86_400_000)
+            .unwrap(),
+        1
+    );
+    assert!(a.get(&key("apps/x")).unwrap().is_none());
+    assert_eq!(a.digest().collected[&id("a")], h);
+    // Past the horizon even unacknowledged tombstones go.
+    a.write(NOW + 2, key("apps/y"), None).unwrap();
+    assert_eq!(
+        a.collect_tombstones(NOW + 100_000_000, |_| Hlc::ZERO, 60_000, 86_400_000)
+            .unwrap(),
+        1
+    );
+    // A re-sent collected tombstone does not come back.
+    a.apply_remote(NOW + 3, &[del.change.entry]).unwrap();
+    assert!(a.get(&key("apps/x")).unwrap().is_none());
+}
+
+#[test]
+fn reconcile_drops_what_the_peer_deleted_and_keeps_what_it_never_saw() {
+    // b is a stale replica: it holds x, which a has since deleted and collected, and z,
+    // written while it was away.
+    let mut a = replica("a");
+    let x = a
+        .write(NOW, key("apps/x"), Some(Bytes::from("1")))
+        .unwrap()
+        .change
+        .entry;
+    let mut b = replica("b");
+    b.apply_remote(NOW, &[x]).unwrap();
+    b.write(NOW + 5, key("apps/z"), Some(Bytes::from("new")))
+        .unwrap();
+    a.write(NOW + 1, key("apps/y"), Some(Bytes::from("2")))
+        .unwrap();
+    a.write(NOW + 2, key("apps/x"), None).unwrap();
+    a.collect_tombstones(NOW + 200_000, |_| Hlc(u64::MAX), 60_000, u64::MAX)
+        .unwrap();
+    assert!(b.digest().behind_horizon_of(a.digest()));
+    let mut after: Option<Key> = None;
+    loop {
+        let (page, next) = a.snapshot_page(after.as_ref(), 1).unwrap();
+        b.reconcile_page(NOW, a.digest(), after.as_ref(), &page, next.as_ref())
+            .unwrap();
+        match next {
+            Some(n) => after = Some(n),
+            None => break,
+        }
+    }
+    assert!(
+        b.get(&key("apps/x")).unwrap().is_none(),
+        "deleted key resurrected"
+    );
+    assert!(b.get(&key("apps/y")).unwrap().is_some());
+    assert!(
+        b.get(&key("apps/z")).unwrap().is_some(),
+        "write unseen by the peer was lost"
+    );
+    assert!(!b.digest().behind_horizon_of(a.digest()));
+}
+
+#[test]
+fn watch_log_keeps_one_row_per_key_in_change_order() {
+    let mut r = replica("a");
+    r.write(NOW, key("apps/a"), Some(Bytes::from("1"))).unwrap();
+    r.write(NOW, key("apps/b"), Some(Bytes::from("1"))).unwrap();
+    r.write(NOW, key("apps/a"), Some(Bytes::from("2"))).unwrap();
+    let all = replica::changes_since(r.backend(), 0, 100).unwrap();
+    let keys: Vec<_> = all
+        .iter()
+        .map(|c| (c.seq, c.entry.key.to_string()))
+        .collect();
+    assert_eq!(
+        keys,
+        vec![(2, "apps/b".to_string()), (3, "apps/a".to_string())]
+    );
+    assert_eq!(
+        replica::changes_since(r.backend(), 2, 100).unwrap().len(),
+        1
+    );
+}
+
+#[test]
+fn sled_backend_reopens_with_flushed_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut r = Replica::open(id("n1"), SledBackend::open(dir.path()).unwrap()).unwrap();
+        for i in 0..100 {
+            r.write(NOW + i, key(&format!("apps/k{i}")), Some(Bytes::from("v")))
+                .unwrap();
+        }
+        r.flush().unwrap();
+    }
+    let r = Replica::open(id("n1"), SledBackend::open(dir.path()).unwrap()).unwrap();
+    assert_eq!(r.counts().unwrap(), (100, 0));
+    assert_eq!(r.seq(), 100);
+    let keys = replica::scan_keyspace(r.backend(), Keyspace::Apps, "k1", 1000).unwrap();
+    assert_eq!(keys.len(), 11);
+}
