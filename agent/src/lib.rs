@@ -3,5 +3,6 @@
 
 pub mod membership;
 pub mod node;
+pub mod sim;
 pub mod store;
 pub mod sync;

@@ -175,6 +175,22 @@ impl<B: Backend> Node<B> {
         }
     }
 
+    /// Discovery found these members (mDNS, static peers, DNS): join the ones we do not
+    /// already count as live. Cheap to call often.
+    pub fn discovered(
+        &mut self,
+        candidates: impl IntoIterator<Item = Member>,
+        out: &mut Vec<Effect>,
+    ) {
+        let fresh: Vec<Member> = candidates
+            .into_iter()
+            .filter(|c| c.id != self.me.id && !self.live.iter().any(|m| m.id == c.id))
+            .collect();
+        for m in fresh {
+            self.join(m, out);
+        }
+    }
+
     /// Announces our departure.
     pub fn leave(&mut self, out: &mut Vec<Effect>) {
         if let Peers::Swim(m) = &mut self.peers {

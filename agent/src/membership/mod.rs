@@ -71,6 +71,8 @@ pub struct MembershipConfig {
     pub gossip_members: usize,
     /// Expected cluster size, used to size update dissemination.
     pub expected_size: u32,
+    /// How often to try one member we consider down, in case it is back.
+    pub announce_to_down_ms: u64,
 }
 
 impl Default for MembershipConfig {
@@ -83,6 +85,7 @@ impl Default for MembershipConfig {
             gossip_period_ms: 200,
             gossip_members: 3,
             expected_size: 100,
+            announce_to_down_ms: 3000,
         }
     }
 }
@@ -98,6 +101,13 @@ impl MembershipConfig {
         c.num_indirect_probes =
             NonZeroUsize::new(self.indirect_probes.max(1)).unwrap_or(NonZeroUsize::MIN);
         c.max_packet_size = NonZeroUsize::new(16 * 1024).unwrap_or(NonZeroUsize::MIN);
+        // Members on the far side of a healed partition were declared down on both sides;
+        // re-announcing to down members every few seconds brings them back without waiting
+        // for discovery.
+        c.periodic_announce_to_down_members = Some(foca::PeriodicParams {
+            frequency: Duration::from_millis(self.announce_to_down_ms.max(1)),
+            num_members: NonZeroUsize::MIN,
+        });
         c.periodic_gossip = Some(foca::PeriodicParams {
             frequency: Duration::from_millis(self.gossip_period_ms.max(1)),
             num_members: NonZeroUsize::new(self.gossip_members.max(1)).unwrap_or(NonZeroUsize::MIN),
