@@ -1,0 +1,90 @@
+//! The command line: `shoal agent` runs the daemon; the other verbs of ARCHITECTURE.md talk
+//! to a running cluster and arrive with the issues that own them.
+
+use crate::config::AgentConfig;
+use crate::daemon;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use tokio_util::sync::CancellationToken;
+
+/// Where init leaves the node's config on a shoal machine.
+pub const NODE_JSON: &str = "/run/shoal/node.json";
+
+#[derive(Parser)]
+#[command(
+    name = "shoal",
+    version,
+    about = "A container platform for when Kubernetes is too much"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Verb,
+}
+
+#[derive(Subcommand)]
+pub enum Verb {
+    /// Run the agent (normally started by shoal-init).
+    Agent {
+        /// Config file (TOML, or JSON if it ends in .json). Default: /run/shoal/node.json if
+        /// present, else built-in defaults.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Verb::Agent { config } => agent(config),
+    }
+}
+
+fn load_config(path: Option<PathBuf>) -> anyhow::Result<AgentConfig> {
+    let path = path.or_else(|| {
+        let p = PathBuf::from(NODE_JSON);
+        p.exists().then_some(p)
+    });
+    match path {
+        Some(p) => AgentConfig::load(&p).with_context(|| format!("loading {}", p.display())),
+        None => Ok(AgentConfig::default()),
+    }
+}
+
+fn agent(config: Option<PathBuf>) -> anyhow::Result<()> {
+    let cfg = load_config(config)?;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SHOAL_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let shutdown = CancellationToken::new();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            stop.cancel();
+        });
+        daemon::agent::run(cfg, shutdown).await
+    })?;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

@@ -1,0 +1,279 @@
+//! The agent's configuration: one typed value, parsed from text (TOML for `--config`, JSON for
+//! init's `/run/shoal/node.json`), validated once, then passed by reference.
+
+use crate::membership::MembershipConfig;
+use crate::node::NodeConfig;
+use crate::store::NodeId;
+use crate::sync::SyncConfig;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Listen {
+    pub status: SocketAddr,
+    pub api: SocketAddr,
+    pub http: SocketAddr,
+    pub https: SocketAddr,
+}
+
+impl Default for Listen {
+    fn default() -> Self {
+        let any = |port| SocketAddr::from(([0, 0, 0, 0], port));
+        Listen {
+            status: any(7070),
+            api: any(7443),
+            http: any(80),
+            https: any(443),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Docker {
+    pub socket: PathBuf,
+}
+
+impl Default for Docker {
+    fn default() -> Self {
+        Docker {
+            socket: "/var/run/docker.sock".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Discovery {
+    pub mdns: bool,
+    /// How often static peers and DNS names are tried again.
+    pub retry_join_ms: u64,
+}
+
+impl Default for Discovery {
+    fn default() -> Self {
+        Discovery {
+            mdns: true,
+            retry_join_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Default: derived from /etc/machine-id.
+    pub node_id: Option<String>,
+    pub state_dir: PathBuf,
+    /// The cluster bundle directory (`shoal gen cluster`). Default: `<state_dir>/bundle`.
+    pub bundle: Option<PathBuf>,
+    /// `host:port` of peers to join; DNS names are resolved again on every try.
+    pub peers: Vec<String>,
+    /// The `host:port` peers reach this node's API at. Default: the API listen address, or
+    /// the first non-loopback address when that is unspecified.
+    pub advertise: Option<String>,
+    pub labels: BTreeMap<String, String>,
+    pub listen: Listen,
+    pub docker: Docker,
+    pub discovery: Discovery,
+    pub sync: SyncConfig,
+    pub membership: MembershipConfig,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            node_id: None,
+            state_dir: "/var/lib/shoal".into(),
+            bundle: None,
+            peers: Vec::new(),
+            advertise: None,
+            labels: BTreeMap::new(),
+            listen: Listen::default(),
+            docker: Docker::default(),
+            discovery: Discovery::default(),
+            sync: SyncConfig::default(),
+            membership: MembershipConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid config: {0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("invalid node config: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid config: {0}")]
+    Invalid(String),
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl AgentConfig {
+    pub fn from_toml(text: &str) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn from_json(text: &str) -> Result<AgentConfig, ConfigError> {
+        let cfg: AgentConfig = serde_json::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Reads a config file: JSON if it ends in `.json`, TOML otherwise.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        if path.extension().is_some_and(|e| e == "json") {
+            AgentConfig::from_json(&text)
+        } else {
+            AgentConfig::from_toml(&text)
+        }
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(id) = &self.node_id {
+            NodeId::new(id).map_err(|e| ConfigError::Invalid(format!("node_id: {e}")))?;
+        }
+        for p in &self.peers {
+            if p.rsplit_once(':')
+                .and_then(|(_, port)| port.parse::<u16>().ok())
+                .is_none()
+            {
+                return Err(ConfigError::Invalid(format!("peer {p:?} is not host:port")));
+            }
+        }
+        if self.sync.fanout == 0 {
+            return Err(ConfigError::Invalid(
+                "sync.fanout must be at least 1".into(),
+            ));
+        }
+        if self.membership.probe_rtt_ms >= self.membership.probe_period_ms {
+            return Err(ConfigError::Invalid(
+                "membership.probe_rtt_ms must be below membership.probe_period_ms".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn node_config(&self) -> NodeConfig {
+        NodeConfig {
+            sync: self.sync.clone(),
+            membership: self.membership.clone(),
+        }
+    }
+
+    pub fn bundle_dir(&self) -> PathBuf {
+        self.bundle
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("bundle"))
+    }
+
+    /// The node id: configured, or derived from the machine id.
+    pub fn resolve_node_id(&self, machine_id: Option<&str>) -> Result<NodeId, ConfigError> {
+        if let Some(id) = &self.node_id {
+            return NodeId::new(id).map_err(|e| ConfigError::Invalid(e.to_string()));
+        }
+        let mid = machine_id
+            .map(str::trim)
+            .filter(|m| m.len() >= 8)
+            .ok_or_else(|| {
+                ConfigError::Invalid(
+                    "no node_id configured and no /etc/machine-id to derive one from".into(),
+                )
+            })?;
+        NodeId::new(&format!("node-{}", &mid[..12.min(mid.len())]))
+            .map_err(|e| ConfigError::Invalid(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_documented_example_parses() {
+        let cfg = AgentConfig::from_toml(
+            r#"
+node_id = "n1"
+state_dir = "/var/lib/shoal"
+bundle = "/var/lib/shoal/bundle"
+peers = ["10.0.0.2:7443", "shoal.example.internal:7443"]
+labels = { zone = "a" }
+[listen]
+status = "0.0.0.0:7070"
+api = "0.0.0.0:7443"
+http = "0.0.0.0:80"
+https = "0.0.0.0:443"
+[docker]
+socket = "/var/run/docker.sock"
+[discovery]
+mdns = true
+"#,
+        )
+        .unwrap();
+        assert_eq!(cfg.node_id.as_deref(), Some("n1"));
+        assert_eq!(cfg.peers.len(), 2);
+        assert_eq!(cfg.labels["zone"], "a");
+        assert_eq!(cfg.listen.status.port(), 7070);
+    }
+
+    #[test]
+    fn every_key_has_a_default() {
+        let cfg = AgentConfig::from_toml("").unwrap();
+        assert_eq!(cfg.listen.api.port(), 7443);
+        assert_eq!(cfg.state_dir, PathBuf::from("/var/lib/shoal"));
+        assert_eq!(cfg.bundle_dir(), PathBuf::from("/var/lib/shoal/bundle"));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = AgentConfig::from_toml("node_idd = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("node_idd"), "{e}");
+        let e = AgentConfig::from_toml("[listen]\nstatuss = \"0.0.0.0:1\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("statuss"), "{e}");
+        let e = AgentConfig::from_json(r#"{"peerz": []}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("peerz"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(AgentConfig::from_toml("node_id = \"a b\"").is_err());
+        assert!(AgentConfig::from_toml("peers = [\"nohost\"]").is_err());
+        assert!(AgentConfig::from_toml("[listen]\napi = \"nope\"").is_err());
+        assert!(
+            AgentConfig::from_toml("[membership]\nprobe_rtt_ms = 900\nprobe_period_ms = 500")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn node_id_derives_from_machine_id() {
+        let cfg = AgentConfig::default();
+        assert_eq!(
+            cfg.resolve_node_id(Some("0123456789abcdef0123456789abcdef\n"))
+                .unwrap()
+                .as_str(),
+            "node-0123456789ab"
+        );
+        assert!(cfg.resolve_node_id(None).is_err());
+    }
+}

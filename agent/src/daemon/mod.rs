@@ -1,0 +1,384 @@
+//! The agent process: the tokio shell around the sans-IO `Node`. It owns the sockets, the
+//! clock and the disk: peer messages and timers go in, effects come out and are carried out
+//! here. One task (the core loop) owns the node; everything else talks to it by message.
+
+pub mod agent;
+pub mod peer;
+
+use crate::config::AgentConfig;
+use crate::membership::{Member, MemberStatus};
+use crate::node::{Effect, Input, Node, Timer};
+use crate::store::{Bytes, Change, Digest, Key, NodeId, Replica, SledBackend, StoreError, Version};
+use crate::sync::message::Envelope;
+use crate::sync::SyncStats;
+use futures_util::StreamExt;
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+
+/// Wall-clock milliseconds since the epoch: the only clock reading in the agent's core path.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot open the store under {path}")]
+    Store {
+        path: String,
+        #[source]
+        source: StoreError,
+    },
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("the agent is shutting down")]
+    Stopped,
+    #[error("write refused: {0}")]
+    Write(#[source] StoreError),
+}
+
+/// Work for the core loop.
+pub enum Command {
+    Envelope(Envelope),
+    Write {
+        ops: Vec<(Key, Option<Bytes>)>,
+        reply: oneshot::Sender<Result<Vec<Version>, DaemonError>>,
+    },
+    Discovered(Vec<Member>),
+    Snapshot(oneshot::Sender<Snapshot>),
+}
+
+/// The node's view of the cluster at one moment, for the status endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Snapshot {
+    pub me: Member,
+    pub members: Vec<MemberStatus>,
+    pub digest: Digest,
+    pub peer_digests: HashMap<NodeId, Digest>,
+    pub sync: SyncStats,
+    pub seq: u64,
+}
+
+/// Counters the endpoints expose as metrics.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub peer_messages: AtomicU64,
+    pub peer_messages_refused: AtomicU64,
+    pub peer_sends_failed: AtomicU64,
+    pub writes: AtomicU64,
+}
+
+/// What request handlers share: a way to the core loop and read access to the store.
+#[derive(Clone)]
+pub struct Handle {
+    cmd: mpsc::Sender<Command>,
+    pub changes: broadcast::Sender<Change>,
+    pub store: SledBackend,
+    pub me: Member,
+    pub started_ms: u64,
+    pub counters: Arc<Counters>,
+    pub admin_token: Option<Arc<str>>,
+}
+
+impl Handle {
+    pub async fn send(&self, c: Command) -> Result<(), DaemonError> {
+        self.cmd.send(c).await.map_err(|_| DaemonError::Stopped)
+    }
+
+    /// Writes and waits until the writes are durable and on their way to peers.
+    pub async fn write(&self, ops: Vec<(Key, Option<Bytes>)>) -> Result<Vec<Version>, DaemonError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Command::Write { ops, reply }).await?;
+        rx.await.map_err(|_| DaemonError::Stopped)?
+    }
+
+    pub async fn snapshot(&self) -> Result<Snapshot, DaemonError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Snapshot(tx)).await?;
+        rx.await.map_err(|_| DaemonError::Stopped)
+    }
+}
+
+/// Carries out the node's effects.
+struct Effects {
+    timers: DelayQueue<Timer>,
+    peers: peer::PeerClient,
+    changes: broadcast::Sender<Change>,
+}
+
+impl Effects {
+    fn run(&mut self, effects: &mut Vec<Effect>) {
+        for e in effects.drain(..) {
+            match e {
+                Effect::Send(to, env) => self.peers.send(&to.addr, &env),
+                Effect::Schedule(after, t) => {
+                    self.timers.insert(t, after);
+                }
+                Effect::Changed(c) => {
+                    // Nobody listening is fine.
+                    let _ = self.changes.send(c);
+                }
+                Effect::MemberUp(m) => tracing::info!(member = %m.id, addr = %m.addr, "member up"),
+                Effect::MemberDown(m) => {
+                    tracing::warn!(member = %m.id, addr = %m.addr, "member down")
+                }
+            }
+        }
+    }
+}
+
+/// A running agent core, started by `start` and driven by `Handle`s.
+pub struct Core {
+    pub handle: Handle,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Opens the store, creates the node and starts its core loop.
+pub fn start(
+    cfg: &AgentConfig,
+    id: NodeId,
+    advertise: String,
+    admin_token: Option<Arc<str>>,
+    counters: Arc<Counters>,
+    shutdown: CancellationToken,
+) -> Result<Core, DaemonError> {
+    let dir = cfg.state_dir.join("store");
+    let store_err = |source| DaemonError::Store {
+        path: dir.display().to_string(),
+        source,
+    };
+    let backend = SledBackend::open(&dir).map_err(store_err)?;
+    let replica = Replica::open(id.clone(), backend.clone()).map_err(store_err)?;
+    let started_ms = wall_ms();
+    // A restarted node must win over its former self in the membership layer.
+    let me = Member::new(id, advertise, started_ms);
+    let node = Node::new(me.clone(), replica, cfg.node_config(), rand::random());
+    let (cmd, rx) = mpsc::channel(4096);
+    let (changes, _) = broadcast::channel(4096);
+    let effects = Effects {
+        timers: DelayQueue::new(),
+        peers: peer::PeerClient::new(me.clone(), counters.clone()),
+        changes: changes.clone(),
+    };
+    let handle = Handle {
+        cmd,
+        changes,
+        store: backend,
+        me,
+        started_ms,
+        counters,
+        admin_token,
+    };
+    let task = tokio::spawn(core_loop(node, rx, effects, shutdown));
+    Ok(Core { handle, task })
+}
+
+async fn core_loop(
+    mut node: Node<SledBackend>,
+    mut rx: mpsc::Receiver<Command>,
+    mut fx: Effects,
+    shutdown: CancellationToken,
+) {
+    let mut out = Vec::new();
+    node.start(&mut out);
+    fx.run(&mut out);
+    loop {
+        let cmd = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(t) = fx.timers.next() => {
+                if let Err(e) = node.handle(wall_ms(), Input::Timer(t.into_inner()), &mut out) {
+                    tracing::warn!(err = %e, "timer failed");
+                }
+                fx.run(&mut out);
+                continue;
+            }
+            cmd = rx.recv() => match cmd {
+                Some(c) => c,
+                None => break,
+            },
+        };
+        handle_command(&mut node, cmd, &mut rx, &mut out);
+        fx.run(&mut out);
+    }
+    node.leave(&mut out);
+    fx.run(&mut out);
+    if let Err(e) = node.flush() {
+        tracing::error!(err = %e, "final flush failed");
+    }
+    // Give the departure notice a moment to leave; peers detect us anyway if it does not.
+    fx.peers.drain(Duration::from_millis(500)).await;
+}
+
+fn handle_command(
+    node: &mut Node<SledBackend>,
+    cmd: Command,
+    rx: &mut mpsc::Receiver<Command>,
+    out: &mut Vec<Effect>,
+) {
+    match cmd {
+        Command::Envelope(env) => {
+            let from = env.from.id.clone();
+            let kind = env.msg.kind();
+            if let Err(e) = node.handle(wall_ms(), Input::Envelope(env), out) {
+                tracing::warn!(peer = %from, kind, err = %e, "peer message refused");
+            }
+        }
+        Command::Discovered(members) => node.discovered(members, out),
+        Command::Snapshot(tx) => {
+            let _ = tx.send(Snapshot {
+                me: node.me().clone(),
+                members: node.members(),
+                digest: node.replica().digest().clone(),
+                peer_digests: node.sync().peer_digests().clone(),
+                sync: node.sync().stats.clone(),
+                seq: node.replica().seq(),
+            });
+        }
+        Command::Write { ops, reply } => {
+            // Group commit: every write already queued shares one flush.
+            let mut group = vec![(ops, reply)];
+            let mut deferred = None;
+            while group.len() < 1024 {
+                match rx.try_recv() {
+                    Ok(Command::Write { ops, reply }) => group.push((ops, reply)),
+                    Ok(other) => {
+                        deferred = Some(other);
+                        break;
+                    }
+                    Err(_) => break,
+                }
+            }
+            write_group(node, group, out);
+            if let Some(c) = deferred {
+                handle_command(node, c, rx, out);
+            }
+        }
+    }
+}
+
+type WriteRequest = (
+    Vec<(Key, Option<Bytes>)>,
+    oneshot::Sender<Result<Vec<Version>, DaemonError>>,
+);
+
+fn write_group(node: &mut Node<SledBackend>, group: Vec<WriteRequest>, out: &mut Vec<Effect>) {
+    let now = wall_ms();
+    let mut written = Vec::new();
+    let mut replies = Vec::new();
+    for (ops, reply) in group {
+        // Check the whole request first, so a refused request writes nothing.
+        if let Some(e) = ops
+            .iter()
+            .find_map(|(k, v)| precheck(node.id(), k, v).err())
+        {
+            let _ = reply.send(Err(DaemonError::Write(e)));
+            continue;
+        }
+        let mut versions = Vec::new();
+        for (k, v) in ops {
+            match node.write(now, k, v) {
+                Ok(w) => {
+                    versions.push(w.change.entry.version.clone());
+                    written.push(w);
+                }
+                Err(e) => tracing::error!(err = %e, "write failed after its checks passed"),
+            }
+        }
+        replies.push((reply, versions));
+    }
+    if written.is_empty() {
+        for (reply, v) in replies {
+            let _ = reply.send(Ok(v));
+        }
+        return;
+    }
+    // Acknowledge nothing before it is on disk: peers and clients depend on it.
+    let flushed = tokio::task::block_in_place(|| node.flush());
+    match flushed {
+        Ok(()) => {
+            node.publish(written, out);
+            for (reply, v) in replies {
+                let _ = reply.send(Ok(v));
+            }
+        }
+        Err(e) => {
+            tracing::error!(err = %e, "flush failed: writes not acknowledged");
+            let msg = e.to_string();
+            for (reply, _) in replies {
+                let _ = reply.send(Err(DaemonError::Write(StoreError::Corrupt(format!(
+                    "flush failed: {msg}"
+                )))));
+            }
+        }
+    }
+}
+
+fn precheck(me: &NodeId, key: &Key, value: &Option<Bytes>) -> Result<(), StoreError> {
+    if let Some(owner) = key.owner() {
+        if owner != me.as_str() {
+            return Err(StoreError::NotOwner {
+                key: key.to_string(),
+                origin: me.to_string(),
+            });
+        }
+    }
+    if let Some(v) = value {
+        if v.len() > crate::store::entry::MAX_VALUE_LEN {
+            return Err(StoreError::ValueTooLarge {
+                key: key.to_string(),
+                len: v.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Keeps trying the configured peers (resolving names each time) and hands what answers to
+/// the core loop, which joins those it does not already know.
+pub async fn retry_join(
+    handle: Handle,
+    peers: Vec<String>,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    if peers.is_empty() {
+        return;
+    }
+    let client = peer::PeerClient::new(handle.me.clone(), handle.counters.clone());
+    loop {
+        let mut found = Vec::new();
+        for p in &peers {
+            match client.identity(p).await {
+                Ok(m) => found.push(m),
+                Err(e) => tracing::debug!(peer = %p, err = %e, "peer not reachable yet"),
+            }
+        }
+        if !found.is_empty() && handle.send(Command::Discovered(found)).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
+impl Counters {
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,125 @@
+//! The client side of the peer protocol: one HTTP/2 connection pool to all peers, messages
+//! sent fire-and-forget with a deadline (the protocol tolerates loss and reordering).
+//! Mutual TLS slots in here and in the API listener, not in the protocol.
+
+use super::{Counters, DaemonError};
+use crate::membership::Member;
+use crate::sync::message::{encode, Envelope};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::Request;
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
+
+pub const MSG_PATH: &str = "/peer/v1/msg";
+pub const IDENTITY_PATH: &str = "/peer/v1/identity";
+pub const CONTENT_TYPE: &str = "application/x-shoal-peer";
+const SEND_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Clone)]
+pub struct PeerClient {
+    client: Client<HttpConnector, Full<Bytes>>,
+    me: Member,
+    counters: Arc<Counters>,
+    inflight: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peer request failed")]
+    Request(#[from] hyper_util::client::legacy::Error),
+    #[error("peer answered {0}")]
+    Status(hyper::StatusCode),
+    #[error("peer did not answer in time")]
+    Timeout,
+    #[error("peer sent a bad identity: {0}")]
+    BadIdentity(String),
+    #[error(transparent)]
+    Daemon(#[from] DaemonError),
+}
+
+impl PeerClient {
+    pub fn new(me: Member, counters: Arc<Counters>) -> PeerClient {
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(2)));
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http2_only(true)
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .build(http);
+        PeerClient {
+            client,
+            me,
+            counters,
+            inflight: TaskTracker::new(),
+        }
+    }
+
+    /// Sends one message in the background.
+    pub fn send(&self, addr: &str, env: &Envelope) {
+        let body = Bytes::from(encode(env));
+        let req = Request::post(format!("http://{addr}{MSG_PATH}"))
+            .header(hyper::header::CONTENT_TYPE, CONTENT_TYPE)
+            .body(Full::new(body));
+        let Ok(req) = req else {
+            tracing::warn!(%addr, "cannot address peer");
+            return;
+        };
+        let client = self.client.clone();
+        let counters = self.counters.clone();
+        let kind = env.msg.kind();
+        let to = addr.to_string();
+        self.inflight.spawn(async move {
+            let ok = match tokio::time::timeout(SEND_TIMEOUT, client.request(req)).await {
+                Ok(Ok(resp)) if resp.status().is_success() => true,
+                Ok(Ok(resp)) => {
+                    tracing::debug!(peer = %to, kind, status = %resp.status(), "peer refused message");
+                    false
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(peer = %to, kind, err = %e, "peer send failed");
+                    false
+                }
+                Err(_) => false,
+            };
+            if !ok {
+                Counters::inc(&counters.peer_sends_failed);
+            }
+        });
+    }
+
+    /// Asks whoever listens at `addr` who it is.
+    pub async fn identity(&self, addr: &str) -> Result<Member, PeerError> {
+        let req = Request::get(format!("http://{addr}{IDENTITY_PATH}"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| PeerError::BadIdentity(e.to_string()))?;
+        let resp = tokio::time::timeout(SEND_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| PeerError::Timeout)??;
+        if !resp.status().is_success() {
+            return Err(PeerError::Status(resp.status()));
+        }
+        let body = Limited::new(resp.into_body(), 64 * 1024)
+            .collect()
+            .await
+            .map_err(|e| PeerError::BadIdentity(e.to_string()))?
+            .to_bytes();
+        let m: Member =
+            serde_json::from_slice(&body).map_err(|e| PeerError::BadIdentity(e.to_string()))?;
+        if m.id == self.me.id {
+            return Err(PeerError::BadIdentity("that is this node".into()));
+        }
+        Ok(m)
+    }
+
+    /// Waits up to `limit` for messages still being sent.
+    pub async fn drain(&self, limit: Duration) {
+        self.inflight.close();
+        let _ = tokio::time::timeout(limit, self.inflight.wait()).await;
+    }
+}
