@@ -1,1 +1,350 @@
-//! Fixtures for the end-to-end tests.
+//! Fixtures for the end-to-end tests: the real `shoal` binary run as agent processes on
+//! loopback, a small HTTP client, and polling with deadlines (never sleeps as synchronisation).
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// The workspace's `target/debug/shoal`, built once if it is missing or `SHOAL_BIN` is unset.
+pub fn shoal_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(p) = std::env::var("SHOAL_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "shoal", "--bin", "shoal"])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build -p shoal failed");
+        root.join("target/debug/shoal")
+    })
+    .clone()
+}
+
+/// A port nobody listens on right now.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `f` every 50 ms until it returns `Some`, or fails after `limit` with `what`.
+pub fn wait_for<T>(limit: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + limit;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A response: status code, headers (lower-cased names) and body.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or(Value::Null)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection to 127.0.0.1:`port`.
+pub fn http(
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connecting to :{port}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes())?;
+    s.write_all(body)?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .context("no header end")?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let mut lines = head.lines();
+    let status: u16 = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .context("bad status line")?;
+    let headers: Vec<(String, String)> = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .iter()
+        .any(|(k, v)| k == "transfer-encoding" && v.contains("chunked"))
+    {
+        body = dechunk(&body)?;
+    }
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = b
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .context("bad chunk")?;
+        let size = usize::from_str_radix(std::str::from_utf8(&b[..eol])?.trim(), 16)?;
+        if size == 0 {
+            return Ok(out);
+        }
+        let start = eol + 2;
+        if b.len() < start + size {
+            bail!("truncated chunk");
+        }
+        out.extend_from_slice(&b[start..start + size]);
+        b = &b[start + size + 2..];
+    }
+}
+
+pub fn get(port: u16, path: &str) -> Result<Resp> {
+    http("GET", port, path, &[], b"")
+}
+
+/// A `shoal agent` process with its own state directory and ports.
+pub struct Agent {
+    pub id: String,
+    pub dir: PathBuf,
+    pub status_port: u16,
+    pub api_port: u16,
+    pub token: String,
+    config: PathBuf,
+    child: Option<Child>,
+}
+
+impl Agent {
+    /// Writes the config and starts the agent. `peers` are API ports of other agents.
+    pub fn start(root: &Path, id: &str, peers: &[u16], extra: &str) -> Agent {
+        let mut a = Agent::configure(root, id, peers, extra);
+        a.spawn();
+        a
+    }
+
+    /// Writes the config without starting the agent.
+    pub fn configure(root: &Path, id: &str, peers: &[u16], extra: &str) -> Agent {
+        let dir = root.join(id);
+        std::fs::create_dir_all(dir.join("bundle")).unwrap();
+        let token = format!("token-{id}-0123456789");
+        std::fs::write(dir.join("bundle/admin.token"), &token).unwrap();
+        let (status_port, api_port) = (free_port(), free_port());
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"{id}\"\nstate_dir = \"{}\"\npeers = [{}]\n{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n[discovery]\nmdns = false\nretry_join_ms = 500\n",
+                dir.display(),
+                peers.join(", "),
+            ),
+        )
+        .unwrap();
+        Agent {
+            id: id.into(),
+            dir,
+            status_port,
+            api_port,
+            token,
+            config,
+            child: None,
+        }
+    }
+
+    /// Rewrites the peer list (used when a peer's port is only known after it started).
+    pub fn set_peers(&mut self, peers: &[u16]) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let list: Vec<String> = peers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("peers = ") {
+                    format!("peers = [{}]", list.join(", "))
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    pub fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let child = Command::new(shoal_bin())
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("SHOAL_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting shoal agent");
+        self.child = Some(child);
+        let port = self.status_port;
+        wait_for(Duration::from_secs(20), "the agent's /healthz", || {
+            get(port, "/healthz").ok().filter(|r| r.status == 200)
+        });
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn status(&self) -> Value {
+        get(self.status_port, "/v1/status")
+            .map(|r| r.json())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Members this agent sees alive.
+    pub fn alive_members(&self) -> usize {
+        self.status()["members"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["state"] == "alive").count())
+            .unwrap_or(0)
+    }
+
+    pub fn put_app(&self, name: &str, spec: &str) -> Result<Resp> {
+        let auth = format!("Bearer {}", self.token);
+        http(
+            "PUT",
+            self.api_port,
+            &format!("/v1/apps/{name}"),
+            &[("Authorization", &auth)],
+            spec.as_bytes(),
+        )
+    }
+
+    pub fn delete_app(&self, name: &str) -> Result<Resp> {
+        let auth = format!("Bearer {}", self.token);
+        http(
+            "DELETE",
+            self.api_port,
+            &format!("/v1/apps/{name}"),
+            &[("Authorization", &auth)],
+            b"",
+        )
+    }
+
+    /// App names this agent holds.
+    pub fn apps(&self) -> Vec<String> {
+        get(self.status_port, "/v1/apps")
+            .map(|r| r.json())
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|a| a["name"].as_str().map(String::from))
+            .collect()
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Starts `n` agents that know each other as static peers.
+pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
+    let mut agents: Vec<Agent> = (0..n)
+        .map(|i| Agent::configure(root, &format!("n{}", i + 1), &[], ""))
+        .collect();
+    let ports: Vec<u16> = agents.iter().map(|a| a.api_port).collect();
+    for a in &mut agents {
+        a.set_peers(&ports);
+        a.spawn();
+    }
+    agents
+}

@@ -204,6 +204,11 @@ impl Sim {
         self.nodes[i].node.as_ref()
     }
 
+    /// Node `i`'s wall clock now (virtual time plus its skew), in ms since the epoch.
+    pub fn wall_clock_of(&self, i: usize) -> u64 {
+        self.wall_ms(i)
+    }
+
     fn wall_ms(&self, i: usize) -> u64 {
         (EPOCH_MS as i64 + self.now_ms() as i64 + self.nodes[i].skew_ms) as u64
     }
