@@ -9,6 +9,15 @@ use shoal::sim::{Sim, SimConfig};
 use shoal::store::{Bytes, Key};
 use std::time::Instant;
 
+/// `SHOAL_BENCH_MEMBERSHIP` may hold TOML overriding membership settings, to compare tunings.
+fn tuned(mut cfg: SimConfig) -> SimConfig {
+    if let Ok(t) = std::env::var("SHOAL_BENCH_MEMBERSHIP") {
+        cfg.node.membership =
+            toml::from_str(&t).expect("SHOAL_BENCH_MEMBERSHIP is not valid membership TOML");
+    }
+    cfg
+}
+
 fn key(s: &str) -> Key {
     Key::parse(s).unwrap()
 }
@@ -88,7 +97,7 @@ fn partition_heal(n: usize, seed: u64) -> Option<f64> {
 
 /// Time from a crash to every other member declaring the node down; several trials.
 fn detection(n: usize, trials: usize, seed: u64) -> Vec<f64> {
-    let mut sim = Sim::new(SimConfig::new(n, seed));
+    let mut sim = Sim::new(tuned(SimConfig::new(n, seed)));
     if sim
         .run_until(300_000, 250, |s| {
             (0..n).all(|i| s.live_view(i).len() == n - 1)
@@ -130,7 +139,7 @@ fn detection(n: usize, trials: usize, seed: u64) -> Vec<f64> {
 
 /// Membership verdicts about live nodes over `secs` of virtual time at `loss`.
 fn false_dead(n: usize, loss: f64, secs: u64, seed: u64) -> (usize, u64) {
-    let mut cfg = SimConfig::new(n, seed);
+    let mut cfg = tuned(SimConfig::new(n, seed));
     cfg.loss = loss;
     let mut sim = Sim::new(cfg);
     sim.run_until(120_000, 250, |s| {
@@ -179,9 +188,30 @@ fn skew(skew_ms: u64, writes: usize, seed: u64) -> (usize, usize) {
     (lost_hlc, lost_wall)
 }
 
+fn membership(quick: bool) {
+    println!("\n## Failure detection (SWIM via foca; default settings)");
+    for (n, trials) in [(10, 5), (100, 5), (1000, if quick { 1 } else { 3 })] {
+        let d = detection(n, trials, 99);
+        if d.is_empty() {
+            continue;
+        }
+        let max = d.iter().cloned().fold(0.0, f64::max);
+        let mean = d.iter().sum::<f64>() / d.len() as f64;
+        println!("- {n} nodes: death to 'dead' on every member: mean {mean:.2} s, max {max:.2} s over {} trials", d.len());
+    }
+    let secs = if quick { 600 } else { 3600 };
+    let (downs, msgs) = false_dead(100, 0.1, secs, 5);
+    println!("- 100 nodes, 10 % loss, {secs} s simulated: {downs} false 'dead' verdicts ({msgs} messages)");
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "quick");
+    let only_membership = std::env::args().any(|a| a == "membership");
     let t = Instant::now();
+    if only_membership {
+        membership(quick);
+        return;
+    }
     println!("## Dissemination (one write, 200 ms gossip rounds, fanout 3, latency 0.5-5 ms)");
     println!("| nodes | loss | forwarding | time to 99.99 % | bytes/node/s (10 s after the write) | idle bytes/node/s |");
     println!("|---|---|---|---|---|---|");
@@ -219,19 +249,7 @@ fn main() {
             None => println!("- {n} nodes: did not converge within 120 s"),
         }
     }
-    println!("\n## Failure detection (SWIM via foca; default settings)");
-    for (n, trials) in [(10, 5), (100, 5), (1000, if quick { 1 } else { 3 })] {
-        let d = detection(n, trials, 99);
-        if d.is_empty() {
-            continue;
-        }
-        let max = d.iter().cloned().fold(0.0, f64::max);
-        let mean = d.iter().sum::<f64>() / d.len() as f64;
-        println!("- {n} nodes: death to 'dead' on every member: mean {mean:.2} s, max {max:.2} s over {} trials", d.len());
-    }
-    let secs = if quick { 600 } else { 3600 };
-    let (downs, msgs) = false_dead(100, 0.1, secs, 5);
-    println!("- 100 nodes, 10 % loss, {secs} s simulated: {downs} false 'dead' verdicts ({msgs} messages)");
+    membership(quick);
     println!("\n## Clock skew (5 nodes, clocks up to ±60 s off, 200 causally ordered writes)");
     let (hlc, wall) = skew(60_000, 200, 3);
     println!("- hybrid logical clocks (shoal): {hlc} causally later writes lost");
