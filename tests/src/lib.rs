@@ -10,9 +10,26 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+static BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Builds the release binary and makes every agent started from now on use it.
+pub fn use_release_bin() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "-q", "--release", "-p", "shoal", "--bin", "shoal"])
+        .current_dir(&root)
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build --release -p shoal failed");
+    BIN.get_or_init(|| root.join("target/release/shoal"))
+        .clone()
+}
+
 /// The workspace's `target/debug/shoal`, built once if it is missing or `SHOAL_BIN` is unset.
 pub fn shoal_bin() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Ok(p) = std::env::var("SHOAL_BIN") {
             return PathBuf::from(p);

@@ -21,6 +21,9 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
+/// The store is rewritten when its files exceed this multiple of the live data.
+const COMPACT_RATIO: f64 = 3.0;
+
 /// Wall-clock milliseconds since the epoch: the only clock reading in the agent's core path.
 pub fn wall_ms() -> u64 {
     SystemTime::now()
@@ -196,9 +199,18 @@ async fn core_loop(
     let mut out = Vec::new();
     node.start(&mut out);
     fx.run(&mut out);
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let cmd = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = housekeeping.tick() => {
+                let backend = node.replica().backend().clone();
+                if let Err(e) = tokio::task::block_in_place(|| backend.maybe_compact(COMPACT_RATIO)) {
+                    tracing::error!(err = %e, "store compaction failed");
+                }
+                continue;
+            }
             Some(t) = fx.timers.next() => {
                 if let Err(e) = node.handle(wall_ms(), Input::Timer(t.into_inner()), &mut out) {
                     tracing::warn!(err = %e, "timer failed");
