@@ -8,7 +8,6 @@ use crate::spec::{valid_name, AppSpec};
 use crate::store::replica::read_entry;
 use crate::store::{Bytes, Key};
 use crate::sync::message::{decode, MAX_MESSAGE_BYTES};
-use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json as j;
@@ -59,11 +58,8 @@ async fn peer_message(req: Request<Incoming>, remote: SocketAddr, h: &Handle) ->
             format!("peer messages are {CONTENT_TYPE}"),
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_MESSAGE_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
+    let body = match super::read_body(req, MAX_MESSAGE_BYTES).await {
+        Ok(b) => b,
         Err(e) => {
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
@@ -124,11 +120,8 @@ async fn put_app(req: Request<Incoming>, name: &str, h: &Handle) -> Response<Bod
             format!("app name {name:?}: use 1-63 lowercase letters, digits and '-'"),
         );
     }
-    let body = match Limited::new(req.into_body(), MAX_SPEC_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
+    let body = match super::read_body(req, MAX_SPEC_BYTES).await {
+        Ok(b) => b,
         Err(e) => {
             return error(
                 StatusCode::PAYLOAD_TOO_LARGE,

@@ -40,6 +40,15 @@ pub fn error(status: StatusCode, msg: impl std::fmt::Display) -> Response<Body> 
     json(status, &serde_json::json!({ "error": msg.to_string() }))
 }
 
+/// Reads a request body of at most `limit` bytes; the error says why it could not.
+pub async fn read_body(req: Request<Incoming>, limit: usize) -> Result<Bytes, String> {
+    http_body_util::Limited::new(req.into_body(), limit)
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .map_err(|e| e.to_string())
+}
+
 pub fn text(status: StatusCode, content_type: &str, body: impl Into<Bytes>) -> Response<Body> {
     Response::builder()
         .status(status)

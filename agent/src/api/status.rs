@@ -75,7 +75,26 @@ fn value_of(v: &Option<Bytes>) -> Value {
 }
 
 /// How far behind us each peer was at its last exchange, in ms of HLC time, at worst.
+/// Origins that live peer has not heard of at all are not a lag in time: they are counted
+/// by `sync_unseen_origins` instead.
 fn sync_lag_ms(s: &Snapshot) -> u64 {
+    live_peer_gaps(s)
+        .filter(|(_, theirs)| theirs.0 > 0)
+        .map(|(ours, theirs)| ours.millis().saturating_sub(theirs.millis()))
+        .max()
+        .unwrap_or(0)
+}
+
+fn sync_unseen_origins(s: &Snapshot) -> usize {
+    live_peer_gaps(s)
+        .filter(|(_, theirs)| theirs.0 == 0)
+        .count()
+}
+
+/// For every live peer and every origin we know: (our watermark, the peer's last known).
+fn live_peer_gaps(
+    s: &Snapshot,
+) -> impl Iterator<Item = (crate::store::Hlc, crate::store::Hlc)> + '_ {
     s.members
         .iter()
         .filter(|m| m.state != "dead")
@@ -84,10 +103,8 @@ fn sync_lag_ms(s: &Snapshot) -> u64 {
             s.digest
                 .watermarks
                 .iter()
-                .map(move |(o, w)| w.millis().saturating_sub(d.watermark(o).millis()))
+                .map(move |(o, w)| (*w, d.watermark(o)))
         })
-        .max()
-        .unwrap_or(0)
 }
 
 fn status(h: &Handle, s: &Snapshot) -> Value {
@@ -107,6 +124,7 @@ fn status(h: &Handle, s: &Snapshot) -> Value {
         },
         "sync": {
             "lag_ms": sync_lag_ms(s),
+            "unseen_origins": sync_unseen_origins(s),
             "peers_seen": s.peer_digests.len(),
             "stats": s.sync,
         },
