@@ -1,4 +1,4 @@
-//! Store figures for BENCHMARKS.md, on the real sled backend:
+//! Store figures for BENCHMARKS.md, on the real disk backend (redb):
 //! - durable write throughput (flush per write, and group commit as the agent does it),
 //!   against the disk's own ceiling: appending to a file with fdatasync per write;
 //! - crash torture: a writer process SIGKILLed at random moments, N times; every reopen must
@@ -7,7 +7,7 @@
 //!
 //! `cargo bench -p shoal --bench store` (`-- quick` for 100 kills and a shorter churn).
 
-use shoal::store::{Bytes, Key, NodeId, Replica, SledBackend};
+use shoal::store::{Bytes, DiskBackend, Key, NodeId, Replica};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 const CHILD_ENV: &str = "SHOAL_TORTURE_CHILD";
 
-fn open(dir: &Path) -> Replica<SledBackend> {
+fn open(dir: &Path) -> Replica<DiskBackend> {
     Replica::open(
         NodeId::new("bench").unwrap(),
-        SledBackend::open(dir).unwrap(),
+        DiskBackend::open(dir).unwrap(),
     )
     .unwrap()
 }
@@ -238,7 +238,7 @@ fn main() {
         std::fs::create_dir_all(&p).unwrap();
         p
     };
-    println!("## Durable local writes (sled, 1 000 keys, ~180-byte values)");
+    println!("## Durable local writes (redb, 1 000 keys, ~180-byte values)");
     println!("| mode | writes/s |\n|---|---|");
     println!(
         "| raw file append + fdatasync per write (the disk's ceiling) | {:.0} |",

@@ -8,7 +8,7 @@ pub mod peer;
 use crate::config::AgentConfig;
 use crate::membership::{Member, MemberStatus};
 use crate::node::{Effect, Input, Node, Timer};
-use crate::store::{Bytes, Change, Digest, Key, NodeId, Replica, SledBackend, StoreError, Version};
+use crate::store::{Bytes, Change, Digest, DiskBackend, Key, NodeId, Replica, StoreError, Version};
 use crate::sync::message::Envelope;
 use crate::sync::SyncStats;
 use futures_util::StreamExt;
@@ -90,7 +90,7 @@ pub struct Counters {
 pub struct Handle {
     cmd: mpsc::Sender<Command>,
     pub changes: broadcast::Sender<Change>,
-    pub store: SledBackend,
+    pub store: DiskBackend,
     pub me: Member,
     pub started_ms: u64,
     pub counters: Arc<Counters>,
@@ -164,7 +164,7 @@ pub fn start(
         path: dir.display().to_string(),
         source,
     };
-    let backend = SledBackend::open(&dir).map_err(store_err)?;
+    let backend = DiskBackend::open(&dir).map_err(store_err)?;
     let replica = Replica::open(id.clone(), backend.clone()).map_err(store_err)?;
     let started_ms = wall_ms();
     // A restarted node must win over its former self in the membership layer.
@@ -191,7 +191,7 @@ pub fn start(
 }
 
 async fn core_loop(
-    mut node: Node<SledBackend>,
+    mut node: Node<DiskBackend>,
     mut rx: mpsc::Receiver<Command>,
     mut fx: Effects,
     shutdown: CancellationToken,
@@ -236,7 +236,7 @@ async fn core_loop(
 }
 
 fn handle_command(
-    node: &mut Node<SledBackend>,
+    node: &mut Node<DiskBackend>,
     cmd: Command,
     rx: &mut mpsc::Receiver<Command>,
     out: &mut Vec<Effect>,
@@ -287,7 +287,7 @@ type WriteRequest = (
     oneshot::Sender<Result<Vec<Version>, DaemonError>>,
 );
 
-fn write_group(node: &mut Node<SledBackend>, group: Vec<WriteRequest>, out: &mut Vec<Effect>) {
+fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut Vec<Effect>) {
     let now = wall_ms();
     let mut written = Vec::new();
     let mut replies = Vec::new();

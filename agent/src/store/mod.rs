@@ -1,13 +1,13 @@
 //! The replicated state store: typed keys and versioned entries (`entry`), hybrid logical
 //! clocks (`hlc`), the storage engine behind a narrow trait (`backend`) and the merge logic
-//! (`replica`). No other module touches sled.
+//! (`replica`). No other module touches the storage engine.
 
 pub mod backend;
 pub mod entry;
 pub mod hlc;
 pub mod replica;
 
-pub use backend::{Backend, MemBackend, SledBackend};
+pub use backend::{Backend, DiskBackend, MemBackend};
 pub use bytes::Bytes;
 pub use entry::{Entry, Key, Keyspace, NodeId, Version};
 pub use hlc::{Hlc, HlcClock};

@@ -305,17 +305,17 @@ fn watch_log_keeps_one_row_per_key_in_change_order() {
 }
 
 #[test]
-fn sled_backend_reopens_with_flushed_writes() {
+fn disk_backend_reopens_with_flushed_writes() {
     let dir = tempfile::tempdir().unwrap();
     {
-        let mut r = Replica::open(id("n1"), SledBackend::open(dir.path()).unwrap()).unwrap();
+        let mut r = Replica::open(id("n1"), DiskBackend::open(dir.path()).unwrap()).unwrap();
         for i in 0..100 {
             r.write(NOW + i, key(&format!("apps/k{i}")), Some(Bytes::from("v")))
                 .unwrap();
         }
         r.flush().unwrap();
     }
-    let r = Replica::open(id("n1"), SledBackend::open(dir.path()).unwrap()).unwrap();
+    let r = Replica::open(id("n1"), DiskBackend::open(dir.path()).unwrap()).unwrap();
     assert_eq!(r.counts().unwrap(), (100, 0));
     assert_eq!(r.seq(), 100);
     let keys = replica::scan_keyspace(r.backend(), Keyspace::Apps, "k1", 1000).unwrap();
@@ -323,24 +323,24 @@ fn sled_backend_reopens_with_flushed_writes() {
 }
 
 #[test]
-fn sled_compaction_shrinks_the_files_and_keeps_every_value() {
+fn disk_compaction_shrinks_the_file_after_deletes_and_keeps_every_value() {
     let root = tempfile::tempdir().unwrap();
     let dir = root.path().join("store");
-    let backend = SledBackend::open(&dir).unwrap();
+    let backend = DiskBackend::open(&dir).unwrap();
     let mut r = Replica::open(id("n1"), backend.clone()).unwrap();
-    let big = "x".repeat(2000);
-    for i in 0..20_000u64 {
-        let v = format!("{i}{big}");
-        r.write(
-            NOW + i,
-            key(&format!("apps/k{}", i % 200)),
-            Some(Bytes::from(v)),
-        )
-        .unwrap();
-        if i % 16 == 0 {
-            r.flush().unwrap();
-        }
+    let big = Bytes::from("x".repeat(2000));
+    for i in 0..3_000u64 {
+        r.write(NOW + i, key(&format!("apps/k{i}")), Some(big.clone()))
+            .unwrap();
     }
+    r.flush().unwrap();
+    // The live data shrinks to a tenth; tombstones are collected.
+    for i in 300..3_000u64 {
+        r.write(NOW + 5_000 + i, key(&format!("apps/k{i}")), None)
+            .unwrap();
+    }
+    r.collect_tombstones(NOW + 1_000_000, |_| Hlc(u64::MAX), 0, u64::MAX)
+        .unwrap();
     r.flush().unwrap();
     let before = backend.size_on_disk();
     let want = state(&r);
@@ -350,44 +350,17 @@ fn sled_compaction_shrinks_the_files_and_keeps_every_value() {
         backend.logical_size()
     );
     let after = backend.size_on_disk();
-    let live = backend.logical_size();
     assert!(
-        after < before,
-        "compaction did not shrink the store: {before} -> {after}"
+        after * 2 < before,
+        "compaction did not shrink the file: {before} -> {after}"
     );
-    assert!(
-        after <= 3 * live,
-        "compacted store is {after} bytes for {live} live"
-    );
-    // The shared handle sees the compacted database, and so does a reopen.
+    assert!(after <= 3 * backend.logical_size().max(1 << 20));
     assert_eq!(state(&r), want);
     r.write(NOW + 30_000, key("apps/after"), Some(Bytes::from("1")))
         .unwrap();
     r.flush().unwrap();
     drop(r);
     drop(backend);
-    let r = Replica::open(id("n1"), SledBackend::open(&dir).unwrap()).unwrap();
+    let r = Replica::open(id("n1"), DiskBackend::open(&dir).unwrap()).unwrap();
     assert_eq!(state(&r).len(), want.len() + 1);
-    assert!(!root.path().join("store.old").exists() && !root.path().join("store.next").exists());
-}
-
-#[test]
-fn sled_open_finishes_a_compaction_interrupted_between_renames() {
-    let root = tempfile::tempdir().unwrap();
-    let dir = root.path().join("store");
-    {
-        let mut r = Replica::open(
-            id("n1"),
-            SledBackend::open(&root.path().join("store.next")).unwrap(),
-        )
-        .unwrap();
-        r.write(NOW, key("apps/a"), Some(Bytes::from("new")))
-            .unwrap();
-        r.flush().unwrap();
-    }
-    std::fs::create_dir_all(root.path().join("store.old")).unwrap();
-    // `store` itself is missing: the crash came after retiring it, before installing the copy.
-    let r = Replica::open(id("n1"), SledBackend::open(&dir).unwrap()).unwrap();
-    assert!(r.get(&key("apps/a")).unwrap().is_some());
-    assert!(!root.path().join("store.old").exists());
 }
