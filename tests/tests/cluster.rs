@@ -50,14 +50,22 @@ fn three_agents_form_a_cluster_and_converge() {
             (r.json()["scale"]["replicas"] == 7).then_some(())
         });
     }
-    let nodes = get(agents[0].status_port, "/v1/nodes").unwrap().json();
-    let ids: BTreeSet<&str> = nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|n| n["id"].as_str())
-        .collect();
-    assert_eq!(ids, BTreeSet::from(["n1", "n2", "n3"]));
+    // Each node's own record, written at its start, reaches every other node.
+    for a in &agents {
+        wait_for(
+            T,
+            &format!("{} to list all three node records", a.id),
+            || {
+                let nodes = get(a.status_port, "/v1/nodes").ok()?.json();
+                let ids: BTreeSet<String> = nodes
+                    .as_array()?
+                    .iter()
+                    .filter_map(|n| n["id"].as_str().map(String::from))
+                    .collect();
+                (ids == BTreeSet::from(["n1".into(), "n2".into(), "n3".into()])).then_some(())
+            },
+        );
+    }
 }
 
 #[test]

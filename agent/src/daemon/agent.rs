@@ -95,6 +95,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         "agent started"
     );
 
+    // Our own record is durable before anything answers, so "healthy" implies "announced".
+    if let Err(e) = publish_node_record(&h, &cfg).await {
+        tracing::error!(err = %e, "cannot publish this node's record");
+    }
+
     let tracker = TaskTracker::new();
     let status_h = h.clone();
     tracker.spawn(api::serve(
@@ -116,9 +121,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         Duration::from_millis(cfg.discovery.retry_join_ms.max(100)),
         shutdown.clone(),
     ));
-    if let Err(e) = publish_node_record(&h, &cfg).await {
-        tracing::error!(err = %e, "cannot publish this node's record");
-    }
 
     shutdown.cancelled().await;
     let t0 = wall_ms();

@@ -8,6 +8,7 @@ pub mod peer;
 use crate::config::AgentConfig;
 use crate::membership::{Member, MemberStatus};
 use crate::node::{Effect, Input, Node, Timer};
+use crate::store::entry::check_write;
 use crate::store::{Bytes, Change, Digest, DiskBackend, Key, NodeId, Replica, StoreError, Version};
 use crate::sync::message::Envelope;
 use crate::sync::SyncStats;
@@ -295,7 +296,7 @@ fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut
         // Check the whole request first, so a refused request writes nothing.
         if let Some(e) = ops
             .iter()
-            .find_map(|(k, v)| precheck(node.id(), k, v).err())
+            .find_map(|(k, v)| check_write(k, v.as_ref(), node.id()).err())
         {
             let _ = reply.send(Err(DaemonError::Write(e)));
             continue;
@@ -337,26 +338,6 @@ fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut
             }
         }
     }
-}
-
-fn precheck(me: &NodeId, key: &Key, value: &Option<Bytes>) -> Result<(), StoreError> {
-    if let Some(owner) = key.owner() {
-        if owner != me.as_str() {
-            return Err(StoreError::NotOwner {
-                key: key.to_string(),
-                origin: me.to_string(),
-            });
-        }
-    }
-    if let Some(v) = value {
-        if v.len() > crate::store::entry::MAX_VALUE_LEN {
-            return Err(StoreError::ValueTooLarge {
-                key: key.to_string(),
-                len: v.len(),
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Keeps trying the configured peers (resolving names each time) and hands what answers to

@@ -222,6 +222,28 @@ impl fmt::Display for Version {
     }
 }
 
+/// Whether `origin` may write `value` at `key`: the value fits, and an owner-only key is
+/// written only by the node it describes.
+pub fn check_write(key: &Key, value: Option<&Bytes>, origin: &NodeId) -> Result<(), StoreError> {
+    if let Some(v) = value {
+        if v.len() > MAX_VALUE_LEN {
+            return Err(StoreError::ValueTooLarge {
+                key: key.to_string(),
+                len: v.len(),
+            });
+        }
+    }
+    if let Some(owner) = key.owner() {
+        if owner != origin.as_str() {
+            return Err(StoreError::NotOwner {
+                key: key.to_string(),
+                origin: origin.to_string(),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// One replicated fact: a key's value at a version, or its deletion (a tombstone).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
@@ -238,23 +260,7 @@ impl Entry {
 
     /// Checks what the type system cannot: value size and the owner-only rule.
     pub fn validate(&self) -> Result<(), StoreError> {
-        if let Some(v) = &self.value {
-            if v.len() > MAX_VALUE_LEN {
-                return Err(StoreError::ValueTooLarge {
-                    key: self.key.to_string(),
-                    len: v.len(),
-                });
-            }
-        }
-        if let Some(owner) = self.key.owner() {
-            if owner != self.version.origin.as_str() {
-                return Err(StoreError::NotOwner {
-                    key: self.key.to_string(),
-                    origin: self.version.origin.to_string(),
-                });
-            }
-        }
-        Ok(())
+        check_write(&self.key, self.value.as_ref(), &self.version.origin)
     }
 
     /// Last writer wins: whether `self` replaces `current`. Honest nodes never issue one
