@@ -6,6 +6,7 @@ pub mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod identity;
 pub mod membership;
 pub mod node;
 pub mod sim;

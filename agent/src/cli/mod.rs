@@ -24,6 +24,9 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Verb {
+    /// Generate cluster material.
+    #[command(subcommand)]
+    Gen(Gen),
     /// Run the agent (normally started by shoal-init).
     Agent {
         /// Config file (TOML, or JSON if it ends in .json). Default: /run/shoal/node.json if
@@ -33,9 +36,60 @@ pub enum Verb {
     },
 }
 
+#[derive(Subcommand)]
+pub enum Gen {
+    /// Write a new cluster bundle: CA, join secret, admin token and a ready user-data.yaml.
+    Cluster {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Peers to put in user-data (host:port), for clouds without multicast.
+        #[arg(long = "peer")]
+        peers: Vec<String>,
+        /// Replace a bundle already in OUT.
+        #[arg(long)]
+        force: bool,
+        /// Also print the admin token (it is always in OUT/admin.token).
+        #[arg(long)]
+        print_token: bool,
+    },
+    /// Print a new random token.
+    Token,
+}
+
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Verb::Agent { config } => agent(config),
+        Verb::Gen(Gen::Token) => {
+            println!("{}", crate::identity::random_secret());
+            Ok(())
+        }
+        Verb::Gen(Gen::Cluster {
+            name,
+            out,
+            peers,
+            force,
+            print_token,
+        }) => {
+            let b = crate::identity::Bundle::generate(&name, daemon::wall_ms())?;
+            b.write(&out, &peers, force)?;
+            println!(
+                "cluster {} ({}): bundle written to {}",
+                b.cluster.name,
+                b.cluster.id,
+                out.display()
+            );
+            println!("  admin token: {}/admin.token", out.display());
+            println!(
+                "  user-data:   {}/user-data.yaml (contains secrets)",
+                out.display()
+            );
+            if print_token {
+                println!("{}", b.admin_token);
+            }
+            Ok(())
+        }
     }
 }
 

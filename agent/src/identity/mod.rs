@@ -1,0 +1,277 @@
+//! Cluster identity: the bundle `shoal gen cluster` writes (cluster id, CA, join secret, admin
+//! token, ready user-data). Node certificates and TLS bootstrap build on it.
+
+use crate::spec::valid_name;
+use serde::{Deserialize, Serialize};
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cluster name {0:?}: use 1-63 lowercase letters, digits and '-'")]
+    BadName(String),
+    #[error("cannot create the cluster CA")]
+    Ca(#[from] rcgen::Error),
+    #[error("{0} already holds a cluster bundle; pass --force to replace it (every node must then get the new one)")]
+    Exists(String),
+    #[error("cannot write {path}")]
+    Write {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read the bundle in {path}: {reason}")]
+    Read { path: String, reason: String },
+}
+
+/// What identifies a cluster publicly. The id is random; mDNS advertises only a hash of it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterInfo {
+    pub name: String,
+    pub id: String,
+    pub created_at_ms: u64,
+}
+
+/// Everything a node needs to belong to a cluster. `ca_key`, `join_secret` and `admin_token`
+/// are secrets.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bundle {
+    pub cluster: ClusterInfo,
+    pub ca_cert: String,
+    pub ca_key: String,
+    pub join_secret: String,
+    pub admin_token: String,
+}
+
+impl std::fmt::Debug for Bundle {
+    // Never print secrets, not even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bundle")
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
+
+/// 32 random bytes as lowercase hex.
+pub fn random_secret() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The files of a bundle directory, and whether each is secret (written 0600).
+pub const FILES: [(&str, bool); 6] = [
+    ("cluster.json", false),
+    ("ca.crt", false),
+    ("ca.key", true),
+    ("join.secret", true),
+    ("admin.token", true),
+    ("user-data.yaml", true),
+];
+
+/// The `shoal:` key of user-data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserDataShoal {
+    pub bundle: Bundle,
+    #[serde(default)]
+    pub peers: Vec<String>,
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct UserData {
+    shoal: UserDataShoal,
+}
+
+impl Bundle {
+    /// A new cluster: random id and secrets, and a self-signed CA (ECDSA P-256).
+    pub fn generate(name: &str, now_ms: u64) -> Result<Bundle, IdentityError> {
+        if !valid_name(name) {
+            return Err(IdentityError::BadName(name.into()));
+        }
+        let id = random_secret()[..32].to_string();
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(
+            rcgen::DnType::CommonName,
+            format!("shoal cluster {name} CA"),
+        );
+        params.distinguished_name.push(
+            rcgen::DnType::OrganizationalUnitName,
+            format!("cluster {id}"),
+        );
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        Ok(Bundle {
+            cluster: ClusterInfo {
+                name: name.into(),
+                id,
+                created_at_ms: now_ms,
+            },
+            ca_cert: cert.pem(),
+            ca_key: key.serialize_pem(),
+            join_secret: random_secret(),
+            admin_token: random_secret(),
+        })
+    }
+
+    /// `#cloud-config` user-data carrying this bundle under the `shoal:` key, ready for
+    /// Terraform's `user_data` or `cloud-localds`.
+    pub fn user_data(&self, peers: &[String]) -> String {
+        let doc = UserData {
+            shoal: UserDataShoal {
+                bundle: self.clone(),
+                peers: peers.to_vec(),
+                labels: Default::default(),
+            },
+        };
+        // Plain data always serializes.
+        let yaml = serde_yaml_ng::to_string(&doc).unwrap_or_default();
+        format!(
+            "#cloud-config\n# shoal cluster {} ({}). Contains secrets: keep it private.\n{yaml}",
+            self.cluster.name, self.cluster.id
+        )
+    }
+
+    /// Writes the bundle into `dir`: secrets 0600, the directory 0700. Refuses to replace an
+    /// existing bundle unless `force`.
+    pub fn write(&self, dir: &Path, peers: &[String], force: bool) -> Result<(), IdentityError> {
+        let werr = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| IdentityError::Write { path, source }
+        };
+        if dir.join("cluster.json").exists() && !force {
+            return Err(IdentityError::Exists(dir.display().to_string()));
+        }
+        std::fs::create_dir_all(dir).map_err(werr(dir))?;
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(werr(dir))?;
+        let cluster = serde_json::to_string_pretty(&self.cluster).unwrap_or_default() + "\n";
+        let contents = [
+            cluster,
+            self.ca_cert.clone(),
+            self.ca_key.clone(),
+            self.join_secret.clone() + "\n",
+            self.admin_token.clone() + "\n",
+            self.user_data(peers),
+        ];
+        for ((name, secret), body) in FILES.iter().zip(contents) {
+            let path = dir.join(name);
+            // Replace atomically: write a temporary file with the final mode, then rename.
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(if *secret { 0o600 } else { 0o644 })
+                .open(&tmp)
+                .map_err(werr(&tmp))?;
+            f.write_all(body.as_bytes()).map_err(werr(&tmp))?;
+            f.sync_all().map_err(werr(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Reads a bundle directory written by `write`.
+    pub fn load(dir: &Path) -> Result<Bundle, IdentityError> {
+        let read = |name: &str| {
+            std::fs::read_to_string(dir.join(name)).map_err(|e| IdentityError::Read {
+                path: dir.display().to_string(),
+                reason: format!("{name}: {e}"),
+            })
+        };
+        let cluster: ClusterInfo =
+            serde_json::from_str(&read("cluster.json")?).map_err(|e| IdentityError::Read {
+                path: dir.display().to_string(),
+                reason: format!("cluster.json: {e}"),
+            })?;
+        Ok(Bundle {
+            cluster,
+            ca_cert: read("ca.crt")?,
+            ca_key: read("ca.key")?,
+            join_secret: read("join.secret")?.trim().to_string(),
+            admin_token: read("admin.token")?.trim().to_string(),
+        })
+    }
+}
+
+/// Parses the `shoal:` key out of `#cloud-config` user-data.
+pub fn parse_user_data(text: &str) -> Result<UserDataShoal, String> {
+    if !text.starts_with("#cloud-config") {
+        return Err("user-data must start with #cloud-config".into());
+    }
+    #[derive(Deserialize)]
+    struct Doc {
+        shoal: Option<UserDataShoal>,
+    }
+    let doc: Doc = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    doc.shoal
+        .ok_or_else(|| "user-data has no shoal: key".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_bundle_round_trips_through_disk_and_user_data() {
+        let b = Bundle::generate("prod", 1_700_000_000_000).unwrap();
+        assert!(b.ca_cert.starts_with("-----BEGIN CERTIFICATE-----"));
+        rcgen::KeyPair::from_pem(&b.ca_key).unwrap();
+        assert_ne!(b.join_secret, b.admin_token);
+        assert_eq!(b.admin_token.len(), 64);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("bundle");
+        b.write(&out, &["10.0.0.2:7443".into()], false).unwrap();
+        assert_eq!(Bundle::load(&out).unwrap(), b);
+        for (name, secret) in FILES {
+            let mode = std::fs::metadata(out.join(name))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777;
+            assert_eq!(mode, if secret { 0o600 } else { 0o644 }, "{name}");
+        }
+        let ud = std::fs::read_to_string(out.join("user-data.yaml")).unwrap();
+        let parsed = parse_user_data(&ud).unwrap();
+        assert_eq!(parsed.bundle, b);
+        assert_eq!(parsed.peers, vec!["10.0.0.2:7443".to_string()]);
+        // A second write without --force refuses and changes nothing.
+        let other = Bundle::generate("prod", 1).unwrap();
+        assert!(matches!(
+            other.write(&out, &[], false),
+            Err(IdentityError::Exists(_))
+        ));
+        assert_eq!(Bundle::load(&out).unwrap(), b);
+        other.write(&out, &[], true).unwrap();
+        assert_eq!(Bundle::load(&out).unwrap(), other);
+    }
+
+    #[test]
+    fn debug_output_and_names() {
+        let b = Bundle::generate("a", 0).unwrap();
+        let shown = format!("{b:?}");
+        assert!(
+            !shown.contains(&b.admin_token)
+                && !shown.contains(&b.join_secret)
+                && !shown.contains("PRIVATE")
+        );
+        assert!(matches!(
+            Bundle::generate("Bad Name", 0),
+            Err(IdentityError::BadName(_))
+        ));
+        assert!(parse_user_data("shoal: {}").is_err());
+        assert!(parse_user_data("#cloud-config\nhostname: x\n").is_err());
+    }
+}
