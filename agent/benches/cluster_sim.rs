@@ -171,8 +171,7 @@ fn skew(skew_ms: u64, writes: usize, seed: u64) -> (usize, usize) {
         rng_state = rng_state.wrapping_mul(6364136223846793005).wrapping_add(1);
         let node = (rng_state >> 33) as usize % n;
         let value = Bytes::from(format!("w{w}"));
-        let v = sim.write(node, k.clone(), Some(value.clone())).unwrap();
-        let _ = v;
+        sim.write(node, k.clone(), Some(value.clone())).unwrap();
         let wall = sim.wall_clock_of(node) as i64;
         if prev_wall.is_some_and(|p| wall <= p) {
             lost_wall += 1;

@@ -294,5 +294,4 @@ fn events_stream_replays_from_a_change_number() {
     assert_eq!(seen, vec!["nodes/ev", "apps/e0", "apps/e1", "apps/e2"]);
     let r = get(a.status_port, "/v1/events?since=abc").unwrap();
     assert_eq!(r.status, 400);
-    let _ = a.log();
 }

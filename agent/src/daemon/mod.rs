@@ -53,6 +53,8 @@ pub enum DaemonError {
     Stopped,
     #[error("write refused: {0}")]
     Write(#[source] StoreError),
+    #[error("write not acknowledged: the store could not make it durable ({0})")]
+    NotDurable(String),
 }
 
 /// Work for the core loop.
@@ -332,9 +334,7 @@ fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut
             tracing::error!(err = %e, "flush failed: writes not acknowledged");
             let msg = e.to_string();
             for (reply, _) in replies {
-                let _ = reply.send(Err(DaemonError::Write(StoreError::Corrupt(format!(
-                    "flush failed: {msg}"
-                )))));
+                let _ = reply.send(Err(DaemonError::NotDurable(msg.clone())));
             }
         }
     }

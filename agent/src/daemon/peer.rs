@@ -2,7 +2,7 @@
 //! sent fire-and-forget with a deadline (the protocol tolerates loss and reordering).
 //! Mutual TLS slots in here and in the API listener, not in the protocol.
 
-use super::{Counters, DaemonError};
+use super::Counters;
 use crate::membership::Member;
 use crate::sync::message::{encode, Envelope};
 use bytes::Bytes;
@@ -37,8 +37,6 @@ pub enum PeerError {
     Timeout,
     #[error("peer sent a bad identity: {0}")]
     BadIdentity(String),
-    #[error(transparent)]
-    Daemon(#[from] DaemonError),
 }
 
 impl PeerClient {

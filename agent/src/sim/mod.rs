@@ -11,7 +11,6 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 
 /// Wall-clock time at the start of every simulation, in ms since the epoch.
@@ -467,25 +466,6 @@ impl Sim {
             self.run_until_us((self.now_us + every_ms * 1000).min(end));
         }
         done(self).then(|| self.now_us - start)
-    }
-
-    /// A fingerprint of node `i`'s whole state, tombstones included.
-    pub fn state_hash(&self, i: usize) -> Option<u64> {
-        let replica = self.nodes[i].node.as_ref()?.replica();
-        let mut h = DefaultHasher::new();
-        let mut after = None;
-        loop {
-            let (page, next) = replica.snapshot_page(after.as_ref(), 1024).ok()?;
-            for e in &page {
-                e.key.hash(&mut h);
-                e.version.hash(&mut h);
-                e.value.hash(&mut h);
-            }
-            match next {
-                Some(n) => after = Some(n),
-                None => return Some(h.finish()),
-            }
-        }
     }
 
     /// Whether every live node holds the same state (tombstones aside: collection may lag).

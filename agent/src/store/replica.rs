@@ -197,9 +197,11 @@ pub struct Replica<B: Backend> {
     clock: HlcClock,
     digest: Digest,
     seq: u64,
-    /// Entries whose wall time is further ahead of ours than this are refused.
-    max_drift_ms: u64,
 }
+
+/// Entries whose wall time is further ahead of ours than this are refused: a node with a
+/// broken clock must not drag every version into the future.
+const MAX_DRIFT_MS: u64 = 15 * 60 * 1000;
 
 /// A local write as applied: the change and the previous watermark of this node, which a
 /// receiver uses to extend its own watermark without waiting for anti-entropy.
@@ -235,25 +237,15 @@ impl<B: Backend> Replica<B> {
             .max()
             .unwrap_or(Hlc::ZERO);
         // Our own versions must never repeat: the clock restarts past everything stored.
-        let mut clock = HlcClock::new(last);
-        let mut cursor = origin_prefix(P_ORIGIN, &node);
-        let end = {
-            let mut e = cursor.clone();
-            e.push(0xff);
-            e
-        };
-        cursor.extend_from_slice(&last.to_be_bytes());
-        if let Some((k, _)) = backend.scan(&cursor, false, &end, usize::MAX)?.last() {
-            let n = k.len();
-            clock.observe(Hlc(decode_u64(&k[n - 8..])?));
-        }
+        // Our own writes move our watermark in the same atomic batch, so `last` is past every
+        // version we ever issued: the clock restarts beyond it and never repeats one.
+        let clock = HlcClock::new(last);
         Ok(Replica {
             node,
             backend,
             clock,
             digest,
             seq,
-            max_drift_ms: 15 * 60 * 1000,
         })
     }
 
@@ -275,10 +267,6 @@ impl<B: Backend> Replica<B> {
 
     pub fn clock(&self) -> Hlc {
         self.clock.last()
-    }
-
-    pub fn set_max_drift_ms(&mut self, ms: u64) {
-        self.max_drift_ms = ms;
     }
 
     pub fn get(&self, key: &Key) -> Result<Option<Entry>, StoreError> {
@@ -324,7 +312,7 @@ impl<B: Backend> Replica<B> {
         for e in entries {
             e.validate()?;
             let ahead = e.version.hlc.millis().saturating_sub(now_ms);
-            if ahead > self.max_drift_ms {
+            if ahead > MAX_DRIFT_MS {
                 return Err(StoreError::ClockDrift {
                     origin: e.version.origin.to_string(),
                     ahead_ms: ahead,

@@ -140,10 +140,6 @@ impl SyncEngine {
         self.me = me;
     }
 
-    pub fn is_reconciling(&self) -> bool {
-        self.reconciling.is_some()
-    }
-
     /// The last digest seen from each peer.
     pub fn peer_digests(&self) -> &HashMap<NodeId, Digest> {
         &self.digests
@@ -281,12 +277,10 @@ impl SyncEngine {
             Message::Push(rumors) => self.on_push(replica, now_ms, from, rumors, peers, rng, out),
             Message::SyncRequest(digest) => {
                 let reply = self.reply_to(replica, &digest)?;
+                let behind = replica.digest().behind_horizon_of(&digest);
                 self.digests.insert(from.id.clone(), digest);
                 out.push(SyncEffect::Send(from.clone(), reply));
-                if replica
-                    .digest()
-                    .behind_horizon_of(self.digests.get(&from.id).unwrap_or(&Digest::default()))
-                {
+                if behind {
                     self.start_reconcile(from, out);
                 }
                 Ok(())
