@@ -51,6 +51,8 @@ pub struct Discovery {
     pub mdns: bool,
     /// How often static peers and DNS names are tried again.
     pub retry_join_ms: u64,
+    /// How long mDNS looks for members before this node starts the cluster alone.
+    pub mdns_window_ms: u64,
 }
 
 impl Default for Discovery {
@@ -58,6 +60,7 @@ impl Default for Discovery {
         Discovery {
             mdns: true,
             retry_join_ms: 5_000,
+            mdns_window_ms: 3_000,
         }
     }
 }

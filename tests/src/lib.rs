@@ -166,6 +166,98 @@ fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
+/// Client credentials for `https`: a certificate and its key (PEM files).
+#[derive(Debug, Clone, Copy)]
+pub struct ClientCert<'a> {
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+/// One HTTPS request through curl (an independent TLS stack: OpenSSL), verifying the server
+/// against `ca`, presenting `client` if given. `Err` when curl cannot complete the exchange
+/// (a refused handshake, for one), with curl's message.
+pub fn https(
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    ca: &Path,
+    client: Option<ClientCert<'_>>,
+) -> Result<Resp> {
+    let tmp = tempfile::tempdir()?;
+    let (req_body, resp_body, resp_head) = (
+        tmp.path().join("req"),
+        tmp.path().join("resp"),
+        tmp.path().join("head"),
+    );
+    std::fs::write(&req_body, body)?;
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "20", "-X", method, "--cacert"])
+        .arg(ca)
+        .arg("-o")
+        .arg(&resp_body)
+        .arg("-D")
+        .arg(&resp_head)
+        .args(["-w", "%{http_code}"]);
+    if !body.is_empty() || method == "PUT" || method == "POST" {
+        cmd.arg("--data-binary")
+            .arg(format!("@{}", req_body.display()));
+    }
+    for (k, v) in headers {
+        cmd.arg("-H").arg(format!("{k}: {v}"));
+    }
+    if let Some(c) = client {
+        cmd.arg("--cert").arg(c.cert).arg("--key").arg(c.key);
+    }
+    cmd.arg(format!("https://127.0.0.1:{port}{path}"));
+    let out = cmd.output().context("running curl")?;
+    if !out.status.success() {
+        bail!(
+            "curl failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let status: u16 = String::from_utf8_lossy(&out.stdout).trim().parse()?;
+    let head = std::fs::read_to_string(&resp_head).unwrap_or_default();
+    let headers = head
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Resp {
+        status,
+        headers,
+        body: std::fs::read(&resp_body).unwrap_or_default(),
+    })
+}
+
+/// A cluster bundle made by the real CLI (`shoal gen cluster`) in `dir`, unless one is there.
+pub fn bundle(dir: &Path, name: &str) -> PathBuf {
+    if !dir.join("ca.key").exists() {
+        let out = Command::new(shoal_bin())
+            .args(["gen", "cluster", "--name", name, "--out"])
+            .arg(dir)
+            .output()
+            .expect("running shoal gen cluster");
+        assert!(
+            out.status.success(),
+            "shoal gen cluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir.to_path_buf()
+}
+
+/// The value of a Prometheus sample (`name` with its labels, as written) in `/metrics` text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+}
+
 pub fn get(port: u16, path: &str) -> Result<Resp> {
     http("GET", port, path, &[], b"")
 }
@@ -177,6 +269,9 @@ pub struct Agent {
     pub status_port: u16,
     pub api_port: u16,
     pub token: String,
+    pub bundle: PathBuf,
+    /// The network namespace the agent runs in, if any.
+    pub netns: Option<String>,
     config: PathBuf,
     child: Option<Child>,
 }
@@ -189,20 +284,35 @@ impl Agent {
         a
     }
 
-    /// Writes the config without starting the agent.
+    /// Writes the config without starting the agent; the agent uses the cluster bundle in
+    /// `root/bundle`, made on first use.
     pub fn configure(root: &Path, id: &str, peers: &[u16], extra: &str) -> Agent {
+        let b = bundle(&root.join("bundle"), "test");
+        Agent::configure_with_bundle(root, id, peers, &b, extra)
+    }
+
+    /// Like `configure`, with the bundle directory given (a bundle, or a join secret alone).
+    pub fn configure_with_bundle(
+        root: &Path,
+        id: &str,
+        peers: &[u16],
+        bundle: &Path,
+        extra: &str,
+    ) -> Agent {
         let dir = root.join(id);
-        std::fs::create_dir_all(dir.join("bundle")).unwrap();
-        let token = format!("token-{id}-0123456789");
-        std::fs::write(dir.join("bundle/admin.token"), &token).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = std::fs::read_to_string(bundle.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
         let (status_port, api_port) = (free_port(), free_port());
         let peers: Vec<String> = peers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "node_id = \"{id}\"\nstate_dir = \"{}\"\npeers = [{}]\n{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n[discovery]\nmdns = false\nretry_join_ms = 500\n",
+                "node_id = \"{id}\"\nstate_dir = \"{}\"\nbundle = \"{}\"\npeers = [{}]\n{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n[discovery]\nmdns = false\nretry_join_ms = 500\n",
                 dir.display(),
+                bundle.display(),
                 peers.join(", "),
             ),
         )
@@ -213,6 +323,8 @@ impl Agent {
             status_port,
             api_port,
             token,
+            bundle: bundle.to_path_buf(),
+            netns: None,
             config,
             child: None,
         }
@@ -236,13 +348,31 @@ impl Agent {
         std::fs::write(&self.config, text).unwrap();
     }
 
+    /// Starts the agent and waits until `/healthz` answers.
     pub fn spawn(&mut self) {
+        self.spawn_detached();
+        let port = self.status_port;
+        wait_for(Duration::from_secs(30), "the agent's /healthz", || {
+            get(port, "/healthz").ok().filter(|r| r.status == 200)
+        });
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn_detached(&mut self) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("agent.log"))
             .unwrap();
-        let child = Command::new(shoal_bin())
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin());
+                c
+            }
+            None => Command::new(shoal_bin()),
+        };
+        let child = cmd
             .args(["agent", "--config"])
             .arg(&self.config)
             .env("SHOAL_LOG", "info")
@@ -251,10 +381,14 @@ impl Agent {
             .spawn()
             .expect("starting shoal agent");
         self.child = Some(child);
-        let port = self.status_port;
-        wait_for(Duration::from_secs(20), "the agent's /healthz", || {
-            get(port, "/healthz").ok().filter(|r| r.status == 200)
-        });
+    }
+
+    /// Waits for the agent to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        let code = wait_for(limit, "the agent to exit", || c.try_wait().ok().flatten());
+        self.child = None;
+        code.code()
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -308,26 +442,57 @@ impl Agent {
             .unwrap_or(0)
     }
 
+    /// An HTTPS request to this agent's API port, verified against the cluster CA.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        client: Option<ClientCert<'_>>,
+    ) -> Result<Resp> {
+        https(
+            method,
+            self.api_port,
+            path,
+            headers,
+            body,
+            &self.dir.join("tls/ca.crt"),
+            client,
+        )
+    }
+
+    /// This agent's own certificate and key, usable as a client certificate.
+    pub fn cert(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("tls/node.crt"), self.dir.join("tls/node.key"))
+    }
+
     pub fn put_app(&self, name: &str, spec: &str) -> Result<Resp> {
         let auth = format!("Bearer {}", self.token);
-        http(
+        self.api(
             "PUT",
-            self.api_port,
             &format!("/v1/apps/{name}"),
             &[("Authorization", &auth)],
             spec.as_bytes(),
+            None,
         )
     }
 
     pub fn delete_app(&self, name: &str) -> Result<Resp> {
         let auth = format!("Bearer {}", self.token);
-        http(
+        self.api(
             "DELETE",
-            self.api_port,
             &format!("/v1/apps/{name}"),
             &[("Authorization", &auth)],
             b"",
+            None,
         )
+    }
+
+    pub fn metrics(&self) -> String {
+        get(self.status_port, "/metrics")
+            .map(|r| r.text())
+            .unwrap_or_default()
     }
 
     /// App names this agent holds.

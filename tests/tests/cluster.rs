@@ -2,7 +2,7 @@
 //! writes, survive SIGKILL with every acknowledged write, and refuse bad input without
 //! changing anything.
 
-use shoal_e2e::{cluster, get, http, wait_for, Agent};
+use shoal_e2e::{cluster, get, http, wait_for, Agent, ClientCert};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -146,15 +146,25 @@ fn bad_peer_messages_are_refused_and_change_nothing() {
         ("malformed body", valid_prefix),
         ("oversized", vec![0u8; 9 << 20]),
     ];
+    let (cert, key) = a.cert();
+    let me = Some(ClientCert {
+        cert: &cert,
+        key: &key,
+    });
     for (what, body) in cases {
-        let r = http("POST", a.api_port, "/peer/v1/msg", &[ct], &body).unwrap();
-        assert!(
-            (400..500).contains(&r.status),
-            "{what}: answered {}",
-            r.status
-        );
+        match a.api("POST", "/peer/v1/msg", &[ct], &body, me) {
+            Ok(r) => assert!(
+                (400..500).contains(&r.status),
+                "{what}: answered {}",
+                r.status
+            ),
+            // The server answers 413 after 8 MiB and resets the rest of the upload, which
+            // curl reports as a stream error instead of the answer.
+            Err(e) if what == "oversized" => eprintln!("oversized: {e}"),
+            Err(e) => panic!("{what}: {e}"),
+        }
     }
-    let r = http("POST", a.api_port, "/peer/v1/msg", &[], b"SHOL\x01").unwrap();
+    let r = a.api("POST", "/peer/v1/msg", &[], b"SHOL\x01", me).unwrap();
     assert_eq!(r.status, 415, "a message without the peer content type");
     assert!(a.is_running(), "the agent died on bad input");
     assert_eq!(
@@ -177,7 +187,7 @@ fn writes_need_the_admin_token_and_a_valid_spec() {
     let a = Agent::start(root.path(), "guarded", &[], "");
     let put = |auth: Option<&str>, path: &str, body: &str| {
         let h: Vec<(&str, &str)> = auth.map(|v| vec![("Authorization", v)]).unwrap_or_default();
-        http("PUT", a.api_port, path, &h, body.as_bytes()).unwrap()
+        a.api("PUT", path, &h, body.as_bytes(), None).unwrap()
     };
     assert_eq!(put(None, "/v1/apps/x", &spec("x", 1)).status, 401);
     let r = put(
@@ -203,29 +213,34 @@ fn writes_need_the_admin_token_and_a_valid_spec() {
     assert!(a.apps().is_empty(), "a refused write left something behind");
     assert_eq!(put(Some(&good), "/v1/apps/x", &spec("x", 1)).status, 200);
     assert_eq!(a.apps(), vec!["x".to_string()]);
-    let r = http(
-        "DELETE",
-        a.api_port,
-        "/v1/apps/nope",
-        &[("Authorization", &good)],
-        b"",
-    )
-    .unwrap();
+    let r = a
+        .api(
+            "DELETE",
+            "/v1/apps/nope",
+            &[("Authorization", &good)],
+            b"",
+            None,
+        )
+        .unwrap();
     assert_eq!(r.status, 404);
 
     // A node without an admin token accepts no writes at all.
-    let b = Agent::configure(root.path(), "tokenless", &[], "");
-    std::fs::remove_file(b.dir.join("bundle/admin.token")).unwrap();
-    let mut b = b;
+    let tokenless = root.path().join("tokenless-bundle");
+    std::fs::create_dir_all(&tokenless).unwrap();
+    for f in ["cluster.json", "ca.crt", "ca.key", "join.secret"] {
+        std::fs::copy(a.bundle.join(f), tokenless.join(f)).unwrap();
+    }
+    let mut b = Agent::configure_with_bundle(root.path(), "tokenless", &[], &tokenless, "");
     b.spawn();
-    let r = http(
-        "PUT",
-        b.api_port,
-        "/v1/apps/x",
-        &[("Authorization", "Bearer anything")],
-        spec("x", 1).as_bytes(),
-    )
-    .unwrap();
+    let r = b
+        .api(
+            "PUT",
+            "/v1/apps/x",
+            &[("Authorization", "Bearer anything")],
+            spec("x", 1).as_bytes(),
+            None,
+        )
+        .unwrap();
     assert_eq!(r.status, 403);
 }
 

@@ -1,37 +1,79 @@
-//! The API listener (:7443): peer traffic under `/peer/`, and writes, which need the admin
-//! token (`Authorization: Bearer ...`, compared in constant time).
+//! The API listener (:7443, TLS): peer traffic under `/peer/`, which needs a client
+//! certificate from the cluster CA (except the join request, authenticated by the join
+//! secret), and writes, which need the admin token (`Authorization: Bearer ...`, compared in
+//! constant time).
 
-use super::{error, json, Body};
+use super::{error, json, Body, Conn};
 use crate::daemon::peer::{CONTENT_TYPE, IDENTITY_PATH, MSG_PATH};
 use crate::daemon::{Command, Counters, Handle};
+use crate::identity::cert::sign_request;
+use crate::identity::join::{JoinReply, JoinRequest, JOIN_PATH};
 use crate::spec::{valid_name, AppSpec};
 use crate::store::replica::read_entry;
 use crate::store::{Bytes, Key};
+use crate::store::{Keyspace, NodeId};
 use crate::sync::message::{decode, MAX_MESSAGE_BYTES};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json as j;
-use std::net::SocketAddr;
 
 const MAX_SPEC_BYTES: usize = 1 << 20;
 
-pub async fn handle(req: Request<Incoming>, remote: SocketAddr, h: Handle) -> Response<Body> {
+const MAX_SECRET_BYTES: usize = 64 * 1024;
+
+pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    if path == JOIN_PATH && method == Method::POST {
+        return join(req, &conn, &h).await;
+    }
+    if path.starts_with("/peer/") {
+        let Some(peer) = conn.peer.clone() else {
+            Counters::inc(&h.counters.tls_refused[crate::tls::NO_CLIENT_CERT]);
+            tracing::warn!(remote = %conn.remote, %path, "peer request without a cluster client certificate refused");
+            let r = error(
+                StatusCode::UNAUTHORIZED,
+                "peer paths need a client certificate from the cluster CA",
+            );
+            return drain_then(req, r).await;
+        };
+        return match (method, path.as_str()) {
+            (Method::POST, MSG_PATH) => peer_message(req, &conn, &peer, &h).await,
+            (Method::GET, IDENTITY_PATH) => json(StatusCode::OK, &h.me),
+            _ => error(
+                StatusCode::NOT_FOUND,
+                format!("no such peer endpoint: {path}"),
+            ),
+        };
+    }
     match (method, parts.as_slice()) {
-        (Method::POST, _) if path == MSG_PATH => peer_message(req, remote, &h).await,
-        (Method::GET, _) if path == IDENTITY_PATH => json(StatusCode::OK, &h.me),
+        (Method::PUT, ["v1", "apps", app, "secrets", name]) => {
+            let (app, name) = (app.to_string(), name.to_string());
+            if let Err(r) = authorize(&req, &h) {
+                return drain_then(req, r).await;
+            }
+            put_secret(req, &app, &name, &h).await
+        }
+        (Method::DELETE, ["v1", "apps", app, "secrets", name]) => {
+            if let Err(r) = authorize(&req, &h) {
+                return drain_then(req, r).await;
+            }
+            delete_secret(app, name, &h).await
+        }
+        (_, ["v1", "apps", _, "secrets", _]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE")
+        }
         (Method::PUT, ["v1", "apps", name]) => {
             let name = name.to_string();
             if let Err(r) = authorize(&req, &h) {
-                return r;
+                return drain_then(req, r).await;
             }
             put_app(req, &name, &h).await
         }
         (Method::DELETE, ["v1", "apps", name]) => {
             if let Err(r) = authorize(&req, &h) {
-                return r;
+                return drain_then(req, r).await;
             }
             delete_app(name, &h).await
         }
@@ -40,24 +82,20 @@ pub async fn handle(req: Request<Incoming>, remote: SocketAddr, h: Handle) -> Re
     }
 }
 
-async fn peer_message(req: Request<Incoming>, remote: SocketAddr, h: &Handle) -> Response<Body> {
+async fn peer_message(
+    req: Request<Incoming>,
+    conn: &Conn,
+    peer: &str,
+    h: &Handle,
+) -> Response<Body> {
     Counters::inc(&h.counters.peer_messages);
+    let remote = conn.remote;
     let refuse = |status, msg: String| {
         Counters::inc(&h.counters.peer_messages_refused);
-        tracing::warn!(%remote, err = %msg, "peer message refused");
+        tracing::warn!(%remote, %peer, err = %msg, "peer message refused");
         error(status, msg)
     };
-    if req
-        .headers()
-        .get(hyper::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        != Some(CONTENT_TYPE)
-    {
-        return refuse(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("peer messages are {CONTENT_TYPE}"),
-        );
-    }
+    let content_type = req.headers().get(hyper::header::CONTENT_TYPE).cloned();
     let body = match super::read_body(req, MAX_MESSAGE_BYTES).await {
         Ok(b) => b,
         Err(e) => {
@@ -67,7 +105,21 @@ async fn peer_message(req: Request<Incoming>, remote: SocketAddr, h: &Handle) ->
             )
         }
     };
+    if content_type.as_ref().and_then(|v| v.to_str().ok()) != Some(CONTENT_TYPE) {
+        return refuse(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            format!("peer messages are {CONTENT_TYPE}"),
+        );
+    }
     match decode(&body) {
+        // A member speaks only for itself: its certificate names the node it is.
+        Ok(env) if env.from.id.as_str() != peer => refuse(
+            StatusCode::FORBIDDEN,
+            format!(
+                "message signed as {:?} on a connection certified for {peer:?}",
+                env.from.id.as_str()
+            ),
+        ),
         Ok(env) => match h.send(Command::Envelope(env)).await {
             Ok(()) => Response::builder()
                 .status(StatusCode::ACCEPTED)
@@ -77,6 +129,162 @@ async fn peer_message(req: Request<Incoming>, remote: SocketAddr, h: &Handle) ->
         },
         Err(e) => refuse(StatusCode::BAD_REQUEST, e.to_string()),
     }
+}
+
+/// TLS bootstrap: signs a certificate for a node that proves it holds the join secret.
+async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body> {
+    Counters::inc(&h.counters.join_requests);
+    let body = match super::read_body(req, 64 * 1024).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("cannot read the request: {e}"),
+            )
+        }
+    };
+    let jr: JoinRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a join request: {e}")),
+    };
+    if !jr.verify(&h.trust.join_secret) {
+        Counters::inc(&h.counters.join_refused);
+        tracing::warn!(
+            remote = %conn.remote,
+            node = %jr.node_id,
+            "join refused: the request is not signed with this cluster's join secret"
+        );
+        return error(
+            StatusCode::FORBIDDEN,
+            "the request is not signed with this cluster's join secret",
+        );
+    }
+    if let Err(e) = NodeId::new(&jr.node_id) {
+        return error(StatusCode::BAD_REQUEST, e);
+    }
+    if jr.addrs.len() > 64 {
+        return error(StatusCode::BAD_REQUEST, "at most 64 addresses");
+    }
+    let Some(ca_key) = &h.trust.ca_key else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node cannot sign certificates (it joined with the join secret): ask a node that holds the cluster bundle",
+        );
+    };
+    let cert = match sign_request(&h.trust.ca_pem, ca_key, &jr.csr, &jr.node_id, &jr.addrs) {
+        Ok(c) => c,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("cannot sign that request: {e}"),
+            )
+        }
+    };
+    tracing::info!(remote = %conn.remote, node = %jr.node_id, "signed a certificate for a joining node");
+    let reply = JoinReply::new(
+        &h.trust.join_secret,
+        &jr,
+        &h.trust.cluster,
+        &h.trust.ca_pem,
+        &cert,
+    );
+    json(StatusCode::OK, &reply)
+}
+
+/// Environment variable names: what a secret becomes inside the container.
+fn valid_secret_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && !n.as_bytes()[0].is_ascii_digit()
+        && n.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
+#[allow(clippy::result_large_err)]
+fn secret_key(app: &str, name: &str) -> Result<Key, Response<Body>> {
+    if !valid_name(app) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("app name {app:?}: use 1-63 lowercase letters, digits and '-'"),
+        ));
+    }
+    if !valid_secret_name(name) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            format!("secret name {name:?}: use upper-case letters, digits and '_', not starting with a digit"),
+        ));
+    }
+    Key::join(Keyspace::Secrets, &[app, name]).map_err(|e| error(StatusCode::BAD_REQUEST, e))
+}
+
+/// Stores an app secret sealed with the cluster's secret key; the value is never logged,
+/// echoed, or readable through any endpoint.
+async fn put_secret(req: Request<Incoming>, app: &str, name: &str, h: &Handle) -> Response<Body> {
+    let value = match super::read_body(req, MAX_SECRET_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("cannot read the secret (64 KiB at most): {e}"),
+            )
+        }
+    };
+    let key = match secret_key(app, name) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    let sealed = match h.trust.secrets.seal(key.as_str(), &value) {
+        Ok(s) => s,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    match h.write(vec![(key, Some(Bytes::from(sealed)))]).await {
+        Ok(v) => {
+            Counters::inc(&h.counters.writes);
+            json(
+                StatusCode::OK,
+                &j!({ "app": app, "secret": name, "version": v.first().map(|v| v.to_string()) }),
+            )
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+async fn delete_secret(app: &str, name: &str, h: &Handle) -> Response<Body> {
+    let key = match secret_key(app, name) {
+        Ok(k) => k,
+        Err(r) => return r,
+    };
+    match read_entry(&h.store, key.as_str()) {
+        Ok(Some((e, _))) if !e.is_tombstone() => {}
+        Ok(_) => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("app {app:?} has no secret {name:?}"),
+            )
+        }
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+    match h.write(vec![(key, None)]).await {
+        Ok(v) => {
+            Counters::inc(&h.counters.writes);
+            json(
+                StatusCode::OK,
+                &j!({ "app": app, "secret": name, "deleted": true, "version": v.first().map(|v| v.to_string()) }),
+            )
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+    }
+}
+
+/// Reads (a bounded amount of) the request body before answering a refusal: HTTP/2 clients
+/// such as curl report a reset stream instead of the answer when the body is left unread.
+async fn drain_then(req: Request<Incoming>, r: Response<Body>) -> Response<Body> {
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        super::read_body(req, MAX_SPEC_BYTES),
+    )
+    .await;
+    r
 }
 
 /// Compares without an early exit, so timing says nothing about the token.
@@ -114,12 +322,7 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<(), Response<Body>> 
 }
 
 async fn put_app(req: Request<Incoming>, name: &str, h: &Handle) -> Response<Body> {
-    if !valid_name(name) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("app name {name:?}: use 1-63 lowercase letters, digits and '-'"),
-        );
-    }
+    // The body is read first: refusing with it unread resets HTTP/2 streams.
     let body = match super::read_body(req, MAX_SPEC_BYTES).await {
         Ok(b) => b,
         Err(e) => {
@@ -129,6 +332,12 @@ async fn put_app(req: Request<Incoming>, name: &str, h: &Handle) -> Response<Bod
             )
         }
     };
+    if !valid_name(name) {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("app name {name:?}: use 1-63 lowercase letters, digits and '-'"),
+        );
+    }
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -185,6 +394,16 @@ async fn delete_app(name: &str, h: &Handle) -> Response<Body> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn secret_names_are_environment_names() {
+        for ok in ["API_KEY", "A", "_X1"] {
+            assert!(super::valid_secret_name(ok), "{ok}");
+        }
+        for bad in ["", "api_key", "1A", "A-B", "A B", "A/B"] {
+            assert!(!super::valid_secret_name(bad), "{bad}");
+        }
+    }
+
     #[test]
     fn constant_time_compare() {
         assert!(super::ct_eq(b"abc", b"abc"));

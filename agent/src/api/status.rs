@@ -11,12 +11,11 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json as j, Value};
-use std::net::SocketAddr;
 use tokio::sync::broadcast;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-pub async fn handle(req: Request<Incoming>, _remote: SocketAddr, h: Handle) -> Response<Body> {
+pub async fn handle(req: Request<Incoming>, _conn: super::Conn, h: Handle) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = error(
@@ -116,6 +115,11 @@ fn status(h: &Handle, s: &Snapshot) -> Value {
         "addr": s.me.addr,
         "started_at_ms": h.started_ms,
         "uptime_s": now.saturating_sub(h.started_ms) / 1000,
+        "cluster": {
+            "name": h.trust.cluster.name,
+            "hash": h.trust.cluster_hash,
+            "signs_joins": h.trust.ca_key.is_some(),
+        },
         "members": s.members,
         "store": {
             "keys": keys,
@@ -269,6 +273,24 @@ async fn metrics(h: &Handle) -> Response<Body> {
         "Local writes acknowledged.",
         c.writes.load(Relaxed),
     );
+    metric(
+        "shoal_join_requests_total",
+        "counter",
+        "TLS bootstrap requests received.",
+        c.join_requests.load(Relaxed),
+    );
+    metric(
+        "shoal_join_refused_total",
+        "counter",
+        "TLS bootstrap requests refused (wrong join secret).",
+        c.join_refused.load(Relaxed),
+    );
+    metric(
+        "shoal_discovery_foreign_nodes_total",
+        "counter",
+        "Nodes of other clusters seen over mDNS and not admitted.",
+        c.mdns_foreign.load(Relaxed),
+    );
     if let Ok(s) = h.snapshot().await {
         let alive = s.members.iter().filter(|m| m.state != "dead").count() as u64;
         metric(
@@ -300,6 +322,17 @@ async fn metrics(h: &Handle) -> Response<Body> {
             "counter",
             "Tombstones collected.",
             s.sync.tombstones_collected,
+        );
+    }
+    let _ = writeln!(
+        m,
+        "# HELP shoal_peer_tls_refused_total Connections to the API port refused at the TLS layer, by reason.\n# TYPE shoal_peer_tls_refused_total counter"
+    );
+    for (i, reason) in crate::tls::REFUSAL_REASONS.iter().enumerate() {
+        let _ = writeln!(
+            m,
+            "shoal_peer_tls_refused_total{{reason=\"{reason}\"}} {}",
+            c.tls_refused[i].load(Relaxed)
         );
     }
     text(StatusCode::OK, "text/plain; version=0.0.4", m)

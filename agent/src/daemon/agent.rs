@@ -1,15 +1,20 @@
 //! `shoal agent`: binds the listeners, starts the core, the endpoints and discovery, and on
 //! shutdown stops them in order within a deadline.
 
-use super::{retry_join, start, wall_ms, Counters, DaemonError, Handle};
+use super::{bootstrap, start, wall_ms, Counters, DaemonError, Handle, Security};
 use crate::api;
 use crate::config::AgentConfig;
+use crate::discovery::{self, mdns::Mdns};
+use crate::identity::cert::NodeIdentity;
+use crate::identity::{cluster_hash, Credentials, IdentityError, Trust};
 use crate::store::{Bytes, Key};
+use crate::tls::Tls;
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -67,31 +72,156 @@ async fn publish_node_record(h: &Handle, cfg: &AgentConfig) -> Result<(), Daemon
     Ok(())
 }
 
+/// The addresses a new certificate names: the advertised one and every interface's.
+fn cert_addrs(advertise: &str) -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = advertise
+        .parse::<SocketAddr>()
+        .map(|a| vec![a.ip()])
+        .unwrap_or_default();
+    if let Ok(ifs) = if_addrs::get_if_addrs() {
+        ips.extend(ifs.into_iter().map(|i| i.ip()));
+    }
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
+fn unix_now() -> i64 {
+    (wall_ms() / 1000) as i64
+}
+
+/// This node's certificate: the stored one while it is good, else a new one, issued here when
+/// the node holds the bundle, or obtained from a member with the join secret.
+async fn node_identity(
+    cfg: &AgentConfig,
+    id: &str,
+    creds: &Credentials,
+    advertise: &str,
+    mdns: Option<&Mdns>,
+    shutdown: &CancellationToken,
+) -> Result<NodeIdentity, DaemonError> {
+    let advertised: Vec<IpAddr> = advertise
+        .parse::<SocketAddr>()
+        .map(|a| vec![a.ip()])
+        .unwrap_or_default();
+    let ca = match creds {
+        Credentials::Bundle(b) => Some(b.ca_cert.as_str()),
+        Credentials::JoinSecret { .. } => None,
+    };
+    if let Some(stored) = NodeIdentity::load(&cfg.state_dir)? {
+        let foreign = match creds {
+            Credentials::JoinSecret {
+                cluster: Some(c), ..
+            } if c.id != stored.cluster.id => Some("it is from another cluster".to_string()),
+            _ => None,
+        };
+        match foreign.or_else(|| stored.stale_because(ca, id, &advertised, unix_now())) {
+            None => return Ok(stored),
+            Some(why) => tracing::info!(reason = %why, "replacing this node's certificate"),
+        }
+    }
+    let addrs = cert_addrs(advertise);
+    let fresh = match creds {
+        Credentials::Bundle(b) => {
+            NodeIdentity::issue(&b.cluster, &b.ca_cert, &b.ca_key, id, &addrs)?
+        }
+        Credentials::JoinSecret { secret, cluster } => {
+            tracing::info!(
+                "this node holds the join secret only: asking a member for a certificate"
+            );
+            let hash = cluster.as_ref().map(|c| cluster_hash(&c.id));
+            let peers = cfg.peers.clone();
+            let candidates = || {
+                let mut v = peers.clone();
+                for s in mdns.map(|m| m.seen()).unwrap_or_default() {
+                    let ours = hash.as_ref().is_none_or(|h| *h == s.cluster_hash);
+                    if s.id != id && ours {
+                        v.extend(s.addrs.iter().map(|a| a.to_string()));
+                    }
+                }
+                v
+            };
+            bootstrap::obtain(secret, cluster.as_ref(), id, &addrs, candidates, shutdown).await?
+        }
+    };
+    fresh.save(&cfg.state_dir)?;
+    tracing::info!(cluster = %fresh.cluster.name, "this node's certificate is stored");
+    Ok(fresh)
+}
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let machine_id = std::fs::read_to_string("/etc/machine-id").ok();
     let id = cfg.resolve_node_id(machine_id.as_deref())?;
     let advertise = advertise_addr(&cfg);
     let token = read_admin_token(&cfg);
+    let creds = Credentials::load(&cfg.bundle_dir())?;
+    // Bind first: a port conflict is reported before anything else happens.
     let status_listener = bind(cfg.listen.status).await?;
     let api_listener = bind(cfg.listen.api).await?;
     let counters = Arc::new(Counters::default());
+    let mdns = if cfg.discovery.mdns {
+        match Mdns::start() {
+            Ok(m) => Some(Arc::new(m)),
+            Err(e) => {
+                tracing::warn!(err = %e, "mDNS is unavailable: only configured peers are joined");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let identity = node_identity(
+        &cfg,
+        id.as_str(),
+        &creds,
+        &advertise,
+        mdns.as_deref(),
+        &shutdown,
+    )
+    .await?;
+    let ca_key = match &creds {
+        Credentials::Bundle(b) => Some(b.ca_key.clone()),
+        Credentials::JoinSecret { .. } => None,
+    };
+    let trust = Trust::new(
+        identity.cluster.clone(),
+        identity.ca_pem.clone(),
+        ca_key,
+        creds.join_secret().to_string(),
+    )
+    .map_err(|e| {
+        DaemonError::Identity(IdentityError::Read {
+            path: cfg.bundle_dir().display().to_string(),
+            reason: e.to_string(),
+        })
+    })?;
+    let tls = Tls::new(&identity)?;
+    let acceptor = TlsAcceptor::from(tls.server.clone());
+    let security = Security {
+        admin_token: token.clone(),
+        tls,
+        trust: Arc::new(trust),
+    };
     let core_stop = CancellationToken::new();
     let core = start(
         &cfg,
         id.clone(),
         advertise.clone(),
-        token.clone(),
-        counters,
+        security,
+        counters.clone(),
         core_stop.clone(),
     )?;
     let h = core.handle.clone();
     tracing::info!(
         node = %id,
+        cluster = %h.trust.cluster.name,
         %advertise,
         status = %cfg.listen.status,
         api = %cfg.listen.api,
         writes = token.is_some(),
+        signs_joins = h.trust.ca_key.is_some(),
+        mdns = mdns.is_some(),
         "agent started"
     );
 
@@ -104,26 +234,62 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     let status_h = h.clone();
     tracker.spawn(api::serve(
         status_listener,
-        move |req, remote| api::status::handle(req, remote, status_h.clone()),
+        None,
+        move |req, conn| api::status::handle(req, conn, status_h.clone()),
         shutdown.clone(),
         tracker.clone(),
     ));
     let api_h = h.clone();
     tracker.spawn(api::serve(
         api_listener,
-        move |req, remote| api::control::handle(req, remote, api_h.clone()),
+        Some(api::TlsListener {
+            acceptor,
+            counters: counters.clone(),
+        }),
+        move |req, conn| api::control::handle(req, conn, api_h.clone()),
         shutdown.clone(),
         tracker.clone(),
     ));
-    tracker.spawn(retry_join(
+    let every = Duration::from_millis(cfg.discovery.retry_join_ms.max(100));
+    tracker.spawn(discovery::retry_join(
         h.clone(),
         cfg.peers.clone(),
-        Duration::from_millis(cfg.discovery.retry_join_ms.max(100)),
+        every,
         shutdown.clone(),
     ));
+    if let Some(m) = &mdns {
+        let port = advertise
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(cfg.listen.api.port());
+        let ips: Vec<IpAddr> = advertise
+            .parse::<SocketAddr>()
+            .map(|a| vec![a.ip()])
+            .unwrap_or_default();
+        match m.advertise(
+            id.as_str(),
+            &h.trust.cluster_hash,
+            port,
+            api::status::VERSION,
+            &ips,
+        ) {
+            Ok(()) => tracing::info!(service = discovery::mdns::SERVICE_TYPE, "mDNS: advertising"),
+            Err(e) => tracing::warn!(err = %e, "mDNS: cannot advertise"),
+        }
+        tracker.spawn(discovery::mdns_join(
+            h.clone(),
+            m.clone(),
+            every,
+            Duration::from_millis(cfg.discovery.mdns_window_ms),
+            shutdown.clone(),
+        ));
+    }
 
     shutdown.cancelled().await;
     let t0 = wall_ms();
+    if let Some(m) = &mdns {
+        m.stop().await;
+    }
     tracker.close();
     if tokio::time::timeout(Duration::from_secs(5), tracker.wait())
         .await

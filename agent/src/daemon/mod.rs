@@ -3,15 +3,18 @@
 //! here. One task (the core loop) owns the node; everything else talks to it by message.
 
 pub mod agent;
+pub mod bootstrap;
 pub mod peer;
 
 use crate::config::AgentConfig;
+use crate::identity::Trust;
 use crate::membership::{Member, MemberStatus};
 use crate::node::{Effect, Input, Node, Timer};
 use crate::store::entry::check_write;
 use crate::store::{Bytes, Change, Digest, DiskBackend, Key, NodeId, Replica, StoreError, Version};
 use crate::sync::message::Envelope;
 use crate::sync::SyncStats;
+use crate::tls::Tls;
 use futures_util::StreamExt;
 use serde::Serialize;
 use std::collections::HashMap;
@@ -49,6 +52,12 @@ pub enum DaemonError {
     },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Mdns(#[from] crate::discovery::mdns::MdnsError),
     #[error("the agent is shutting down")]
     Stopped,
     #[error("write refused: {0}")]
@@ -86,6 +95,12 @@ pub struct Counters {
     pub peer_messages_refused: AtomicU64,
     pub peer_sends_failed: AtomicU64,
     pub writes: AtomicU64,
+    /// TLS handshakes refused on the API listener, by `tls::REFUSAL_REASONS`.
+    pub tls_refused: [AtomicU64; 7],
+    pub join_requests: AtomicU64,
+    pub join_refused: AtomicU64,
+    /// Nodes of other clusters seen over mDNS (each counted once).
+    pub mdns_foreign: AtomicU64,
 }
 
 /// What request handlers share: a way to the core loop and read access to the store.
@@ -98,6 +113,15 @@ pub struct Handle {
     pub started_ms: u64,
     pub counters: Arc<Counters>,
     pub admin_token: Option<Arc<str>>,
+    pub tls: Tls,
+    pub trust: Arc<Trust>,
+}
+
+/// What the node trusts and presents, handed to `start`.
+pub struct Security {
+    pub admin_token: Option<Arc<str>>,
+    pub tls: Tls,
+    pub trust: Arc<Trust>,
 }
 
 impl Handle {
@@ -158,7 +182,7 @@ pub fn start(
     cfg: &AgentConfig,
     id: NodeId,
     advertise: String,
-    admin_token: Option<Arc<str>>,
+    security: Security,
     counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) -> Result<Core, DaemonError> {
@@ -177,7 +201,7 @@ pub fn start(
     let (changes, _) = broadcast::channel(4096);
     let effects = Effects {
         timers: DelayQueue::new(),
-        peers: peer::PeerClient::new(me.clone(), counters.clone()),
+        peers: peer::PeerClient::new(me.clone(), counters.clone(), &security.tls),
         changes: changes.clone(),
     };
     let handle = Handle {
@@ -187,7 +211,9 @@ pub fn start(
         me,
         started_ms,
         counters,
-        admin_token,
+        admin_token: security.admin_token,
+        tls: security.tls,
+        trust: security.trust,
     };
     let task = tokio::spawn(core_loop(node, rx, effects, shutdown));
     Ok(Core { handle, task })
@@ -336,36 +362,6 @@ fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut
             for (reply, _) in replies {
                 let _ = reply.send(Err(DaemonError::NotDurable(msg.clone())));
             }
-        }
-    }
-}
-
-/// Keeps trying the configured peers (resolving names each time) and hands what answers to
-/// the core loop, which joins those it does not already know.
-pub async fn retry_join(
-    handle: Handle,
-    peers: Vec<String>,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
-    if peers.is_empty() {
-        return;
-    }
-    let client = peer::PeerClient::new(handle.me.clone(), handle.counters.clone());
-    loop {
-        let mut found = Vec::new();
-        for p in &peers {
-            match client.identity(p).await {
-                Ok(m) => found.push(m),
-                Err(e) => tracing::debug!(peer = %p, err = %e, "peer not reachable yet"),
-            }
-        }
-        if !found.is_empty() && handle.send(Command::Discovered(found)).await.is_err() {
-            return;
-        }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
         }
     }
 }

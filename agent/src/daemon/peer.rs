@@ -1,6 +1,6 @@
-//! The client side of the peer protocol: one HTTP/2 connection pool to all peers, messages
-//! sent fire-and-forget with a deadline (the protocol tolerates loss and reordering).
-//! Mutual TLS slots in here and in the API listener, not in the protocol.
+//! The client side of the peer protocol: one pool of HTTP/2 connections over mutual TLS to
+//! all peers, messages sent fire-and-forget with a deadline (the protocol tolerates loss and
+//! reordering). A peer must present a certificate from the cluster CA; so must we.
 
 use super::Counters;
 use crate::membership::Member;
@@ -8,6 +8,7 @@ use crate::sync::message::{encode, Envelope};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::Request;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::sync::Arc;
@@ -21,7 +22,7 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Clone)]
 pub struct PeerClient {
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<HttpsConnector<HttpConnector>, Full<Bytes>>,
     me: Member,
     counters: Arc<Counters>,
     inflight: TaskTracker,
@@ -29,8 +30,8 @@ pub struct PeerClient {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
-    #[error("peer request failed")]
-    Request(#[from] hyper_util::client::legacy::Error),
+    #[error("peer request failed: {0}")]
+    Request(String),
     #[error("peer answered {0}")]
     Status(hyper::StatusCode),
     #[error("peer did not answer in time")]
@@ -40,16 +41,22 @@ pub enum PeerError {
 }
 
 impl PeerClient {
-    pub fn new(me: Member, counters: Arc<Counters>) -> PeerClient {
+    pub fn new(me: Member, counters: Arc<Counters>, tls: &crate::tls::Tls) -> PeerClient {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
+        http.enforce_http(false);
         http.set_connect_timeout(Some(Duration::from_secs(2)));
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls.client).clone())
+            .https_only()
+            .enable_http2()
+            .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .timer(TokioTimer::new())
             .pool_timer(TokioTimer::new())
             .http2_only(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
-            .build(http);
+            .build(https);
         PeerClient {
             client,
             me,
@@ -61,7 +68,7 @@ impl PeerClient {
     /// Sends one message in the background.
     pub fn send(&self, addr: &str, env: &Envelope) {
         let body = Bytes::from(encode(env));
-        let req = Request::post(format!("http://{addr}{MSG_PATH}"))
+        let req = Request::post(format!("https://{addr}{MSG_PATH}"))
             .header(hyper::header::CONTENT_TYPE, CONTENT_TYPE)
             .body(Full::new(body));
         let Ok(req) = req else {
@@ -80,7 +87,7 @@ impl PeerClient {
                     false
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(peer = %to, kind, err = %e, "peer send failed");
+                    tracing::debug!(peer = %to, kind, err = %error_chain(&e), "peer send failed");
                     false
                 }
                 Err(_) => false,
@@ -93,12 +100,13 @@ impl PeerClient {
 
     /// Asks whoever listens at `addr` who it is.
     pub async fn identity(&self, addr: &str) -> Result<Member, PeerError> {
-        let req = Request::get(format!("http://{addr}{IDENTITY_PATH}"))
+        let req = Request::get(format!("https://{addr}{IDENTITY_PATH}"))
             .body(Full::new(Bytes::new()))
             .map_err(|e| PeerError::BadIdentity(e.to_string()))?;
         let resp = tokio::time::timeout(SEND_TIMEOUT, self.client.request(req))
             .await
-            .map_err(|_| PeerError::Timeout)??;
+            .map_err(|_| PeerError::Timeout)?
+            .map_err(|e| PeerError::Request(error_chain(&e)))?;
         if !resp.status().is_success() {
             return Err(PeerError::Status(resp.status()));
         }
@@ -120,4 +128,20 @@ impl PeerClient {
         self.inflight.close();
         let _ = tokio::time::timeout(limit, self.inflight.wait()).await;
     }
+}
+
+/// An error and its sources on one line ("client error (Connect): invalid peer certificate:
+/// UnknownIssuer"), so a refused handshake says why in the log.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let t = c.to_string();
+        if !s.contains(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = c.source();
+    }
+    s
 }

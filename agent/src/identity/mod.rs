@@ -1,5 +1,10 @@
 //! Cluster identity: the bundle `shoal gen cluster` writes (cluster id, CA, join secret, admin
-//! token, ready user-data). Node certificates and TLS bootstrap build on it.
+//! token, ready user-data), what a node holds of it (`Credentials`), its own certificate
+//! (`cert`), TLS bootstrap with the join secret (`join`) and sealed app secrets (`secrets`).
+
+pub mod cert;
+pub mod join;
+pub mod secrets;
 
 use crate::spec::valid_name;
 use serde::{Deserialize, Serialize};
@@ -21,6 +26,8 @@ pub enum IdentityError {
         #[source]
         source: std::io::Error,
     },
+    #[error("no cluster bundle or join secret in {0}: create a cluster with `shoal gen cluster --name NAME --out DIR` and point `bundle` at DIR, or put the cluster's join.secret there")]
+    NoCredentials(String),
     #[error("cannot read the bundle in {path}: {reason}")]
     Read { path: String, reason: String },
 }
@@ -200,7 +207,96 @@ impl Bundle {
             ca_cert: read("ca.crt")?,
             ca_key: read("ca.key")?,
             join_secret: read("join.secret")?.trim().to_string(),
-            admin_token: read("admin.token")?.trim().to_string(),
+            // A node may be given the bundle without the admin token: it then takes no writes.
+            admin_token: std::fs::read_to_string(dir.join("admin.token"))
+                .map(|t| t.trim().to_string())
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// What mDNS advertises instead of the cluster id: the first 16 hex digits of
+/// SHA-256("shoal cluster v1" || id). It tells members apart without naming the cluster.
+pub fn cluster_hash(cluster_id: &str) -> String {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("shoal cluster v1\0{cluster_id}").as_bytes(),
+    );
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What a node holds of its cluster's bundle directory.
+#[derive(Debug, Clone)]
+pub enum Credentials {
+    /// The whole bundle: the node issues its own certificate and signs joiners'.
+    Bundle(Bundle),
+    /// Only the join secret (and perhaps `cluster.json`, `ca.crt`): the node asks a member.
+    JoinSecret {
+        secret: String,
+        cluster: Option<ClusterInfo>,
+    },
+}
+
+impl Credentials {
+    /// Reads `dir`: a bundle if it holds the CA key, else a join secret if it holds one.
+    pub fn load(dir: &Path) -> Result<Credentials, IdentityError> {
+        if dir.join("ca.key").exists() {
+            return Bundle::load(dir).map(Credentials::Bundle);
+        }
+        let secret = dir.join("join.secret");
+        match std::fs::read_to_string(&secret) {
+            Ok(s) if !s.trim().is_empty() => {
+                let cluster = std::fs::read_to_string(dir.join("cluster.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+                Ok(Credentials::JoinSecret {
+                    secret: s.trim().to_string(),
+                    cluster,
+                })
+            }
+            Ok(_) => Err(IdentityError::Read {
+                path: secret.display().to_string(),
+                reason: "the join secret is empty".into(),
+            }),
+            Err(_) => Err(IdentityError::NoCredentials(dir.display().to_string())),
+        }
+    }
+
+    pub fn join_secret(&self) -> &str {
+        match self {
+            Credentials::Bundle(b) => &b.join_secret,
+            Credentials::JoinSecret { secret, .. } => secret,
+        }
+    }
+}
+
+/// What the running agent knows about its cluster, shared by the endpoints.
+#[derive(Debug)]
+pub struct Trust {
+    pub cluster: ClusterInfo,
+    pub cluster_hash: String,
+    pub ca_pem: String,
+    /// Present only on nodes holding the whole bundle: they sign joiners' certificates.
+    pub ca_key: Option<String>,
+    pub join_secret: String,
+    pub secrets: secrets::SecretKey,
+}
+
+impl Trust {
+    pub fn new(
+        cluster: ClusterInfo,
+        ca_pem: String,
+        ca_key: Option<String>,
+        join_secret: String,
+    ) -> Result<Trust, secrets::SealError> {
+        let secrets = secrets::SecretKey::derive(&join_secret, &cluster.id)?;
+        Ok(Trust {
+            cluster_hash: cluster_hash(&cluster.id),
+            cluster,
+            ca_pem,
+            ca_key,
+            join_secret,
+            secrets,
         })
     }
 }

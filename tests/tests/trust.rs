@@ -1,0 +1,276 @@
+//! Cluster trust on loopback, with curl (OpenSSL) as an independent TLS peer: peer paths need
+//! a certificate from the cluster CA, and plain TCP, self-signed, expired and foreign
+//! certificates are refused and counted; a node with only the join secret obtains a
+//! certificate and joins, one with a wrong secret does not; app secrets are stored sealed.
+
+use shoal_e2e::{bundle, get, http, metric, wait_for, Agent, ClientCert};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+fn refused(a: &Agent, reason: &str) -> f64 {
+    metric(
+        &a.metrics(),
+        &format!("shoal_peer_tls_refused_total{{reason=\"{reason}\"}}"),
+    )
+    .unwrap_or(-1.0)
+}
+
+/// Writes a client certificate for `cn` into `dir`: signed by `ca` (cert and key PEM files),
+/// or self-signed; valid now, or expired since 2021.
+fn client_cert(dir: &Path, cn: &str, ca: Option<&Path>, expired: bool) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["node.shoal".to_string()]).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = match ca {
+        Some(ca) => {
+            let ca_key =
+                rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca.key")).unwrap())
+                    .unwrap();
+            let issuer = rcgen::Issuer::from_ca_cert_pem(
+                &std::fs::read_to_string(ca.join("ca.crt")).unwrap(),
+                ca_key,
+            )
+            .unwrap();
+            p.signed_by(&key, &issuer).unwrap()
+        }
+        None => p.self_signed(&key).unwrap(),
+    };
+    let (c, k) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+#[test]
+fn peer_traffic_needs_a_certificate_from_the_cluster_ca() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Agent::start(root.path(), "guard", &[], "");
+    let (cert, key) = a.cert();
+    let member = ClientCert {
+        cert: &cert,
+        key: &key,
+    };
+
+    // A member's certificate is accepted, and curl accepts the agent's against the CA.
+    let r = a
+        .api("GET", "/peer/v1/identity", &[], b"", Some(member))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["id"], "guard");
+
+    // No client certificate: TLS completes (the CLI uses this listener) but /peer/ refuses.
+    let r = a.api("GET", "/peer/v1/identity", &[], b"", None).unwrap();
+    assert_eq!(r.status, 401);
+    assert!(refused(&a, "no_client_certificate") >= 1.0);
+
+    // Plain TCP: no HTTP answer at all.
+    let plain = http("GET", a.api_port, "/peer/v1/identity", &[], b"");
+    assert!(plain.is_err(), "plain HTTP got an answer: {plain:?}");
+    wait_for(T, "the plain-TCP refusal to be counted", || {
+        (refused(&a, "not_tls") >= 1.0).then_some(())
+    });
+
+    let certs = root.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    let attempt = |name: &str, c: &(PathBuf, PathBuf)| {
+        let r = a.api(
+            "GET",
+            "/peer/v1/identity",
+            &[],
+            b"",
+            Some(ClientCert {
+                cert: &c.0,
+                key: &c.1,
+            }),
+        );
+        assert!(
+            r.as_ref().map(|r| r.status >= 400).unwrap_or(true),
+            "{name} certificate was accepted: {r:?}"
+        );
+    };
+    // Self-signed.
+    attempt("a self-signed", &client_cert(&certs, "guard", None, false));
+    wait_for(T, "the self-signed refusal to be counted", || {
+        (refused(&a, "unknown_ca") >= 1.0).then_some(())
+    });
+    // From another cluster's CA.
+    let other = bundle(&root.path().join("other-bundle"), "other");
+    attempt(
+        "another cluster's",
+        &client_cert(&certs, "o1", Some(&other), false),
+    );
+    wait_for(T, "the foreign refusal to be counted", || {
+        (refused(&a, "unknown_ca") >= 2.0).then_some(())
+    });
+    // From this cluster's CA, but expired.
+    attempt(
+        "an expired",
+        &client_cert(&certs, "old", Some(&a.bundle), true),
+    );
+    wait_for(T, "the expired refusal to be counted", || {
+        (refused(&a, "expired") >= 1.0).then_some(())
+    });
+
+    // And curl itself refuses the agent when told to trust another CA.
+    let r = shoal_e2e::https(
+        "GET",
+        a.api_port,
+        "/healthz",
+        &[],
+        b"",
+        &other.join("ca.crt"),
+        None,
+    );
+    assert!(r.is_err(), "curl accepted the agent against a foreign CA");
+    let mut a = a;
+    assert!(a.is_running());
+}
+
+/// A bundle directory holding only `join.secret` (with `secret`).
+fn join_only(root: &Path, name: &str, secret: &str) -> PathBuf {
+    let d = root.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("join.secret"), format!("{secret}\n")).unwrap();
+    d
+}
+
+#[test]
+fn a_node_with_only_the_join_secret_joins_and_a_wrong_secret_does_not() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Agent::start(root.path(), "seed", &[], "");
+    let secret = std::fs::read_to_string(a.bundle.join("join.secret")).unwrap();
+
+    // The right secret: a certificate from a member, then membership and replication.
+    let jb = join_only(root.path(), "joiner-bundle", secret.trim());
+    let j = Agent::configure_with_bundle(root.path(), "joiner", &[a.api_port], &jb, "");
+    let mut j = j;
+    j.spawn();
+    assert!(j.dir.join("tls/node.crt").exists());
+    assert!(!j.dir.join("tls/ca.key").exists() && !jb.join("ca.key").exists());
+    wait_for(T, "seed and joiner to see each other", || {
+        (a.alive_members() == 1 && j.alive_members() == 1).then_some(())
+    });
+    assert!(a.log().contains("signed a certificate for a joining node"));
+    assert_eq!(j.status()["cluster"]["signs_joins"], false);
+    assert_eq!(j.status()["cluster"]["hash"], a.status()["cluster"]["hash"]);
+    assert_eq!(
+        a.put_app("hello", "name = \"hello\"\n[source]\nimage = \"busybox\"\n")
+            .unwrap()
+            .status,
+        200
+    );
+    wait_for(T, "the app to reach the joiner", || {
+        j.apps().contains(&"hello".to_string()).then_some(())
+    });
+    // The joiner has no admin token: it accepts no writes.
+    assert_eq!(j.put_app("x", "name = \"x\"\n").unwrap().status, 403);
+    // It restarts from its stored certificate, without asking again.
+    let joins_before = metric(&a.metrics(), "shoal_join_requests_total").unwrap();
+    j.stop();
+    j.spawn();
+    wait_for(T, "the joiner back in the cluster", || {
+        (a.alive_members() == 1 && j.alive_members() == 1).then_some(())
+    });
+    assert_eq!(
+        metric(&a.metrics(), "shoal_join_requests_total").unwrap(),
+        joins_before
+    );
+
+    // A wrong secret: refused with a clear log line on both sides, no certificate, no
+    // membership.
+    let wb = join_only(root.path(), "wrong-bundle", "not-the-secret");
+    let mut w = Agent::configure_with_bundle(root.path(), "wrong", &[a.api_port], &wb, "");
+    w.spawn_detached();
+    wait_for(T, "the wrong-secret node to log the refusal", || {
+        w.log().contains("join refused").then_some(())
+    });
+    wait_for(T, "the seed to count the refusal", || {
+        (metric(&a.metrics(), "shoal_join_refused_total").unwrap_or(0.0) >= 1.0).then_some(())
+    });
+    assert!(a
+        .log()
+        .contains("join refused: the request is not signed with this cluster's join secret"));
+    assert!(!w.dir.join("tls/node.crt").exists());
+    assert!(w.is_running(), "it keeps trying instead of exiting");
+    assert!(
+        get(w.status_port, "/healthz").is_err(),
+        "it serves nothing before it is a member"
+    );
+    let members = a.status()["members"].to_string();
+    assert!(!members.contains("wrong"), "{members}");
+    let nodes = get(a.status_port, "/v1/nodes").unwrap().text();
+    assert!(!nodes.contains("\"wrong\""), "{nodes}");
+
+    // No secret at all: a clear error and a non-zero exit.
+    let empty = root.path().join("empty-bundle");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut n = Agent::configure_with_bundle(root.path(), "nothing", &[a.api_port], &empty, "");
+    n.spawn_detached();
+    let code = n.wait_exit(T);
+    assert_ne!(code, Some(0));
+    assert!(
+        n.log().contains("no cluster bundle or join secret"),
+        "{}",
+        n.log()
+    );
+}
+
+#[test]
+fn app_secrets_are_stored_sealed_and_never_shown() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = shoal_e2e::cluster(root.path(), 2);
+    let (a, b) = (&agents[0], &agents[1]);
+    let value = "correct-horse-battery-staple-4711";
+    let auth = format!("Bearer {}", a.token);
+    let put = |path: &str, auth: &str| {
+        a.api(
+            "PUT",
+            path,
+            &[("Authorization", auth)],
+            value.as_bytes(),
+            None,
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        put("/v1/apps/web/secrets/API_KEY", "Bearer nope").status,
+        401
+    );
+    assert_eq!(put("/v1/apps/web/secrets/api-key", &auth).status, 400);
+    assert_eq!(put("/v1/apps/Web/secrets/API_KEY", &auth).status, 400);
+    let r = put("/v1/apps/web/secrets/API_KEY", &auth);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(!r.text().contains(value));
+    wait_for(T, "the secret to replicate", || {
+        (b.status()["store"]["keys"]["secrets"] == 1).then_some(())
+    });
+    for ag in [a, b] {
+        for path in ["/v1/status", "/v1/apps", "/v1/nodes", "/metrics"] {
+            let body = get(ag.status_port, path).unwrap().text();
+            assert!(!body.contains(value), "{path} shows the secret");
+        }
+        let store = std::fs::read(ag.dir.join("store/replica.redb")).unwrap();
+        assert!(
+            !store.windows(value.len()).any(|w| w == value.as_bytes()),
+            "the store holds the secret in the clear"
+        );
+        assert!(!ag.log().contains(value), "the log shows the secret");
+    }
+    let del = |path: &str| {
+        a.api("DELETE", path, &[("Authorization", &auth)], b"", None)
+            .unwrap()
+            .status
+    };
+    assert_eq!(del("/v1/apps/web/secrets/API_KEY"), 200);
+    assert_eq!(del("/v1/apps/web/secrets/API_KEY"), 404);
+}
