@@ -10,6 +10,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+pub mod netns;
+
 static BIN: OnceLock<PathBuf> = OnceLock::new();
 
 /// Builds the release binary and makes every agent started from now on use it.
@@ -185,6 +187,27 @@ pub fn https(
     ca: &Path,
     client: Option<ClientCert<'_>>,
 ) -> Result<Resp> {
+    curl(
+        None,
+        method,
+        &format!("https://127.0.0.1:{port}{path}"),
+        headers,
+        body,
+        Some(ca),
+        client,
+    )
+}
+
+/// One request through curl, inside network namespace `netns` if given.
+pub fn curl(
+    netns: Option<&str>,
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    ca: Option<&Path>,
+    client: Option<ClientCert<'_>>,
+) -> Result<Resp> {
     let tmp = tempfile::tempdir()?;
     let (req_body, resp_body, resp_head) = (
         tmp.path().join("req"),
@@ -192,14 +215,23 @@ pub fn https(
         tmp.path().join("head"),
     );
     std::fs::write(&req_body, body)?;
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "20", "-X", method, "--cacert"])
-        .arg(ca)
+    let mut cmd = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "curl"]);
+            c
+        }
+        None => Command::new("curl"),
+    };
+    cmd.args(["-sS", "--max-time", "20", "-X", method])
         .arg("-o")
         .arg(&resp_body)
         .arg("-D")
         .arg(&resp_head)
         .args(["-w", "%{http_code}"]);
+    if let Some(ca) = ca {
+        cmd.arg("--cacert").arg(ca);
+    }
     if !body.is_empty() || method == "PUT" || method == "POST" {
         cmd.arg("--data-binary")
             .arg(format!("@{}", req_body.display()));
@@ -210,7 +242,7 @@ pub fn https(
     if let Some(c) = client {
         cmd.arg("--cert").arg(c.cert).arg("--key").arg(c.key);
     }
-    cmd.arg(format!("https://127.0.0.1:{port}{path}"));
+    cmd.arg(url);
     let out = cmd.output().context("running curl")?;
     if !out.status.success() {
         bail!(
@@ -330,6 +362,58 @@ impl Agent {
         }
     }
 
+    /// An agent in network namespace `host.ns`, listening on every address with the standard
+    /// ports, discovering its peers over mDNS (no peer list) unless `peers` are given.
+    pub fn configure_in(
+        host: &netns::Host,
+        root: &Path,
+        id: &str,
+        bundle: &Path,
+        peers: &[String],
+    ) -> Agent {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = std::fs::read_to_string(bundle.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"{id}\"\nstate_dir = \"{}\"\nbundle = \"{}\"\npeers = [{}]\n[listen]\nstatus = \"0.0.0.0:7070\"\napi = \"0.0.0.0:7443\"\n[discovery]\nmdns = true\nretry_join_ms = 1000\n",
+                dir.display(),
+                bundle.display(),
+                peers.join(", "),
+            ),
+        )
+        .unwrap();
+        Agent {
+            id: id.into(),
+            dir,
+            status_port: 7070,
+            api_port: 7443,
+            token,
+            bundle: bundle.to_path_buf(),
+            netns: Some(host.ns.clone()),
+            config,
+            child: None,
+        }
+    }
+
+    /// Ids of the members this agent sees alive.
+    pub fn alive_ids(&self) -> Vec<String> {
+        self.status()["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m["state"] == "alive")
+                    .filter_map(|m| m["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Rewrites the peer list (used when a peer's port is only known after it started).
     pub fn set_peers(&mut self, peers: &[u16]) {
         let text = std::fs::read_to_string(&self.config).unwrap();
@@ -351,9 +435,8 @@ impl Agent {
     /// Starts the agent and waits until `/healthz` answers.
     pub fn spawn(&mut self) {
         self.spawn_detached();
-        let port = self.status_port;
         wait_for(Duration::from_secs(30), "the agent's /healthz", || {
-            get(port, "/healthz").ok().filter(|r| r.status == 200)
+            self.get("/healthz").ok().filter(|r| r.status == 200)
         });
     }
 
@@ -429,7 +512,7 @@ impl Agent {
     }
 
     pub fn status(&self) -> Value {
-        get(self.status_port, "/v1/status")
+        self.get("/v1/status")
             .map(|r| r.json())
             .unwrap_or(Value::Null)
     }
@@ -451,15 +534,31 @@ impl Agent {
         body: &[u8],
         client: Option<ClientCert<'_>>,
     ) -> Result<Resp> {
-        https(
+        curl(
+            self.netns.as_deref(),
             method,
-            self.api_port,
-            path,
+            &format!("https://127.0.0.1:{}{path}", self.api_port),
             headers,
             body,
-            &self.dir.join("tls/ca.crt"),
+            Some(&self.dir.join("tls/ca.crt")),
             client,
         )
+    }
+
+    /// A GET on this agent's status port (from inside its namespace, if it has one).
+    pub fn get(&self, path: &str) -> Result<Resp> {
+        match &self.netns {
+            Some(ns) => curl(
+                Some(ns),
+                "GET",
+                &format!("http://127.0.0.1:{}{path}", self.status_port),
+                &[],
+                b"",
+                None,
+                None,
+            ),
+            None => get(self.status_port, path),
+        }
     }
 
     /// This agent's own certificate and key, usable as a client certificate.
@@ -490,14 +589,12 @@ impl Agent {
     }
 
     pub fn metrics(&self) -> String {
-        get(self.status_port, "/metrics")
-            .map(|r| r.text())
-            .unwrap_or_default()
+        self.get("/metrics").map(|r| r.text()).unwrap_or_default()
     }
 
     /// App names this agent holds.
     pub fn apps(&self) -> Vec<String> {
-        get(self.status_port, "/v1/apps")
+        self.get("/v1/apps")
             .map(|r| r.json())
             .ok()
             .and_then(|v| v.as_array().cloned())
