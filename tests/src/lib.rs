@@ -107,10 +107,23 @@ pub fn http(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Result<Resp> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))
-        .with_context(|| format!("connecting to :{port}"))?;
+    http_at("127.0.0.1", method, port, path, headers, body)
+}
+
+/// One HTTP/1.1 request on a fresh connection to `ip:port`.
+pub fn http_at(
+    ip: &str,
+    method: &str,
+    port: u16,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp> {
+    let addr: std::net::SocketAddr = format!("{ip}:{port}").parse()?;
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .with_context(|| format!("connecting to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {ip}:{port}\r\nConnection: close\r\nContent-Length: {}\r\n", body.len());
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -292,6 +305,11 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 
 pub fn get(port: u16, path: &str) -> Result<Resp> {
     http("GET", port, path, &[], b"")
+}
+
+/// A GET to `ip:port` (a namespace's address) on a fresh connection.
+pub fn get_at(ip: &str, port: u16, path: &str) -> Result<Resp> {
+    http_at(ip, "GET", port, path, &[], b"")
 }
 
 /// A `shoal agent` process with its own state directory and ports.

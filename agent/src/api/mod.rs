@@ -132,6 +132,7 @@ pub async fn serve<H, F>(
                     return;
                 }
             };
+            Counters::inc(&tls.counters.tls_handshakes);
             let peer = crate::tls::peer_node_id(stream.get_ref().1.peer_certificates());
             let conn = Conn {
                 remote,

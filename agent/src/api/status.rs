@@ -274,6 +274,18 @@ async fn metrics(h: &Handle) -> Response<Body> {
         c.writes.load(Relaxed),
     );
     metric(
+        "shoal_peer_tls_handshakes_total",
+        "counter",
+        "TLS handshakes completed on the API port.",
+        c.tls_handshakes.load(Relaxed),
+    );
+    metric(
+        "shoal_tls_certificate_expiry_timestamp_seconds",
+        "gauge",
+        "When this node's certificate expires; the agent renews it at start within 30 days.",
+        h.trust.cert_not_after.max(0) as u64,
+    );
+    metric(
         "shoal_join_requests_total",
         "counter",
         "TLS bootstrap requests received.",

@@ -189,6 +189,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         identity.ca_pem.clone(),
         ca_key,
         creds.join_secret().to_string(),
+        identity.info().map(|i| i.not_after_unix).unwrap_or(0),
     )
     .map_err(|e| {
         DaemonError::Identity(IdentityError::Read {

@@ -97,6 +97,8 @@ pub struct Counters {
     pub writes: AtomicU64,
     /// TLS handshakes refused on the API listener, by `tls::REFUSAL_REASONS`.
     pub tls_refused: [AtomicU64; 7],
+    /// TLS handshakes completed on the API listener.
+    pub tls_handshakes: AtomicU64,
     pub join_requests: AtomicU64,
     pub join_refused: AtomicU64,
     /// Nodes of other clusters seen over mDNS (each counted once).

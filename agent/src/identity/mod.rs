@@ -280,6 +280,8 @@ pub struct Trust {
     pub ca_key: Option<String>,
     pub join_secret: String,
     pub secrets: secrets::SecretKey,
+    /// When this node's certificate expires (Unix seconds); renewed at start within 30 days.
+    pub cert_not_after: i64,
 }
 
 impl Trust {
@@ -288,6 +290,7 @@ impl Trust {
         ca_pem: String,
         ca_key: Option<String>,
         join_secret: String,
+        cert_not_after: i64,
     ) -> Result<Trust, secrets::SealError> {
         let secrets = secrets::SecretKey::derive(&join_secret, &cluster.id)?;
         Ok(Trust {
@@ -297,6 +300,7 @@ impl Trust {
             ca_key,
             join_secret,
             secrets,
+            cert_not_after,
         })
     }
 }
