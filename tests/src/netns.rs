@@ -52,13 +52,21 @@ impl Lan {
     /// A LAN with `n` hosts, `10.213.K.11`, `.12`, ...; the test's namespace is `.1`.
     pub fn new(n: usize) -> Lan {
         require_root();
-        let k = (std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed) * 7) % 250 + 1;
-        let tag = format!("sh{}", k);
+        // Claim a free number: creating the switch namespace fails if another test (in this or
+        // another process) holds it, so the first success is ours alone.
+        let start = std::process::id() + NEXT.fetch_add(1, Ordering::Relaxed) * 7;
+        let k = (0..250)
+            .map(|i| (start + i) % 250 + 1)
+            .find(|k| {
+                Command::new("ip")
+                    .args(["netns", "add", &format!("sh{k}-sw")])
+                    .output()
+                    .is_ok_and(|o| o.status.success())
+            })
+            .expect("no free namespace number: remove leftovers with `ip -all netns del`");
+        let tag = format!("sh{k}");
         let switch = format!("{tag}-sw");
         let subnet = format!("10.213.{k}");
-        // A leftover from an interrupted run with the same tag.
-        let _ = Command::new("ip").args(["netns", "del", &switch]).output();
-        ip(&["netns", "add", &switch]);
         ip(&["-n", &switch, "link", "add", "br0", "type", "bridge"]);
         ip(&["-n", &switch, "link", "set", "br0", "up"]);
         ip(&["-n", &switch, "link", "set", "lo", "up"]);

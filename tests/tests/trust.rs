@@ -274,3 +274,35 @@ fn app_secrets_are_stored_sealed_and_never_shown() {
     assert_eq!(del("/v1/apps/web/secrets/API_KEY"), 200);
     assert_eq!(del("/v1/apps/web/secrets/API_KEY"), 404);
 }
+
+#[test]
+fn a_member_speaks_only_for_itself() {
+    use shoal::membership::Member;
+    use shoal::store::NodeId;
+    use shoal::sync::message::{encode, Envelope, Message};
+    let root = tempfile::tempdir().unwrap();
+    let a = Agent::start(root.path(), "honest", &[], "");
+    let (cert, key) = a.cert();
+    let me = Some(ClientCert {
+        cert: &cert,
+        key: &key,
+    });
+    let ct = ("Content-Type", "application/x-shoal-peer");
+    let as_node = |id: &str| {
+        encode(&Envelope {
+            from: Member::new(NodeId::new(id).unwrap(), "127.0.0.1:1".into(), 1),
+            msg: Message::ReconcileRequest { after: None },
+        })
+    };
+    // Signed as the node the certificate names: accepted.
+    let r = a
+        .api("POST", "/peer/v1/msg", &[ct], &as_node("honest"), me)
+        .unwrap();
+    assert_eq!(r.status, 202, "{}", r.text());
+    // The same certificate claiming to be another node: refused and counted.
+    let r = a
+        .api("POST", "/peer/v1/msg", &[ct], &as_node("impostor"), me)
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(metric(&a.metrics(), "shoal_peer_messages_refused_total").unwrap() >= 1.0);
+}
