@@ -1,10 +1,308 @@
-//! shoal-init, the PID 1 of a shoal machine. Its boot sequence arrives with the shoal-init
-//! issue; until then this binary only identifies itself.
+//! shoal-init, the PID 1 of a shoal machine: mounts, then supervises containerd, dockerd and
+//! the agent, reaps every zombie, and on SIGTERM/SIGINT (reboot) or SIGUSR2/SIGPWR (power off)
+//! stops the services in reverse order, syncs, unmounts and calls reboot(2). It never exits:
+//! errors are reported and retried, a panic in the main loop is caught and the loop resumes.
+//!
+//! Test mode: `SHOAL_INIT_ROOT=DIR` puts every path (mounts, report, logs) under a scratch
+//! root, and `SHOAL_INIT_SERVICES=FILE` replaces the service table. It still must be PID 1
+//! (run it under `unshare --pid --fork --mount`): it signals every process it can see.
+
+mod cmdline;
+mod mounts;
+mod report;
+mod supervisor;
+
+use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use report::{Outcome, Report};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use supervisor::{Supervisor, Table};
+
+/// A line on the console (init's stdout).
+pub fn console(msg: &str) {
+    println!("shoal-init: {msg}");
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Action {
+    Reboot,
+    PowerOff,
+}
+
+struct Init {
+    root: PathBuf,
+    test: bool,
+    report: Report,
+    sup: Supervisor,
+    signals: SignalFd,
+    written: String,
+}
+
+fn handled_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGUSR2,
+        Signal::SIGPWR,
+        Signal::SIGHUP,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+impl Init {
+    fn report_path(&self) -> PathBuf {
+        self.root.join("run/shoal/init.json")
+    }
+
+    fn write_report(&mut self) {
+        self.report.services = self.sup.report();
+        let now = serde_json::to_string(&self.report).unwrap_or_default();
+        if now != self.written {
+            self.report.write(&self.report_path());
+            self.written = now;
+        }
+    }
+
+    /// Reaps every exited child: services are handed to the supervisor, the rest are orphans
+    /// re-parented to us.
+    fn reap(&mut self) {
+        loop {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => break,
+                Ok(status) => {
+                    let Some(pid) = status.pid() else { continue };
+                    if !self.sup.exited(pid, status, Instant::now()) {
+                        self.report.orphans_reaped += 1;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits up to `timeout` for a signal or service output; returns a shutdown request.
+    fn wait(&mut self, timeout: Duration) -> Option<Action> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let ms = timeout.as_millis().min(1000) as u16;
+        let (sig_ready, ready_pipes) = {
+            let pipes = self.sup.pipes();
+            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            fds.extend(
+                pipes
+                    .iter()
+                    .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
+            );
+            let _ = poll(&mut fds, PollTimeout::from(ms));
+            let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+            let sig = ready(&fds[0]);
+            let p: Vec<usize> = pipes
+                .iter()
+                .zip(&fds[1..])
+                .filter(|(_, f)| ready(f))
+                .map(|((i, _), _)| *i)
+                .collect();
+            (sig, p)
+        };
+        for i in ready_pipes {
+            self.sup.drain_output(i);
+        }
+        let mut action = None;
+        if sig_ready {
+            while let Ok(Some(si)) = self.signals.read_signal() {
+                match Signal::try_from(si.ssi_signo as i32) {
+                    Ok(Signal::SIGCHLD) => self.reap(),
+                    Ok(Signal::SIGTERM) | Ok(Signal::SIGINT) => action = Some(Action::Reboot),
+                    Ok(Signal::SIGUSR2) | Ok(Signal::SIGPWR) => action = Some(Action::PowerOff),
+                    _ => {}
+                }
+            }
+        }
+        // A SIGCHLD can be coalesced with others: reap anyway.
+        self.reap();
+        action
+    }
+
+    fn run(&mut self) -> Action {
+        loop {
+            let now = Instant::now();
+            let next = self.sup.tick(now);
+            self.write_report();
+            let timeout = next
+                .map(|t| t.saturating_duration_since(now))
+                .unwrap_or(Duration::from_secs(1));
+            if let Some(a) = self.wait(timeout) {
+                return a;
+            }
+        }
+    }
+
+    fn shutdown(&mut self, action: Action) -> ! {
+        console(&format!("{action:?} requested: stopping services"));
+        self.report.shutdown = Some(format!("{action:?}").to_lowercase());
+        self.write_report();
+        self.sup.stop_all(|sup, d| {
+            // Reap while waiting; signals other than SIGCHLD are ignored from here on.
+            let _ = nix::poll::poll(&mut [], nix::poll::PollTimeout::from(d.as_millis() as u16));
+            while let Ok(Some(_)) = self.signals.read_signal() {}
+            loop {
+                match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::StillAlive) | Err(_) => break,
+                    Ok(status) => {
+                        if let Some(pid) = status.pid() {
+                            sup.exited(pid, status, Instant::now());
+                        }
+                    }
+                }
+            }
+        });
+        self.write_report();
+        // Whatever is left (orphans, services' own children): TERM, a grace period, KILL.
+        let _ = kill(Pid::from_raw(-1), Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
+                Err(_) => break, // ECHILD: nobody left
+                Ok(WaitStatus::StillAlive) => std::thread::sleep(Duration::from_millis(20)),
+                Ok(_) => {}
+            }
+        }
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        while waitpid(Pid::from_raw(-1), None).is_ok() {}
+        nix::unistd::sync();
+        console("services stopped, file systems synced");
+        self.write_report();
+        mounts::unmount_all(&self.root);
+        if !self.test {
+            let _ = nix::mount::mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                nix::mount::MsFlags::MS_REMOUNT | nix::mount::MsFlags::MS_RDONLY,
+                None::<&str>,
+            );
+        }
+        nix::unistd::sync();
+        use nix::sys::reboot::{reboot, RebootMode};
+        let mode = match action {
+            Action::Reboot => RebootMode::RB_AUTOBOOT,
+            Action::PowerOff => RebootMode::RB_POWER_OFF,
+        };
+        let err = reboot(mode).err();
+        console(&format!("reboot(2) failed: {err:?}; staying up"));
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+fn load_table(detail: &mut Vec<String>) -> (Table, Outcome) {
+    let Ok(path) = std::env::var("SHOAL_INIT_SERVICES") else {
+        return (Table::default_table(), Outcome::Ok);
+    };
+    match std::fs::read_to_string(&path)
+        .map_err(|e| e.to_string())
+        .and_then(|t| Table::parse(&t))
+    {
+        Ok(t) => {
+            detail.push(format!("{} services from {path}", t.service.len()));
+            (t, Outcome::Ok)
+        }
+        Err(e) => {
+            detail.push(format!("{path}: {e}; running no services"));
+            (Table { service: vec![] }, Outcome::Failed)
+        }
+    }
+}
 
 fn main() {
-    eprintln!(
-        "shoal-init {}: boot sequence not implemented yet",
-        env!("CARGO_PKG_VERSION")
-    );
-    std::process::exit(1);
+    let test_root = std::env::var_os("SHOAL_INIT_ROOT").map(PathBuf::from);
+    if std::process::id() != 1 {
+        eprintln!(
+            "shoal-init must run as PID 1 (for a test, run it under `unshare --pid --fork --mount` with SHOAL_INIT_ROOT=DIR)"
+        );
+        std::process::exit(2);
+    }
+    // From here on, never exit.
+    let root = test_root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let test = test_root.is_some();
+    let mask = handled_signals();
+    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
+    let signals = loop {
+        match SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+            Ok(s) => break s,
+            Err(e) => {
+                console(&format!("cannot create a signalfd ({e}); retrying"));
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    };
+    if !test {
+        // Ctrl-Alt-Del becomes SIGINT to us instead of an immediate reboot.
+        let _ = nix::sys::reboot::set_cad_enabled(false);
+    }
+    console(&format!(
+        "shoal-init {} starting{}",
+        env!("CARGO_PKG_VERSION"),
+        if test {
+            format!(" (test mode, root {})", root.display())
+        } else {
+            String::new()
+        }
+    ));
+    let mut report = Report {
+        version: env!("CARGO_PKG_VERSION"),
+        started_ms: report::now_ms(),
+        test_mode: test,
+        ..Default::default()
+    };
+    report.stage("mounts", |d| {
+        if mounts::mount_all(&root, d) {
+            Outcome::Ok
+        } else {
+            Outcome::Degraded
+        }
+    });
+    report.stage("cmdline", |d| {
+        let text = std::fs::read_to_string(root.join("proc/cmdline")).unwrap_or_default();
+        let c = cmdline::Cmdline::parse(&text);
+        if let Some(ip) = c.get("ip") {
+            d.push(format!("ip={ip}"));
+        }
+        if !c.has_flag("ro") && !test {
+            d.push("no `ro` on the kernel command line: the root may be writable".into());
+        }
+        Outcome::Ok
+    });
+    let mut table = Table { service: vec![] };
+    report.stage("services", |d| {
+        let (t, o) = load_table(d);
+        table = t;
+        o
+    });
+    let mut init = Init {
+        sup: Supervisor::new(&root, table),
+        root,
+        test,
+        report,
+        signals,
+        written: String::new(),
+    };
+    loop {
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init.run()));
+        match r {
+            Ok(action) => init.shutdown(action),
+            Err(_) => {
+                init.report.panics += 1;
+                console("panic in the main loop caught; resuming");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
 }

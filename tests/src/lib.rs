@@ -51,6 +51,28 @@ pub fn shoal_bin() -> PathBuf {
     .clone()
 }
 
+/// The workspace's `target/debug/shoal-init` (or `SHOAL_INIT_BIN`), built once if needed.
+pub fn init_bin() -> PathBuf {
+    static INIT: OnceLock<PathBuf> = OnceLock::new();
+    INIT.get_or_init(|| {
+        if let Ok(p) = std::env::var("SHOAL_INIT_BIN") {
+            return PathBuf::from(p);
+        }
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .to_path_buf();
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-q", "-p", "shoal-init"])
+            .current_dir(&root)
+            .status()
+            .expect("running cargo build");
+        assert!(status.success(), "cargo build -p shoal-init failed");
+        root.join("target/debug/shoal-init")
+    })
+    .clone()
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,124 @@
+//! The pseudo and scratch file systems every shoal machine needs. The root stays read-only;
+//! everything writable is tmpfs or (later stages) the data disk.
+
+use nix::mount::{mount, MsFlags};
+use std::path::Path;
+
+struct Mount {
+    source: &'static str,
+    target: &'static str,
+    fstype: &'static str,
+    flags: MsFlags,
+    data: &'static str,
+}
+
+fn table() -> Vec<Mount> {
+    let nsd = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    let nsde = nsd | MsFlags::MS_NOEXEC;
+    vec![
+        Mount {
+            source: "proc",
+            target: "proc",
+            fstype: "proc",
+            flags: nsde,
+            data: "",
+        },
+        Mount {
+            source: "sysfs",
+            target: "sys",
+            fstype: "sysfs",
+            flags: nsde,
+            data: "",
+        },
+        Mount {
+            source: "devtmpfs",
+            target: "dev",
+            fstype: "devtmpfs",
+            flags: MsFlags::MS_NOSUID,
+            data: "mode=0755",
+        },
+        Mount {
+            source: "devpts",
+            target: "dev/pts",
+            fstype: "devpts",
+            flags: MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            data: "gid=5,mode=620,ptmxmode=666",
+        },
+        Mount {
+            source: "shm",
+            target: "dev/shm",
+            fstype: "tmpfs",
+            flags: nsd,
+            data: "mode=1777",
+        },
+        Mount {
+            source: "run",
+            target: "run",
+            fstype: "tmpfs",
+            flags: nsd,
+            data: "mode=0755",
+        },
+        Mount {
+            source: "tmp",
+            target: "tmp",
+            fstype: "tmpfs",
+            flags: nsd,
+            data: "mode=1777",
+        },
+        Mount {
+            source: "cgroup2",
+            target: "sys/fs/cgroup",
+            fstype: "cgroup2",
+            flags: nsde,
+            data: "nsdelegate",
+        },
+    ]
+}
+
+/// Mounts the table under `root`. A target already mounted (EBUSY) counts as done; a failure
+/// is reported and the next mount is still tried.
+pub fn mount_all(root: &Path, detail: &mut Vec<String>) -> bool {
+    let mut ok = true;
+    for m in table() {
+        let target = root.join(m.target);
+        if let Err(e) = std::fs::create_dir_all(&target) {
+            // A read-only root has its mount points already; only report real trouble.
+            if !target.is_dir() {
+                detail.push(format!("{}: cannot create mount point: {e}", m.target));
+                ok = false;
+                continue;
+            }
+        }
+        let data = (!m.data.is_empty()).then_some(m.data);
+        match mount(Some(m.source), &target, Some(m.fstype), m.flags, data) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EBUSY) => detail.push(format!("/{} already mounted", m.target)),
+            Err(e) => {
+                // cgroup2 with nsdelegate refuses outside the initial namespace: retry without.
+                if m.fstype == "cgroup2"
+                    && mount(
+                        Some(m.source),
+                        &target,
+                        Some(m.fstype),
+                        m.flags,
+                        None::<&str>,
+                    )
+                    .is_ok()
+                {
+                    continue;
+                }
+                detail.push(format!("/{}: {e}", m.target));
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// Unmounts the table under `root` in reverse order (lazily: a busy file system is detached
+/// and goes once its last user does).
+pub fn unmount_all(root: &Path) {
+    for m in table().iter().rev() {
+        let _ = nix::mount::umount2(&root.join(m.target), nix::mount::MntFlags::MNT_DETACH);
+    }
+}

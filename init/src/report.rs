@@ -1,0 +1,97 @@
+//! The boot report, `/run/shoal/init.json`: every stage with its times and outcome, and every
+//! service with its state, pid, restarts and last exit. Rewritten atomically on each change.
+
+use serde::Serialize;
+use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    Ok,
+    Degraded,
+    Failed,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Stage {
+    pub name: String,
+    pub started_ms: u64,
+    pub ended_ms: u64,
+    pub outcome: Outcome,
+    pub detail: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ServiceReport {
+    pub name: String,
+    pub state: String,
+    pub pid: Option<i32>,
+    pub restarts: u32,
+    pub last_exit: Option<String>,
+    pub started_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Report {
+    pub version: &'static str,
+    pub started_ms: u64,
+    pub test_mode: bool,
+    pub stages: Vec<Stage>,
+    pub services: Vec<ServiceReport>,
+    pub orphans_reaped: u64,
+    pub panics: u64,
+    pub shutdown: Option<String>,
+}
+
+impl Report {
+    /// Runs one stage, timing it; `f` says how it went and what to record.
+    pub fn stage(&mut self, name: &str, f: impl FnOnce(&mut Vec<String>) -> Outcome) {
+        let started_ms = now_ms();
+        let mut detail = Vec::new();
+        let outcome = f(&mut detail);
+        let ended_ms = now_ms();
+        let word = match outcome {
+            Outcome::Ok => "ok",
+            Outcome::Degraded => "DEGRADED",
+            Outcome::Failed => "FAILED",
+        };
+        crate::console(&format!(
+            "stage {name}: {word} in {} ms{}",
+            ended_ms - started_ms,
+            if detail.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", detail.join("; "))
+            }
+        ));
+        self.stages.push(Stage {
+            name: name.into(),
+            started_ms,
+            ended_ms,
+            outcome,
+            detail,
+        });
+    }
+
+    /// Writes the report to `path` atomically (0644; it holds no secret).
+    pub fn write(&self, path: &Path) {
+        let Ok(body) = serde_json::to_vec_pretty(self) else {
+            return;
+        };
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let tmp = path.with_extension("json.tmp");
+        if std::fs::write(&tmp, body).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! shoal-init as PID 1 of new PID and mount namespaces (`unshare`), in test mode with a
+//! scratch root and a table of shell-script services: it mounts what it should, starts services
+//! in order once their dependency is ready, restarts a crashing one with backoff, reaps orphaned
+//! grandchildren, and on SIGTERM stops services in reverse order and leaves the namespace the
+//! way reboot(2) does there (the namespace's init is killed by SIGHUP).
+
+use shoal_e2e::{init_bin, netns::require_root, wait_for};
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const T: Duration = Duration::from_secs(30);
+
+const SERVICES: &str = r#"
+[[service]]
+name = "base"
+# Leaves two orphans behind that exit soon: init must reap them.
+command = ["/bin/sh", "-c", "echo start-base >> $SHOAL_INIT_ROOT/var/order; echo hello from base; (sleep 0.3 &); (sh -c 'sleep 0.5 & exit 0'); touch $SHOAL_INIT_ROOT/run/base.ready; trap 'echo stop-base >> $SHOAL_INIT_ROOT/var/order; exit 0' TERM; while :; do sleep 0.05; done"]
+ready = "/run/base.ready"
+
+[[service]]
+name = "late"
+after = "base"
+command = ["/bin/sh", "-c", "echo start-late >> $SHOAL_INIT_ROOT/var/order; trap 'echo stop-late >> $SHOAL_INIT_ROOT/var/order; exit 0' TERM; while :; do sleep 0.05; done"]
+
+[[service]]
+name = "crashy"
+after = "base"
+command = ["/bin/sh", "-c", "echo crashing; exit 3"]
+"#;
+
+struct Pid1 {
+    unshare: Child,
+    root: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Pid1 {
+    fn start() -> Pid1 {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        std::fs::create_dir_all(root.join("var")).unwrap();
+        let table = dir.path().join("services.toml");
+        std::fs::write(&table, SERVICES).unwrap();
+        let console = std::fs::File::create(dir.path().join("console.log")).unwrap();
+        let unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount", "--propagation", "private"])
+            .arg(init_bin())
+            .env("SHOAL_INIT_ROOT", &root)
+            .env("SHOAL_INIT_SERVICES", &table)
+            .stdout(console.try_clone().unwrap())
+            .stderr(console)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        Pid1 {
+            unshare,
+            root,
+            _dir: dir,
+        }
+    }
+
+    /// shoal-init's pid as seen from here (unshare's only child).
+    fn pid(&self) -> u32 {
+        wait_for(T, "shoal-init to start", || {
+            let kids =
+                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.unshare.id()))
+                    .ok()?;
+            kids.split_whitespace().next()?.parse().ok()
+        })
+    }
+
+    /// A path inside init's mount namespace.
+    fn inside(&self, p: &str) -> PathBuf {
+        Path::new(&format!("/proc/{}/root", self.pid()))
+            .join(self.root.join(p).strip_prefix("/").unwrap())
+    }
+
+    fn report(&self) -> serde_json::Value {
+        std::fs::read(self.inside("run/shoal/init.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn service(&self, name: &str) -> serde_json::Value {
+        self.report()["services"]
+            .as_array()
+            .and_then(|s| s.iter().find(|s| s["name"] == name).cloned())
+            .unwrap_or(serde_json::Value::Null)
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self._dir.path().join("console.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Pid1 {
+    fn drop(&mut self) {
+        let _ = self.unshare.kill();
+        let _ = self.unshare.wait();
+    }
+}
+
+/// Children of `pid` that are zombies.
+fn zombie_children(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|c| c.parse::<u32>().ok())
+        .filter(|c| {
+            std::fs::read_to_string(format!("/proc/{c}/status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("State:") && l.contains('Z'))
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn init_mounts_supervises_reaps_and_shuts_down_in_order() {
+    let mut init = Pid1::start();
+    let pid = init.pid();
+
+    // Mounts, seen in its own mount namespace.
+    let mountinfo = wait_for(T, "the mounts", || {
+        let m = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
+        m.contains("cgroup2").then_some(m)
+    });
+    let root = init.root.display().to_string();
+    for (target, fstype) in [
+        ("proc", "proc"),
+        ("sys", "sysfs"),
+        ("dev", "devtmpfs"),
+        ("dev/pts", "devpts"),
+        ("dev/shm", "tmpfs"),
+        ("run", "tmpfs"),
+        ("tmp", "tmpfs"),
+        ("sys/fs/cgroup", "cgroup2"),
+    ] {
+        let line = format!("{root}/{target} ");
+        assert!(
+            mountinfo
+                .lines()
+                .any(|l| l.contains(&line) && l.contains(&format!(" - {fstype} "))),
+            "{target} is not a {fstype} mount:\n{mountinfo}"
+        );
+    }
+
+    // Services in order, the crashing one restarted with backoff (not in a tight loop).
+    wait_for(T, "base and late running, crashy restarted 3 times", || {
+        (init.service("base")["state"] == "running"
+            && init.service("late")["state"] == "running"
+            && init.service("crashy")["restarts"].as_u64() >= Some(3))
+        .then_some(())
+    });
+    let crashy = init.service("crashy");
+    assert_eq!(crashy["last_exit"], "exited with status 3");
+    assert!(
+        crashy["restarts"].as_u64().unwrap() <= 8,
+        "no backoff: {crashy}"
+    );
+    let report = init.report();
+    for stage in ["mounts", "cmdline", "services"] {
+        let s = report["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == stage)
+            .unwrap_or_else(|| panic!("no stage {stage}: {report}"));
+        assert_eq!(s["outcome"], "ok", "{s}");
+        assert!(s["ended_ms"].as_u64() >= s["started_ms"].as_u64());
+    }
+    assert!(init.console().contains("[base] hello from base"));
+    let log = std::fs::read_to_string(init.root.join("var/log/shoal/base.log")).unwrap();
+    assert!(log.contains("hello from base"));
+
+    // Orphaned grandchildren are reaped: none left as zombies.
+    wait_for(T, "both orphans reaped", || {
+        (init.report()["orphans_reaped"].as_u64() >= Some(2)).then_some(())
+    });
+    assert!(zombie_children(pid).is_empty());
+
+    // SIGTERM: services stop in reverse order, then reboot(2) ends the namespace (SIGHUP).
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = wait_for(T, "the namespace to end", || {
+        init.unshare.try_wait().ok().flatten()
+    });
+    assert_eq!(status.signal(), Some(1), "{status:?}: {}", init.console());
+    let order = std::fs::read_to_string(init.root.join("var/order")).unwrap();
+    let order: Vec<&str> = order.lines().collect();
+    assert_eq!(
+        order,
+        ["start-base", "start-late", "stop-late", "stop-base"]
+    );
+    assert!(init
+        .console()
+        .contains("services stopped, file systems synced"));
+}
+
+#[test]
+fn sigusr2_powers_off() {
+    let mut init = Pid1::start();
+    let pid = init.pid();
+    wait_for(T, "base running", || {
+        (init.service("base")["state"] == "running").then_some(())
+    });
+    Command::new("kill")
+        .args(["-USR2", &pid.to_string()])
+        .status()
+        .unwrap();
+    let status = wait_for(T, "the namespace to end", || {
+        init.unshare.try_wait().ok().flatten()
+    });
+    // reboot(RB_POWER_OFF) in a PID namespace kills its init with SIGINT.
+    assert_eq!(status.signal(), Some(2), "{status:?}");
+}
