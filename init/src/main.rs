@@ -9,6 +9,7 @@
 
 mod cmdline;
 mod mounts;
+mod net;
 mod report;
 mod supervisor;
 
@@ -19,6 +20,7 @@ use nix::unistd::Pid;
 use report::{Outcome, Report};
 use std::os::fd::AsFd;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use supervisor::{Supervisor, Table};
 
@@ -40,6 +42,7 @@ struct Init {
     sup: Supervisor,
     signals: SignalFd,
     written: String,
+    net: Arc<Mutex<net::NetState>>,
 }
 
 fn handled_signals() -> SigSet {
@@ -64,6 +67,9 @@ impl Init {
 
     fn write_report(&mut self) {
         self.report.services = self.sup.report();
+        if let Ok(n) = self.net.lock() {
+            self.report.network = serde_json::to_value(&*n).unwrap_or_default();
+        }
         let now = serde_json::to_string(&self.report).unwrap_or_default();
         if now != self.written {
             self.report.write(&self.report_path());
@@ -269,8 +275,14 @@ fn main() {
             Outcome::Degraded
         }
     });
+    let mut cmdline = cmdline::Cmdline::default();
     report.stage("cmdline", |d| {
-        let text = std::fs::read_to_string(root.join("proc/cmdline")).unwrap_or_default();
+        // A test must not pick up the host's command line.
+        let text = if test {
+            std::env::var("SHOAL_INIT_CMDLINE").unwrap_or_default()
+        } else {
+            std::fs::read_to_string(root.join("proc/cmdline")).unwrap_or_default()
+        };
         let c = cmdline::Cmdline::parse(&text);
         if let Some(ip) = c.get("ip") {
             d.push(format!("ip={ip}"));
@@ -278,7 +290,18 @@ fn main() {
         if !c.has_flag("ro") && !test {
             d.push("no `ro` on the kernel command line: the root may be writable".into());
         }
+        cmdline = c;
         Outcome::Ok
+    });
+    let net_state = Arc::new(Mutex::new(net::NetState::default()));
+    report.stage("network", |d| {
+        // A test touches only the interfaces it names, in its own network namespace.
+        if test && std::env::var_os("SHOAL_INIT_NET_IFACES").is_none() {
+            d.push("skipped in test mode (no SHOAL_INIT_NET_IFACES)".into());
+            return Outcome::Ok;
+        }
+        let (cfg, source) = net::choose(&cmdline, None, d);
+        net::apply(&root, &cfg, &source, &net_state, d)
     });
     let mut table = Table { service: vec![] };
     report.stage("services", |d| {
@@ -293,6 +316,7 @@ fn main() {
         report,
         signals,
         written: String::new(),
+        net: net_state,
     };
     loop {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init.run()));

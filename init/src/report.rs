@@ -46,6 +46,7 @@ pub struct Report {
     pub test_mode: bool,
     pub stages: Vec<Stage>,
     pub services: Vec<ServiceReport>,
+    pub network: serde_json::Value,
     pub orphans_reaped: u64,
     pub panics: u64,
     pub shutdown: Option<String>,

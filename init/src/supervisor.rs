@@ -45,6 +45,7 @@ fn default_stop_ms() -> u64 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Table {
+    #[serde(default)]
     pub service: Vec<ServiceSpec>,
 }
 

@@ -43,7 +43,8 @@ pub struct Host {
 pub struct Lan {
     pub tag: String,
     switch: String,
-    subnet: String,
+    /// The first three octets of the LAN's /24.
+    pub subnet: String,
     pub hosts: Vec<Host>,
     root_if: String,
 }
@@ -93,8 +94,18 @@ impl Lan {
         lan
     }
 
-    /// Adds a host namespace with `eth0` on the bridge.
+    /// Adds a host namespace with `eth0` on the bridge, addressed.
     pub fn add_host(&mut self) -> &Host {
+        self.add(true)
+    }
+
+    /// Adds a host namespace with `eth0` on the bridge, down and without an address: for
+    /// something that configures the network itself (shoal-init).
+    pub fn add_bare_host(&mut self) -> &Host {
+        self.add(false)
+    }
+
+    fn add(&mut self, configure: bool) -> &Host {
         let i = self.hosts.len();
         let ns = format!("{}-{}", self.tag, i + 1);
         let port = format!("p{}", i + 1);
@@ -126,18 +137,20 @@ impl Lan {
             "br0",
             "up",
         ]);
-        ip(&[
-            "-n",
-            &ns,
-            "addr",
-            "add",
-            &format!("{addr}/24"),
-            "dev",
-            "eth0",
-        ]);
-        ip(&["-n", &ns, "link", "set", "eth0", "up"]);
-        // mDNS sends to 224.0.0.251: give multicast a route even without a default route.
-        ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
+        if configure {
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{addr}/24"),
+                "dev",
+                "eth0",
+            ]);
+            ip(&["-n", &ns, "link", "set", "eth0", "up"]);
+            // mDNS sends to 224.0.0.251: give multicast a route even without a default route.
+            ip(&["-n", &ns, "route", "add", "224.0.0.0/4", "dev", "eth0"]);
+        }
         self.hosts.push(Host { ns, ip: addr, port });
         self.hosts.last().unwrap()
     }

@@ -38,16 +38,30 @@ struct Pid1 {
 
 impl Pid1 {
     fn start() -> Pid1 {
+        Pid1::start_with(None, SERVICES, &[])
+    }
+
+    /// shoal-init in new PID and mount namespaces, inside network namespace `netns` if given.
+    fn start_with(netns: Option<&str>, services: &str, env: &[(&str, &str)]) -> Pid1 {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("root");
         std::fs::create_dir_all(root.join("var")).unwrap();
         let table = dir.path().join("services.toml");
-        std::fs::write(&table, SERVICES).unwrap();
+        std::fs::write(&table, services).unwrap();
         let console = std::fs::File::create(dir.path().join("console.log")).unwrap();
-        let unshare = Command::new("unshare")
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "unshare"]);
+                c
+            }
+            None => Command::new("unshare"),
+        };
+        let unshare = cmd
             .args(["--pid", "--fork", "--mount", "--propagation", "private"])
             .arg(init_bin())
+            .envs(env.iter().copied())
             .env("SHOAL_INIT_ROOT", &root)
             .env("SHOAL_INIT_SERVICES", &table)
             .stdout(console.try_clone().unwrap())
@@ -219,4 +233,122 @@ fn sigusr2_powers_off() {
     });
     // reboot(RB_POWER_OFF) in a PID namespace kills its init with SIGINT.
     assert_eq!(status.signal(), Some(2), "{status:?}");
+}
+
+fn ip_json(ns: &str, args: &[&str]) -> serde_json::Value {
+    let out = Command::new("ip")
+        .args(["-n", ns, "-j"])
+        .args(args)
+        .output()
+        .unwrap();
+    serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+fn ipv4_of(ns: &str) -> Option<(String, u64)> {
+    let v = ip_json(ns, &["addr", "show", "dev", "eth0"]);
+    v[0]["addr_info"].as_array()?.iter().find_map(|a| {
+        (a["family"] == "inet").then(|| {
+            (
+                a["local"].as_str().unwrap().to_string(),
+                a["prefixlen"].as_u64().unwrap(),
+            )
+        })
+    })
+}
+
+fn default_gw(ns: &str) -> Option<String> {
+    let v = ip_json(ns, &["route", "show", "default"]);
+    v[0]["gateway"].as_str().map(String::from)
+}
+
+#[test]
+fn dhcp_from_a_real_dnsmasq_sets_address_route_dns_and_mtu_and_renews() {
+    let mut lan = shoal_e2e::netns::Lan::new(1);
+    let server = lan.hosts[0].ns.clone();
+    let net = lan.subnet.clone();
+    let client = lan.add_bare_host().ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dnsmasq.log");
+    let mut dnsmasq = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &server,
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+        ])
+        .args([
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--port=0",
+            "--log-dhcp",
+        ])
+        .arg(format!("--dhcp-range={net}.100,{net}.150,255.255.255.0,2m"))
+        .arg(format!("--dhcp-option=option:router,{net}.11"))
+        .arg(format!("--dhcp-option=option:dns-server,{net}.53"))
+        .args([
+            "--dhcp-option=option:mtu,1400",
+            "--dhcp-option=option:T1,4",
+            "--dhcp-option=option:T2,7",
+        ])
+        .arg(format!(
+            "--dhcp-leasefile={}",
+            dir.path().join("leases").display()
+        ))
+        .arg(format!("--log-facility={}", log.display()))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq");
+    let init = Pid1::start_with(Some(&client), "", &[("SHOAL_INIT_NET_IFACES", "eth0")]);
+    let (addr, prefix) = wait_for(T, "a DHCP address on eth0", || ipv4_of(&client));
+    assert!(addr.starts_with(&format!("{net}.1")), "{addr}");
+    assert_eq!(prefix, 24);
+    assert_eq!(
+        default_gw(&client).as_deref(),
+        Some(format!("{net}.11").as_str())
+    );
+    let link = ip_json(&client, &["link", "show", "dev", "eth0"]);
+    assert_eq!(link[0]["mtu"], 1400);
+    let resolv = wait_for(T, "resolv.conf", || {
+        std::fs::read_to_string(init.inside("run/shoal/resolv.conf")).ok()
+    });
+    assert!(resolv.contains(&format!("nameserver {net}.53")), "{resolv}");
+    let net_report = init.report()["network"].clone();
+    assert_eq!(net_report["interfaces"][0]["method"], "dhcp");
+    // T1 is 4 s: the lease is renewed by unicast, and the server sees it.
+    wait_for(Duration::from_secs(40), "a lease renewal", || {
+        (init.report()["network"]["interfaces"][0]["renewals"].as_u64() >= Some(1)).then_some(())
+    });
+    let acks = std::fs::read_to_string(&log)
+        .unwrap()
+        .matches("DHCPACK")
+        .count();
+    assert!(acks >= 2, "dnsmasq acknowledged {acks} times");
+    let _ = dnsmasq.kill();
+    let _ = dnsmasq.wait();
+}
+
+#[test]
+fn static_kernel_ip_is_applied_through_netlink() {
+    let mut lan = shoal_e2e::netns::Lan::new(0);
+    let ns = lan.add_bare_host().ns.clone();
+    let cmdline = "ro console=ttyS0 ip=10.79.0.5::10.79.0.1:255.255.255.0:n5:eth0:off:10.79.0.53";
+    let init = Pid1::start_with(
+        Some(&ns),
+        "",
+        &[
+            ("SHOAL_INIT_NET_IFACES", "eth0"),
+            ("SHOAL_INIT_CMDLINE", cmdline),
+        ],
+    );
+    let (addr, prefix) = wait_for(T, "the static address", || ipv4_of(&ns));
+    assert_eq!((addr.as_str(), prefix), ("10.79.0.5", 24));
+    assert_eq!(default_gw(&ns).as_deref(), Some("10.79.0.1"));
+    let resolv = wait_for(T, "resolv.conf", || {
+        std::fs::read_to_string(init.inside("run/shoal/resolv.conf")).ok()
+    });
+    assert!(resolv.contains("nameserver 10.79.0.53"));
+    assert_eq!(init.report()["network"]["source"], "kernel ip=");
 }

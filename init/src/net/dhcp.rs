@@ -1,0 +1,325 @@
+//! A small DHCPv4 client on dhcproto: DISCOVER → OFFER → REQUEST → ACK on one interface
+//! (broadcast flag set, so it needs no address yet), then renewal at T1 by unicast to the
+//! server. The lease carries the address, routers, DNS, MTU, classless static routes (RFC 3442,
+//! which replace the router option when present), NTP servers and the lease times.
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, Opcode, OptionCode};
+use dhcproto::{Decodable, Decoder, Encodable, Encoder};
+use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrIn};
+use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Lease {
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+    pub server: Ipv4Addr,
+    pub routers: Vec<Ipv4Addr>,
+    pub routes: Vec<(Ipv4Addr, u8, Ipv4Addr)>,
+    pub dns: Vec<Ipv4Addr>,
+    pub ntp: Vec<Ipv4Addr>,
+    pub domain: Option<String>,
+    pub mtu: Option<u16>,
+    pub lease_s: u32,
+    pub t1_s: u32,
+    pub t2_s: u32,
+}
+
+/// Reads a lease out of an OFFER or ACK. Rejects what cannot be a usable lease.
+pub fn lease_from(msg: &Message) -> Result<Lease, String> {
+    let o = msg.opts();
+    let addr = msg.yiaddr();
+    if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
+        return Err(format!("offered address {addr} is not usable"));
+    }
+    let server = match o.get(OptionCode::ServerIdentifier) {
+        Some(DhcpOption::ServerIdentifier(s)) => *s,
+        _ => return Err("no server identifier".into()),
+    };
+    let prefix = match o.get(OptionCode::SubnetMask) {
+        Some(DhcpOption::SubnetMask(m)) => {
+            let m = u32::from(*m);
+            if m.leading_ones() + m.trailing_zeros() != 32 {
+                return Err(format!("bad subnet mask {}", Ipv4Addr::from(m)));
+            }
+            m.leading_ones() as u8
+        }
+        _ => 24,
+    };
+    let routers = match o.get(OptionCode::Router) {
+        Some(DhcpOption::Router(r)) => r.clone(),
+        _ => vec![],
+    };
+    let routes = match o.get(OptionCode::ClasslessStaticRoute) {
+        Some(DhcpOption::ClasslessStaticRoute(r)) => r
+            .iter()
+            .map(|(net, gw)| (net.network(), net.prefix_len(), *gw))
+            .collect(),
+        _ => vec![],
+    };
+    let dns = match o.get(OptionCode::DomainNameServer) {
+        Some(DhcpOption::DomainNameServer(d)) => d.clone(),
+        _ => vec![],
+    };
+    let ntp = match o.get(OptionCode::NtpServers) {
+        Some(DhcpOption::NtpServers(d)) => d.clone(),
+        _ => vec![],
+    };
+    let domain = match o.get(OptionCode::DomainName) {
+        Some(DhcpOption::DomainName(d)) => Some(d.clone()),
+        _ => None,
+    };
+    let mtu = match o.get(OptionCode::InterfaceMtu) {
+        Some(DhcpOption::InterfaceMtu(m)) if *m >= 576 => Some(*m),
+        _ => None,
+    };
+    let lease_s = match o.get(OptionCode::AddressLeaseTime) {
+        Some(DhcpOption::AddressLeaseTime(l)) => (*l).max(10),
+        _ => 3600,
+    };
+    let t1_s = match o.get(OptionCode::Renewal) {
+        Some(DhcpOption::Renewal(t)) if *t > 0 && *t < lease_s => *t,
+        _ => lease_s / 2,
+    };
+    let t2_s = match o.get(OptionCode::Rebinding) {
+        Some(DhcpOption::Rebinding(t)) if *t > t1_s && *t < lease_s => *t,
+        _ => lease_s / 8 * 7,
+    };
+    Ok(Lease {
+        addr,
+        prefix,
+        server,
+        routers,
+        routes,
+        dns,
+        ntp,
+        domain,
+        mtu,
+        lease_s,
+        t1_s,
+        t2_s,
+    })
+}
+
+fn socket_on(ifname: &str) -> Result<UdpSocket, String> {
+    let fd = socket::socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| format!("socket: {e}"))?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
+    socket::setsockopt(&fd, sockopt::Broadcast, &true).map_err(|e| e.to_string())?;
+    socket::setsockopt(
+        &fd,
+        sockopt::BindToDevice,
+        &std::ffi::OsString::from(ifname),
+    )
+    .map_err(|e| format!("bind to {ifname}: {e}"))?;
+    socket::bind(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)),
+    )
+    .map_err(|e| format!("bind :68: {e}"))?;
+    Ok(UdpSocket::from(fd))
+}
+
+fn request_list() -> DhcpOption {
+    DhcpOption::ParameterRequestList(vec![
+        OptionCode::SubnetMask,
+        OptionCode::Router,
+        OptionCode::DomainNameServer,
+        OptionCode::DomainName,
+        OptionCode::InterfaceMtu,
+        OptionCode::NtpServers,
+        OptionCode::ClasslessStaticRoute,
+        OptionCode::AddressLeaseTime,
+        OptionCode::Renewal,
+        OptionCode::Rebinding,
+    ])
+}
+
+fn base(mac: &[u8; 6], xid: u32, kind: MessageType, broadcast: bool) -> Message {
+    let mut m = Message::default();
+    m.set_opcode(Opcode::BootRequest)
+        .set_xid(xid)
+        .set_chaddr(mac);
+    if broadcast {
+        m.set_flags(Flags::default().set_broadcast());
+    }
+    let mut id = vec![1u8];
+    id.extend_from_slice(mac);
+    m.opts_mut().insert(DhcpOption::MessageType(kind));
+    m.opts_mut().insert(DhcpOption::ClientIdentifier(id));
+    m.opts_mut().insert(request_list());
+    m
+}
+
+fn send(sock: &UdpSocket, m: &Message, to: SocketAddrV4) -> Result<(), String> {
+    let mut buf = Vec::new();
+    m.encode(&mut Encoder::new(&mut buf))
+        .map_err(|e| e.to_string())?;
+    sock.send_to(&buf, to)
+        .map_err(|e| format!("send to {to}: {e}"))?;
+    Ok(())
+}
+
+/// Waits for a reply to `xid` of one of `kinds` until `deadline`.
+fn receive(sock: &UdpSocket, xid: u32, deadline: Instant) -> Result<Message, String> {
+    let mut buf = [0u8; 1500];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err("no answer".into());
+        }
+        sock.set_read_timeout(Some(left))
+            .map_err(|e| e.to_string())?;
+        let n = match sock.recv(&mut buf) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err("no answer".into())
+            }
+            Err(e) => return Err(e.to_string()),
+        };
+        let Ok(m) = Message::decode(&mut Decoder::new(&buf[..n])) else {
+            continue;
+        };
+        if m.xid() == xid && m.opcode() == Opcode::BootReply {
+            return Ok(m);
+        }
+    }
+}
+
+/// Acquires a lease on `ifname`, retrying DISCOVER with backoff until `limit`.
+pub fn acquire(ifname: &str, mac: &[u8; 6], limit: Duration) -> Result<Lease, String> {
+    let sock = socket_on(ifname)?;
+    let end = Instant::now() + limit;
+    let bcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
+    let mut wait = Duration::from_millis(500);
+    // Retransmissions keep the transaction id, so a late OFFER (servers may first ping the
+    // address they offer) still counts.
+    let xid: u32 = nix::unistd::getpid().as_raw() as u32 ^ (crate::report::now_ms() as u32);
+    while Instant::now() < end {
+        send(&sock, &base(mac, xid, MessageType::Discover, true), bcast)?;
+        let step = (Instant::now() + wait).min(end);
+        let offer = match receive(&sock, xid, step) {
+            Ok(m) if m.opts().msg_type() == Some(MessageType::Offer) => m,
+            _ => {
+                wait = (wait * 2).min(Duration::from_secs(4));
+                continue;
+            }
+        };
+        let lease = lease_from(&offer)?;
+        let mut req = base(mac, xid, MessageType::Request, true);
+        req.opts_mut()
+            .insert(DhcpOption::RequestedIpAddress(lease.addr));
+        req.opts_mut()
+            .insert(DhcpOption::ServerIdentifier(lease.server));
+        send(&sock, &req, bcast)?;
+        match receive(
+            &sock,
+            xid,
+            (Instant::now() + Duration::from_secs(3)).min(end),
+        ) {
+            Ok(m) if m.opts().msg_type() == Some(MessageType::Ack) => return lease_from(&m),
+            Ok(m) if m.opts().msg_type() == Some(MessageType::Nak) => continue,
+            _ => continue,
+        }
+    }
+    Err(format!(
+        "no DHCP lease on {ifname} within {} s",
+        limit.as_secs()
+    ))
+}
+
+/// Renews `lease` by unicast to its server (RENEWING state of RFC 2131).
+pub fn renew(ifname: &str, mac: &[u8; 6], lease: &Lease) -> Result<Lease, String> {
+    let sock = socket_on(ifname)?;
+    let xid: u32 = crate::report::now_ms() as u32 ^ 0x5a5a_5a5a;
+    let mut req = base(mac, xid, MessageType::Request, false);
+    req.set_ciaddr(lease.addr);
+    send(&sock, &req, SocketAddrV4::new(lease.server, 67))?;
+    match receive(&sock, xid, Instant::now() + Duration::from_secs(5))? {
+        m if m.opts().msg_type() == Some(MessageType::Ack) => lease_from(&m),
+        m => Err(format!("server answered {:?}", m.opts().msg_type())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ack() -> Message {
+        let mut m = Message::default();
+        m.set_opcode(Opcode::BootReply)
+            .set_yiaddr(Ipv4Addr::new(10, 9, 0, 50));
+        let o = m.opts_mut();
+        o.insert(DhcpOption::MessageType(MessageType::Ack));
+        o.insert(DhcpOption::ServerIdentifier(Ipv4Addr::new(10, 9, 0, 1)));
+        o.insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 255, 0, 0)));
+        o.insert(DhcpOption::Router(vec![Ipv4Addr::new(10, 9, 0, 1)]));
+        o.insert(DhcpOption::DomainNameServer(vec![Ipv4Addr::new(
+            10, 9, 0, 53,
+        )]));
+        o.insert(DhcpOption::InterfaceMtu(1400));
+        o.insert(DhcpOption::AddressLeaseTime(120));
+        o.insert(DhcpOption::ClasslessStaticRoute(vec![(
+            "192.168.0.0/16".parse().unwrap(),
+            Ipv4Addr::new(10, 9, 0, 254),
+        )]));
+        m
+    }
+
+    #[test]
+    fn a_lease_reads_every_option_we_use() {
+        let l = lease_from(&ack()).unwrap();
+        assert_eq!((l.addr, l.prefix), (Ipv4Addr::new(10, 9, 0, 50), 16));
+        assert_eq!(
+            l.routes,
+            vec![(
+                Ipv4Addr::new(192, 168, 0, 0),
+                16,
+                Ipv4Addr::new(10, 9, 0, 254)
+            )]
+        );
+        assert_eq!(
+            (l.mtu, l.lease_s, l.t1_s, l.t2_s),
+            (Some(1400), 120, 60, 105)
+        );
+        let mut bad = ack();
+        bad.opts_mut()
+            .insert(DhcpOption::SubnetMask(Ipv4Addr::new(255, 0, 255, 0)));
+        assert!(lease_from(&bad).is_err());
+        let mut none = ack();
+        none.set_yiaddr(Ipv4Addr::UNSPECIFIED);
+        assert!(lease_from(&none).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_random_or_mutated_replies_never_panics(
+            bytes in proptest::collection::vec(any::<u8>(), 0..600),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..20),
+        ) {
+            if let Ok(m) = Message::decode(&mut Decoder::new(&bytes)) {
+                let _ = lease_from(&m);
+            }
+            let mut buf = Vec::new();
+            ack().encode(&mut Encoder::new(&mut buf)).unwrap();
+            for (at, b) in flips {
+                let i = at % buf.len();
+                buf[i] = b;
+            }
+            if let Ok(m) = Message::decode(&mut Decoder::new(&buf)) {
+                let _ = lease_from(&m);
+            }
+        }
+    }
+}

@@ -1,0 +1,340 @@
+//! The network stage: loopback up, then the first configuration source that is present wins —
+//! the kernel's `ip=`, `shoal.net=`, a NoCloud `network-config` — else DHCPv4 on every physical
+//! interface. Applied with rtnetlink; DNS goes to `/run/shoal/resolv.conf` (the image links
+//! `/etc/resolv.conf` there). DHCP leases are renewed by a thread per interface.
+
+pub mod config;
+pub mod dhcp;
+pub mod netlink;
+
+use crate::cmdline::Cmdline;
+use crate::report::Outcome;
+use config::{Iface, NetConfig};
+use netlink::{Link, Netlink};
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long DHCP may take before the stage reports the network as degraded.
+const DHCP_LIMIT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct IfState {
+    pub name: String,
+    pub mac: Option<String>,
+    pub method: String,
+    pub addrs: Vec<String>,
+    pub gateway: Option<String>,
+    pub mtu: Option<u32>,
+    pub lease: Option<dhcp::Lease>,
+    pub renewals: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NetState {
+    pub source: String,
+    pub interfaces: Vec<IfState>,
+    pub dns: Vec<String>,
+    pub ntp: Vec<String>,
+    pub hostname: Option<String>,
+}
+
+/// Picks the configuration: `ip=`, then `shoal.net=`, then `network-config`, else DHCP.
+pub fn choose(
+    cmdline: &Cmdline,
+    network_config: Option<&str>,
+    detail: &mut Vec<String>,
+) -> (NetConfig, String) {
+    let dhcp_everywhere = || NetConfig {
+        ifaces: vec![Iface {
+            dhcp: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let sources: [(&str, Option<Result<NetConfig, String>>); 3] = [
+        ("kernel ip=", cmdline.get("ip").map(config::parse_kernel_ip)),
+        (
+            "shoal.net=",
+            cmdline.get("shoal.net").map(config::parse_shoal_net),
+        ),
+        (
+            "nocloud network-config",
+            network_config.map(config::parse_network_config),
+        ),
+    ];
+    for (name, parsed) in sources {
+        match parsed {
+            Some(Ok(c)) => return (c, name.to_string()),
+            Some(Err(e)) => detail.push(format!("{name} ignored: {e}")),
+            None => {}
+        }
+    }
+    (dhcp_everywhere(), "dhcp (no configuration given)".into())
+}
+
+/// Interfaces DHCP runs on when none is named: physical ones (a `device` link in sysfs), or
+/// in test mode those listed in `SHOAL_INIT_NET_IFACES`.
+fn physical(root: &Path, links: &[Link]) -> Vec<Link> {
+    let listed: Option<Vec<String>> = std::env::var("SHOAL_INIT_NET_IFACES")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    links
+        .iter()
+        .filter(|l| !l.loopback)
+        .filter(|l| match &listed {
+            Some(names) => names.contains(&l.name),
+            None => root
+                .join("sys/class/net")
+                .join(&l.name)
+                .join("device")
+                .exists(),
+        })
+        .cloned()
+        .collect()
+}
+
+fn mac_bytes(mac: &Option<String>) -> Option<[u8; 6]> {
+    let v: Vec<u8> = mac
+        .as_ref()?
+        .split(':')
+        .filter_map(|h| u8::from_str_radix(h, 16).ok())
+        .collect();
+    v.try_into().ok()
+}
+
+fn write_resolv(root: &Path, dns: &[String], search: &[String]) {
+    let mut text = String::from("# written by shoal-init\n");
+    for d in dns {
+        text.push_str(&format!("nameserver {d}\n"));
+    }
+    if !search.is_empty() {
+        text.push_str(&format!("search {}\n", search.join(" ")));
+    }
+    let path = root.join("run/shoal/resolv.conf");
+    if let Some(d) = path.parent() {
+        let _ = std::fs::create_dir_all(d);
+    }
+    let _ = std::fs::write(path, text);
+}
+
+fn apply_lease(nl: &Netlink, index: u32, l: &dhcp::Lease, st: &mut IfState) -> Result<(), String> {
+    nl.up(index, l.mtu.map(u32::from))?;
+    nl.add_addr(index, IpAddr::V4(l.addr), l.prefix)?;
+    // RFC 3442: classless routes, when given, replace the router option.
+    if l.routes.is_empty() {
+        if let Some(gw) = l.routers.first() {
+            nl.add_route(index, Ipv4Addr::UNSPECIFIED, 0, *gw)?;
+            st.gateway = Some(gw.to_string());
+        }
+    } else {
+        for (dst, p, gw) in &l.routes {
+            nl.add_route(index, *dst, *p, *gw)?;
+            if *p == 0 {
+                st.gateway = Some(gw.to_string());
+            }
+        }
+    }
+    st.addrs = vec![format!("{}/{}", l.addr, l.prefix)];
+    st.mtu = l.mtu.map(u32::from);
+    st.lease = Some(l.clone());
+    Ok(())
+}
+
+/// Keeps a lease: renews at T1 by unicast, falls back to a new DISCOVER at T2.
+fn renew_forever(
+    ifname: String,
+    index: u32,
+    mac: [u8; 6],
+    mut lease: dhcp::Lease,
+    state: Arc<Mutex<NetState>>,
+    slot: usize,
+) {
+    loop {
+        std::thread::sleep(Duration::from_secs(u64::from(lease.t1_s)));
+        let next = dhcp::renew(&ifname, &mac, &lease).or_else(|e| {
+            crate::console(&format!("dhcp {ifname}: renewal failed ({e}); rebinding"));
+            std::thread::sleep(Duration::from_secs(u64::from(
+                lease.t2_s.saturating_sub(lease.t1_s),
+            )));
+            dhcp::acquire(
+                &ifname,
+                &mac,
+                Duration::from_secs(u64::from(lease.lease_s.saturating_sub(lease.t2_s)).max(10)),
+            )
+        });
+        match next {
+            Ok(l) => {
+                if let Ok(mut s) = state.lock() {
+                    let st = &mut s.interfaces[slot];
+                    st.renewals += 1;
+                    if l.addr != lease.addr {
+                        if let Ok(nl) = Netlink::open() {
+                            let _ = apply_lease(&nl, index, &l, st);
+                        }
+                    } else {
+                        st.lease = Some(l.clone());
+                    }
+                }
+                lease = l;
+            }
+            Err(e) => crate::console(&format!("dhcp {ifname}: lease lost ({e}); trying again")),
+        }
+    }
+}
+
+/// Applies `cfg`; fills `state`; returns the stage outcome.
+pub fn apply(
+    root: &Path,
+    cfg: &NetConfig,
+    source: &str,
+    state: &Arc<Mutex<NetState>>,
+    detail: &mut Vec<String>,
+) -> Outcome {
+    let nl = match Netlink::open() {
+        Ok(n) => n,
+        Err(e) => {
+            detail.push(format!("netlink: {e}"));
+            return Outcome::Failed;
+        }
+    };
+    let links = match nl.links() {
+        Ok(l) => l,
+        Err(e) => {
+            detail.push(format!("netlink: {e}"));
+            return Outcome::Failed;
+        }
+    };
+    for l in links.iter().filter(|l| l.loopback) {
+        if let Err(e) = nl.up(l.index, None) {
+            detail.push(format!("lo: {e}"));
+        }
+    }
+    let mut ns = NetState {
+        source: source.to_string(),
+        hostname: cfg.hostname.clone(),
+        dns: cfg.dns.iter().map(|d| d.to_string()).collect(),
+        ntp: cfg.ntp.iter().map(|d| d.to_string()).collect(),
+        ..Default::default()
+    };
+    detail.push(format!("source: {source}"));
+    if cfg.off {
+        detail.push("ip=off: loopback only".into());
+        *state.lock().unwrap_or_else(|p| p.into_inner()) = ns;
+        return Outcome::Ok;
+    }
+    let mut outcome = Outcome::Ok;
+    let mut dhcp_jobs: Vec<(Link, usize)> = Vec::new();
+    for want in &cfg.ifaces {
+        let targets: Vec<Link> = match (&want.name, &want.mac) {
+            (Some(n), _) => links.iter().filter(|l| &l.name == n).cloned().collect(),
+            (None, Some(m)) => links
+                .iter()
+                .filter(|l| l.mac.as_ref() == Some(m))
+                .cloned()
+                .collect(),
+            (None, None) => physical(root, &links),
+        };
+        if targets.is_empty() {
+            detail.push(format!(
+                "no interface matches {:?}",
+                want.name.as_ref().or(want.mac.as_ref())
+            ));
+            outcome = Outcome::Degraded;
+        }
+        for l in targets {
+            let mut st = IfState {
+                name: l.name.clone(),
+                mac: l.mac.clone(),
+                method: if want.dhcp && want.addrs.is_empty() {
+                    "dhcp"
+                } else {
+                    "static"
+                }
+                .into(),
+                ..Default::default()
+            };
+            let r = (|| -> Result<(), String> {
+                nl.up(l.index, want.mtu)?;
+                for (ip, p) in &want.addrs {
+                    nl.add_addr(l.index, *ip, *p)?;
+                    st.addrs.push(format!("{ip}/{p}"));
+                }
+                if let Some(gw) = want.gateway {
+                    nl.add_route(l.index, Ipv4Addr::UNSPECIFIED, 0, gw)?;
+                    st.gateway = Some(gw.to_string());
+                }
+                for (dst, p, gw) in &want.routes {
+                    nl.add_route(l.index, *dst, *p, *gw)?;
+                }
+                st.mtu = want.mtu;
+                Ok(())
+            })();
+            if let Err(e) = r {
+                detail.push(format!("{}: {e}", l.name));
+                st.error = Some(e);
+                outcome = Outcome::Degraded;
+            }
+            if want.dhcp && want.addrs.is_empty() {
+                dhcp_jobs.push((l.clone(), ns.interfaces.len()));
+            }
+            ns.interfaces.push(st);
+        }
+    }
+    // DHCP on every interface at once, bounded.
+    let results: Vec<(Link, usize, Result<dhcp::Lease, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = dhcp_jobs
+            .into_iter()
+            .map(|(l, slot)| {
+                s.spawn(move || {
+                    let r = match mac_bytes(&l.mac) {
+                        Some(mac) => dhcp::acquire(&l.name, &mac, DHCP_LIMIT),
+                        None => Err("no MAC address".into()),
+                    };
+                    (l, slot, r)
+                })
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().ok()).collect()
+    });
+    let mut renewals = Vec::new();
+    for (l, slot, r) in results {
+        let st = &mut ns.interfaces[slot];
+        match r.and_then(|lease| apply_lease(&nl, l.index, &lease, st).map(|_| lease)) {
+            Ok(lease) => {
+                detail.push(format!(
+                    "{}: {}/{} by DHCP from {}",
+                    l.name, lease.addr, lease.prefix, lease.server
+                ));
+                for d in &lease.dns {
+                    if !ns.dns.contains(&d.to_string()) {
+                        ns.dns.push(d.to_string());
+                    }
+                }
+                for n in &lease.ntp {
+                    ns.ntp.push(n.to_string());
+                }
+                if let Some(mac) = mac_bytes(&l.mac) {
+                    renewals.push((l.name.clone(), l.index, mac, lease, slot));
+                }
+            }
+            Err(e) => {
+                detail.push(format!("{}: DHCP: {e}", l.name));
+                st.error = Some(e);
+                outcome = Outcome::Degraded;
+            }
+        }
+    }
+    write_resolv(root, &ns.dns, &cfg.search);
+    *state.lock().unwrap_or_else(|p| p.into_inner()) = ns;
+    for (name, index, mac, lease, slot) in renewals {
+        let st = state.clone();
+        let _ = std::thread::Builder::new()
+            .name(format!("dhcp-{name}"))
+            .spawn(move || renew_forever(name, index, mac, lease, st, slot));
+    }
+    outcome
+}
