@@ -65,14 +65,24 @@ impl Default for Discovery {
     }
 }
 
+/// Where the cluster bundle comes from.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BundleSource {
+    Dir(PathBuf),
+    /// Written to `<state_dir>/bundle` at every start (secrets 0600), then used from there.
+    Inline(Box<crate::identity::Bundle>),
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AgentConfig {
     /// Default: derived from /etc/machine-id.
     pub node_id: Option<String>,
     pub state_dir: PathBuf,
-    /// The cluster bundle directory (`shoal gen cluster`). Default: `<state_dir>/bundle`.
-    pub bundle: Option<PathBuf>,
+    /// The cluster bundle: a directory (`shoal gen cluster`), or the bundle itself inline (as
+    /// in user-data's `shoal:` key). Default: `<state_dir>/bundle`.
+    pub bundle: Option<BundleSource>,
     /// `host:port` of peers to join; DNS names are resolved again on every try.
     pub peers: Vec<String>,
     /// The `host:port` peers reach this node's API at. Default: the API listen address, or
@@ -179,9 +189,10 @@ impl AgentConfig {
     }
 
     pub fn bundle_dir(&self) -> PathBuf {
-        self.bundle
-            .clone()
-            .unwrap_or_else(|| self.state_dir.join("bundle"))
+        match &self.bundle {
+            Some(BundleSource::Dir(d)) => d.clone(),
+            Some(BundleSource::Inline(_)) | None => self.state_dir.join("bundle"),
+        }
     }
 
     /// The node id: configured, or derived from the machine id.
@@ -278,5 +289,21 @@ mdns = true
             "node-0123456789ab"
         );
         assert!(cfg.resolve_node_id(None).is_err());
+    }
+
+    #[test]
+    fn user_data_shoal_key_is_a_valid_node_json() {
+        // What init writes to node.json: the `shoal:` mapping of `shoal gen cluster`'s
+        // user-data, as JSON.
+        let b = crate::identity::Bundle::generate("c", 1).unwrap();
+        let ud = b.user_data(&["10.0.0.2:7443".into()]);
+        let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&ud).unwrap();
+        let json = serde_json::to_string(&doc["shoal"]).unwrap();
+        let cfg = AgentConfig::from_json(&json).unwrap();
+        assert!(matches!(&cfg.bundle, Some(BundleSource::Inline(inline)) if **inline == b));
+        assert_eq!(cfg.bundle_dir(), PathBuf::from("/var/lib/shoal/bundle"));
+        assert_eq!(cfg.peers, vec!["10.0.0.2:7443".to_string()]);
+        let dir: AgentConfig = AgentConfig::from_json(r#"{"bundle": "/b"}"#).unwrap();
+        assert_eq!(dir.bundle_dir(), PathBuf::from("/b"));
     }
 }

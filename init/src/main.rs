@@ -8,10 +8,12 @@
 //! (run it under `unshare --pid --fork --mount`): it signals every process it can see.
 
 mod cmdline;
+mod metadata;
 mod mounts;
 mod net;
 mod report;
 mod supervisor;
+mod system;
 
 use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
@@ -208,6 +210,147 @@ impl Init {
     }
 }
 
+fn local_metadata(
+    root: &std::path::Path,
+    cmdline: &cmdline::Cmdline,
+    d: &mut Vec<String>,
+) -> Option<metadata::Metadata> {
+    if let Some((seed, h, i)) = metadata::nocloud_ds(cmdline) {
+        if let Some(path) = seed.strip_prefix("file://") {
+            match metadata::nocloud_dir(std::path::Path::new(path), &format!("nocloud ({seed})")) {
+                Some(mut m) => {
+                    m.hostname = h.or(m.hostname);
+                    m.instance_id = i.or(m.instance_id);
+                    return Some(m);
+                }
+                None => d.push(format!("{seed}: no meta-data there")),
+            }
+        }
+    }
+    for (label, dir) in [("cidata", "seed"), ("config-2", "config-drive")] {
+        let Some((dev, probe)) = metadata::volume::find(root, label) else {
+            continue;
+        };
+        let target = root.join("run/shoal").join(dir);
+        if let Err(e) = metadata::volume::mount_ro(&dev, probe.fstype, &target) {
+            d.push(e);
+            continue;
+        }
+        let m = if label == "cidata" {
+            metadata::nocloud_dir(&target, &format!("nocloud ({} {label})", dev.display()))
+        } else {
+            metadata::config_drive_dir(&target)
+        };
+        if m.is_some() {
+            return m;
+        }
+        d.push(format!(
+            "{}: labelled {label} but holds no metadata",
+            dev.display()
+        ));
+    }
+    None
+}
+
+/// Applies user-data and writes the agent's `node.json` (0600: it holds the bundle).
+fn user_data(
+    root: &std::path::Path,
+    meta: Option<&metadata::Metadata>,
+    applied: &mut Option<metadata::userdata::Applied>,
+    d: &mut Vec<String>,
+) -> Outcome {
+    let Some(raw) = meta.and_then(|m| m.user_data.as_ref()) else {
+        d.push("no user-data".into());
+        return Outcome::Ok;
+    };
+    let a = match metadata::userdata::process(root, raw) {
+        Ok(a) => a,
+        Err(e) => {
+            d.push(e);
+            return Outcome::Failed;
+        }
+    };
+    let mut outcome = Outcome::Ok;
+    for r in &a.refused {
+        d.push(format!("refused {r}"));
+        outcome = Outcome::Degraded;
+    }
+    if !a.unknown_keys.is_empty() {
+        d.push(format!(
+            "unknown keys (ignored): {}",
+            a.unknown_keys.join(", ")
+        ));
+    }
+    // The same user-data gives the same machine: record what changed since the last boot.
+    let state = root.join("var/lib/shoal/init/user-data.json");
+    let before: Option<std::collections::BTreeMap<String, String>> = std::fs::read(&state)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    match before {
+        Some(b) => {
+            let c = metadata::userdata::changes(&b, &a.fingerprints);
+            if c.is_empty() {
+                d.push("user-data unchanged since the last boot".into());
+            } else {
+                d.push(format!(
+                    "user-data changed since the last boot: {}",
+                    c.join(", ")
+                ));
+            }
+        }
+        None => d.push("first boot with this user-data".into()),
+    }
+    if let Some(dir) = state.parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    let _ = std::fs::write(
+        &state,
+        serde_json::to_vec(&a.fingerprints).unwrap_or_default(),
+    );
+    if let Some(shoal) = &a.shoal {
+        let path = root.join("run/shoal/node.json");
+        let body = serde_json::to_vec_pretty(shoal).unwrap_or_default();
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let w = std::fs::create_dir_all(root.join("run/shoal")).and_then(|_| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&path)?;
+            f.write_all(&body)
+        });
+        match w {
+            Ok(()) => d.push("node.json written".into()),
+            Err(e) => {
+                d.push(format!("node.json: {e}"));
+                outcome = Outcome::Failed;
+            }
+        }
+    }
+    *applied = Some(a);
+    outcome
+}
+
+/// `shoal-` and the first 8 hex digits of the machine id.
+fn derived_hostname(root: &std::path::Path) -> String {
+    let id = std::fs::read_to_string(root.join("etc/machine-id"))
+        .or_else(|_| std::fs::read_to_string(root.join("run/machine-id")))
+        .unwrap_or_default();
+    let id = id.trim();
+    if id.len() >= 8 {
+        format!("shoal-{}", &id[..8])
+    } else {
+        "shoal".into()
+    }
+}
+
+fn report_hostname(root: &std::path::Path, name: &str) {
+    let _ = std::fs::create_dir_all(root.join("run/shoal"));
+    let _ = std::fs::write(root.join("run/shoal/hostname"), format!("{name}\n"));
+}
+
 fn load_table(detail: &mut Vec<String>) -> (Table, Outcome) {
     let Ok(path) = std::env::var("SHOAL_INIT_SERVICES") else {
         return (Table::default_table(), Outcome::Ok);
@@ -275,6 +418,33 @@ fn main() {
             Outcome::Degraded
         }
     });
+    report.stage("data-disk", |d| {
+        if test && std::env::var_os("SHOAL_INIT_DISKS").is_none() {
+            d.push("skipped in test mode (no SHOAL_INIT_DISKS)".into());
+            return Outcome::Ok;
+        }
+        system::data_disk(&root, d)
+    });
+    report.stage("machine-id", |d| system::machine_id(&root, d));
+    report.stage("modules", |d| {
+        if test {
+            d.push("skipped in test mode".into());
+            return Outcome::Ok;
+        }
+        system::modules(d)
+    });
+    report.stage("sysctls", |d| {
+        // Network sysctls belong to the network namespace; a test has its own only when it
+        // names interfaces.
+        if test && std::env::var_os("SHOAL_INIT_NET_IFACES").is_none() {
+            d.push("skipped in test mode".into());
+            return Outcome::Ok;
+        }
+        if test {
+            d.push("network sysctls only in test mode".into());
+        }
+        system::sysctls(&root, test, d)
+    });
     let mut cmdline = cmdline::Cmdline::default();
     report.stage("cmdline", |d| {
         // A test must not pick up the host's command line.
@@ -293,6 +463,16 @@ fn main() {
         cmdline = c;
         Outcome::Ok
     });
+    // Metadata that needs no network: a NoCloud seed named on the command line or on a
+    // `cidata` volume, or an OpenStack config drive.
+    let mut meta: Option<metadata::Metadata> = None;
+    report.stage("metadata-local", |d| {
+        meta = local_metadata(&root, &cmdline, d);
+        if let Some(m) = &meta {
+            d.push(format!("source: {}", m.source));
+        }
+        Outcome::Ok
+    });
     let net_state = Arc::new(Mutex::new(net::NetState::default()));
     report.stage("network", |d| {
         // A test touches only the interfaces it names, in its own network namespace.
@@ -300,8 +480,63 @@ fn main() {
             d.push("skipped in test mode (no SHOAL_INIT_NET_IFACES)".into());
             return Outcome::Ok;
         }
-        let (cfg, source) = net::choose(&cmdline, None, d);
+        let nc = meta.as_ref().and_then(|m| m.network_config.as_deref());
+        let (cfg, source) = net::choose(&cmdline, nc, d);
         net::apply(&root, &cfg, &source, &net_state, d)
+    });
+    report.stage("metadata", |d| {
+        if meta.is_none() {
+            let host = if test {
+                std::env::var("SHOAL_INIT_METADATA_HOST").ok()
+            } else {
+                Some(metadata::LINK_LOCAL.to_string())
+            };
+            if let Some(host) = host {
+                meta = metadata::remote(&cmdline, &host, Duration::from_secs(5), d);
+            }
+        }
+        match &meta {
+            Some(m) => {
+                d.push(format!("source: {}", m.source));
+                Outcome::Ok
+            }
+            None => {
+                d.push("no metadata source: dev mode".into());
+                Outcome::Degraded
+            }
+        }
+    });
+    let mut applied: Option<metadata::userdata::Applied> = None;
+    report.stage("user-data", |d| {
+        user_data(&root, meta.as_ref(), &mut applied, d)
+    });
+    report.metadata = serde_json::json!({
+        "source": meta.as_ref().map(|m| m.source.clone()),
+        "instance_id": meta.as_ref().and_then(|m| m.instance_id.clone()),
+        "user_data": applied,
+    });
+    report.stage("hostname", |d| {
+        let from_net = net_state.lock().ok().and_then(|n| n.hostname.clone());
+        let name = applied
+            .as_ref()
+            .and_then(|a| a.hostname.clone())
+            .or_else(|| meta.as_ref().and_then(|m| m.hostname.clone()))
+            .or(from_net)
+            .unwrap_or_else(|| derived_hostname(&root));
+        let short = name.split('.').next().unwrap_or(&name).to_string();
+        d.push(short.clone());
+        report_hostname(&root, &short);
+        if test && std::env::var_os("SHOAL_INIT_UTS").is_none() {
+            d.push("not set in test mode (no SHOAL_INIT_UTS)".into());
+            return Outcome::Ok;
+        }
+        match nix::unistd::sethostname(&short) {
+            Ok(()) => Outcome::Ok,
+            Err(e) => {
+                d.push(format!("sethostname: {e}"));
+                Outcome::Degraded
+            }
+        }
     });
     let mut table = Table { service: vec![] };
     report.stage("services", |d| {

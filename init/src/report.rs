@@ -47,6 +47,7 @@ pub struct Report {
     pub stages: Vec<Stage>,
     pub services: Vec<ServiceReport>,
     pub network: serde_json::Value,
+    pub metadata: serde_json::Value,
     pub orphans_reaped: u64,
     pub panics: u64,
     pub shutdown: Option<String>,

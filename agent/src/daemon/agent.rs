@@ -154,6 +154,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     let machine_id = std::fs::read_to_string("/etc/machine-id").ok();
     let id = cfg.resolve_node_id(machine_id.as_deref())?;
     let advertise = advertise_addr(&cfg);
+    if let Some(crate::config::BundleSource::Inline(b)) = &cfg.bundle {
+        // From user-data (init's node.json): the same bundle on every boot, kept where a
+        // directory bundle would be.
+        b.write(&cfg.bundle_dir(), &cfg.peers, true)?;
+    }
     let token = read_admin_token(&cfg);
     let creds = Credentials::load(&cfg.bundle_dir())?;
     // Bind first: a port conflict is reported before anything else happens.

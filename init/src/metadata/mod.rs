@@ -1,0 +1,247 @@
+//! Cloud metadata, first match wins, each source time-bounded:
+//! - before the network: NoCloud from the kernel command line (`ds=nocloud;s=file:///...`) or a
+//!   volume labelled `cidata` (vfat or iso9660), OpenStack's config drive (`config-2`);
+//! - after it: NoCloud over HTTP (`ds=nocloud-net;s=http://...`), EC2 (IMDSv2: a session token
+//!   from `PUT /latest/api/token`, then every read with it), GCE (`Metadata-Flavor: Google`),
+//!   OpenStack's metadata service.
+//!
+//! Without any, the machine boots in dev mode. The agent itself never calls a metadata service.
+
+pub mod http;
+pub mod userdata;
+pub mod volume;
+
+use crate::cmdline::Cmdline;
+use serde::Serialize;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+pub const LINK_LOCAL: &str = "169.254.169.254";
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Metadata {
+    pub source: String,
+    pub instance_id: Option<String>,
+    pub hostname: Option<String>,
+    #[serde(skip)]
+    pub user_data: Option<Vec<u8>>,
+    #[serde(skip)]
+    pub network_config: Option<String>,
+}
+
+/// `ds=nocloud;s=<seed>;h=<hostname>;i=<instance-id>` → (seed, hostname, instance id).
+pub fn nocloud_ds(cmdline: &Cmdline) -> Option<(String, Option<String>, Option<String>)> {
+    let ds = cmdline.get("ds")?;
+    let mut parts = ds.split(';');
+    let kind = parts.next()?;
+    if !matches!(kind, "nocloud" | "nocloud-net") {
+        return None;
+    }
+    let (mut seed, mut h, mut i) = (None, None, None);
+    for p in parts {
+        match p.split_once('=') {
+            Some(("s" | "seedfrom", v)) => seed = Some(v.to_string()),
+            Some(("h" | "local-hostname", v)) => h = Some(v.to_string()),
+            Some(("i" | "instance-id", v)) => i = Some(v.to_string()),
+            _ => {}
+        }
+    }
+    Some((seed.unwrap_or_default(), h, i))
+}
+
+/// Reads `meta-data` (YAML or JSON): instance id and hostname.
+fn meta_data(text: &str) -> (Option<String>, Option<String>) {
+    let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(text).unwrap_or_default();
+    let s = |k: &str| v.get(k).and_then(|x| x.as_str()).map(String::from);
+    (
+        s("instance-id"),
+        s("local-hostname").or_else(|| s("hostname")),
+    )
+}
+
+/// A NoCloud seed in a directory (a `file://` seed or a mounted `cidata` volume).
+pub fn nocloud_dir(dir: &Path, source: &str) -> Option<Metadata> {
+    let md = std::fs::read_to_string(dir.join("meta-data")).ok()?;
+    let (instance_id, hostname) = meta_data(&md);
+    Some(Metadata {
+        source: source.into(),
+        instance_id,
+        hostname,
+        user_data: std::fs::read(dir.join("user-data")).ok(),
+        network_config: std::fs::read_to_string(dir.join("network-config")).ok(),
+    })
+}
+
+fn get(url: &str, headers: &[(&str, &str)], timeout: Duration) -> Result<http::Response, String> {
+    http::request("GET", url, headers, timeout)
+}
+
+/// A NoCloud seed over HTTP.
+pub fn nocloud_http(seed: &str, timeout: Duration) -> Result<Metadata, String> {
+    let base = if seed.ends_with('/') {
+        seed.to_string()
+    } else {
+        format!("{seed}/")
+    };
+    let md = get(&format!("{base}meta-data"), &[], timeout)?;
+    if md.status != 200 {
+        return Err(format!("{base}meta-data: HTTP {}", md.status));
+    }
+    let (instance_id, hostname) = meta_data(&String::from_utf8_lossy(&md.body));
+    let fetch = |name: &str| {
+        get(&format!("{base}{name}"), &[], timeout)
+            .ok()
+            .filter(|r| r.status == 200)
+            .map(|r| r.body)
+    };
+    Ok(Metadata {
+        source: format!("nocloud-net ({base})"),
+        instance_id,
+        hostname,
+        user_data: fetch("user-data"),
+        network_config: fetch("network-config").map(|b| String::from_utf8_lossy(&b).into_owned()),
+    })
+}
+
+/// EC2 with IMDSv2: every read carries a session token obtained by PUT.
+pub fn ec2(host: &str, timeout: Duration) -> Result<Metadata, String> {
+    let base = format!("http://{host}");
+    let t = http::request(
+        "PUT",
+        &format!("{base}/latest/api/token"),
+        &[("X-aws-ec2-metadata-token-ttl-seconds", "300")],
+        timeout,
+    )?;
+    if t.status != 200 {
+        return Err(format!("IMDSv2 token: HTTP {}", t.status));
+    }
+    let token = String::from_utf8_lossy(&t.body).trim().to_string();
+    let h = [("X-aws-ec2-metadata-token", token.as_str())];
+    let read = |path: &str| -> Result<Option<Vec<u8>>, String> {
+        let r = get(&format!("{base}{path}"), &h, timeout)?;
+        match r.status {
+            200 => Ok(Some(r.body)),
+            404 => Ok(None),
+            s => Err(format!("{path}: HTTP {s}")),
+        }
+    };
+    let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let instance_id = text(read("/latest/meta-data/instance-id")?);
+    if instance_id.is_none() {
+        return Err("IMDS answered without an instance id".into());
+    }
+    Ok(Metadata {
+        source: "ec2 (IMDSv2)".into(),
+        instance_id,
+        hostname: text(read("/latest/meta-data/local-hostname")?),
+        user_data: read("/latest/user-data")?,
+        network_config: None,
+    })
+}
+
+/// GCE: reads need `Metadata-Flavor: Google`, and answers carry it back.
+pub fn gce(host: &str, timeout: Duration) -> Result<Metadata, String> {
+    let base = format!("http://{host}/computeMetadata/v1/instance");
+    let h = [("Metadata-Flavor", "Google")];
+    let read = |path: &str| -> Result<Option<Vec<u8>>, String> {
+        let r = get(&format!("{base}{path}"), &h, timeout)?;
+        if r.header("metadata-flavor") != Some("Google") {
+            return Err("not a GCE metadata server (no Metadata-Flavor: Google)".into());
+        }
+        match r.status {
+            200 => Ok(Some(r.body)),
+            404 => Ok(None),
+            s => Err(format!("{path}: HTTP {s}")),
+        }
+    };
+    let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).trim().to_string());
+    let instance_id = text(read("/id")?);
+    if instance_id.is_none() {
+        return Err("GCE metadata without an instance id".into());
+    }
+    Ok(Metadata {
+        source: "gce".into(),
+        instance_id,
+        hostname: text(read("/hostname")?)
+            .map(|h| h.split('.').next().unwrap_or_default().to_string()),
+        user_data: read("/attributes/user-data")?,
+        network_config: None,
+    })
+}
+
+/// OpenStack's metadata service (JSON meta_data plus user_data).
+pub fn openstack(host: &str, timeout: Duration) -> Result<Metadata, String> {
+    let base = format!("http://{host}/openstack/latest");
+    let md = get(&format!("{base}/meta_data.json"), &[], timeout)?;
+    if md.status != 200 {
+        return Err(format!("meta_data.json: HTTP {}", md.status));
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&md.body).map_err(|e| format!("meta_data.json: {e}"))?;
+    let ud = get(&format!("{base}/user_data"), &[], timeout)?;
+    Ok(Metadata {
+        source: "openstack".into(),
+        instance_id: v["uuid"].as_str().map(String::from),
+        hostname: v["hostname"]
+            .as_str()
+            .map(|h| h.split('.').next().unwrap_or_default().to_string()),
+        user_data: (ud.status == 200).then_some(ud.body),
+        network_config: None,
+    })
+}
+
+/// OpenStack's config drive, mounted: `openstack/latest/meta_data.json` and `user_data`.
+pub fn config_drive_dir(dir: &Path) -> Option<Metadata> {
+    let base = dir.join("openstack/latest");
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(base.join("meta_data.json")).ok()?).ok()?;
+    Some(Metadata {
+        source: "openstack (config drive)".into(),
+        instance_id: v["uuid"].as_str().map(String::from),
+        hostname: v["hostname"]
+            .as_str()
+            .map(|h| h.split('.').next().unwrap_or_default().to_string()),
+        user_data: std::fs::read(base.join("user_data")).ok(),
+        network_config: None,
+    })
+}
+
+/// The link-local services, in turn, within `budget` overall. A missing service fails fast
+/// (no route, refused); a silent one costs at most its share of the budget.
+pub fn remote(
+    cmdline: &Cmdline,
+    host: &str,
+    budget: Duration,
+    detail: &mut Vec<String>,
+) -> Option<Metadata> {
+    let end = Instant::now() + budget;
+    let left = || {
+        end.saturating_duration_since(Instant::now())
+            .min(Duration::from_secs(2))
+    };
+    if let Some((seed, h, i)) = nocloud_ds(cmdline) {
+        if seed.starts_with("http://") {
+            match nocloud_http(&seed, left()) {
+                Ok(mut m) => {
+                    m.hostname = h.or(m.hostname);
+                    m.instance_id = i.or(m.instance_id);
+                    return Some(m);
+                }
+                Err(e) => detail.push(format!("nocloud-net: {e}")),
+            }
+        }
+    }
+    type Probe = fn(&str, Duration) -> Result<Metadata, String>;
+    let probes: [(&str, Probe); 3] = [("ec2", ec2), ("gce", gce), ("openstack", openstack)];
+    for (name, probe) in probes {
+        if left().is_zero() {
+            detail.push("metadata: time budget spent".into());
+            break;
+        }
+        match probe(host, left()) {
+            Ok(m) => return Some(m),
+            Err(e) => detail.push(format!("{name}: {e}")),
+        }
+    }
+    None
+}
