@@ -227,19 +227,27 @@ fn local_metadata(
             }
         }
     }
-    for (label, dir) in [("cidata", "seed"), ("config-2", "config-drive")] {
+    // Read in user space (ISO 9660 with Joliet, or FAT): no kernel module, nothing mounted.
+    for label in ["cidata", "config-2"] {
         let Some((dev, probe)) = metadata::volume::find(root, label) else {
             continue;
         };
-        let target = root.join("run/shoal").join(dir);
-        if let Err(e) = metadata::volume::mount_ro(&dev, probe.fstype, &target) {
-            d.push(e);
-            continue;
-        }
-        let m = if label == "cidata" {
-            metadata::nocloud_dir(&target, &format!("nocloud ({} {label})", dev.display()))
+        let wanted: &[&str] = if label == "cidata" {
+            &metadata::NOCLOUD_FILES
         } else {
-            metadata::config_drive_dir(&target)
+            &metadata::CONFIG_DRIVE_FILES
+        };
+        let files = match metadata::seedfs::files(&dev, probe.fstype, wanted) {
+            Ok(f) => f,
+            Err(e) => {
+                d.push(format!("{}: {e}", dev.display()));
+                continue;
+            }
+        };
+        let m = if label == "cidata" {
+            metadata::nocloud_files(&files, &format!("nocloud ({} {label})", dev.display()))
+        } else {
+            metadata::config_drive_files(&files)
         };
         if m.is_some() {
             return m;

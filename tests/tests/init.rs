@@ -352,3 +352,312 @@ fn static_kernel_ip_is_applied_through_netlink() {
     assert!(resolv.contains("nameserver 10.79.0.53"));
     assert_eq!(init.report()["network"]["source"], "kernel ip=");
 }
+
+fn stage(report: &serde_json::Value, name: &str) -> serde_json::Value {
+    report["stages"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == name).cloned())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn details(report: &serde_json::Value, name: &str) -> String {
+    stage(report, name)["detail"].to_string()
+}
+
+/// The user-data `shoal gen cluster` writes, with a host name added.
+fn cluster_user_data(dir: &Path, hostname: &str) -> (PathBuf, String) {
+    let b = shoal_e2e::bundle(&dir.join("bundle"), "meta");
+    let mut ud = std::fs::read_to_string(b.join("user-data.yaml")).unwrap();
+    ud.push_str(&format!("hostname: {hostname}\nruncmd: [\"echo no\"]\n"));
+    let path = dir.join("user-data");
+    std::fs::write(&path, &ud).unwrap();
+    let admin = std::fs::read_to_string(b.join("admin.token")).unwrap();
+    (path, admin.trim().to_string())
+}
+
+fn metadata_server(mode: &str, ud: &Path, log: &Path) -> (Child, u16) {
+    let port = shoal_e2e::free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/metadata_server.py");
+    let mut child = Command::new("/usr/bin/python3")
+        .arg(script)
+        .args([mode, &port.to_string()])
+        .arg(ud)
+        .arg(log)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    (child, port)
+}
+
+fn node_json(init: &Pid1) -> serde_json::Value {
+    let p = init.inside("run/shoal/node.json");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "node.json holds the bundle");
+    serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap()
+}
+
+#[test]
+fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
+    for (mode, source, host) in [
+        ("ec2", "ec2 (IMDSv2)", "ip-10-0-0-5"),
+        ("gce", "gce", "gce-node-1"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (ud, admin) = cluster_user_data(dir.path(), &format!("{mode}-from-user-data"));
+        let log = dir.path().join("requests.log");
+        let (mut server, port) = metadata_server(mode, &ud, &log);
+        let addr = format!("127.0.0.1:{port}");
+        let init = Pid1::start_with(None, "", &[("SHOAL_INIT_METADATA_HOST", &addr)]);
+        let report = wait_for(T, "the metadata stage", || {
+            let r = init.report();
+            (!stage(&r, "hostname").is_null()).then_some(r)
+        });
+        assert_eq!(
+            report["metadata"]["source"],
+            source,
+            "{}",
+            details(&report, "metadata")
+        );
+        let nj = node_json(&init);
+        assert_eq!(nj["bundle"]["admin_token"], admin.as_str());
+        // user-data's hostname wins over the provider's; runcmd is refused, and said so.
+        assert!(details(&report, "hostname").contains(&format!("{mode}-from-user-data")));
+        assert!(details(&report, "user-data").contains("refused runcmd"));
+        assert_eq!(stage(&report, "user-data")["outcome"], "degraded");
+        let _ = host;
+        // The report never holds a secret.
+        assert!(!report.to_string().contains(&admin));
+
+        let reqs: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if mode == "ec2" {
+            assert_eq!(
+                reqs[0]["method"], "PUT",
+                "IMDSv2 starts with a token: {reqs:?}"
+            );
+            assert!(reqs
+                .iter()
+                .filter(|r| r["method"] == "GET")
+                .all(|r| r["token"].is_string() && r["status"] != 401));
+            // And the server really enforces it.
+            let r =
+                shoal_e2e::http("GET", port, "/latest/meta-data/instance-id", &[], b"").unwrap();
+            assert_eq!(r.status, 401);
+        } else {
+            assert!(reqs
+                .iter()
+                .filter(|r| r["path"].as_str().unwrap().starts_with("/computeMetadata"))
+                .all(|r| r["flavor"] == "Google"));
+            let r =
+                shoal_e2e::http("GET", port, "/computeMetadata/v1/instance/id", &[], b"").unwrap();
+            assert_eq!(r.status, 403);
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+}
+
+#[test]
+fn without_metadata_the_machine_boots_in_dev_mode_quickly() {
+    let closed = format!("127.0.0.1:{}", shoal_e2e::free_port());
+    let init = Pid1::start_with(None, SERVICES, &[("SHOAL_INIT_METADATA_HOST", &closed)]);
+    wait_for(T, "services running", || {
+        (init.service("base")["state"] == "running").then_some(())
+    });
+    let report = init.report();
+    let m = stage(&report, "metadata");
+    assert_eq!(m["outcome"], "degraded");
+    assert!(m["detail"].to_string().contains("dev mode"));
+    let took = m["ended_ms"].as_u64().unwrap() - m["started_ms"].as_u64().unwrap();
+    assert!(took <= 5_000, "metadata probing is bounded: took {took} ms");
+    assert!(!init.inside("run/shoal/node.json").exists());
+}
+
+/// A loop device over a file, detached on drop.
+struct Loop(String);
+
+impl Loop {
+    fn new(file: &Path) -> Loop {
+        let out = Command::new("losetup")
+            .args(["-f", "--show"])
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Loop(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .trim_start_matches("/dev/")
+                .to_string(),
+        )
+    }
+}
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup")
+            .args(["-d", &format!("/dev/{}", self.0)])
+            .status();
+    }
+}
+
+/// A NoCloud seed made by `cloud-localds`, as ISO 9660 (`iso`) or FAT (`vfat`).
+fn seed_image(dir: &Path, name: &str, ud: &Path, hostname: &str, fs: &str) -> PathBuf {
+    let md = dir.join(format!("{name}.meta-data"));
+    std::fs::write(
+        &md,
+        format!("instance-id: iid-{name}\nlocal-hostname: {hostname}\n"),
+    )
+    .unwrap();
+    let nc = dir.join(format!("{name}.network-config"));
+    std::fs::write(&nc, "version: 2\nethernets:\n  eth0:\n    addresses: [10.81.0.7/24]\n    routes:\n      - to: default\n        via: 10.81.0.1\n    nameservers:\n      addresses: [10.81.0.53]\n    mtu: 1450\n").unwrap();
+    let img = dir.join(format!("{name}.img"));
+    let out = Command::new("cloud-localds")
+        .args(["-f", fs])
+        .arg("-N")
+        .arg(&nc)
+        .arg(&img)
+        .arg(ud)
+        .arg(&md)
+        .output()
+        .expect("cloud-localds (cloud-image-utils)");
+    assert!(
+        out.status.success(),
+        "cloud-localds: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    img
+}
+
+#[test]
+fn nocloud_seed_network_config_and_data_disk_across_boots() {
+    let mut lan = shoal_e2e::netns::Lan::new(0);
+    let ns = lan.add_bare_host().ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let (ud, admin) = cluster_user_data(dir.path(), "seeded");
+    let seed = Loop::new(&seed_image(dir.path(), "seed1", &ud, "meta-host", "iso"));
+    let disk_file = dir.path().join("data.img");
+    std::fs::File::create(&disk_file)
+        .unwrap()
+        .set_len(64 << 20)
+        .unwrap();
+    let disk = Loop::new(&disk_file);
+    let disks = format!("{},{}", seed.0, disk.0);
+    let env = [
+        ("SHOAL_INIT_NET_IFACES", "eth0"),
+        ("SHOAL_INIT_DISKS", disks.as_str()),
+    ];
+
+    // First boot: the seed is found by its label, its network-config (v2) applied, the blank
+    // disk formatted and mounted at /var.
+    let mut init = Pid1::start_with(Some(&ns), "", &env);
+    let report = wait_for(T, "the boot stages", || {
+        let r = init.report();
+        (!stage(&r, "hostname").is_null()).then_some(r)
+    });
+    assert!(report["metadata"]["source"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{report:#}"))
+        .starts_with("nocloud"));
+    assert_eq!(report["metadata"]["instance_id"], "iid-seed1");
+    assert_eq!(ipv4_of(&ns), Some(("10.81.0.7".to_string(), 24)));
+    assert_eq!(default_gw(&ns).as_deref(), Some("10.81.0.1"));
+    assert_eq!(
+        ip_json(&ns, &["link", "show", "dev", "eth0"])[0]["mtu"],
+        1450
+    );
+    assert_eq!(report["network"]["source"], "nocloud network-config");
+    assert!(
+        details(&report, "data-disk").contains("formatting blank disk"),
+        "{}",
+        details(&report, "data-disk")
+    );
+    let pid = init.pid();
+    let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    assert!(mountinfo
+        .lines()
+        .any(|l| l.contains(&format!("{}/var ", init.root.display())) && l.contains(" - ext4 ")));
+    assert_eq!(node_json(&init)["bundle"]["admin_token"], admin.as_str());
+    assert!(details(&report, "user-data").contains("first boot"));
+    let machine_id = stage(&report, "machine-id")["detail"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()
+        .clone();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for(T, "the first boot to end", || {
+        init.unshare.try_wait().ok().flatten()
+    });
+    drop(init);
+
+    // Second boot, same disks: the data disk is found by label (not formatted again), the
+    // machine id is the same, and the same user-data gives the same machine.
+    let mut init = Pid1::start_with(Some(&ns), "", &env);
+    let report = wait_for(T, "the second boot", || {
+        let r = init.report();
+        (!stage(&r, "hostname").is_null()).then_some(r)
+    });
+    assert!(details(&report, "data-disk").contains("mounted at /var"));
+    assert!(!details(&report, "data-disk").contains("formatting"));
+    assert_eq!(
+        stage(&report, "machine-id")["detail"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap(),
+        &machine_id
+    );
+    assert!(details(&report, "user-data").contains("unchanged since the last boot"));
+    let pid = init.pid();
+    Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_for(T, "the second boot to end", || {
+        init.unshare.try_wait().ok().flatten()
+    });
+    drop(init);
+    drop(seed);
+
+    // Third boot with changed user-data on a FAT seed: applied, and the change recorded.
+    let (ud2, _) = cluster_user_data(dir.path(), "renamed");
+    let seed2 = Loop::new(&seed_image(dir.path(), "seed2", &ud2, "meta-host", "vfat"));
+    let disks = format!("{},{}", seed2.0, disk.0);
+    let init = Pid1::start_with(
+        Some(&ns),
+        "",
+        &[
+            ("SHOAL_INIT_NET_IFACES", "eth0"),
+            ("SHOAL_INIT_DISKS", disks.as_str()),
+        ],
+    );
+    let report = wait_for(T, "the third boot", || {
+        let r = init.report();
+        (!stage(&r, "hostname").is_null()).then_some(r)
+    });
+    assert_eq!(report["metadata"]["instance_id"], "iid-seed2");
+    assert!(
+        details(&report, "user-data").contains("hostname: changed"),
+        "{}",
+        details(&report, "user-data")
+    );
+    assert!(details(&report, "hostname").contains("renamed"));
+}

@@ -8,11 +8,13 @@
 //! Without any, the machine boots in dev mode. The agent itself never calls a metadata service.
 
 pub mod http;
+pub mod seedfs;
 pub mod userdata;
 pub mod volume;
 
 use crate::cmdline::Cmdline;
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -59,17 +61,36 @@ fn meta_data(text: &str) -> (Option<String>, Option<String>) {
     )
 }
 
-/// A NoCloud seed in a directory (a `file://` seed or a mounted `cidata` volume).
-pub fn nocloud_dir(dir: &Path, source: &str) -> Option<Metadata> {
-    let md = std::fs::read_to_string(dir.join("meta-data")).ok()?;
+/// The files of a NoCloud seed, by name.
+pub const NOCLOUD_FILES: [&str; 3] = ["meta-data", "user-data", "network-config"];
+/// The files of an OpenStack config drive.
+pub const CONFIG_DRIVE_FILES: [&str; 2] = [
+    "openstack/latest/meta_data.json",
+    "openstack/latest/user_data",
+];
+
+/// A NoCloud seed from its files.
+pub fn nocloud_files(files: &BTreeMap<String, Vec<u8>>, source: &str) -> Option<Metadata> {
+    let md = String::from_utf8_lossy(files.get("meta-data")?).into_owned();
     let (instance_id, hostname) = meta_data(&md);
     Some(Metadata {
         source: source.into(),
         instance_id,
         hostname,
-        user_data: std::fs::read(dir.join("user-data")).ok(),
-        network_config: std::fs::read_to_string(dir.join("network-config")).ok(),
+        user_data: files.get("user-data").cloned(),
+        network_config: files
+            .get("network-config")
+            .map(|b| String::from_utf8_lossy(b).into_owned()),
     })
+}
+
+/// A NoCloud seed in a directory (a `file://` seed).
+pub fn nocloud_dir(dir: &Path, source: &str) -> Option<Metadata> {
+    let files: BTreeMap<String, Vec<u8>> = NOCLOUD_FILES
+        .iter()
+        .filter_map(|n| Some((n.to_string(), std::fs::read(dir.join(n)).ok()?)))
+        .collect();
+    nocloud_files(&files, source)
 }
 
 fn get(url: &str, headers: &[(&str, &str)], timeout: Duration) -> Result<http::Response, String> {
@@ -190,18 +211,16 @@ pub fn openstack(host: &str, timeout: Duration) -> Result<Metadata, String> {
     })
 }
 
-/// OpenStack's config drive, mounted: `openstack/latest/meta_data.json` and `user_data`.
-pub fn config_drive_dir(dir: &Path) -> Option<Metadata> {
-    let base = dir.join("openstack/latest");
-    let v: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(base.join("meta_data.json")).ok()?).ok()?;
+/// OpenStack's config drive, from its files.
+pub fn config_drive_files(files: &BTreeMap<String, Vec<u8>>) -> Option<Metadata> {
+    let v: serde_json::Value = serde_json::from_slice(files.get(CONFIG_DRIVE_FILES[0])?).ok()?;
     Some(Metadata {
         source: "openstack (config drive)".into(),
         instance_id: v["uuid"].as_str().map(String::from),
         hostname: v["hostname"]
             .as_str()
             .map(|h| h.split('.').next().unwrap_or_default().to_string()),
-        user_data: std::fs::read(base.join("user_data")).ok(),
+        user_data: files.get(CONFIG_DRIVE_FILES[1]).cloned(),
         network_config: None,
     })
 }

@@ -105,28 +105,6 @@ pub fn find(root: &Path, label: &str) -> Option<(PathBuf, Probe)> {
     })
 }
 
-/// Mounts `dev` read-only at `target`.
-pub fn mount_ro(dev: &Path, fstype: &str, target: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(target).map_err(|e| e.to_string())?;
-    nix::mount::mount(
-        Some(dev),
-        target,
-        Some(fstype),
-        nix::mount::MsFlags::MS_RDONLY
-            | nix::mount::MsFlags::MS_NOSUID
-            | nix::mount::MsFlags::MS_NODEV
-            | nix::mount::MsFlags::MS_NOEXEC,
-        None::<&str>,
-    )
-    .map_err(|e| {
-        format!(
-            "mount {} ({fstype}) on {}: {e}",
-            dev.display(),
-            target.display()
-        )
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
