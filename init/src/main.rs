@@ -7,10 +7,12 @@
 //! root, and `SHOAL_INIT_SERVICES=FILE` replaces the service table. It still must be PID 1
 //! (run it under `unshare --pid --fork --mount`): it signals every process it can see.
 
+mod clock;
 mod cmdline;
 mod metadata;
 mod mounts;
 mod net;
+mod power;
 mod report;
 mod supervisor;
 mod system;
@@ -45,6 +47,7 @@ struct Init {
     signals: SignalFd,
     written: String,
     net: Arc<Mutex<net::NetState>>,
+    buttons: power::Buttons,
 }
 
 fn handled_signals() -> SigSet {
@@ -99,14 +102,16 @@ impl Init {
     fn wait(&mut self, timeout: Duration) -> Option<Action> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let ms = timeout.as_millis().min(1000) as u16;
-        let (sig_ready, ready_pipes) = {
+        let (sig_ready, ready_pipes, ready_buttons) = {
             let pipes = self.sup.pipes();
+            let buttons = self.buttons.fds();
             let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
             fds.extend(
                 pipes
                     .iter()
                     .map(|(_, fd)| PollFd::new(*fd, PollFlags::POLLIN)),
             );
+            fds.extend(buttons.iter().map(|fd| PollFd::new(*fd, PollFlags::POLLIN)));
             let _ = poll(&mut fds, PollTimeout::from(ms));
             let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
             let sig = ready(&fds[0]);
@@ -116,8 +121,17 @@ impl Init {
                 .filter(|(_, f)| ready(f))
                 .map(|((i, _), _)| *i)
                 .collect();
-            (sig, p)
+            let b: Vec<usize> = (0..buttons.len())
+                .filter(|i| ready(&fds[1 + pipes.len() + i]))
+                .collect();
+            (sig, p, b)
         };
+        for i in ready_buttons {
+            if self.buttons.read(i) {
+                console("power button pressed");
+                return Some(Action::PowerOff);
+            }
+        }
         for i in ready_pipes {
             self.sup.drain_output(i);
         }
@@ -546,6 +560,55 @@ fn main() {
             }
         }
     });
+    report.stage("clock", |d| {
+        let mut servers: Vec<String> = applied.as_ref().map(|a| a.ntp.clone()).unwrap_or_default();
+        if let Ok(n) = net_state.lock() {
+            servers.extend(n.ntp.iter().cloned());
+        }
+        let wrong = clock::obviously_wrong(std::time::SystemTime::now())
+            || (test && std::env::var_os("SHOAL_INIT_CLOCK_WRONG").is_some());
+        if !wrong {
+            d.push("clock is plausible".into());
+            return Outcome::Ok;
+        }
+        if servers.is_empty() {
+            d.push("clock is obviously wrong and no NTP server is known".into());
+            return Outcome::Degraded;
+        }
+        for s in &servers {
+            match clock::query(s, Duration::from_secs(2)) {
+                Ok(t) => {
+                    let unix = t
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0);
+                    if test {
+                        d.push(format!(
+                            "would set the clock to {unix} (unix) from {s}; not in test mode"
+                        ));
+                        return Outcome::Ok;
+                    }
+                    return match clock::set(t) {
+                        Ok(()) => {
+                            d.push(format!("clock set to {unix} (unix) from {s}"));
+                            Outcome::Ok
+                        }
+                        Err(e) => {
+                            d.push(format!("clock_settime: {e}"));
+                            Outcome::Degraded
+                        }
+                    };
+                }
+                Err(e) => d.push(format!("{s}: {e}")),
+            }
+        }
+        Outcome::Degraded
+    });
+    let mut buttons = None;
+    report.stage("power-button", |d| {
+        buttons = Some(power::Buttons::open(&root, test, d));
+        Outcome::Ok
+    });
     let mut table = Table { service: vec![] };
     report.stage("services", |d| {
         let (t, o) = load_table(d);
@@ -560,6 +623,7 @@ fn main() {
         signals,
         written: String::new(),
         net: net_state,
+        buttons: buttons.unwrap_or_else(power::Buttons::none),
     };
     loop {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init.run()));

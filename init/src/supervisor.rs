@@ -484,4 +484,20 @@ mod tests {
         assert!(waits.iter().all(|w| *w <= BACKOFF_MAX.mul_f64(1.2)));
         assert_eq!(s.report()[0].state, "crash-looping");
     }
+
+    #[test]
+    fn logs_are_capped_with_one_older_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log/svc.log");
+        let line = vec![b'x'; 1000];
+        for _ in 0..2500 {
+            append_capped(&log, &line);
+        }
+        let cur = std::fs::metadata(&log).unwrap().len();
+        let old = std::fs::metadata(log.with_extension("log.1"))
+            .unwrap()
+            .len();
+        assert!(cur <= LOG_CAP && old <= LOG_CAP, "{cur} {old}");
+        assert!(cur + old >= LOG_CAP, "recent output kept");
+    }
 }

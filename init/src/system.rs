@@ -10,6 +10,20 @@ pub const DATA_LABEL: &str = "SHOAL_DATA";
 /// Mounts the data disk at `/var`: the volume labelled `SHOAL_DATA`, else a blank disk
 /// formatted once (ext4, labelled), else a tmpfs — said loudly: state is lost at power-off.
 pub fn data_disk(root: &Path, d: &mut Vec<String>) -> Outcome {
+    let outcome = mount_data(root, d);
+    // /var/run and /var/lock are the runtime tmpfs, as everywhere (Docker's socket path).
+    for (link, to) in [("var/run", "../run"), ("var/lock", "../run/lock")] {
+        let p = root.join(link);
+        if std::fs::symlink_metadata(&p).is_err() {
+            if let Err(e) = std::os::unix::fs::symlink(to, &p) {
+                d.push(format!("/{link}: {e}"));
+            }
+        }
+    }
+    outcome
+}
+
+fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
     let var = root.join("var");
     let _ = std::fs::create_dir_all(&var);
     let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;

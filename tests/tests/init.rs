@@ -661,3 +661,51 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
     );
     assert!(details(&report, "hostname").contains("renamed"));
 }
+
+#[test]
+fn a_wrong_clock_is_set_from_the_ntp_server_user_data_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = shoal_e2e::free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sntp_server.py");
+    let mut server = Command::new("/usr/bin/python3")
+        .arg(script)
+        .args([&port.to_string(), "1893456000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    use std::io::BufRead;
+    std::io::BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    // A NoCloud seed given on the command line as a directory.
+    let seed = dir.path().join("seed");
+    std::fs::create_dir_all(&seed).unwrap();
+    std::fs::write(seed.join("meta-data"), "instance-id: iid-dir\n").unwrap();
+    std::fs::write(
+        seed.join("user-data"),
+        format!("#cloud-config\nntp:\n  servers: [\"127.0.0.1:{port}\"]\n"),
+    )
+    .unwrap();
+    let cmdline = format!("ds=nocloud;s=file://{}/", seed.display());
+    let init = Pid1::start_with(
+        None,
+        "",
+        &[
+            ("SHOAL_INIT_CMDLINE", cmdline.as_str()),
+            ("SHOAL_INIT_CLOCK_WRONG", "1"),
+        ],
+    );
+    let report = wait_for(T, "the clock stage", || {
+        let r = init.report();
+        (!stage(&r, "clock").is_null()).then_some(r)
+    });
+    assert_eq!(report["metadata"]["instance_id"], "iid-dir");
+    assert!(
+        details(&report, "clock").contains("would set the clock to 1893456000 (unix)"),
+        "{}",
+        details(&report, "clock")
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}

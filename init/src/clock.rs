@@ -1,0 +1,118 @@
+//! The clock: when it is obviously wrong (before this release was built), set it from an SNTP
+//! server (RFC 4330) named by DHCP, the kernel's `ip=`, or user-data's `ntp:`. TLS certificates
+//! and the store's versions depend on a sane clock.
+
+use std::net::{SocketAddr, ToSocketAddrs, UdpSocket};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// No clock reads earlier than this on a machine running this release (2026-01-01).
+pub const NOT_BEFORE_UNIX: u64 = 1_767_225_600;
+const NTP_UNIX_OFFSET: u64 = 2_208_988_800;
+
+pub fn obviously_wrong(now: SystemTime) -> bool {
+    now.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() < NOT_BEFORE_UNIX)
+        .unwrap_or(true)
+}
+
+/// Builds a client request whose transmit timestamp is `cookie` (echoed back as "originate").
+pub fn request(cookie: u64) -> [u8; 48] {
+    let mut p = [0u8; 48];
+    p[0] = 0x23; // LI 0, version 4, mode 3 (client)
+    p[40..48].copy_from_slice(&cookie.to_be_bytes());
+    p
+}
+
+/// Reads the server's transmit time from a reply to `cookie`.
+pub fn parse_reply(b: &[u8], cookie: u64) -> Result<SystemTime, String> {
+    if b.len() < 48 {
+        return Err("short SNTP reply".into());
+    }
+    if b[0] & 0x7 != 4 {
+        return Err("not a server reply".into());
+    }
+    if b[1] == 0 {
+        return Err("kiss-o'-death from the server".into());
+    }
+    if b[24..32] != cookie.to_be_bytes() {
+        return Err("reply does not answer our request".into());
+    }
+    let secs = u64::from(u32::from_be_bytes([b[40], b[41], b[42], b[43]]));
+    let frac = u64::from(u32::from_be_bytes([b[44], b[45], b[46], b[47]]));
+    let unix = secs
+        .checked_sub(NTP_UNIX_OFFSET)
+        .ok_or("server time before 1970")?;
+    Ok(UNIX_EPOCH + Duration::from_secs(unix) + Duration::from_nanos((frac * 1_000_000_000) >> 32))
+}
+
+/// Asks `server` (`host` or `host:port`, port 123 by default) for the time.
+pub fn query(server: &str, timeout: Duration) -> Result<SystemTime, String> {
+    let with_port = if server.contains(':') {
+        server.to_string()
+    } else {
+        format!("{server}:123")
+    };
+    let addr: SocketAddr = with_port
+        .to_socket_addrs()
+        .map_err(|e| format!("{server}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{server}: no address"))?;
+    let sock = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+    sock.set_read_timeout(Some(timeout))
+        .map_err(|e| e.to_string())?;
+    let cookie = (crate::report::now_ms() << 16) ^ u64::from(std::process::id());
+    sock.send_to(&request(cookie), addr)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let mut buf = [0u8; 512];
+    let (n, from) = sock
+        .recv_from(&mut buf)
+        .map_err(|e| format!("{addr}: {e}"))?;
+    if from != addr {
+        return Err(format!("reply from {from}, not {addr}"));
+    }
+    parse_reply(&buf[..n], cookie)
+}
+
+/// Sets the system clock.
+pub fn set(t: SystemTime) -> Result<(), String> {
+    let d = t.duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?;
+    let ts = nix::sys::time::TimeSpec::new(d.as_secs() as i64, i64::from(d.subsec_nanos()));
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn replies_are_checked() {
+        let cookie: u64 = 0x1122_3344_5566_7788;
+        let mut r = [0u8; 48];
+        r[0] = 0x24;
+        r[1] = 2;
+        r[24..32].copy_from_slice(&cookie.to_be_bytes());
+        let t: u32 = (1_900_000_000 + NTP_UNIX_OFFSET) as u32;
+        r[40..44].copy_from_slice(&t.to_be_bytes());
+        r[44..48].copy_from_slice(&0x8000_0000u32.to_be_bytes());
+        let got = parse_reply(&r, cookie).unwrap();
+        assert_eq!(got, UNIX_EPOCH + Duration::from_millis(1_900_000_000_500));
+        assert!(parse_reply(&r, cookie + 1).is_err());
+        let mut kod = r;
+        kod[1] = 0;
+        assert!(parse_reply(&kod, cookie).is_err());
+        assert!(parse_reply(&r[..20], cookie).is_err());
+        assert!(obviously_wrong(UNIX_EPOCH + Duration::from_secs(86_400)));
+        assert!(!obviously_wrong(
+            UNIX_EPOCH + Duration::from_secs(NOT_BEFORE_UNIX + 1)
+        ));
+        assert_eq!(request(cookie)[0], 0x23);
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(b in proptest::collection::vec(any::<u8>(), 0..100), c in any::<u64>()) {
+            let _ = parse_reply(&b, c);
+        }
+    }
+}
