@@ -221,7 +221,7 @@ impl Supervisor {
             if let Some(dep) = s.spec.after.clone() {
                 if !self.is_ready(&dep) {
                     // Readiness is a path appearing: look again shortly.
-                    let t = now + Duration::from_millis(50);
+                    let t = now + Duration::from_millis(10);
                     next = Some(next.map_or(t, |n| n.min(t)));
                     continue;
                 }
@@ -234,7 +234,7 @@ impl Supervisor {
         }
         // A running service with a ready path not there yet keeps us looking.
         if self.services.iter().any(|s| s.state == State::Waiting) {
-            let t = now + Duration::from_millis(50);
+            let t = now + Duration::from_millis(10);
             next = Some(next.map_or(t, |n| n.min(t)));
         }
         next

@@ -58,6 +58,9 @@ impl Pid1 {
             }
             None => Command::new("unshare"),
         };
+        if env.iter().any(|(k, _)| *k == "SHOAL_INIT_UTS") {
+            cmd.arg("--uts");
+        }
         let unshare = cmd
             .args(["--pid", "--fork", "--mount", "--propagation", "private"])
             .arg(init_bin())
@@ -139,11 +142,12 @@ fn init_mounts_supervises_reaps_and_shuts_down_in_order() {
     let pid = init.pid();
 
     // Mounts, seen in its own mount namespace.
+    let root = init.root.display().to_string();
+    let cgroup = format!("{root}/sys/fs/cgroup ");
     let mountinfo = wait_for(T, "the mounts", || {
         let m = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok()?;
-        m.contains("cgroup2").then_some(m)
+        m.contains(&cgroup).then_some(m)
     });
-    let root = init.root.display().to_string();
     for (target, fstype) in [
         ("proc", "proc"),
         ("sys", "sysfs"),
@@ -218,21 +222,23 @@ fn init_mounts_supervises_reaps_and_shuts_down_in_order() {
 }
 
 #[test]
-fn sigusr2_powers_off() {
-    let mut init = Pid1::start();
-    let pid = init.pid();
-    wait_for(T, "base running", || {
-        (init.service("base")["state"] == "running").then_some(())
-    });
-    Command::new("kill")
-        .args(["-USR2", &pid.to_string()])
-        .status()
-        .unwrap();
-    let status = wait_for(T, "the namespace to end", || {
-        init.unshare.try_wait().ok().flatten()
-    });
-    // reboot(RB_POWER_OFF) in a PID namespace kills its init with SIGINT.
-    assert_eq!(status.signal(), Some(2), "{status:?}");
+fn sigusr2_and_sigpwr_power_off_and_sigint_reboots() {
+    // reboot(2) in a PID namespace kills its init: SIGINT for power-off, SIGHUP for reboot.
+    for (sig, ends_with) in [("USR2", 2), ("PWR", 2), ("INT", 1)] {
+        let mut init = Pid1::start();
+        let pid = init.pid();
+        wait_for(T, "base running", || {
+            (init.service("base")["state"] == "running").then_some(())
+        });
+        Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap();
+        let status = wait_for(T, "the namespace to end", || {
+            init.unshare.try_wait().ok().flatten()
+        });
+        assert_eq!(status.signal(), Some(ends_with), "SIG{sig}: {status:?}");
+    }
 }
 
 fn ip_json(ns: &str, args: &[&str]) -> serde_json::Value {
@@ -261,19 +267,13 @@ fn default_gw(ns: &str) -> Option<String> {
     v[0]["gateway"].as_str().map(String::from)
 }
 
-#[test]
-fn dhcp_from_a_real_dnsmasq_sets_address_route_dns_and_mtu_and_renews() {
-    let mut lan = shoal_e2e::netns::Lan::new(1);
-    let server = lan.hosts[0].ns.clone();
-    let net = lan.subnet.clone();
-    let client = lan.add_bare_host().ns.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("dnsmasq.log");
-    let mut dnsmasq = Command::new("ip")
+/// dnsmasq serving DHCP on `ns`'s eth0 for the LAN `net` (first three octets), T1 = 4 s.
+fn dnsmasq(ns: &str, net: &str, dir: &Path) -> Child {
+    Command::new("ip")
         .args([
             "netns",
             "exec",
-            &server,
+            ns,
             "dnsmasq",
             "--no-daemon",
             "--conf-file=/dev/null",
@@ -292,15 +292,53 @@ fn dhcp_from_a_real_dnsmasq_sets_address_route_dns_and_mtu_and_renews() {
             "--dhcp-option=option:T1,4",
             "--dhcp-option=option:T2,7",
         ])
+        .arg(format!("--dhcp-leasefile={}", dir.join("leases").display()))
         .arg(format!(
-            "--dhcp-leasefile={}",
-            dir.path().join("leases").display()
+            "--log-facility={}",
+            dir.join("dnsmasq.log").display()
         ))
-        .arg(format!("--log-facility={}", log.display()))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("dnsmasq");
+        .expect("dnsmasq")
+}
+
+#[test]
+fn a_dhcp_server_that_appears_after_boot_is_used() {
+    let mut lan = shoal_e2e::netns::Lan::new(1);
+    let server = lan.hosts[0].ns.clone();
+    let net = lan.subnet.clone();
+    let client = lan.add_bare_host().ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let init = Pid1::start_with(Some(&client), "", &[("SHOAL_INIT_NET_IFACES", "eth0")]);
+    let report = wait_for(T, "the network stage to give up", || {
+        let r = init.report();
+        (!stage(&r, "network").is_null()).then_some(r)
+    });
+    assert_eq!(stage(&report, "network")["outcome"], "degraded");
+    assert!(details(&report, "network").contains("still trying in the background"));
+    let mut d = dnsmasq(&server, &net, dir.path());
+    let (addr, _) = wait_for(Duration::from_secs(90), "a late DHCP address", || {
+        ipv4_of(&client)
+    });
+    assert!(addr.starts_with(&format!("{net}.1")), "{addr}");
+    assert_eq!(
+        default_gw(&client).as_deref(),
+        Some(format!("{net}.11").as_str())
+    );
+    let _ = d.kill();
+    let _ = d.wait();
+}
+
+#[test]
+fn dhcp_from_a_real_dnsmasq_sets_address_route_dns_and_mtu_and_renews() {
+    let mut lan = shoal_e2e::netns::Lan::new(1);
+    let server = lan.hosts[0].ns.clone();
+    let net = lan.subnet.clone();
+    let client = lan.add_bare_host().ns.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("dnsmasq.log");
+    let mut dnsmasq = dnsmasq(&server, &net, dir.path());
     let init = Pid1::start_with(Some(&client), "", &[("SHOAL_INIT_NET_IFACES", "eth0")]);
     let (addr, prefix) = wait_for(T, "a DHCP address on eth0", || ipv4_of(&client));
     assert!(addr.starts_with(&format!("{net}.1")), "{addr}");
@@ -311,10 +349,26 @@ fn dhcp_from_a_real_dnsmasq_sets_address_route_dns_and_mtu_and_renews() {
     );
     let link = ip_json(&client, &["link", "show", "dev", "eth0"]);
     assert_eq!(link[0]["mtu"], 1400);
-    let resolv = wait_for(T, "resolv.conf", || {
-        std::fs::read_to_string(init.inside("run/shoal/resolv.conf")).ok()
+    wait_for(T, "the DHCP name server in resolv.conf", || {
+        std::fs::read_to_string(init.inside("run/shoal/resolv.conf"))
+            .ok()
+            .filter(|r| r.contains(&format!("nameserver {net}.53")))
     });
-    assert!(resolv.contains(&format!("nameserver {net}.53")), "{resolv}");
+    let fwd = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &client,
+            "cat",
+            "/proc/sys/net/ipv4/ip_forward",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&fwd.stdout).trim(),
+        "1",
+        "sysctls applied in the namespace"
+    );
     let net_report = init.report()["network"].clone();
     assert_eq!(net_report["interfaces"][0]["method"], "dhcp");
     // T1 is 4 s: the lease is renewed by unicast, and the server sees it.
@@ -405,16 +459,21 @@ fn node_json(init: &Pid1) -> serde_json::Value {
 
 #[test]
 fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
-    for (mode, source, host) in [
-        ("ec2", "ec2 (IMDSv2)", "ip-10-0-0-5"),
-        ("gce", "gce", "gce-node-1"),
+    for (mode, source) in [
+        ("ec2", "ec2 (IMDSv2)"),
+        ("gce", "gce"),
+        ("openstack", "openstack"),
     ] {
         let dir = tempfile::tempdir().unwrap();
         let (ud, admin) = cluster_user_data(dir.path(), &format!("{mode}-from-user-data"));
         let log = dir.path().join("requests.log");
         let (mut server, port) = metadata_server(mode, &ud, &log);
         let addr = format!("127.0.0.1:{port}");
-        let init = Pid1::start_with(None, "", &[("SHOAL_INIT_METADATA_HOST", &addr)]);
+        let init = Pid1::start_with(
+            None,
+            "",
+            &[("SHOAL_INIT_METADATA_HOST", &addr), ("SHOAL_INIT_UTS", "1")],
+        );
         let report = wait_for(T, "the metadata stage", || {
             let r = init.report();
             (!stage(&r, "hostname").is_null()).then_some(r)
@@ -431,7 +490,15 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
         assert!(details(&report, "hostname").contains(&format!("{mode}-from-user-data")));
         assert!(details(&report, "user-data").contains("refused runcmd"));
         assert_eq!(stage(&report, "user-data")["outcome"], "degraded");
-        let _ = host;
+        // sethostname(2) in init's own UTS namespace.
+        let out = Command::new("nsenter")
+            .args(["--target", &init.pid().to_string(), "--uts", "hostname"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            format!("{mode}-from-user-data")
+        );
         // The report never holds a secret.
         assert!(!report.to_string().contains(&admin));
 
@@ -453,7 +520,7 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
             let r =
                 shoal_e2e::http("GET", port, "/latest/meta-data/instance-id", &[], b"").unwrap();
             assert_eq!(r.status, 401);
-        } else {
+        } else if mode == "gce" {
             assert!(reqs
                 .iter()
                 .filter(|r| r["path"].as_str().unwrap().starts_with("/computeMetadata"))
@@ -461,6 +528,11 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
             let r =
                 shoal_e2e::http("GET", port, "/computeMetadata/v1/instance/id", &[], b"").unwrap();
             assert_eq!(r.status, 403);
+        } else {
+            assert_eq!(
+                report["metadata"]["instance_id"],
+                "83679162-1378-4288-a2d4-70e13ec132aa"
+            );
         }
         let _ = server.kill();
         let _ = server.wait();
@@ -470,7 +542,15 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
 #[test]
 fn without_metadata_the_machine_boots_in_dev_mode_quickly() {
     let closed = format!("127.0.0.1:{}", shoal_e2e::free_port());
-    let init = Pid1::start_with(None, SERVICES, &[("SHOAL_INIT_METADATA_HOST", &closed)]);
+    // No disk either: /var becomes a tmpfs and the report says so.
+    let init = Pid1::start_with(
+        None,
+        SERVICES,
+        &[
+            ("SHOAL_INIT_METADATA_HOST", &closed),
+            ("SHOAL_INIT_DISKS", ""),
+        ],
+    );
     wait_for(T, "services running", || {
         (init.service("base")["state"] == "running").then_some(())
     });
@@ -481,6 +561,12 @@ fn without_metadata_the_machine_boots_in_dev_mode_quickly() {
     let took = m["ended_ms"].as_u64().unwrap() - m["started_ms"].as_u64().unwrap();
     assert!(took <= 5_000, "metadata probing is bounded: took {took} ms");
     assert!(!init.inside("run/shoal/node.json").exists());
+    assert_eq!(stage(&report, "data-disk")["outcome"], "degraded");
+    assert!(details(&report, "data-disk").contains("NO DATA DISK"));
+    let mountinfo = std::fs::read_to_string(format!("/proc/{}/mountinfo", init.pid())).unwrap();
+    assert!(mountinfo
+        .lines()
+        .any(|l| l.contains(&format!("{}/var ", init.root.display())) && l.contains(" - tmpfs ")));
 }
 
 /// A loop device over a file, detached on drop.

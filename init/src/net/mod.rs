@@ -145,14 +145,52 @@ fn apply_lease(nl: &Netlink, index: u32, l: &dhcp::Lease, st: &mut IfState) -> R
 }
 
 /// Keeps a lease: renews at T1 by unicast, falls back to a new DISCOVER at T2.
+#[allow(clippy::too_many_arguments)]
 fn renew_forever(
+    root: std::path::PathBuf,
+    search: Vec<String>,
     ifname: String,
     index: u32,
     mac: [u8; 6],
-    mut lease: dhcp::Lease,
+    lease: Option<dhcp::Lease>,
     state: Arc<Mutex<NetState>>,
     slot: usize,
 ) {
+    // No lease at boot: keep asking in the background, and apply the first one.
+    let mut wait = Duration::from_secs(2);
+    let mut lease = match lease {
+        Some(l) => l,
+        None => loop {
+            std::thread::sleep(wait);
+            wait = (wait * 2).min(Duration::from_secs(60));
+            let Ok(l) = dhcp::acquire(&ifname, &mac, Duration::from_secs(20)) else {
+                continue;
+            };
+            let applied = Netlink::open().and_then(|nl| {
+                let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
+                let st = &mut s.interfaces[slot];
+                apply_lease(&nl, index, &l, st)?;
+                st.error = None;
+                for d in &l.dns {
+                    if !s.dns.contains(&d.to_string()) {
+                        s.dns.push(d.to_string());
+                    }
+                }
+                write_resolv(&root, &s.dns, &search);
+                Ok(())
+            });
+            match applied {
+                Ok(()) => {
+                    crate::console(&format!(
+                        "dhcp {ifname}: {}/{} from {} (after boot)",
+                        l.addr, l.prefix, l.server
+                    ));
+                    break l;
+                }
+                Err(e) => crate::console(&format!("dhcp {ifname}: {e}")),
+            }
+        },
+    };
     loop {
         std::thread::sleep(Duration::from_secs(u64::from(lease.t1_s)));
         let next = dhcp::renew(&ifname, &mac, &lease).or_else(|e| {
@@ -318,13 +356,19 @@ pub fn apply(
                     ns.ntp.push(n.to_string());
                 }
                 if let Some(mac) = mac_bytes(&l.mac) {
-                    renewals.push((l.name.clone(), l.index, mac, lease, slot));
+                    renewals.push((l.name.clone(), l.index, mac, Some(lease), slot));
                 }
             }
             Err(e) => {
-                detail.push(format!("{}: DHCP: {e}", l.name));
+                detail.push(format!(
+                    "{}: DHCP: {e}; still trying in the background",
+                    l.name
+                ));
                 st.error = Some(e);
                 outcome = Outcome::Degraded;
+                if let Some(mac) = mac_bytes(&l.mac) {
+                    renewals.push((l.name.clone(), l.index, mac, None, slot));
+                }
             }
         }
     }
@@ -334,7 +378,10 @@ pub fn apply(
         let st = state.clone();
         let _ = std::thread::Builder::new()
             .name(format!("dhcp-{name}"))
-            .spawn(move || renew_forever(name, index, mac, lease, st, slot));
+            .spawn({
+                let (root, search) = (root.to_path_buf(), cfg.search.clone());
+                move || renew_forever(root, search, name, index, mac, lease, st, slot)
+            });
     }
     outcome
 }
