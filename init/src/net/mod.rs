@@ -380,7 +380,25 @@ pub fn apply(
             .name(format!("dhcp-{name}"))
             .spawn({
                 let (root, search) = (root.to_path_buf(), cfg.search.clone());
-                move || renew_forever(root, search, name, index, mac, lease, st, slot)
+                move || loop {
+                    // A panic here must not leave the interface without its lease keeper.
+                    let args = (
+                        root.clone(),
+                        search.clone(),
+                        name.clone(),
+                        lease.clone(),
+                        st.clone(),
+                    );
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        renew_forever(args.0, args.1, args.2, index, mac, args.3, args.4, slot)
+                    }));
+                    if r.is_err() {
+                        crate::console(&format!(
+                            "dhcp {name}: lease keeper panicked; restarting it"
+                        ));
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                }
             });
     }
     outcome
