@@ -14,19 +14,30 @@ mod mounts;
 mod net;
 mod power;
 mod report;
+mod signals;
 mod supervisor;
 mod system;
 
-use nix::sys::signal::{kill, SigSet, SigmaskHow, Signal};
-use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use report::{Outcome, Report};
-use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use supervisor::{Supervisor, Table};
+
+/// The kernel starts init with no PATH; every command and service gets this one.
+pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// A command with a PATH (the caller's, or `PATH` when init has none).
+pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
+    let mut c = std::process::Command::new(program);
+    if std::env::var_os("PATH").is_none() {
+        c.env("PATH", PATH);
+    }
+    c
+}
 
 /// A line on the console (init's stdout).
 pub fn console(msg: &str) {
@@ -44,25 +55,10 @@ struct Init {
     test: bool,
     report: Report,
     sup: Supervisor,
-    signals: SignalFd,
+    signals: signals::Signals,
     written: String,
     net: Arc<Mutex<net::NetState>>,
     buttons: power::Buttons,
-}
-
-fn handled_signals() -> SigSet {
-    let mut set = SigSet::empty();
-    for s in [
-        Signal::SIGCHLD,
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGUSR2,
-        Signal::SIGPWR,
-        Signal::SIGHUP,
-    ] {
-        set.add(s);
-    }
-    set
 }
 
 impl Init {
@@ -105,7 +101,7 @@ impl Init {
         let (sig_ready, ready_pipes, ready_buttons) = {
             let pipes = self.sup.pipes();
             let buttons = self.buttons.fds();
-            let mut fds = vec![PollFd::new(self.signals.as_fd(), PollFlags::POLLIN)];
+            let mut fds = vec![PollFd::new(self.signals.fd(), PollFlags::POLLIN)];
             fds.extend(
                 pipes
                     .iter()
@@ -137,8 +133,8 @@ impl Init {
         }
         let mut action = None;
         if sig_ready {
-            while let Ok(Some(si)) = self.signals.read_signal() {
-                match Signal::try_from(si.ssi_signo as i32) {
+            for sig in self.signals.pending() {
+                match Signal::try_from(sig) {
                     Ok(Signal::SIGCHLD) => self.reap(),
                     Ok(Signal::SIGTERM) | Ok(Signal::SIGINT) => action = Some(Action::Reboot),
                     Ok(Signal::SIGUSR2) | Ok(Signal::SIGPWR) => action = Some(Action::PowerOff),
@@ -172,7 +168,12 @@ impl Init {
         self.sup.stop_all(|sup, d| {
             // Reap while waiting; signals other than SIGCHLD are ignored from here on.
             let _ = nix::poll::poll(&mut [], nix::poll::PollTimeout::from(d.as_millis() as u16));
-            while let Ok(Some(_)) = self.signals.read_signal() {}
+            let _ = self.signals.pending();
+            // Keep showing what the services say while they stop.
+            let pipes: Vec<usize> = sup.pipes().iter().map(|(i, _)| *i).collect();
+            for i in pipes {
+                sup.drain_output(i);
+            }
             loop {
                 match waitpid(Pid::from_raw(-1), Some(WaitPidFlag::WNOHANG)) {
                     Ok(WaitStatus::StillAlive) | Err(_) => break,
@@ -403,13 +404,11 @@ fn main() {
     // From here on, never exit.
     let root = test_root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let test = test_root.is_some();
-    let mask = handled_signals();
-    let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None);
     let signals = loop {
-        match SignalFd::with_flags(&mask, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+        match signals::Signals::install() {
             Ok(s) => break s,
             Err(e) => {
-                console(&format!("cannot create a signalfd ({e}); retrying"));
+                console(&format!("cannot install signal handlers ({e}); retrying"));
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
@@ -440,6 +439,13 @@ fn main() {
             Outcome::Degraded
         }
     });
+    report.stage("modules", |d| {
+        if test {
+            d.push("skipped in test mode".into());
+            return Outcome::Ok;
+        }
+        system::modules(&root, d)
+    });
     report.stage("data-disk", |d| {
         if test && std::env::var_os("SHOAL_INIT_DISKS").is_none() {
             d.push("skipped in test mode (no SHOAL_INIT_DISKS)".into());
@@ -448,13 +454,6 @@ fn main() {
         system::data_disk(&root, d)
     });
     report.stage("machine-id", |d| system::machine_id(&root, d));
-    report.stage("modules", |d| {
-        if test {
-            d.push("skipped in test mode".into());
-            return Outcome::Ok;
-        }
-        system::modules(d)
-    });
     report.stage("sysctls", |d| {
         // Network sysctls belong to the network namespace; a test has its own only when it
         // names interfaces.

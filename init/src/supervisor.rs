@@ -59,7 +59,12 @@ impl Table {
                 command: command.iter().map(|c| c.to_string()).collect(),
                 after: after.map(String::from),
                 ready: ready.map(PathBuf::from),
-                stop_timeout_ms: default_stop_ms(),
+                // The agent leaves the cluster and flushes; dockerd stops its containers.
+                stop_timeout_ms: if name == "containerd" {
+                    default_stop_ms()
+                } else {
+                    20_000
+                },
                 env: BTreeMap::new(),
             };
         Table {
@@ -251,7 +256,7 @@ impl Supervisor {
             )
             .map_err(std::io::Error::from)?;
             let wr2 = wr.try_clone()?;
-            let child = std::process::Command::new(&s.spec.command[0])
+            let child = crate::command(&s.spec.command[0])
                 .args(&s.spec.command[1..])
                 .envs(&s.spec.env)
                 .current_dir(&root)

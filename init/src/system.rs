@@ -3,7 +3,6 @@
 use crate::metadata::volume;
 use crate::report::Outcome;
 use std::path::Path;
-use std::process::Command;
 
 pub const DATA_LABEL: &str = "SHOAL_DATA";
 
@@ -72,7 +71,7 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
             "formatting blank disk {} as ext4 ({DATA_LABEL})",
             dev.display()
         ));
-        let out = Command::new("mkfs.ext4")
+        let out = crate::command("mkfs.ext4")
             .args([
                 "-q",
                 "-F",
@@ -159,10 +158,55 @@ pub const MODULES: [&str; 9] = [
     "iptable_filter",
 ];
 
-pub fn modules(d: &mut Vec<String>) -> Outcome {
+/// Every `modalias` of every device under `/sys/devices` (what udev would load drivers for).
+fn modaliases(dir: &Path, depth: usize, out: &mut std::collections::BTreeSet<String>) {
+    if depth > 12 {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_symlink() {
+            continue;
+        }
+        if ft.is_dir() {
+            modaliases(&e.path(), depth + 1, out);
+        } else if e.file_name() == "modalias" {
+            if let Ok(a) = std::fs::read_to_string(e.path()) {
+                let a = a.trim();
+                if !a.is_empty() {
+                    out.insert(a.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// Loads drivers for the hardware present (coldplug, in passes: a bus driver makes new
+/// devices appear), then what Docker needs.
+pub fn modules(root: &Path, d: &mut Vec<String>) -> Outcome {
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..4 {
+        let mut now = std::collections::BTreeSet::new();
+        modaliases(&root.join("sys/devices"), 0, &mut now);
+        let new: Vec<String> = now.difference(&seen).cloned().collect();
+        if new.is_empty() {
+            break;
+        }
+        for chunk in new.chunks(256) {
+            let _ = crate::command("modprobe")
+                .args(["-q", "-a", "-b"])
+                .args(chunk)
+                .status();
+        }
+        seen.extend(new);
+    }
+    d.push(format!("{} device aliases", seen.len()));
     let mut outcome = Outcome::Ok;
     for m in MODULES {
-        match Command::new("modprobe").arg("-q").arg(m).status() {
+        match crate::command("modprobe").arg("-q").arg(m).status() {
             Ok(s) if s.success() => {}
             Ok(_) => {
                 d.push(format!("{m}: not loaded"));

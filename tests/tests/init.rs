@@ -25,6 +25,12 @@ after = "base"
 command = ["/bin/sh", "-c", "echo start-late >> $SHOAL_INIT_ROOT/var/order; trap 'echo stop-late >> $SHOAL_INIT_ROOT/var/order; exit 0' TERM; while :; do sleep 0.05; done"]
 
 [[service]]
+name = "plain"
+after = "base"
+# No shell and no trap: it stops on SIGTERM only if it inherited no blocked signals.
+command = ["/bin/sleep", "1000"]
+
+[[service]]
 name = "crashy"
 after = "base"
 command = ["/bin/sh", "-c", "echo crashing; exit 3"]
@@ -174,6 +180,15 @@ fn init_mounts_supervises_reaps_and_shuts_down_in_order() {
             && init.service("crashy")["restarts"].as_u64() >= Some(3))
         .then_some(())
     });
+    // Services start with no signal blocked (a mask inherited from init would make them deaf
+    // to SIGTERM).
+    let plain = init.service("plain")["pid"].as_u64().unwrap();
+    let plain_status = std::fs::read_to_string(format!("/proc/{plain}/status")).unwrap();
+    let sigblk = plain_status
+        .lines()
+        .find(|l| l.starts_with("SigBlk:"))
+        .unwrap();
+    assert!(sigblk.ends_with("0000000000000000"), "{sigblk}");
     let crashy = init.service("crashy");
     assert_eq!(crashy["last_exit"], "exited with status 3");
     assert!(
@@ -219,6 +234,11 @@ fn init_mounts_supervises_reaps_and_shuts_down_in_order() {
     assert!(init
         .console()
         .contains("services stopped, file systems synced"));
+    assert!(
+        !init.console().contains("did not stop in time"),
+        "{}",
+        init.console()
+    );
 }
 
 #[test]
