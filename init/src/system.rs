@@ -38,6 +38,18 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
                 p.fstype
             ));
         } else {
+            // Check before mounting: after a clean power-off this is a no-op.
+            match crate::command("fsck.ext4").arg("-p").arg(&dev).output() {
+                Ok(o) => match o.status.code() {
+                    Some(0) => d.push("fsck: clean".into()),
+                    Some(1) => d.push("fsck: errors corrected".into()),
+                    c => d.push(format!(
+                        "fsck: exit {c:?}: {}",
+                        String::from_utf8_lossy(&o.stdout).trim()
+                    )),
+                },
+                Err(e) => d.push(format!("fsck.ext4: {e}")),
+            }
             match mount_ext4(&dev) {
                 Ok(()) => {
                     d.push(format!("{} mounted at /var", dev.display()));

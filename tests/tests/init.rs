@@ -723,6 +723,7 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
     });
     assert!(details(&report, "data-disk").contains("mounted at /var"));
     assert!(!details(&report, "data-disk").contains("formatting"));
+    assert!(details(&report, "data-disk").contains("fsck: clean"));
     assert_eq!(
         stage(&report, "machine-id")["detail"]
             .as_array()

@@ -121,6 +121,10 @@ fn status(h: &Handle, s: &Snapshot) -> Value {
             "signs_joins": h.trust.ca_key.is_some(),
         },
         "members": s.members,
+        // shoal-init's boot report (stages, network, metadata, services), when there is one.
+        "boot": std::fs::read("/run/shoal/init.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok()),
         "store": {
             "keys": keys,
             "seq": s.seq,
