@@ -371,18 +371,64 @@ impl Agent {
         bundle: &Path,
         extra: &str,
     ) -> Agent {
+        let (status_port, api_port) = (free_port(), free_port());
+        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let settings = format!(
+            "{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n[discovery]\nmdns = false\nretry_join_ms = 500\n"
+        );
+        Agent::write(
+            root,
+            id,
+            bundle,
+            &peers,
+            &settings,
+            (status_port, api_port),
+            None,
+        )
+    }
+
+    /// An agent in network namespace `host.ns`, listening on every address with the standard
+    /// ports, discovering its peers over mDNS (no peer list) unless `peers` are given.
+    pub fn configure_in(
+        host: &netns::Host,
+        root: &Path,
+        id: &str,
+        bundle: &Path,
+        peers: &[String],
+    ) -> Agent {
+        let settings = "[listen]\nstatus = \"0.0.0.0:7070\"\napi = \"0.0.0.0:7443\"\n[discovery]\nmdns = true\nretry_join_ms = 1000\n";
+        Agent::write(
+            root,
+            id,
+            bundle,
+            peers,
+            settings,
+            (7070, 7443),
+            Some(host.ns.clone()),
+        )
+    }
+
+    /// Writes `root/id/agent.toml` (node id, state dir, bundle, peers, then `settings`).
+    fn write(
+        root: &Path,
+        id: &str,
+        bundle: &Path,
+        peers: &[String],
+        settings: &str,
+        (status_port, api_port): (u16, u16),
+        netns: Option<String>,
+    ) -> Agent {
         let dir = root.join(id);
         std::fs::create_dir_all(&dir).unwrap();
         let token = std::fs::read_to_string(bundle.join("admin.token"))
             .map(|t| t.trim().to_string())
             .unwrap_or_default();
-        let (status_port, api_port) = (free_port(), free_port());
-        let peers: Vec<String> = peers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
         let config = dir.join("agent.toml");
         std::fs::write(
             &config,
             format!(
-                "node_id = \"{id}\"\nstate_dir = \"{}\"\nbundle = \"{}\"\npeers = [{}]\n{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n[discovery]\nmdns = false\nretry_join_ms = 500\n",
+                "node_id = \"{id}\"\nstate_dir = \"{}\"\nbundle = \"{}\"\npeers = [{}]\n{settings}",
                 dir.display(),
                 bundle.display(),
                 peers.join(", "),
@@ -396,46 +442,7 @@ impl Agent {
             api_port,
             token,
             bundle: bundle.to_path_buf(),
-            netns: None,
-            config,
-            child: None,
-        }
-    }
-
-    /// An agent in network namespace `host.ns`, listening on every address with the standard
-    /// ports, discovering its peers over mDNS (no peer list) unless `peers` are given.
-    pub fn configure_in(
-        host: &netns::Host,
-        root: &Path,
-        id: &str,
-        bundle: &Path,
-        peers: &[String],
-    ) -> Agent {
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        let token = std::fs::read_to_string(bundle.join("admin.token"))
-            .map(|t| t.trim().to_string())
-            .unwrap_or_default();
-        let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
-        let config = dir.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "node_id = \"{id}\"\nstate_dir = \"{}\"\nbundle = \"{}\"\npeers = [{}]\n[listen]\nstatus = \"0.0.0.0:7070\"\napi = \"0.0.0.0:7443\"\n[discovery]\nmdns = true\nretry_join_ms = 1000\n",
-                dir.display(),
-                bundle.display(),
-                peers.join(", "),
-            ),
-        )
-        .unwrap();
-        Agent {
-            id: id.into(),
-            dir,
-            status_port: 7070,
-            api_port: 7443,
-            token,
-            bundle: bundle.to_path_buf(),
-            netns: Some(host.ns.clone()),
+            netns,
             config,
             child: None,
         }

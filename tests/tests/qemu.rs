@@ -50,19 +50,27 @@ impl Node {
         assert!(st.success(), "qemu/run failed");
         wait_for(
             BOOT,
-            "the node's /healthz through the forwarded port",
+            "the agent's status through the forwarded port",
             || {
-                get(self.ports[0], "/healthz")
+                // A VM that died (a kernel panic, say) will not answer: say so now.
+                assert!(
+                    self.running(),
+                    "QEMU exited during boot:\n{}",
+                    self.console()
+                );
+                get(self.ports[0], "/v1/status")
                     .ok()
                     .filter(|r| r.status == 200)
+                    .map(|r| r.json())
+                    .filter(|v| !v["boot"].is_null())
             },
-        );
-        wait_for(BOOT, "the agent's status", || {
-            get(self.ports[0], "/v1/status")
-                .ok()
-                .map(|r| r.json())
-                .filter(|v| !v["boot"].is_null())
-        })
+        )
+    }
+
+    fn running(&self) -> bool {
+        std::fs::read_to_string(self.dir().join("qemu.pid"))
+            .ok()
+            .is_some_and(|pid| Path::new(&format!("/proc/{}", pid.trim())).exists())
     }
 
     fn stop(&self) {

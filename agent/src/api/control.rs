@@ -237,16 +237,13 @@ async fn put_secret(req: Request<Incoming>, app: &str, name: &str, h: &Handle) -
         Ok(s) => s,
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    match h.write(vec![(key, Some(Bytes::from(sealed)))]).await {
-        Ok(v) => {
-            Counters::inc(&h.counters.writes);
-            json(
-                StatusCode::OK,
-                &j!({ "app": app, "secret": name, "version": v.first().map(|v| v.to_string()) }),
-            )
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-    }
+    write_one(
+        h,
+        key,
+        Some(Bytes::from(sealed)),
+        j!({ "app": app, "secret": name }),
+    )
+    .await
 }
 
 async fn delete_secret(app: &str, name: &str, h: &Handle) -> Response<Body> {
@@ -254,26 +251,8 @@ async fn delete_secret(app: &str, name: &str, h: &Handle) -> Response<Body> {
         Ok(k) => k,
         Err(r) => return r,
     };
-    match read_entry(&h.store, key.as_str()) {
-        Ok(Some((e, _))) if !e.is_tombstone() => {}
-        Ok(_) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("app {app:?} has no secret {name:?}"),
-            )
-        }
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
-    match h.write(vec![(key, None)]).await {
-        Ok(v) => {
-            Counters::inc(&h.counters.writes);
-            json(
-                StatusCode::OK,
-                &j!({ "app": app, "secret": name, "deleted": true, "version": v.first().map(|v| v.to_string()) }),
-            )
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-    }
+    let missing = format!("app {app:?} has no secret {name:?}");
+    delete_one(h, key, missing, j!({ "app": app, "secret": name })).await
 }
 
 /// Reads (a bounded amount of) the request body before answering a refusal: HTTP/2 clients
@@ -358,16 +337,7 @@ async fn put_app(req: Request<Incoming>, name: &str, h: &Handle) -> Response<Bod
         return error(StatusCode::BAD_REQUEST, "bad app name");
     };
     let value = Bytes::from(serde_json::to_vec(&spec).unwrap_or_default());
-    match h.write(vec![(key, Some(value))]).await {
-        Ok(v) => {
-            Counters::inc(&h.counters.writes);
-            json(
-                StatusCode::OK,
-                &j!({ "name": name, "version": v.first().map(|v| v.to_string()) }),
-            )
-        }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
-    }
+    write_one(h, key, Some(value), j!({ "name": name })).await
 }
 
 async fn delete_app(name: &str, h: &Handle) -> Response<Body> {
@@ -375,21 +345,46 @@ async fn delete_app(name: &str, h: &Handle) -> Response<Body> {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
-    match read_entry(&h.store, key.as_str()) {
-        Ok(Some((e, _))) if !e.is_tombstone() => {}
-        Ok(_) => return error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
-        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-    }
-    match h.write(vec![(key, None)]).await {
+    delete_one(
+        h,
+        key,
+        format!("no app named {name:?}"),
+        j!({ "name": name }),
+    )
+    .await
+}
+
+/// Writes one key; answers `body` with the write's version added, or 503.
+async fn write_one(
+    h: &Handle,
+    key: Key,
+    value: Option<Bytes>,
+    mut body: serde_json::Value,
+) -> Response<Body> {
+    match h.write(vec![(key, value)]).await {
         Ok(v) => {
             Counters::inc(&h.counters.writes);
-            json(
-                StatusCode::OK,
-                &j!({ "name": name, "deleted": true, "version": v.first().map(|v| v.to_string()) }),
-            )
+            body["version"] = j!(v.first().map(|v| v.to_string()));
+            json(StatusCode::OK, &body)
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
+}
+
+/// Deletes a key that holds a value; 404 with `missing` when it does not.
+async fn delete_one(
+    h: &Handle,
+    key: Key,
+    missing: String,
+    mut body: serde_json::Value,
+) -> Response<Body> {
+    match read_entry(&h.store, key.as_str()) {
+        Ok(Some((e, _))) if !e.is_tombstone() => {}
+        Ok(_) => return error(StatusCode::NOT_FOUND, missing),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    }
+    body["deleted"] = j!(true);
+    write_one(h, key, None, body).await
 }
 
 #[cfg(test)]

@@ -73,11 +73,16 @@ async fn publish_node_record(h: &Handle, cfg: &AgentConfig) -> Result<(), Daemon
 }
 
 /// The addresses a new certificate names: the advertised one and every interface's.
-fn cert_addrs(advertise: &str) -> Vec<IpAddr> {
-    let mut ips: Vec<IpAddr> = advertise
+/// The IP of an advertised `ip:port` (none for a `host:port`).
+fn advertised_ip(advertise: &str) -> Vec<IpAddr> {
+    advertise
         .parse::<SocketAddr>()
         .map(|a| vec![a.ip()])
-        .unwrap_or_default();
+        .unwrap_or_default()
+}
+
+fn cert_addrs(advertise: &str) -> Vec<IpAddr> {
+    let mut ips = advertised_ip(advertise);
     if let Ok(ifs) = if_addrs::get_if_addrs() {
         ips.extend(ifs.into_iter().map(|i| i.ip()));
     }
@@ -100,10 +105,7 @@ async fn node_identity(
     mdns: Option<&Mdns>,
     shutdown: &CancellationToken,
 ) -> Result<NodeIdentity, DaemonError> {
-    let advertised: Vec<IpAddr> = advertise
-        .parse::<SocketAddr>()
-        .map(|a| vec![a.ip()])
-        .unwrap_or_default();
+    let advertised = advertised_ip(advertise);
     let ca = match creds {
         Credentials::Bundle(b) => Some(b.ca_cert.as_str()),
         Credentials::JoinSecret { .. } => None,
@@ -268,10 +270,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
             .rsplit_once(':')
             .and_then(|(_, p)| p.parse().ok())
             .unwrap_or(cfg.listen.api.port());
-        let ips: Vec<IpAddr> = advertise
-            .parse::<SocketAddr>()
-            .map(|a| vec![a.ip()])
-            .unwrap_or_default();
+        let ips = advertised_ip(&advertise);
         match m.advertise(
             id.as_str(),
             &h.trust.cluster_hash,
