@@ -53,6 +53,7 @@ impl Cmdline {
         self.params.get(key).map(String::as_str)
     }
 
+    #[cfg(test)]
     pub fn has_flag(&self, flag: &str) -> bool {
         self.flags.iter().any(|f| f == flag)
     }

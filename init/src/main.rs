@@ -9,6 +9,7 @@
 
 mod clock;
 mod cmdline;
+mod initrd;
 mod metadata;
 mod mounts;
 mod net;
@@ -402,6 +403,9 @@ fn main() {
         std::process::exit(2);
     }
     // From here on, never exit.
+    if test_root.is_none() && initrd::active(std::path::Path::new("/")) {
+        initrd::run();
+    }
     let root = test_root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let test = test_root.is_some();
     let signals = loop {
@@ -433,12 +437,28 @@ fn main() {
         ..Default::default()
     };
     report.stage("mounts", |d| {
-        if mounts::mount_all(&root, d) {
+        let ok = mounts::mount_all(&root, d);
+        if !test {
+            if let Some(r) = std::fs::read_to_string("/proc/self/mountinfo")
+                .ok()
+                .and_then(|mi| mounts::describe_root(&mi))
+            {
+                d.push(r);
+            }
+        }
+        if ok {
             Outcome::Ok
         } else {
             Outcome::Degraded
         }
     });
+    if !test {
+        report.uptime_at_start_ms = initrd::uptime_ms();
+        report.initrd = std::fs::read("/run/shoal/initrd.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+    }
     report.stage("modules", |d| {
         if test {
             d.push("skipped in test mode".into());
@@ -477,9 +497,6 @@ fn main() {
         let c = cmdline::Cmdline::parse(&text);
         if let Some(ip) = c.get("ip") {
             d.push(format!("ip={ip}"));
-        }
-        if !c.has_flag("ro") && !test {
-            d.push("no `ro` on the kernel command line: the root may be writable".into());
         }
         cmdline = c;
         Outcome::Ok

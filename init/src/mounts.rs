@@ -89,6 +89,11 @@ pub fn mount_all(root: &Path, detail: &mut Vec<String>) -> bool {
                 continue;
             }
         }
+        if is_mount_point(&target) {
+            // The initramfs moved /dev and /run here already (with its record in /run).
+            detail.push(format!("/{} already mounted", m.target));
+            continue;
+        }
         let data = (!m.data.is_empty()).then_some(m.data);
         match mount(Some(m.source), &target, Some(m.fstype), m.flags, data) {
             Ok(()) => {}
@@ -115,10 +120,56 @@ pub fn mount_all(root: &Path, detail: &mut Vec<String>) -> bool {
     ok
 }
 
+/// Whether `p` is the root of a mounted file system (its device differs from its parent's).
+fn is_mount_point(p: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
+        (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
+        _ => false,
+    }
+}
+
 /// Unmounts the table under `root` in reverse order (lazily: a busy file system is detached
 /// and goes once its last user does).
 pub fn unmount_all(root: &Path) {
     for m in table().iter().rev() {
         let _ = nix::mount::umount2(&root.join(m.target), nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// What `/` is, from a mountinfo text: "root SOURCE FSTYPE ro|rw" for the last mount on `/`.
+pub fn describe_root(mountinfo: &str) -> Option<String> {
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (pre, post) = l.split_once(" - ")?;
+            let pre: Vec<&str> = pre.split_whitespace().collect();
+            let post: Vec<&str> = post.split_whitespace().collect();
+            if pre.get(4) != Some(&"/") || post.len() < 2 {
+                return None;
+            }
+            let ro = pre.get(5).is_some_and(|o| o.split(',').any(|x| x == "ro"));
+            Some(format!(
+                "root {} {} {}",
+                post[1],
+                post[0],
+                if ro { "ro" } else { "rw" }
+            ))
+        })
+        .next_back()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn root_from_mountinfo() {
+        let mi = "22 1 0:21 / / rw,relatime - rootfs rootfs rw\n\
+                  25 22 254:2 / / ro,nodev,relatime - squashfs /dev/vda2 ro,errors=continue\n\
+                  26 25 0:5 / /dev rw,nosuid - devtmpfs devtmpfs rw\n";
+        assert_eq!(
+            super::describe_root(mi).as_deref(),
+            Some("root /dev/vda2 squashfs ro")
+        );
+        assert_eq!(super::describe_root("garbage\n"), None);
     }
 }

@@ -43,7 +43,11 @@ pub struct ServiceReport {
 pub struct Report {
     pub version: &'static str,
     pub started_ms: u64,
+    /// Milliseconds since the kernel started when this init started (firmware excluded).
+    pub uptime_at_start_ms: u64,
     pub test_mode: bool,
+    /// What the initramfs stage did (root slot, device, its time), when there was one.
+    pub initrd: serde_json::Value,
     pub stages: Vec<Stage>,
     pub services: Vec<ServiceReport>,
     pub network: serde_json::Value,

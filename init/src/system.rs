@@ -5,11 +5,14 @@ use crate::report::Outcome;
 use std::path::Path;
 
 pub const DATA_LABEL: &str = "SHOAL_DATA";
+/// The GPT partition name of shoal.raw's data partition (blank in the image).
+pub const DATA_PARTITION: &str = "shoal-data";
 
 /// Mounts the data disk at `/var`: the volume labelled `SHOAL_DATA`, else a blank disk
 /// formatted once (ext4, labelled), else a tmpfs — said loudly: state is lost at power-off.
 pub fn data_disk(root: &Path, d: &mut Vec<String>) -> Outcome {
     let outcome = mount_data(root, d);
+    writable_etc(root, d);
     // /var/run and /var/lock are the runtime tmpfs, as everywhere (Docker's socket path).
     for (link, to) in [("var/run", "../run"), ("var/lock", "../run/lock")] {
         let p = root.join(link);
@@ -58,29 +61,9 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
                 Err(e) => d.push(e),
             }
         }
-    } else if let Some(dev) = volume::devices(root).into_iter().find(|dev| {
-        let name = dev
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        // A whole disk, not partitioned, never written to.
-        let partitioned = std::fs::read_dir(root.join("sys/class/block").join(&name))
-            .map(|e| {
-                e.filter_map(|x| x.ok())
-                    .any(|x| x.file_name().to_string_lossy().starts_with(&name))
-            })
-            .unwrap_or(false);
-        let is_partition = root
-            .join("sys/class/block")
-            .join(&name)
-            .join("partition")
-            .exists();
-        !partitioned
-            && !is_partition
-            && volume::read_head(dev).is_some_and(|h| h.len() >= 65536 && volume::blank(&h))
-    }) {
+    } else if let Some((dev, kind)) = blank_target(root) {
         d.push(format!(
-            "formatting blank disk {} as ext4 ({DATA_LABEL})",
+            "formatting blank {kind} {} as ext4 ({DATA_LABEL})",
             dev.display()
         ));
         let out = crate::command("mkfs.ext4")
@@ -109,11 +92,82 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
             Err(e) => d.push(format!("mkfs.ext4: {e}")),
         }
     } else {
-        d.push(format!("no disk labelled {DATA_LABEL} and no blank disk"));
+        d.push(format!(
+            "no disk labelled {DATA_LABEL}, no blank disk and no blank {DATA_PARTITION} partition"
+        ));
     }
     let _ = nix::mount::mount(Some("var"), &var, Some("tmpfs"), flags, Some("mode=0755"));
     d.push("NO DATA DISK: /var is a tmpfs and everything in it is lost at power-off".into());
     Outcome::Degraded
+}
+
+/// Where a data file system may be made, first match wins: a blank whole disk (an attached
+/// volume: it is what the user gave us for state), else shoal.raw's own blank `shoal-data`
+/// partition. Never a disk that has partitions, never anything written to.
+fn blank_target(root: &Path) -> Option<(std::path::PathBuf, &'static str)> {
+    let sys = root.join("sys/class/block");
+    let is_blank =
+        |dev: &Path| volume::read_head(dev).is_some_and(|h| h.len() >= 65536 && volume::blank(&h));
+    let devices = volume::devices(root);
+    let whole = devices.iter().find(|dev| {
+        let name = dev
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let partitioned = std::fs::read_dir(sys.join(&name))
+            .map(|e| {
+                e.filter_map(|x| x.ok())
+                    .any(|x| x.file_name().to_string_lossy().starts_with(&name))
+            })
+            .unwrap_or(false);
+        let is_partition = sys.join(&name).join("partition").exists();
+        !partitioned && !is_partition && is_blank(dev)
+    });
+    if let Some(dev) = whole {
+        return Some((dev.clone(), "disk"));
+    }
+    {
+        let dev = crate::initrd::find_partlabel(&sys, DATA_PARTITION)?;
+        let dev = root.join(dev.strip_prefix("/").unwrap_or(&dev));
+        // In test mode only the listed devices are candidates, as for whole disks.
+        let listed = std::env::var_os("SHOAL_INIT_DISKS").is_none() || devices.contains(&dev);
+        (listed && is_blank(&dev)).then_some((dev, "partition"))
+    }
+}
+
+/// Directories under `/etc` that programs write at run time, kept on the data disk and bound
+/// over the read-only image's (dockerd 20.10 writes its engine key to /etc/docker).
+pub fn writable_etc(root: &Path, d: &mut Vec<String>) {
+    for name in ["docker"] {
+        let target = root.join("etc").join(name);
+        if !target.is_dir() {
+            continue;
+        }
+        let kept = root.join("var/lib/shoal/etc").join(name);
+        if let Err(e) = std::fs::create_dir_all(&kept) {
+            d.push(format!("/var/lib/shoal/etc/{name}: {e}"));
+            continue;
+        }
+        // Files the image ships there are copied once; the disk's copy wins afterwards.
+        if let Ok(entries) = std::fs::read_dir(&target) {
+            for e in entries.flatten() {
+                let to = kept.join(e.file_name());
+                if e.file_type().is_ok_and(|t| t.is_file()) && !to.exists() {
+                    let _ = std::fs::copy(e.path(), &to);
+                }
+            }
+        }
+        match nix::mount::mount(
+            Some(&kept),
+            &target,
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        ) {
+            Ok(()) => d.push(format!("/etc/{name} kept on the data disk")),
+            Err(e) => d.push(format!("/etc/{name}: bind mount: {e}")),
+        }
+    }
 }
 
 /// The machine id: kept on the data disk, generated once, exposed at `/run/machine-id` and

@@ -104,6 +104,7 @@ fn main() {
                 "unshare",
                 "--pid",
                 "--fork",
+                "--kill-child",
                 "--mount",
                 "--propagation",
                 "private",

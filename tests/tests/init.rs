@@ -68,7 +68,14 @@ impl Pid1 {
             cmd.arg("--uts");
         }
         let unshare = cmd
-            .args(["--pid", "--fork", "--mount", "--propagation", "private"])
+            .args([
+                "--pid",
+                "--fork",
+                "--kill-child",
+                "--mount",
+                "--propagation",
+                "private",
+            ])
             .arg(init_bin())
             .envs(env.iter().copied())
             .env("SHOAL_INIT_ROOT", &root)

@@ -3,8 +3,12 @@
 //! report, the ACPI power button shuts the node down cleanly, and a second boot from the same
 //! data disk is the same node with the same state (its data disk checked clean).
 //!
-//! Slow (it builds the image when build/image/ lacks it, then boots twice under emulation);
-//! later issues extend `Node` (deploy an app, reach it through the forwarded ingress port).
+//! The same image boots from `shoal.raw` under UEFI (OVMF, systemd-boot, a unified kernel
+//! image) with its state on the disk's own data partition, and `qemu/cluster 2` forms a
+//! cluster over mDNS with no peer list.
+//!
+//! Slow (it builds the image when build/image/ lacks it, then boots under emulation); later
+//! issues extend `Node` (deploy an app, reach it through the forwarded ingress port).
 
 use serde_json::Value;
 use shoal_e2e::{free_port, get, https, netns::require_root, wait_for};
@@ -14,22 +18,29 @@ use std::time::Duration;
 
 const BOOT: Duration = Duration::from_secs(600);
 
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
 struct Node {
     name: String,
     ports: [u16; 4],
     repo: PathBuf,
+    /// `direct` (kernel + initramfs, shoal.raw attached) or `uefi` (OVMF boots shoal.raw).
+    mode: &'static str,
 }
 
 impl Node {
-    fn new() -> Node {
+    fn new(mode: &'static str) -> Node {
         require_root();
         Node {
-            name: format!("e2e-{}", std::process::id()),
+            name: format!("e2e-{mode}-{}", std::process::id()),
             ports: [free_port(), free_port(), free_port(), free_port()],
-            repo: Path::new(env!("CARGO_MANIFEST_DIR"))
-                .parent()
-                .unwrap()
-                .to_path_buf(),
+            repo: repo(),
+            mode,
         }
     }
 
@@ -44,6 +55,7 @@ impl Node {
             .env("SHOAL_QEMU_NODE", &self.name)
             .env("SHOAL_QEMU_PORTS", ports)
             .env("SHOAL_QEMU_DETACH", "1")
+            .env("SHOAL_QEMU_BOOT", self.mode)
             .env("SHOAL_QEMU_FRESH", if fresh { "1" } else { "0" })
             .status()
             .expect("qemu/run");
@@ -122,10 +134,24 @@ fn stage(status: &Value, name: &str) -> Value {
         .unwrap_or(Value::Null)
 }
 
+/// The root is slot A of shoal.raw, squashfs, read-only, mounted by the boot initramfs.
+fn assert_root_is_slot_a(status: &Value) {
+    let initrd = &status["boot"]["initrd"];
+    assert_eq!(initrd["root"], "PARTLABEL=shoal-a", "{initrd}");
+    assert_eq!(initrd["device"], "/dev/vda2", "{initrd}");
+    assert_eq!(initrd["fstype"], "squashfs", "{initrd}");
+    let mounts = stage(status, "mounts")["detail"].to_string();
+    assert!(
+        mounts.contains("root /dev/vda2 squashfs ro"),
+        "the root is not slot A read-only: {mounts}"
+    );
+}
+
 #[test]
 fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity() {
-    let node = Node::new();
+    let node = Node::new("direct");
     let status = node.boot(true);
+    assert_root_is_slot_a(&status);
 
     // shoal-init's stages on the console and in the report the agent serves.
     let console = node.console();
@@ -190,4 +216,136 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
     let apps = get(node.ports[0], "/v1/apps").unwrap().text();
     assert!(apps.contains("\"keep\""), "{apps}");
     node.stop();
+}
+
+#[test]
+fn shoal_raw_boots_under_uefi_with_state_on_its_data_partition() {
+    let node = Node::new("uefi");
+    let status = node.boot(true);
+    let console = node.console();
+    // OVMF's boot manager started systemd-boot from the disk, which started slot A's UKI.
+    assert!(
+        console.contains("BdsDxe: loading Boot"),
+        "no UEFI boot:\n{console}"
+    );
+    assert!(
+        console.contains("initrd: root PARTLABEL=shoal-a"),
+        "{console}"
+    );
+    assert_root_is_slot_a(&status);
+    // The command line is the one inside the unified kernel image.
+    assert!(
+        console.contains("Kernel command line: console=tty0 console=ttyS0,115200 panic=30 shoal.root=PARTLABEL=shoal-a"),
+        "{console}"
+    );
+    // No separate data disk: the disk's own blank shoal-data partition became /var.
+    let d = stage(&status, "data-disk")["detail"].to_string();
+    assert!(d.contains("formatting blank partition /dev/vda4"), "{d}");
+    let r = node.api(
+        "PUT",
+        "/v1/apps/uefi",
+        b"name = \"uefi\"\n[source]\nimage = \"busybox\"\n",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    node.stop();
+
+    // Booted again from the same disk: the partition is found by its label and kept.
+    let status = node.boot(false);
+    let d = stage(&status, "data-disk")["detail"].to_string();
+    assert!(
+        d.contains("fsck: clean") && !d.contains("formatting"),
+        "{d}"
+    );
+    let apps = get(node.ports[0], "/v1/apps").unwrap().text();
+    assert!(apps.contains("\"uefi\""), "{apps}");
+    node.stop();
+}
+
+/// `qemu/cluster N` and `qemu/cluster stop`; the nodes are c1..cN with fixed ports.
+struct Cluster {
+    repo: PathBuf,
+    n: usize,
+}
+
+impl Cluster {
+    fn start(n: usize) -> Cluster {
+        require_root();
+        let repo = repo();
+        let c = Cluster { repo, n };
+        let st = Command::new(c.repo.join("qemu/cluster"))
+            .arg(n.to_string())
+            .env("SHOAL_QEMU_FRESH", "1")
+            .status()
+            .unwrap();
+        assert!(st.success(), "qemu/cluster {n} failed");
+        c
+    }
+
+    fn status_port(i: usize) -> u16 {
+        7100 + 10 * i as u16
+    }
+
+    fn console(&self, i: usize) -> String {
+        std::fs::read_to_string(self.repo.join(format!("build/qemu/c{i}/console.log")))
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(self.repo.join("qemu/cluster"))
+            .arg("stop")
+            .status();
+        for i in 1..=self.n {
+            let dir = self.repo.join(format!("build/qemu/c{i}"));
+            if let Ok(pid) = std::fs::read_to_string(dir.join("qemu.pid")) {
+                let _ = Command::new("kill").args(["-9", pid.trim()]).status();
+            }
+        }
+    }
+}
+
+#[test]
+fn two_nodes_on_one_lan_form_a_cluster_over_mdns() {
+    let cluster = Cluster::start(2);
+    for i in 1..=2 {
+        wait_for(BOOT, "every node sees two alive members", || {
+            let nodes: Value = get(Cluster::status_port(i), "/v1/nodes")
+                .ok()
+                .filter(|r| r.status == 200)?
+                .json();
+            let alive = nodes
+                .as_array()?
+                .iter()
+                .filter(|n| n["state"] == "alive")
+                .count();
+            (alive == 2).then_some(())
+        });
+    }
+    // They found each other over mDNS on the LAN: no peer list was given, and each
+    // advertises its LAN address.
+    let status: Value = get(Cluster::status_port(1), "/v1/status").unwrap().json();
+    assert!(
+        status["boot"].to_string().contains("10.77.0.11"),
+        "{status}"
+    );
+    for (i, other) in [(1, "10.77.0.12"), (2, "10.77.0.11")] {
+        let log = cluster.console(i);
+        assert!(
+            log.contains("member up member=node-") && log.contains(&format!("addr={other}:7443")),
+            "c{i} did not see its peer on the LAN:\n{log}"
+        );
+        assert!(log.contains("mDNS: advertising"), "{log}");
+        assert!(!log.contains("panicked"), "{log}");
+    }
+    let st = Command::new(cluster.repo.join("qemu/cluster"))
+        .arg("stop")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    for i in 1..=2 {
+        assert!(cluster
+            .console(i)
+            .contains("services stopped, file systems synced"));
+    }
 }

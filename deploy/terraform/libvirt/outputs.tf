@@ -1,0 +1,3 @@
+output "addresses" {
+  value = [for d in libvirt_domain.node : d.network_interface[0].addresses]
+}
