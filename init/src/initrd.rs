@@ -261,7 +261,8 @@ fn mount_root(spec: &RootSpec, fstype: &str) -> Result<PathBuf, String> {
         None::<&str>,
     )
     .map_err(|e| format!("mount {} ({fstype}): {e}", dev.display()))?;
-    if !Path::new(SYSROOT).join("sbin/init").exists() {
+    // An absolute symlink (systemd-sysv's /sbin/init) only resolves after the switch.
+    if std::fs::symlink_metadata(Path::new(SYSROOT).join("sbin/init")).is_err() {
         let _ = umount2(SYSROOT, MntFlags::MNT_DETACH);
         return Err(format!("{} has no /sbin/init", dev.display()));
     }

@@ -50,8 +50,10 @@ pub struct Table {
 }
 
 impl Table {
-    /// The machine's services: containerd, then dockerd on its socket, then the agent once
-    /// dockerd answers on its own.
+    /// The machine's services: containerd, then dockerd on its socket; the agent starts at
+    /// once with containerd (membership, the store and the API do not need Docker, and under
+    /// emulation dockerd takes seconds; what runs containers waits for dockerd's socket).
+    /// They stop in the reverse order: the agent first.
     pub fn default_table() -> Table {
         let s =
             |name: &str, command: &[&str], after: Option<&str>, ready: Option<&str>| ServiceSpec {
@@ -84,7 +86,7 @@ impl Table {
                     Some("containerd"),
                     Some("/run/docker.sock"),
                 ),
-                s("agent", &["/usr/bin/shoal", "agent"], Some("dockerd"), None),
+                s("agent", &["/usr/bin/shoal", "agent"], None, None),
             ],
         }
     }

@@ -62,6 +62,9 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
             }
         }
     } else if let Some((dev, kind)) = blank_target(root) {
+        if kind == "partition" {
+            grow_last_partition(root, &dev, d);
+        }
         d.push(format!(
             "formatting blank {kind} {} as ext4 ({DATA_LABEL})",
             dev.display()
@@ -132,6 +135,95 @@ fn blank_target(root: &Path) -> Option<(std::path::PathBuf, &'static str)> {
         // In test mode only the listed devices are candidates, as for whole disks.
         let listed = std::env::var_os("SHOAL_INIT_DISKS").is_none() || devices.contains(&dev);
         (listed && is_blank(&dev)).then_some((dev, "partition"))
+    }
+}
+
+/// Sectors (512 bytes) from a sysfs number file.
+fn sectors(p: &Path) -> Option<u64> {
+    std::fs::read_to_string(p).ok()?.trim().parse().ok()
+}
+
+/// How far the partition `name` may grow: the disk's sectors after its end, less the backup
+/// GPT (33 sectors), when it is the disk's last partition and the gap is worth it (≥ 64 MiB:
+/// the image is written to a larger disk, or a cloud volume is larger than the image).
+pub fn growth(sys_block: &Path, name: &str) -> Option<(String, u32, u64)> {
+    let part = sys_block.join(name);
+    let number: u32 = std::fs::read_to_string(part.join("partition"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    // The parent disk is the directory that holds this partition's entry.
+    let disk = std::fs::read_link(&part).ok().and_then(|l| {
+        l.parent()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+    })?;
+    let (start, size) = (sectors(&part.join("start"))?, sectors(&part.join("size"))?);
+    let disk_size = sectors(&sys_block.join(&disk).join("size"))?;
+    let end = start + size;
+    let later = std::fs::read_dir(sys_block.join(&disk))
+        .ok()?
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(&disk))
+        .any(|e| sectors(&e.path().join("start")).is_some_and(|s| s > start));
+    let free = disk_size.saturating_sub(end + 33);
+    (!later && free >= 64 * 2048).then_some((disk, number, free))
+}
+
+/// Grows the blank data partition over the rest of the disk before it is formatted: moves
+/// the backup GPT to the disk's end, extends the partition, and tells the kernel (the disk is
+/// in use: the root slot is on it, so only this partition is updated).
+fn grow_last_partition(root: &Path, dev: &Path, d: &mut Vec<String>) {
+    let Some(name) = dev.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return;
+    };
+    let Some((disk, number, free)) = growth(&root.join("sys/class/block"), &name) else {
+        return;
+    };
+    let disk_dev = root.join("dev").join(&disk);
+    let run = |args: &[&str], input: Option<&str>| -> Result<(), String> {
+        let mut c = crate::command(args[0]);
+        c.args(&args[1..]).arg(&disk_dev);
+        c.stdin(if input.is_some() {
+            std::process::Stdio::piped()
+        } else {
+            std::process::Stdio::null()
+        });
+        c.stdout(std::process::Stdio::null());
+        c.stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().map_err(|e| format!("{}: {e}", args[0]))?;
+        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+            use std::io::Write;
+            let _ = stdin.write_all(text.as_bytes());
+        }
+        let out = child.wait_with_output().map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    };
+    let n = number.to_string();
+    let grow = || -> Result<(), String> {
+        run(&["sfdisk", "-q", "--relocate", "gpt-bak-std"], None)?;
+        run(
+            &["sfdisk", "-q", "--no-reread", "--no-tell-kernel", "-N", &n],
+            Some(", +\n"),
+        )?;
+        run(&["partx", "-u", "--nr", &n], None)
+    };
+    match grow() {
+        Ok(()) => d.push(format!(
+            "grew {} by {} MiB to the end of /dev/{disk}",
+            dev.display(),
+            free / 2048
+        )),
+        Err(e) => d.push(format!("could not grow {}: {e}", dev.display())),
     }
 }
 
@@ -323,4 +415,57 @@ pub fn sysctls(root: &Path, net_only: bool, d: &mut Vec<String>) -> Outcome {
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::growth;
+    use std::path::Path;
+
+    /// A sysfs block tree: `class/block/X` links into `devices/vda/...`.
+    fn disk(root: &Path, disk_sectors: u64, parts: &[(u32, u64, u64)]) {
+        let dev = root.join("devices/pci0/virtio1/block/vda");
+        std::fs::create_dir_all(&dev).unwrap();
+        std::fs::write(dev.join("size"), format!("{disk_sectors}\n")).unwrap();
+        let class = root.join("class/block");
+        std::fs::create_dir_all(&class).unwrap();
+        std::os::unix::fs::symlink(&dev, class.join("vda")).unwrap();
+        for (n, start, size) in parts {
+            let p = dev.join(format!("vda{n}"));
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("partition"), format!("{n}\n")).unwrap();
+            std::fs::write(p.join("start"), format!("{start}\n")).unwrap();
+            std::fs::write(p.join("size"), format!("{size}\n")).unwrap();
+            std::os::unix::fs::symlink(&p, class.join(format!("vda{n}"))).unwrap();
+        }
+    }
+
+    const MIB: u64 = 2048;
+    // shoal.raw: ESP at 1 MiB (128), A (1024), B (1024), data (512).
+    const LAYOUT: [(u32, u64, u64); 4] = [
+        (1, MIB, 128 * MIB),
+        (2, 129 * MIB, 1024 * MIB),
+        (3, 1153 * MIB, 1024 * MIB),
+        (4, 2177 * MIB, 512 * MIB),
+    ];
+
+    #[test]
+    fn the_last_partition_grows_over_a_larger_disk() {
+        let d = tempfile::tempdir().unwrap();
+        disk(d.path(), 8192 * MIB, &LAYOUT);
+        let (disk_name, n, free) = growth(&d.path().join("class/block"), "vda4").unwrap();
+        assert_eq!((disk_name.as_str(), n), ("vda", 4));
+        assert_eq!(free, 8192 * MIB - 2689 * MIB - 33);
+    }
+
+    #[test]
+    fn nothing_grows_on_a_disk_the_size_of_the_image_or_before_another_partition() {
+        let d = tempfile::tempdir().unwrap();
+        disk(d.path(), 2690 * MIB, &LAYOUT);
+        assert_eq!(growth(&d.path().join("class/block"), "vda4"), None);
+        let d = tempfile::tempdir().unwrap();
+        disk(d.path(), 8192 * MIB, &LAYOUT);
+        assert_eq!(growth(&d.path().join("class/block"), "vda3"), None);
+        assert_eq!(growth(&d.path().join("class/block"), "vda"), None);
+    }
 }

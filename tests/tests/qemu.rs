@@ -241,6 +241,11 @@ fn shoal_raw_boots_under_uefi_with_state_on_its_data_partition() {
     // No separate data disk: the disk's own blank shoal-data partition became /var.
     let d = stage(&status, "data-disk")["detail"].to_string();
     assert!(d.contains("formatting blank partition /dev/vda4"), "{d}");
+    // The disk (8 GiB) is larger than the image (2.6 GiB): the data partition took the rest.
+    assert!(
+        d.contains("grew /dev/vda4 by 5502 MiB to the end of /dev/vda"),
+        "{d}"
+    );
     let r = node.api(
         "PUT",
         "/v1/apps/uefi",
