@@ -73,7 +73,7 @@ pub fn active(root: &Path) -> bool {
     root.join(MARKER).exists()
 }
 
-/// Seconds since boot (CLOCK_BOOTTIME), in milliseconds.
+/// Time since the kernel started (`/proc/uptime`), in milliseconds.
 pub fn uptime_ms() -> u64 {
     std::fs::read_to_string("/proc/uptime")
         .ok()

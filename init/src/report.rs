@@ -43,7 +43,7 @@ pub struct ServiceReport {
 pub struct Report {
     pub version: &'static str,
     pub started_ms: u64,
-    /// Milliseconds since the kernel started when this init started (firmware excluded).
+    /// Milliseconds since the kernel started, read once this init has mounted /proc.
     pub uptime_at_start_ms: u64,
     pub test_mode: bool,
     /// What the initramfs stage did (root slot, device, its time), when there was one.

@@ -97,18 +97,8 @@ fn main() {
         let root = dir.path().join(format!("root{run}"));
         std::fs::create_dir_all(&root).unwrap();
         let mut child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &ns,
-                "unshare",
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount",
-                "--propagation",
-                "private",
-            ])
+            .args(["netns", "exec", &ns, "unshare"])
+            .args(shoal_e2e::UNSHARE_PID1)
             .arg(&init)
             .env("SHOAL_INIT_ROOT", &root)
             .env("SHOAL_INIT_SERVICES", &table)

@@ -51,6 +51,17 @@ pub fn shoal_bin() -> PathBuf {
     .clone()
 }
 
+/// `unshare` arguments that run a command as PID 1 of fresh PID and mount namespaces (test
+/// mode of shoal-init). `--kill-child`: when a test drops `unshare`, its namespace goes too.
+pub const UNSHARE_PID1: [&str; 6] = [
+    "--pid",
+    "--fork",
+    "--kill-child",
+    "--mount",
+    "--propagation",
+    "private",
+];
+
 /// The workspace's `target/debug/shoal-init` (or `SHOAL_INIT_BIN`), built once if needed.
 pub fn init_bin() -> PathBuf {
     static INIT: OnceLock<PathBuf> = OnceLock::new();

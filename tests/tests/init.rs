@@ -68,14 +68,7 @@ impl Pid1 {
             cmd.arg("--uts");
         }
         let unshare = cmd
-            .args([
-                "--pid",
-                "--fork",
-                "--kill-child",
-                "--mount",
-                "--propagation",
-                "private",
-            ])
+            .args(shoal_e2e::UNSHARE_PID1)
             .arg(init_bin())
             .envs(env.iter().copied())
             .env("SHOAL_INIT_ROOT", &root)

@@ -118,6 +118,29 @@ impl Node {
     }
 }
 
+impl Node {
+    /// Writes app `name` through the forwarded API port.
+    fn put_app(&self, name: &str) {
+        let spec = format!("name = \"{name}\"\n[source]\nimage = \"busybox\"\n");
+        let r = self.api("PUT", &format!("/v1/apps/{name}"), spec.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    /// Boots the powered-off node from the same disks: the same node, its app still there,
+    /// the data disk found by its label and checked clean.
+    fn boot_again_keeps(&self, id: &str, app: &str) {
+        let status = self.boot(false);
+        assert_eq!(status["node_id"], id);
+        let d = stage(&status, "data-disk")["detail"].to_string();
+        assert!(
+            d.contains("fsck: clean") && !d.contains("formatting"),
+            "{d}"
+        );
+        let apps = get(self.ports[0], "/v1/apps").unwrap().text();
+        assert!(apps.contains(&format!("\"{app}\"")), "{apps}");
+    }
+}
+
 impl Drop for Node {
     fn drop(&mut self) {
         if let Ok(pid) = std::fs::read_to_string(self.dir().join("qemu.pid")) {
@@ -187,12 +210,7 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
     });
 
     // State written through the forwarded API port.
-    let r = node.api(
-        "PUT",
-        "/v1/apps/keep",
-        b"name = \"keep\"\n[source]\nimage = \"busybox\"\n",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    node.put_app("keep");
 
     // ACPI power button: services stop in order, file systems synced, power off.
     node.stop();
@@ -206,15 +224,7 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
     assert!(!console.contains("did not stop in time"));
 
     // Second boot from the same disk: same node, same state, disk clean.
-    let status = node.boot(false);
-    assert_eq!(status["node_id"], id.as_str());
-    let d = stage(&status, "data-disk")["detail"].to_string();
-    assert!(
-        d.contains("fsck: clean") && !d.contains("formatting"),
-        "{d}"
-    );
-    let apps = get(node.ports[0], "/v1/apps").unwrap().text();
-    assert!(apps.contains("\"keep\""), "{apps}");
+    node.boot_again_keeps(&id, "keep");
     node.stop();
 }
 
@@ -246,23 +256,12 @@ fn shoal_raw_boots_under_uefi_with_state_on_its_data_partition() {
         d.contains("grew /dev/vda4 by 5502 MiB to the end of /dev/vda"),
         "{d}"
     );
-    let r = node.api(
-        "PUT",
-        "/v1/apps/uefi",
-        b"name = \"uefi\"\n[source]\nimage = \"busybox\"\n",
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    node.put_app("uefi");
+    let id = status["node_id"].as_str().unwrap().to_string();
     node.stop();
 
     // Booted again from the same disk: the partition is found by its label and kept.
-    let status = node.boot(false);
-    let d = stage(&status, "data-disk")["detail"].to_string();
-    assert!(
-        d.contains("fsck: clean") && !d.contains("formatting"),
-        "{d}"
-    );
-    let apps = get(node.ports[0], "/v1/apps").unwrap().text();
-    assert!(apps.contains("\"uefi\""), "{apps}");
+    node.boot_again_keeps(&id, "uefi");
     node.stop();
 }
 
