@@ -35,12 +35,20 @@ impl Default for Listen {
 #[serde(deny_unknown_fields, default)]
 pub struct Docker {
     pub socket: PathBuf,
+    /// Whether this node runs containers. A node that does not still replicates, routes and
+    /// answers; the scheduler places nothing on it.
+    pub enabled: bool,
+    /// How often the executor looks at the containers even when nothing in the store changed
+    /// (crashed containers, images loaded since, members gone).
+    pub reconcile_ms: u64,
 }
 
 impl Default for Docker {
     fn default() -> Self {
         Docker {
             socket: "/var/run/docker.sock".into(),
+            enabled: true,
+            reconcile_ms: 2000,
         }
     }
 }
@@ -167,6 +175,14 @@ impl AgentConfig {
             {
                 return Err(ConfigError::Invalid(format!("peer {p:?} is not host:port")));
             }
+        }
+        if self.docker.reconcile_ms < 100 {
+            return Err(ConfigError::Invalid(
+                "docker.reconcile_ms must be at least 100".into(),
+            ));
+        }
+        if self.docker.socket.to_str().is_none() {
+            return Err(ConfigError::Invalid("docker.socket must be UTF-8".into()));
         }
         if self.sync.fanout == 0 {
             return Err(ConfigError::Invalid(

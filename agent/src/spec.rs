@@ -156,7 +156,68 @@ impl AppSpec {
         {
             return bad("resources.cpu must be above 0".into());
         }
+        if let Err(e) = self.resources.memory_bytes() {
+            return bad(e);
+        }
+        if let Some(img) = &self.source.image {
+            if img.is_empty() || img.len() > 255 || img.bytes().any(|b| b.is_ascii_whitespace()) {
+                return bad(format!("source.image {img:?} is not an image reference"));
+            }
+        }
+        if self.run.command.iter().any(|a| a.contains('\0')) {
+            return bad("run.command: arguments cannot hold NUL bytes".into());
+        }
+        if let Some(k) = self
+            .run
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return bad(format!("run.env: {k:?} is not a variable name"));
+        }
         Ok(())
+    }
+
+    /// How many replicas run when nothing scales the app: `replicas`, else `min`, else 1.
+    pub fn replicas(&self) -> u32 {
+        self.scale.replicas.or(self.scale.min).unwrap_or(1)
+    }
+
+    pub fn every_node(&self) -> bool {
+        self.scale.placement.as_deref() == Some("every-node")
+    }
+}
+
+impl Resources {
+    /// `memory` in bytes: a number with an optional suffix (`k`, `M`, `G`, `Ki`, `Mi`, `Gi`).
+    pub fn memory_bytes(&self) -> Result<Option<i64>, String> {
+        let Some(m) = &self.memory else {
+            return Ok(None);
+        };
+        let m = m.trim();
+        let split = m.find(|c: char| !c.is_ascii_digit()).unwrap_or(m.len());
+        let (num, unit) = m.split_at(split);
+        let mult: i64 = match unit {
+            "" => 1,
+            "k" | "K" => 1000,
+            "M" => 1000 * 1000,
+            "G" => 1000 * 1000 * 1000,
+            "Ki" => 1 << 10,
+            "Mi" => 1 << 20,
+            "Gi" => 1 << 30,
+            _ => {
+                return Err(format!(
+                    "resources.memory {m:?}: use a number with k, M, G, Ki, Mi or Gi"
+                ))
+            }
+        };
+        let bytes = num
+            .parse::<i64>()
+            .ok()
+            .and_then(|n| n.checked_mul(mult))
+            .filter(|b| *b >= 6 * 1024 * 1024)
+            .ok_or_else(|| format!("resources.memory {m:?}: give at least 6Mi (Docker's floor)"))?;
+        Ok(Some(bytes))
     }
 }
 
@@ -209,5 +270,36 @@ path = "/data"
         assert!(AppSpec::parse("name = \"Hello World\"").is_err());
         assert!(AppSpec::parse("name = \"a\"\n[source]\ngit = \"x\"\nimage = \"y\"").is_err());
         assert!(AppSpec::parse("{\"name\": \"ok\"}").is_ok());
+        let e = AppSpec::parse("name = \"a\"\n[resources]\nmemory = \"lots\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("resources.memory"), "{e}");
+        assert!(AppSpec::parse("name = \"a\"\n[source]\nimage = \"a b\"").is_err());
+    }
+
+    #[test]
+    fn memory_sizes() {
+        let r = |m: &str| {
+            Resources {
+                cpu: None,
+                memory: Some(m.into()),
+            }
+            .memory_bytes()
+        };
+        assert_eq!(r("256Mi"), Ok(Some(256 << 20)));
+        assert_eq!(r("1Gi"), Ok(Some(1 << 30)));
+        assert_eq!(r("64M"), Ok(Some(64_000_000)));
+        assert_eq!(r("10000000"), Ok(Some(10_000_000)));
+        for bad in [
+            "",
+            "1Mi",
+            "x",
+            "5 Mi",
+            "-1Gi",
+            "99999999999999999999Gi",
+            "1Ti",
+        ] {
+            assert!(r(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -1,7 +1,8 @@
 //! The OS image under QEMU (TCG), booted by `qemu/run` exactly as a user would: the console
 //! shows shoal-init's stages, `/v1/status` answers through the forwarded port with the boot
 //! report, the ACPI power button shuts the node down cleanly, and a second boot from the same
-//! data disk is the same node with the same state (its data disk checked clean).
+//! data disk is the same node with the same state (its data disk checked clean). An image
+//! loaded through the API runs as a container inside, and runs again after the reboot.
 //!
 //! The same image boots from `shoal.raw` under UEFI (OVMF, systemd-boot, a unified kernel
 //! image) with its state on the disk's own data partition, and `qemu/cluster 2` forms a
@@ -11,7 +12,7 @@
 //! issues extend `Node` (deploy an app, reach it through the forwarded ingress port).
 
 use serde_json::Value;
-use shoal_e2e::{free_port, get, https, netns::require_root, wait_for};
+use shoal_e2e::{busybox_image, free_port, get, https, netns::require_root, wait_for, BUSYBOX};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -126,6 +127,32 @@ impl Node {
         assert_eq!(r.status, 200, "{}", r.text());
     }
 
+    /// Loads the busybox test image through the forwarded API port (there is no registry),
+    /// deploys app `name` running its web server, and waits until the node reports the
+    /// container running; returns the container's id.
+    fn run_app(&self, name: &str) -> String {
+        let tar = std::fs::read(busybox_image()).unwrap();
+        let r = self.api("POST", "/v1/images", &tar);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let spec = format!(
+            "name = \"{name}\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nport = 8080\n[resources]\nmemory = \"32Mi\"\n"
+        );
+        let r = self.api("PUT", &format!("/v1/apps/{name}"), spec.as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        self.task_running(name, None)
+    }
+
+    /// Waits until app `name`'s task runs in a container other than `not`; its id.
+    fn task_running(&self, name: &str, not: Option<&str>) -> String {
+        wait_for(BOOT, &format!("{name}'s container running"), || {
+            let tasks = get(self.ports[0], "/v1/tasks").ok()?.json();
+            let t = tasks.as_array()?.iter().find(|t| t["app"] == name)?.clone();
+            let id = t["container"].as_str()?.to_string();
+            (t["state"] == "running" && t["ip"].is_string() && Some(id.as_str()) != not)
+                .then_some(id)
+        })
+    }
+
     /// Boots the powered-off node from the same disks: the same node, its app still there,
     /// the data disk found by its label and checked clean.
     fn boot_again_keeps(&self, id: &str, app: &str) {
@@ -209,8 +236,9 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
             .then_some(())
     });
 
-    // State written through the forwarded API port.
-    node.put_app("keep");
+    // A container runs in it: an image loaded and an app deployed through the forwarded API
+    // port, its replica reported running by the node.
+    let first = node.run_app("web");
 
     // ACPI power button: services stop in order, file systems synced, power off.
     node.stop();
@@ -224,7 +252,9 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
     assert!(!console.contains("did not stop in time"));
 
     // Second boot from the same disk: same node, same state, disk clean.
-    node.boot_again_keeps(&id, "keep");
+    node.boot_again_keeps(&id, "web");
+    // Its container stopped with the node; the executor starts the replica again.
+    node.task_running("web", Some(&first));
     node.stop();
 }
 

@@ -78,6 +78,13 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<B
             delete_app(name, &h).await
         }
         (_, ["v1", "apps", _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE"),
+        (Method::POST, ["v1", "images"]) => {
+            if let Err(r) = authorize(&req, &h) {
+                return drain_then(req, r).await;
+            }
+            load_image(req, &h).await
+        }
+        (_, ["v1", "images"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
@@ -255,14 +262,24 @@ async fn delete_secret(app: &str, name: &str, h: &Handle) -> Response<Body> {
     delete_one(h, key, missing, j!({ "app": app, "secret": name })).await
 }
 
-/// Reads (a bounded amount of) the request body before answering a refusal: HTTP/2 clients
-/// such as curl report a reset stream instead of the answer when the body is left unread.
+/// Reads and discards (a bounded amount of) the request body before answering a refusal:
+/// HTTP/2 clients such as curl report a reset stream instead of the answer when the body is
+/// left unread. Bounded in bytes and time, and nothing is kept, so a refused upload costs
+/// little.
 async fn drain_then(req: Request<Incoming>, r: Response<Body>) -> Response<Body> {
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        super::read_body(req, MAX_SPEC_BYTES),
-    )
-    .await;
+    use http_body_util::BodyExt;
+    const DRAIN_BYTES: usize = 64 << 20;
+    let mut body = req.into_body();
+    let drain = async {
+        let mut seen = 0usize;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |d| d.len());
+            if seen > DRAIN_BYTES {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), drain).await;
     r
 }
 
@@ -352,6 +369,39 @@ async fn delete_app(name: &str, h: &Handle) -> Response<Body> {
         j!({ "name": name }),
     )
     .await
+}
+
+/// Loads a `docker save` archive into this node's Docker, streamed as it arrives: no registry
+/// is needed to run an image. Answers the names Docker loaded.
+async fn load_image(req: Request<Incoming>, h: &Handle) -> Response<Body> {
+    use futures_util::StreamExt;
+    let Some(docker) = h.docker.clone() else {
+        return drain_then(
+            req,
+            error(
+                StatusCode::CONFLICT,
+                "this node runs no containers (docker.enabled = false)",
+            ),
+        )
+        .await;
+    };
+    let archive = http_body_util::BodyStream::new(req.into_body()).filter_map(|f| async move {
+        match f {
+            Ok(frame) => frame.into_data().ok().map(Ok),
+            Err(e) => Some(Err(e)),
+        }
+    });
+    match docker.load_image(archive).await {
+        Ok(loaded) => {
+            tracing::info!(images = ?loaded, "images loaded");
+            json(StatusCode::OK, &j!({ "loaded": loaded }))
+        }
+        Err(e @ crate::executor::ExecutorError::Load(_)) => error(StatusCode::BAD_REQUEST, e),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            crate::daemon::peer::error_chain(&e),
+        ),
+    }
 }
 
 /// Writes one key; answers `body` with the write's version added, or 503.

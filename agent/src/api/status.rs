@@ -61,6 +61,10 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
             Ok(_) => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
+        ["v1", "tasks"] => match h.snapshot().await {
+            Ok(s) => json(StatusCode::OK, &tasks(h, &s)),
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
+        },
         ["v1", "events"] => events(req, h),
         ["metrics"] => metrics(h).await,
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -156,18 +160,37 @@ fn nodes(h: &Handle, s: &Snapshot) -> Value {
     let mut out = Vec::new();
     for e in records {
         let id = e.key.name().to_string();
-        let state = if id == s.me.id.as_str() {
-            "alive"
-        } else {
-            s.members
-                .iter()
-                .find(|m| m.id.as_str() == id)
-                .map(|m| m.state)
-                .unwrap_or("unknown")
-        };
+        let state = member_state(s, &id);
         let mut v = value_of(&e.value);
         if let Value::Object(o) = &mut v {
             o.insert("state".into(), j!(state));
+        }
+        out.push(v);
+    }
+    j!(out)
+}
+
+/// The state of a member as this node sees it: `alive` for itself.
+fn member_state<'a>(s: &'a Snapshot, id: &str) -> &'a str {
+    if id == s.me.id.as_str() {
+        return "alive";
+    }
+    s.members
+        .iter()
+        .find(|m| m.id.as_str() == id)
+        .map(|m| m.state)
+        .unwrap_or("unknown")
+}
+
+/// Every task record, with the state of the node that wrote it: the record of a dead node
+/// says what ran there when it was last heard of.
+fn tasks(h: &Handle, s: &Snapshot) -> Value {
+    let records = scan_keyspace(&h.store, Keyspace::Tasks, "", 100_000).unwrap_or_default();
+    let mut out = Vec::new();
+    for e in records {
+        let mut v = value_of(&e.value);
+        if let (Value::Object(o), Some(node)) = (&mut v, e.key.owner()) {
+            o.insert("node_state".into(), j!(member_state(s, node)));
         }
         out.push(v);
     }

@@ -66,6 +66,8 @@ async fn publish_node_record(h: &Handle, cfg: &AgentConfig) -> Result<(), Daemon
         "version": api::status::VERSION,
         "started_at_ms": h.started_ms,
         "labels": cfg.labels,
+        // The scheduler places replicas only on nodes that run containers.
+        "containers": cfg.docker.enabled,
     });
     h.write(vec![(key, Some(Bytes::from(record.to_string())))])
         .await?;
@@ -286,6 +288,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
             m.clone(),
             every,
             Duration::from_millis(cfg.discovery.mdns_window_ms),
+            shutdown.clone(),
+        ));
+    }
+
+    if let Some(d) = &h.docker {
+        tracing::info!(socket = %d.socket(), "executor started");
+        tracker.spawn(crate::executor::run::run(
+            d.clone(),
+            h.clone(),
+            Duration::from_millis(cfg.docker.reconcile_ms),
             shutdown.clone(),
         ));
     }

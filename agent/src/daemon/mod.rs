@@ -117,6 +117,8 @@ pub struct Handle {
     pub admin_token: Option<Arc<str>>,
     pub tls: Tls,
     pub trust: Arc<Trust>,
+    /// This node's Docker, when it runs containers.
+    pub docker: Option<Arc<crate::executor::docker::Docker>>,
 }
 
 /// What the node trusts and presents, handed to `start`.
@@ -216,6 +218,11 @@ pub fn start(
         admin_token: security.admin_token,
         tls: security.tls,
         trust: security.trust,
+        docker: cfg.docker.enabled.then(|| {
+            Arc::new(crate::executor::docker::Docker::new(
+                &cfg.docker.socket.to_string_lossy(),
+            ))
+        }),
     };
     let task = tokio::spawn(core_loop(node, rx, effects, shutdown));
     Ok(Core { handle, task })

@@ -1,0 +1,188 @@
+//! The executor: makes this node's containers match its share of the placement. It reads the
+//! desired state (apps, their secrets, the placement) from the store, what runs from the
+//! container runtime, starts and removes containers, and writes each task's observed state to
+//! `tasks/<node>/<app>/<replica>`, a key only this node writes.
+//!
+//! The decisions are a pure function (`plan`); the runtime sits behind `ContainerRuntime`
+//! (Docker through bollard in the agent); `run` is the loop around them.
+
+pub mod docker;
+pub mod plan;
+pub mod run;
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::future::Future;
+
+/// Labels on every container the agent creates (ARCHITECTURE.md's fixed names).
+pub const LABEL_APP: &str = "shoal.app";
+pub const LABEL_REPLICA: &str = "shoal.replica";
+pub const LABEL_VERSION: &str = "shoal.version";
+pub const LABEL_CLUSTER: &str = "shoal.cluster";
+/// The node that made the container: nodes that share one Docker (tests, a development
+/// machine) each manage only their own.
+pub const LABEL_NODE: &str = "shoal.node";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    #[error("docker is not reachable at {socket}")]
+    Connect {
+        socket: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("docker refused to {what}")]
+    Docker {
+        what: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("docker did not load the image: {0}")]
+    Load(String),
+}
+
+/// A container to create: everything the runtime needs, already resolved (secrets opened,
+/// sizes parsed).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContainerSpec {
+    pub name: String,
+    pub image: String,
+    /// Empty: the image's own command.
+    pub command: Vec<String>,
+    /// `NAME=value`, sorted.
+    pub env: Vec<String>,
+    pub labels: BTreeMap<String, String>,
+    pub memory_bytes: Option<i64>,
+    pub nano_cpus: Option<i64>,
+    pub port: Option<u16>,
+}
+
+/// A container the runtime reports, identified by its labels.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observed {
+    pub id: String,
+    pub app: String,
+    pub replica: u32,
+    pub version: String,
+    pub running: bool,
+    /// For a container that stopped.
+    pub exit_code: Option<i64>,
+    /// Its address on the container network, while it runs.
+    pub ip: Option<String>,
+}
+
+/// The side effects the executor needs, owned by the executor. The agent's is Docker
+/// (`docker::Docker`); the decisions are tested without one (`plan`).
+pub trait ContainerRuntime: Send + Sync {
+    /// Every container labelled with `cluster` and `node`, running or not.
+    fn list(
+        &self,
+        cluster: &str,
+        node: &str,
+    ) -> impl Future<Output = Result<Vec<Observed>, ExecutorError>> + Send;
+    fn has_image(&self, image: &str) -> impl Future<Output = Result<bool, ExecutorError>> + Send;
+    /// Creates and starts; returns the container's id.
+    fn start(
+        &self,
+        spec: &ContainerSpec,
+    ) -> impl Future<Output = Result<String, ExecutorError>> + Send;
+    /// Stops (with a grace period) and removes.
+    fn remove(&self, id: &str) -> impl Future<Output = Result<(), ExecutorError>> + Send;
+    /// A stream that yields whenever a container of `cluster` stops, so a crash is handled at
+    /// once rather than at the next periodic pass; it ends when the runtime goes away.
+    fn stops(
+        &self,
+        cluster: &str,
+    ) -> impl Future<Output = Result<futures_util::stream::BoxStream<'static, ()>, ExecutorError>> + Send;
+}
+
+impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {
+    async fn list(&self, cluster: &str, node: &str) -> Result<Vec<Observed>, ExecutorError> {
+        (**self).list(cluster, node).await
+    }
+    async fn has_image(&self, image: &str) -> Result<bool, ExecutorError> {
+        (**self).has_image(image).await
+    }
+    async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
+        (**self).start(spec).await
+    }
+    async fn remove(&self, id: &str) -> Result<(), ExecutorError> {
+        (**self).remove(id).await
+    }
+    async fn stops(
+        &self,
+        cluster: &str,
+    ) -> Result<futures_util::stream::BoxStream<'static, ()>, ExecutorError> {
+        (**self).stops(cluster).await
+    }
+}
+
+/// A task's lifecycle (ARCHITECTURE.md): `pending → scheduled → starting → running →
+/// completed | failed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    Pending,
+    Scheduled,
+    Starting,
+    Running,
+    Completed,
+    Failed,
+}
+
+/// The observed state of one replica on this node: the value of `tasks/<node>/<app>/<replica>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub app: String,
+    pub replica: u32,
+    pub node: String,
+    /// The app spec's version this task runs.
+    pub version: String,
+    pub image: String,
+    pub state: TaskState,
+    pub reason: String,
+    /// When `state` last changed (ms since the epoch).
+    pub since_ms: u64,
+    pub container: Option<String>,
+    pub ip: Option<String>,
+    pub port: Option<u16>,
+    pub restarts: u32,
+    pub exit_code: Option<i64>,
+    /// When the agent that wrote this started (its node record's `started_at_ms`): a record
+    /// from an earlier run of the node says nothing about what runs now.
+    pub agent_started_ms: u64,
+}
+
+impl Task {
+    /// Whether `other` says something new (anything but the time).
+    pub fn differs(&self, other: &Task) -> bool {
+        let mut o = other.clone();
+        o.since_ms = self.since_ms;
+        *self != o
+    }
+}
+
+/// `shoal-<app>-<replica>-<8 hex>`, the hex from the version and the node: unique per
+/// version, so an update's new container can start before the old one goes, and per node, so
+/// nodes sharing one Docker do not collide.
+pub fn container_name(app: &str, replica: u32, version: &str, node: &str) -> String {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(version.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(node.as_bytes());
+    let d = ctx.finish();
+    let hex: String = d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
+    format!("shoal-{app}-{replica}-{hex}")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn container_names_follow_the_version() {
+        let a = super::container_name("web", 0, "1700000000000.0@n1", "n1");
+        let b = super::container_name("web", 0, "1700000000001.0@n1", "n1");
+        let c = super::container_name("web", 0, "1700000000000.0@n1", "n2");
+        assert!(a.starts_with("shoal-web-0-") && a.len() == "shoal-web-0-".len() + 8);
+        assert!(a != b && a != c && b != c);
+    }
+}

@@ -1,0 +1,488 @@
+//! The executor's loop: on every relevant store change, and every `every` in any case
+//! (membership changes, crashed containers, images loaded since), it places the replicas,
+//! plans against what the runtime reports, carries the plan out and records the tasks.
+
+use super::plan::{plan, Desired};
+use super::{container_name, ContainerRuntime, ContainerSpec, Observed, Task, TaskState};
+use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
+use crate::daemon::{wall_ms, Handle};
+use crate::scheduler::{self, App, Running};
+use crate::spec::AppSpec;
+use crate::store::replica::{read_entry, scan_keyspace};
+use crate::store::{Bytes, Change, Key, Keyspace};
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// A replica that ran this long before it stopped is not crash-looping: its backoff restarts.
+const STABLE: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+type ReplicaId = (String, u32);
+
+/// Failures of one replica, for the restart backoff.
+#[derive(Debug, Default)]
+struct Restarts {
+    count: u32,
+    /// Consecutive failures since it last ran stably.
+    streak: u32,
+    not_before: Option<Instant>,
+    started: Option<Instant>,
+}
+
+impl Restarts {
+    fn failed(&mut self, now: Instant) {
+        self.count += 1;
+        self.streak += 1;
+        // A first failure is retried at once, then after 1, 2, 4 ... 60 s.
+        let delay = match self.streak {
+            0 | 1 => Duration::ZERO,
+            n => Duration::from_secs(1u64 << (n - 2).min(6)).min(BACKOFF_MAX),
+        };
+        self.not_before = Some(now + delay);
+        self.started = None;
+    }
+
+    fn may_start(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|t| now >= t)
+    }
+}
+
+pub struct Executor<R> {
+    rt: R,
+    h: Handle,
+    me: String,
+    cluster: String,
+    /// What this node last wrote for each of its tasks.
+    written: HashMap<ReplicaId, Task>,
+    restarts: HashMap<ReplicaId, Restarts>,
+    runtime_down: bool,
+}
+
+/// What should run here, or why a placed replica cannot.
+enum Resolved {
+    Run(Desired),
+    Wait(Task),
+}
+
+impl<R: ContainerRuntime> Executor<R> {
+    pub fn new(rt: R, h: Handle) -> Executor<R> {
+        Executor {
+            me: h.me.id.to_string(),
+            cluster: h.trust.cluster.id.clone(),
+            rt,
+            h,
+            written: HashMap::new(),
+            restarts: HashMap::new(),
+            runtime_down: false,
+        }
+    }
+
+    fn task(&self, app: &str, replica: u32, version: &str, image: &str) -> Task {
+        Task {
+            app: app.into(),
+            replica,
+            node: self.me.clone(),
+            version: version.into(),
+            image: image.into(),
+            state: TaskState::Scheduled,
+            reason: String::new(),
+            since_ms: wall_ms(),
+            container: None,
+            ip: None,
+            port: None,
+            restarts: self
+                .restarts
+                .get(&(app.into(), replica))
+                .map_or(0, |r| r.count),
+            exit_code: None,
+            agent_started_ms: self.h.started_ms,
+        }
+    }
+
+    /// The apps (with their spec versions), the nodes that may run them, and where replicas
+    /// run now: the scheduler's inputs, all from the replicated store.
+    fn my_placements(&self, members: &[(String, &'static str)]) -> Vec<(AppSpec, String, u32)> {
+        let apps: Vec<(AppSpec, String)> =
+            scan_keyspace(&self.h.store, Keyspace::Apps, "", usize::MAX)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|e| {
+                    let spec = serde_json::from_slice::<AppSpec>(e.value.as_deref()?).ok()?;
+                    Some((spec, e.version.to_string()))
+                })
+                .collect();
+        let tasks: Vec<Task> = scan_keyspace(&self.h.store, Keyspace::Tasks, "", usize::MAX)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| serde_json::from_slice(e.value.as_deref()?).ok())
+            .collect();
+        // Eligible nodes, with the start time of the agent run each last announced.
+        let nodes: BTreeMap<String, u64> =
+            scan_keyspace(&self.h.store, Keyspace::Nodes, "", usize::MAX)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|e| {
+                    let id = e.key.name();
+                    let live = id == self.me
+                        || members.iter().any(|(m, state)| m == id && *state != "dead");
+                    let v =
+                        serde_json::from_slice::<serde_json::Value>(e.value.as_deref()?).ok()?;
+                    (live && v["containers"] == true)
+                        .then(|| (id.to_string(), v["started_at_ms"].as_u64().unwrap_or(0)))
+                })
+                .collect();
+        let node_refs: Vec<&str> = nodes.keys().map(String::as_str).collect();
+        let running: Vec<Running> = tasks
+            .iter()
+            .filter(|t| t.state == TaskState::Running)
+            .filter(|t| nodes.get(&t.node) == Some(&t.agent_started_ms))
+            .map(|t| Running {
+                app: &t.app,
+                replica: t.replica,
+                node: &t.node,
+                since_ms: t.since_ms,
+            })
+            .collect();
+        let app_refs: Vec<App> = apps
+            .iter()
+            .map(|(s, _)| App {
+                name: &s.name,
+                spec: s,
+            })
+            .collect();
+        let versions: BTreeMap<&str, &(AppSpec, String)> =
+            apps.iter().map(|a| (a.0.name.as_str(), a)).collect();
+        scheduler::place(&app_refs, &node_refs, &running)
+            .into_iter()
+            .filter(|p| p.node == self.me)
+            .filter_map(|p| {
+                let (spec, version) = versions.get(p.app.as_str())?;
+                Some((spec.clone(), version.clone(), p.replica))
+            })
+            .collect()
+    }
+
+    /// Turns a placed replica into a container spec: image, command, env with its secrets
+    /// opened, limits, labels.
+    fn resolve(&self, spec: &AppSpec, version: &str, replica: u32) -> Resolved {
+        let image = spec.source.image.clone().unwrap_or_default();
+        let mut t = self.task(&spec.name, replica, version, &image);
+        t.port = spec.run.port;
+        if image.is_empty() {
+            t.state = TaskState::Pending;
+            t.reason = if spec.source.git.is_some() {
+                "waiting for a build of the app's git source".into()
+            } else {
+                "the app has no image yet (source.image, or a deploy of its files)".into()
+            };
+            return Resolved::Wait(t);
+        }
+        let mut env: BTreeMap<String, String> = spec.run.env.clone();
+        if let Some(p) = spec.run.port {
+            env.entry("PORT".into()).or_insert(p.to_string());
+        }
+        for name in &spec.run.secrets {
+            let key = format!("secrets/{}/{name}", spec.name);
+            let sealed = read_entry(&self.h.store, &key)
+                .ok()
+                .flatten()
+                .and_then(|(e, _)| e.value);
+            let opened = sealed.and_then(|s| self.h.trust.secrets.open(&key, &s).ok());
+            match opened.map(String::from_utf8) {
+                Some(Ok(v)) => {
+                    env.insert(name.clone(), v);
+                }
+                // The reason names the secret, never its value.
+                Some(Err(_)) => {
+                    t.state = TaskState::Failed;
+                    t.reason =
+                        format!("secret {name} is not UTF-8: it cannot be an environment variable");
+                    return Resolved::Wait(t);
+                }
+                None => {
+                    t.state = TaskState::Pending;
+                    t.reason = format!(
+                        "waiting for secret {name} (PUT /v1/apps/{}/secrets/{name})",
+                        spec.name
+                    );
+                    return Resolved::Wait(t);
+                }
+            }
+        }
+        let labels = BTreeMap::from([
+            (LABEL_APP.to_string(), spec.name.clone()),
+            (LABEL_REPLICA.to_string(), replica.to_string()),
+            (LABEL_VERSION.to_string(), version.to_string()),
+            (LABEL_CLUSTER.to_string(), self.cluster.clone()),
+            (LABEL_NODE.to_string(), self.me.clone()),
+        ]);
+        Resolved::Run(Desired {
+            app: spec.name.clone(),
+            replica,
+            version: version.to_string(),
+            spec: ContainerSpec {
+                name: container_name(&spec.name, replica, version, &self.me),
+                image,
+                command: spec.run.command.clone(),
+                env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
+                labels,
+                // Validated when the spec was written.
+                memory_bytes: spec.resources.memory_bytes().ok().flatten(),
+                nano_cpus: spec.resources.cpu.map(|c| (c * 1e9) as i64),
+                port: spec.run.port,
+            },
+        })
+    }
+
+    /// One reconciliation: place, plan, act, record.
+    pub async fn pass(&mut self) {
+        let now = Instant::now();
+        let mut desired = Vec::new();
+        let mut tasks: BTreeMap<ReplicaId, Task> = BTreeMap::new();
+        let members: Vec<(String, &'static str)> = match self.h.snapshot().await {
+            Ok(s) => s
+                .members
+                .into_iter()
+                .map(|m| (m.id.to_string(), m.state))
+                .collect(),
+            // The agent is stopping.
+            Err(_) => return,
+        };
+        for (spec, version, replica) in self.my_placements(&members) {
+            match self.resolve(&spec, &version, replica) {
+                Resolved::Run(d) => desired.push(d),
+                Resolved::Wait(t) => {
+                    tasks.insert((t.app.clone(), t.replica), t);
+                }
+            }
+        }
+        match self.rt.list(&self.cluster, &self.me).await {
+            Ok(observed) => {
+                if self.runtime_down {
+                    tracing::info!("the container runtime answers again");
+                    self.runtime_down = false;
+                }
+                self.act(now, &desired, &observed, &mut tasks).await;
+            }
+            Err(e) => {
+                if !self.runtime_down {
+                    tracing::warn!(err = %crate::daemon::peer::error_chain(&e), "the container runtime does not answer: tasks wait");
+                    self.runtime_down = true;
+                }
+                for d in &desired {
+                    let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
+                    t.state = TaskState::Pending;
+                    t.reason = format!("waiting for the container runtime: {e}");
+                    tasks.insert((d.app.clone(), d.replica), t);
+                }
+            }
+        }
+        self.record(tasks).await;
+    }
+
+    async fn act(
+        &mut self,
+        now: Instant,
+        desired: &[Desired],
+        observed: &[Observed],
+        tasks: &mut BTreeMap<ReplicaId, Task>,
+    ) {
+        let waiting: Vec<ReplicaId> = tasks.keys().cloned().collect();
+        let p = plan(desired, observed, &waiting);
+        for (i, o) in &p.running {
+            let d = &desired[*i];
+            let r = self.restarts.entry((d.app.clone(), d.replica)).or_default();
+            if r.started.is_none_or(|s| now.duration_since(s) >= STABLE) {
+                r.streak = 0;
+            }
+            let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
+            t.state = TaskState::Running;
+            t.container = Some(o.id.clone());
+            t.ip = o.ip.clone();
+            t.port = d.spec.port;
+            tasks.insert((d.app.clone(), d.replica), t);
+        }
+        let mut starts: Vec<usize> = p.missing.clone();
+        for (i, o) in &p.stopped {
+            let d = &desired[*i];
+            let code = o.exit_code.unwrap_or(-1);
+            tracing::warn!(app = %d.app, replica = d.replica, exit_code = code, "container stopped: replacing it");
+            if let Err(e) = self.rt.remove(&o.id).await {
+                tracing::warn!(container = %o.id, err = %e, "cannot remove a stopped container");
+            }
+            self.restarts
+                .entry((d.app.clone(), d.replica))
+                .or_default()
+                .failed(now);
+            let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
+            t.state = TaskState::Failed;
+            t.reason = format!("exited with code {code}: restarting after a backoff");
+            t.exit_code = o.exit_code;
+            tasks.insert((d.app.clone(), d.replica), t);
+            starts.push(*i);
+        }
+        for i in starts {
+            let d = &desired[i];
+            let id = (d.app.clone(), d.replica);
+            if !self.restarts.get(&id).is_none_or(|r| r.may_start(now)) {
+                // Still backing off: keep saying why it failed.
+                if let Some(prev) = self.written.get(&id) {
+                    tasks.entry(id).or_insert_with(|| prev.clone());
+                }
+                continue;
+            }
+            tasks.insert(id.clone(), self.start(now, d).await);
+        }
+        for o in &p.extra {
+            tracing::info!(app = %o.app, replica = o.replica, version = %o.version, container = %o.id, "removing a container this node should no longer run");
+            if let Err(e) = self.rt.remove(&o.id).await {
+                tracing::warn!(container = %o.id, err = %e, "cannot remove container");
+            }
+        }
+    }
+
+    async fn start(&mut self, now: Instant, d: &Desired) -> Task {
+        let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
+        t.port = d.spec.port;
+        match self.rt.has_image(&d.spec.image).await {
+            Ok(true) => {}
+            Ok(false) => {
+                t.state = TaskState::Pending;
+                t.reason = format!(
+                    "image {} is not on this node: load it with POST /v1/images",
+                    d.spec.image
+                );
+                return t;
+            }
+            Err(e) => {
+                t.state = TaskState::Pending;
+                t.reason = format!("waiting for the container runtime: {e}");
+                return t;
+            }
+        }
+        let r = self.restarts.entry((d.app.clone(), d.replica)).or_default();
+        match self.rt.start(&d.spec).await {
+            Ok(id) => {
+                r.started = Some(now);
+                tracing::info!(app = %d.app, replica = d.replica, container = %id, "container started");
+                t.state = TaskState::Starting;
+                t.reason = "started".into();
+                t.container = Some(id);
+            }
+            Err(e) => {
+                r.failed(now);
+                let why = crate::daemon::peer::error_chain(&e);
+                tracing::warn!(app = %d.app, replica = d.replica, err = %why, "cannot start container");
+                t.state = TaskState::Failed;
+                t.reason = why;
+            }
+        }
+        t.restarts = r.count;
+        t
+    }
+
+    /// Writes the tasks that changed and deletes the records of tasks no longer here.
+    async fn record(&mut self, mut tasks: BTreeMap<ReplicaId, Task>) {
+        let mut ops = Vec::new();
+        let mine = scan_keyspace(
+            &self.h.store,
+            Keyspace::Tasks,
+            &format!("{}/", self.me),
+            usize::MAX,
+        )
+        .unwrap_or_default();
+        for e in mine {
+            let stale = e
+                .value
+                .as_deref()
+                .and_then(|v| serde_json::from_slice::<Task>(v).ok())
+                .is_none_or(|t| !tasks.contains_key(&(t.app, t.replica)));
+            if stale {
+                ops.push((e.key, None));
+            }
+        }
+        for (id, t) in tasks.iter_mut() {
+            match self.written.get(id) {
+                Some(prev) if !prev.differs(t) => continue,
+                Some(prev) if prev.state == t.state => t.since_ms = prev.since_ms,
+                _ => {}
+            }
+            let Ok(key) = Key::join(Keyspace::Tasks, &[&self.me, &t.app, &t.replica.to_string()])
+            else {
+                continue;
+            };
+            let value = serde_json::to_vec(&*t).unwrap_or_default();
+            ops.push((key, Some(Bytes::from(value))));
+        }
+        self.restarts.retain(|id, _| tasks.contains_key(id));
+        if ops.is_empty() {
+            self.written = tasks.into_iter().collect();
+            return;
+        }
+        match self.h.write(ops).await {
+            Ok(_) => self.written = tasks.into_iter().collect(),
+            Err(e) => tracing::warn!(err = %e, "cannot record task states"),
+        }
+    }
+}
+
+/// Whether a change can alter what this node should run.
+fn relevant(c: &Change, me: &str) -> bool {
+    let k = &c.entry.key;
+    match k.keyspace() {
+        Keyspace::Apps | Keyspace::Nodes | Keyspace::Secrets => true,
+        // Other nodes' tasks move placements (a replica running elsewhere stays there).
+        Keyspace::Tasks => k.owner() != Some(me),
+        _ => false,
+    }
+}
+
+/// Runs the executor until `shutdown`. Containers keep running when the agent stops: a
+/// restarted agent adopts them by their labels.
+pub async fn run<R: ContainerRuntime>(
+    rt: R,
+    h: Handle,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    let mut changes = h.changes.subscribe();
+    let me = h.me.id.to_string();
+    let cluster = h.trust.cluster.id.clone();
+    let mut ex = Executor::new(rt, h);
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Container stops as Docker reports them; (re)subscribed at a periodic pass when absent.
+    let mut stops: Option<futures_util::stream::BoxStream<'static, ()>> = None;
+    loop {
+        let next_stop = async {
+            match stops.as_mut() {
+                Some(s) => s.next().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                if stops.is_none() {
+                    stops = ex.rt.stops(&cluster).await.ok();
+                }
+            }
+            e = next_stop => if e.is_none() {
+                stops = None;
+            },
+            c = changes.recv() => match c {
+                Ok(c) if !relevant(&c, &me) => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    // Take everything already queued in this one pass.
+                    while changes.try_recv().is_ok() {}
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
+        ex.pass().await;
+    }
+}

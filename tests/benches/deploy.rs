@@ -1,0 +1,124 @@
+//! Deploy latency for BENCHMARKS.md, with the release `shoal` binary and the host's dockerd:
+//! from the `PUT /v1/apps/{name}` request to its container running (as Docker reports it),
+//! next to `docker run -d` of the same image and command in the same run; and the time from a
+//! `docker kill` to the replacement running.
+//!
+//! `cargo bench -p shoal-e2e --bench deploy` (root, dockerd running; SHOAL_BENCH_RUNS, default 20)
+
+use shoal_e2e::{busybox_image, run, use_release_bin, Agent, BUSYBOX};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+const CMD: [&str; 6] = ["httpd", "-f", "-p", "8080", "-h", "/www"];
+
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let i = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len()) - 1;
+    v[i]
+}
+
+fn running_ids(label: &str) -> Vec<String> {
+    run(Command::new("docker").args(["ps", "-q", "--filter", &format!("label={label}")]))
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+/// Polls `f` every millisecond until it holds (never longer than 60 s).
+fn until(mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(Instant::now() < end, "timed out");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+fn curl_write(a: &Agent, method: &str, path: &str, body: &[u8]) {
+    let auth = format!("Bearer {}", a.token);
+    let r = a
+        .api(method, path, &[("Authorization", &auth)], body, None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+fn report(what: &str, v: &mut [f64]) {
+    println!(
+        "{what:<44} p50 {:>7.1} ms   p90 {:>7.1} ms   max {:>7.1} ms   (n={})",
+        quantile(v, 0.5),
+        quantile(v, 0.9),
+        quantile(v, 1.0),
+        v.len()
+    );
+}
+
+fn main() {
+    shoal_e2e::netns::require_root();
+    let runs: usize = std::env::var("SHOAL_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20);
+    use_release_bin();
+    let archive = busybox_image();
+    let root = tempfile::tempdir().unwrap();
+    let a = Agent::start(root.path(), "n1", &[], "[docker]\nenabled = true\n");
+    curl_write(&a, "POST", "/v1/images", &std::fs::read(archive).unwrap());
+    let cluster = format!("shoal.cluster={}", cluster_id(&a));
+
+    let mut shoal_ms = Vec::new();
+    let mut docker_ms = Vec::new();
+    let mut restart_ms = Vec::new();
+    for i in 0..runs {
+        // shoal: PUT → the container runs.
+        let name = format!("bench{i}");
+        let spec = format!(
+            "name = \"{name}\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = {CMD:?}\n"
+        );
+        let label = format!("shoal.app={name}");
+        let t0 = Instant::now();
+        curl_write(&a, "PUT", &format!("/v1/apps/{name}"), spec.as_bytes());
+        until(|| !running_ids(&label).is_empty());
+        shoal_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+
+        // The replacement of a killed container.
+        let id = running_ids(&label).remove(0);
+        let t0 = Instant::now();
+        run(Command::new("docker").args(["kill", &id]));
+        until(|| running_ids(&label).iter().any(|x| *x != id));
+        restart_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        curl_write(&a, "DELETE", &format!("/v1/apps/{name}"), b"");
+
+        // docker run -d of the same image and command, with the same options.
+        let t0 = Instant::now();
+        run(Command::new("docker")
+            .args([
+                "run",
+                "-d",
+                "--init",
+                "--name",
+                &format!("bench-docker-{i}"),
+            ])
+            .args([
+                "--security-opt",
+                "no-new-privileges:true",
+                "--pids-limit",
+                "4096",
+            ])
+            .args(["--label", "shoal.bench=1", BUSYBOX])
+            .args(CMD));
+        docker_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        run(Command::new("docker").args(["rm", "-f", &format!("bench-docker-{i}")]));
+        until(|| running_ids(&cluster).is_empty());
+    }
+    println!("deploy latency, {runs} runs (host dockerd, busybox httpd)");
+    report("shoal: PUT /v1/apps → container running", &mut shoal_ms);
+    report("docker run -d (returns when started)", &mut docker_ms);
+    report("shoal: docker kill → replacement running", &mut restart_ms);
+}
+
+fn cluster_id(a: &Agent) -> String {
+    let b = std::fs::read_to_string(a.bundle.join("cluster.json")).unwrap();
+    serde_json::from_str::<serde_json::Value>(&b).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}

@@ -1,0 +1,418 @@
+//! The executor against the host's real dockerd: an image loaded through the API (no
+//! registry), an app's replicas run as labelled, unprivileged, limited containers with their
+//! env and secrets, a killed container comes back, scaling, updates and deletes converge, and
+//! a restarted agent adopts the containers it finds instead of starting new ones.
+
+use serde_json::Value;
+use shoal_e2e::{busybox_image, run, Agent, Resp, BUSYBOX};
+use std::process::Command;
+use std::time::Duration;
+
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn docker(args: &[&str]) -> String {
+    run(Command::new("docker").args(args))
+}
+
+/// Ids of the containers of `cluster` for `app` (stopped ones too when `all`), sorted.
+fn containers(cluster: &str, app: &str, all: bool) -> Vec<String> {
+    let (cluster, app) = (
+        format!("label=shoal.cluster={cluster}"),
+        format!("label=shoal.app={app}"),
+    );
+    let mut args = vec![
+        "ps",
+        "-q",
+        "--no-trunc",
+        "--filter",
+        &cluster,
+        "--filter",
+        &app,
+    ];
+    if all {
+        args.push("-a");
+    }
+    let mut ids: Vec<String> = docker(&args).lines().map(String::from).collect();
+    ids.sort();
+    ids
+}
+
+fn inspect(id: &str) -> Value {
+    let v: Value = serde_json::from_str(&docker(&["inspect", id])).unwrap();
+    v[0].clone()
+}
+
+fn tasks(a: &Agent, app: &str) -> Vec<Value> {
+    a.get("/v1/tasks")
+        .map(|r| r.json())
+        .ok()
+        .and_then(|v| v.as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|t| t["app"] == app)
+        .collect()
+}
+
+/// `wait_for` that, on a timeout, shows what the agents report and log.
+fn converge<T>(agents: &[&Agent], what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let end = std::time::Instant::now() + CONVERGE;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if std::time::Instant::now() > end {
+            let mut report = String::new();
+            for a in agents {
+                let log = a.log();
+                let tail: Vec<&str> = log.lines().rev().take(40).collect();
+                report += &format!(
+                    "\n== {} tasks: {}\n== {} log (last lines, newest first):\n{}",
+                    a.id,
+                    a.get("/v1/tasks").map(|r| r.text()).unwrap_or_default(),
+                    a.id,
+                    tail.join("\n")
+                );
+            }
+            panic!("timed out after {CONVERGE:?} waiting for {what}{report}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn running(a: &Agent, app: &str, n: usize) -> Vec<Value> {
+    converge(&[a], &format!("{n} running task(s) of {app}"), || {
+        let t = tasks(a, app);
+        (t.len() == n
+            && t.iter()
+                .all(|t| t["state"] == "running" && t["ip"].is_string()))
+        .then_some(t)
+    })
+}
+
+fn write(a: &Agent, method: &str, path: &str, body: &[u8]) -> Resp {
+    let auth = format!("Bearer {}", a.token);
+    a.api(method, path, &[("Authorization", &auth)], body, None)
+        .unwrap()
+}
+
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let ids = Command::new("docker")
+            .args([
+                "ps",
+                "-aq",
+                "--filter",
+                &format!("label=shoal.cluster={}", self.0),
+            ])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for id in ids.lines() {
+            let _ = Command::new("docker").args(["rm", "-f", id]).output();
+        }
+    }
+}
+
+fn web_spec(replicas: u32, greeting: &str) -> String {
+    format!(
+        r#"name = "web"
+[source]
+image = "{BUSYBOX}"
+[run]
+command = ["sh", "-c", "echo \"$GREETING $API_KEY\" > /www/greeting; exec httpd -f -p $PORT -h /www"]
+port = 8080
+env = {{ GREETING = "{greeting}" }}
+secrets = ["API_KEY"]
+[scale]
+replicas = {replicas}
+[resources]
+memory = "64Mi"
+cpu = 0.5
+"#
+    )
+}
+
+#[test]
+fn an_app_runs_as_containers_that_converge_on_its_spec() {
+    shoal_e2e::netns::require_root();
+    let archive = busybox_image();
+    let root = tempfile::tempdir().unwrap();
+    let mut a = Agent::start(
+        root.path(),
+        "n1",
+        &[],
+        "[docker]\nenabled = true\nreconcile_ms = 300\n",
+    );
+    let bundle = std::fs::read_to_string(a.bundle.join("cluster.json")).unwrap();
+    let cluster_id = serde_json::from_str::<Value>(&bundle).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _cleanup = Cleanup(cluster_id.clone());
+
+    // Images arrive through the API: a token is needed, and a broken archive is refused.
+    let tar = std::fs::read(&archive).unwrap();
+    let r = a.api("POST", "/v1/images", &[], &tar, None).unwrap();
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = write(&a, "POST", "/v1/images", b"not a tar archive");
+    assert_eq!(r.status, 400, "{}", r.text());
+    let r = write(&a, "POST", "/v1/images", &tar);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains(BUSYBOX), "{}", r.text());
+
+    // Without its secret the app waits, and says for what.
+    assert_eq!(
+        write(&a, "PUT", "/v1/apps/web", web_spec(2, "hi").as_bytes()).status,
+        200
+    );
+    converge(&[&a], "tasks waiting for their secret", || {
+        let t = tasks(&a, "web");
+        (t.len() == 2
+            && t.iter().all(|t| {
+                t["state"] == "pending" && t["reason"].as_str().unwrap_or("").contains("API_KEY")
+            }))
+        .then_some(())
+    });
+    let secret = "s3cret-value-7f1e";
+    assert_eq!(
+        write(&a, "PUT", "/v1/apps/web/secrets/API_KEY", secret.as_bytes()).status,
+        200
+    );
+    let t = running(&a, "web", 2);
+    let ids = containers(&cluster_id, "web", false);
+    assert_eq!(ids.len(), 2, "{ids:?}");
+
+    // Each replica is a container with the fixed labels, its env and secret, its limits and
+    // no extra privileges; it serves on its own address.
+    for task in &t {
+        let c = inspect(task["container"].as_str().unwrap());
+        let labels = &c["Config"]["Labels"];
+        assert_eq!(labels["shoal.app"], "web");
+        assert_eq!(labels["shoal.cluster"], cluster_id);
+        assert_eq!(labels["shoal.replica"], task["replica"].to_string());
+        assert_eq!(labels["shoal.version"], task["version"]);
+        let host = &c["HostConfig"];
+        assert_eq!(host["Privileged"], false);
+        assert_eq!(host["Init"], true);
+        assert_eq!(host["Memory"], 64 << 20);
+        assert_eq!(host["NanoCpus"], 500_000_000);
+        assert!(
+            host["SecurityOpt"]
+                .to_string()
+                .contains("no-new-privileges"),
+            "{host}"
+        );
+        let env = c["Config"]["Env"].to_string();
+        assert!(
+            env.contains("GREETING=hi") && env.contains("PORT=8080"),
+            "{env}"
+        );
+        let ip = task["ip"].as_str().unwrap();
+        let page = converge(&[&a], "the replica's web server", || {
+            shoal_e2e::get_at(ip, 8080, "/greeting")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        assert_eq!(page.text(), format!("hi {secret}\n"));
+    }
+    // The secret reaches the container, and nowhere else.
+    let listing = a.get("/v1/tasks").unwrap().text() + &a.get("/v1/apps/web").unwrap().text();
+    assert!(!listing.contains(secret) && !a.log().contains(secret));
+
+    // A killed container is replaced, and the task counts the restart.
+    let victim = t[0]["container"].as_str().unwrap().to_string();
+    docker(&["kill", &victim]);
+    converge(&[&a], "the killed replica to run again", || {
+        let t = tasks(&a, "web");
+        t.iter()
+            .find(|x| x["replica"] == t[0]["replica"])
+            .filter(|x| {
+                x["state"] == "running"
+                    && x["container"] != victim.as_str()
+                    && x["restarts"].as_u64() >= Some(1)
+            })
+            .map(|_| ())
+    });
+    converge(&[&a], "the killed container to be removed", || {
+        (!containers(&cluster_id, "web", true).contains(&victim)).then_some(())
+    });
+
+    // Scale down: one replica goes.
+    assert_eq!(
+        write(&a, "PUT", "/v1/apps/web", web_spec(1, "hi").as_bytes()).status,
+        200
+    );
+    converge(&[&a], "one container left", || {
+        (containers(&cluster_id, "web", true).len() == 1 && tasks(&a, "web").len() == 1)
+            .then_some(())
+    });
+
+    // An update replaces the container with one of the new version.
+    let before = containers(&cluster_id, "web", true);
+    assert_eq!(
+        write(&a, "PUT", "/v1/apps/web", web_spec(1, "hello").as_bytes()).status,
+        200
+    );
+    let t = converge(&[&a], "the updated replica", || {
+        let t = tasks(&a, "web");
+        let now = containers(&cluster_id, "web", true);
+        (t.len() == 1 && t[0]["state"] == "running" && now.len() == 1 && now != before).then_some(t)
+    });
+    let env = inspect(t[0]["container"].as_str().unwrap())["Config"]["Env"].to_string();
+    assert!(env.contains("GREETING=hello"), "{env}");
+
+    // A restarted agent adopts what runs: no new container.
+    let adopted = containers(&cluster_id, "web", true);
+    a.kill9();
+    a.spawn();
+    running(&a, "web", 1);
+    converge(&[&a], "the restarted agent to report the task", || {
+        tasks(&a, "web")
+            .first()
+            .filter(|t| t["container"] == adopted[0].as_str())
+            .map(|_| ())
+    });
+    assert_eq!(containers(&cluster_id, "web", true), adopted);
+
+    // An image this node lacks: the task says how to fix it.
+    let spec = "name = \"ghost\"\n[source]\nimage = \"shoal-e2e/absent:1\"\n";
+    assert_eq!(
+        write(&a, "PUT", "/v1/apps/ghost", spec.as_bytes()).status,
+        200
+    );
+    converge(&[&a], "the ghost task to explain itself", || {
+        tasks(&a, "ghost")
+            .first()
+            .filter(|t| {
+                t["state"] == "pending"
+                    && t["reason"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("POST /v1/images")
+            })
+            .map(|_| ())
+    });
+
+    // Deleting the app removes its containers and its task records.
+    assert_eq!(write(&a, "DELETE", "/v1/apps/web", b"").status, 200);
+    converge(&[&a], "web's containers and tasks gone", || {
+        (containers(&cluster_id, "web", true).is_empty() && tasks(&a, "web").is_empty())
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_node_without_containers_refuses_images_and_says_so_in_its_record() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Agent::start(root.path(), "n1", &[], "");
+    let r = write(&a, "POST", "/v1/images", b"whatever");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert!(r.text().contains("docker.enabled"), "{}", r.text());
+    let node = a.get("/v1/nodes").unwrap().json();
+    assert_eq!(node[0]["containers"], false, "{node}");
+}
+
+/// Running tasks of `app` on `node`, as `a` sees the cluster.
+fn running_on(a: &Agent, app: &str, node: &str) -> usize {
+    tasks(a, app)
+        .iter()
+        .filter(|t| t["node"] == node && t["state"] == "running")
+        .count()
+}
+
+#[test]
+fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
+    shoal_e2e::netns::require_root();
+    let archive = busybox_image();
+    let root = tempfile::tempdir().unwrap();
+    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
+    let mut nodes: Vec<Agent> = ["n1", "n2"]
+        .iter()
+        .map(|id| Agent::configure(root.path(), id, &[], docker_on))
+        .collect();
+    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
+    for a in &mut nodes {
+        a.set_peers(&ports);
+        a.spawn();
+    }
+    let bundle = std::fs::read_to_string(nodes[0].bundle.join("cluster.json")).unwrap();
+    let cluster_id = serde_json::from_str::<Value>(&bundle).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let _cleanup = Cleanup(cluster_id.clone());
+    converge(&[&nodes[0], &nodes[1]], "two members", || {
+        nodes.iter().all(|a| a.alive_members() == 1).then_some(())
+    });
+    // Both nodes share this machine's Docker: one load serves both.
+    let r = write(
+        &nodes[0],
+        "POST",
+        "/v1/images",
+        &std::fs::read(&archive).unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let spec = format!(
+        "name = \"web\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n[scale]\nreplicas = 2\n"
+    );
+    assert_eq!(
+        write(&nodes[0], "PUT", "/v1/apps/web", spec.as_bytes()).status,
+        200
+    );
+
+    // Every node computes the same placement: one replica each, seen alike from both.
+    for a in &nodes {
+        converge(
+            &[&nodes[0], &nodes[1]],
+            "one running replica per node",
+            || (running_on(a, "web", "n1") == 1 && running_on(a, "web", "n2") == 1).then_some(()),
+        );
+    }
+
+    // n2's machine goes away (agent stopped, its containers gone with it): n1 takes over.
+    nodes[1].stop();
+    for id in docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        "label=shoal.node=n2",
+        "--filter",
+        &format!("label=shoal.cluster={cluster_id}"),
+    ])
+    .lines()
+    {
+        docker(&["rm", "-f", id]);
+    }
+    converge(&[&nodes[0], &nodes[1]], "both replicas on n1", || {
+        (running_on(&nodes[0], "web", "n1") == 2).then_some(())
+    });
+
+    // What n2 last reported is still listed, marked with n2's state.
+    for t in tasks(&nodes[0], "web") {
+        let alive = if t["node"] == "n1" { "alive" } else { "dead" };
+        assert_eq!(t["node_state"], alive, "{t}");
+    }
+
+    // n2 comes back: running replicas stay where they are, and n2 clears its old records.
+    nodes[1].spawn();
+    converge(
+        &[&nodes[0], &nodes[1]],
+        "n2 to clear its stale task records",
+        || {
+            let t = tasks(&nodes[1], "web");
+            (t.iter().all(|t| t["node"] == "n1") && t.len() == 2).then_some(())
+        },
+    );
+    assert_eq!(running_on(&nodes[1], "web", "n1"), 2);
+    let n2 = docker(&[
+        "ps",
+        "-aq",
+        "--filter",
+        "label=shoal.node=n2",
+        "--filter",
+        &format!("label=shoal.cluster={cluster_id}"),
+    ]);
+    assert!(n2.trim().is_empty(), "n2 started containers: {n2}");
+}
