@@ -232,6 +232,8 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
                 x["state"] == "running"
                     && x["container"] != victim.as_str()
                     && x["restarts"].as_u64() >= Some(1)
+                    // SIGKILL
+                    && x["exit_code"] == 137
             })
             .map(|_| ())
     });
@@ -294,6 +296,20 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
             })
             .map(|_| ())
     });
+
+    // A replica that keeps exiting is restarted with a growing delay, its exit code kept.
+    let spec = format!("name = \"crash\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"exit 3\"]\n");
+    assert_eq!(
+        write(&a, "PUT", "/v1/apps/crash", spec.as_bytes()).status,
+        200
+    );
+    converge(&[&a], "the crashing replica's restarts", || {
+        tasks(&a, "crash")
+            .first()
+            .filter(|t| t["restarts"].as_u64() >= Some(3) && t["exit_code"] == 3)
+            .map(|_| ())
+    });
+    assert_eq!(write(&a, "DELETE", "/v1/apps/crash", b"").status, 200);
 
     // Deleting the app removes its containers and its task records.
     assert_eq!(write(&a, "DELETE", "/v1/apps/web", b"").status, 200);

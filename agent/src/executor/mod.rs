@@ -146,7 +146,9 @@ pub struct Task {
     pub container: Option<String>,
     pub ip: Option<String>,
     pub port: Option<u16>,
+    /// Containers of this replica that stopped or failed to start, since the agent started.
     pub restarts: u32,
+    /// How the replica's last container ended, if one did.
     pub exit_code: Option<i64>,
     /// When the agent that wrote this started (its node record's `started_at_ms`): a record
     /// from an earlier run of the node says nothing about what runs now.

@@ -30,6 +30,8 @@ struct Restarts {
     streak: u32,
     not_before: Option<Instant>,
     started: Option<Instant>,
+    /// How its last container ended.
+    last_exit: Option<i64>,
 }
 
 impl Restarts {
@@ -97,7 +99,10 @@ impl<R: ContainerRuntime> Executor<R> {
                 .restarts
                 .get(&(app.into(), replica))
                 .map_or(0, |r| r.count),
-            exit_code: None,
+            exit_code: self
+                .restarts
+                .get(&(app.into(), replica))
+                .and_then(|r| r.last_exit),
             agent_started_ms: self.h.started_ms,
         }
     }
@@ -313,14 +318,12 @@ impl<R: ContainerRuntime> Executor<R> {
             if let Err(e) = self.rt.remove(&o.id).await {
                 tracing::warn!(container = %o.id, err = %e, "cannot remove a stopped container");
             }
-            self.restarts
-                .entry((d.app.clone(), d.replica))
-                .or_default()
-                .failed(now);
+            let r = self.restarts.entry((d.app.clone(), d.replica)).or_default();
+            r.failed(now);
+            r.last_exit = o.exit_code;
             let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
             t.state = TaskState::Failed;
-            t.reason = format!("exited with code {code}: restarting after a backoff");
-            t.exit_code = o.exit_code;
+            t.reason = format!("exited with code {code}: restarting");
             tasks.insert((d.app.clone(), d.replica), t);
             starts.push(*i);
         }
@@ -329,9 +332,13 @@ impl<R: ContainerRuntime> Executor<R> {
             let id = (d.app.clone(), d.replica);
             if !self.restarts.get(&id).is_none_or(|r| r.may_start(now)) {
                 // Still backing off: keep saying why it failed.
-                if let Some(prev) = self.written.get(&id) {
-                    tasks.entry(id).or_insert_with(|| prev.clone());
-                }
+                let t = self.written.get(&id).cloned().unwrap_or_else(|| {
+                    let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
+                    t.state = TaskState::Failed;
+                    t.reason = "restarting after a backoff".into();
+                    t
+                });
+                tasks.entry(id).or_insert(t);
                 continue;
             }
             tasks.insert(id.clone(), self.start(now, d).await);
@@ -405,10 +412,14 @@ impl<R: ContainerRuntime> Executor<R> {
             }
         }
         for (id, t) in tasks.iter_mut() {
-            match self.written.get(id) {
-                Some(prev) if !prev.differs(t) => continue,
-                Some(prev) if prev.state == t.state => t.since_ms = prev.since_ms,
-                _ => {}
+            if let Some(prev) = self.written.get(id) {
+                // `since_ms` is when the state changed, not when it was last seen.
+                if prev.state == t.state {
+                    t.since_ms = prev.since_ms;
+                }
+                if !prev.differs(t) {
+                    continue;
+                }
             }
             let Ok(key) = Key::join(Keyspace::Tasks, &[&self.me, &t.app, &t.replica.to_string()])
             else {
