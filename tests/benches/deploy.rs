@@ -62,7 +62,7 @@ fn main() {
     let root = tempfile::tempdir().unwrap();
     let a = Agent::start(root.path(), "n1", &[], "[docker]\nenabled = true\n");
     curl_write(&a, "POST", "/v1/images", &std::fs::read(archive).unwrap());
-    let cluster = format!("shoal.cluster={}", cluster_id(&a));
+    let cluster = format!("shoal.cluster={}", a.cluster_id());
 
     let mut shoal_ms = Vec::new();
     let mut docker_ms = Vec::new();
@@ -113,12 +113,4 @@ fn main() {
     report("shoal: PUT /v1/apps → container running", &mut shoal_ms);
     report("docker run -d (returns when started)", &mut docker_ms);
     report("shoal: docker kill → replacement running", &mut restart_ms);
-}
-
-fn cluster_id(a: &Agent) -> String {
-    let b = std::fs::read_to_string(a.bundle.join("cluster.json")).unwrap();
-    serde_json::from_str::<serde_json::Value>(&b).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string()
 }

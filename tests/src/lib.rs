@@ -727,16 +727,30 @@ impl Agent {
         self.get("/metrics").map(|r| r.text()).unwrap_or_default()
     }
 
-    /// App names this agent holds.
-    pub fn apps(&self) -> Vec<String> {
-        self.get("/v1/apps")
+    /// A JSON listing on the status port (empty when it does not answer).
+    pub fn list(&self, path: &str) -> Vec<Value> {
+        self.get(path)
             .map(|r| r.json())
             .ok()
             .and_then(|v| v.as_array().cloned())
             .unwrap_or_default()
+    }
+
+    /// App names this agent holds.
+    pub fn apps(&self) -> Vec<String> {
+        self.list("/v1/apps")
             .iter()
             .filter_map(|a| a["name"].as_str().map(String::from))
             .collect()
+    }
+
+    /// The id of this agent's cluster (from its bundle): the `shoal.cluster` label.
+    pub fn cluster_id(&self) -> String {
+        let b = std::fs::read_to_string(self.bundle.join("cluster.json")).unwrap();
+        serde_json::from_str::<Value>(&b).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string()
     }
 
     pub fn log(&self) -> String {

@@ -43,14 +43,16 @@ fn inspect(id: &str) -> Value {
 }
 
 fn tasks(a: &Agent, app: &str) -> Vec<Value> {
-    a.get("/v1/tasks")
-        .map(|r| r.json())
-        .ok()
-        .and_then(|v| v.as_array().cloned())
-        .unwrap_or_default()
+    a.list("/v1/tasks")
         .into_iter()
         .filter(|t| t["app"] == app)
         .collect()
+}
+
+/// Writes app `name`'s spec; the write must be accepted.
+fn deploy(a: &Agent, name: &str, spec: &str) {
+    let r = a.put_app(name, spec).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
 }
 
 /// `wait_for` that, on a timeout, shows what the agents report and log.
@@ -145,11 +147,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
         &[],
         "[docker]\nenabled = true\nreconcile_ms = 300\n",
     );
-    let bundle = std::fs::read_to_string(a.bundle.join("cluster.json")).unwrap();
-    let cluster_id = serde_json::from_str::<Value>(&bundle).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster_id = a.cluster_id();
     let _cleanup = Cleanup(cluster_id.clone());
 
     // Images arrive through the API: a token is needed, and a broken archive is refused.
@@ -163,10 +161,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
     assert!(r.text().contains(BUSYBOX), "{}", r.text());
 
     // Without its secret the app waits, and says for what.
-    assert_eq!(
-        write(&a, "PUT", "/v1/apps/web", web_spec(2, "hi").as_bytes()).status,
-        200
-    );
+    deploy(&a, "web", &web_spec(2, "hi"));
     converge(&[&a], "tasks waiting for their secret", || {
         let t = tasks(&a, "web");
         (t.len() == 2
@@ -242,10 +237,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
     });
 
     // Scale down: one replica goes.
-    assert_eq!(
-        write(&a, "PUT", "/v1/apps/web", web_spec(1, "hi").as_bytes()).status,
-        200
-    );
+    deploy(&a, "web", &web_spec(1, "hi"));
     converge(&[&a], "one container left", || {
         (containers(&cluster_id, "web", true).len() == 1 && tasks(&a, "web").len() == 1)
             .then_some(())
@@ -253,10 +245,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
 
     // An update replaces the container with one of the new version.
     let before = containers(&cluster_id, "web", true);
-    assert_eq!(
-        write(&a, "PUT", "/v1/apps/web", web_spec(1, "hello").as_bytes()).status,
-        200
-    );
+    deploy(&a, "web", &web_spec(1, "hello"));
     let t = converge(&[&a], "the updated replica", || {
         let t = tasks(&a, "web");
         let now = containers(&cluster_id, "web", true);
@@ -280,10 +269,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
 
     // An image this node lacks: the task says how to fix it.
     let spec = "name = \"ghost\"\n[source]\nimage = \"shoal-e2e/absent:1\"\n";
-    assert_eq!(
-        write(&a, "PUT", "/v1/apps/ghost", spec.as_bytes()).status,
-        200
-    );
+    deploy(&a, "ghost", spec);
     converge(&[&a], "the ghost task to explain itself", || {
         tasks(&a, "ghost")
             .first()
@@ -299,10 +285,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
 
     // A replica that keeps exiting is restarted with a growing delay, its exit code kept.
     let spec = format!("name = \"crash\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"exit 3\"]\n");
-    assert_eq!(
-        write(&a, "PUT", "/v1/apps/crash", spec.as_bytes()).status,
-        200
-    );
+    deploy(&a, "crash", &spec);
     converge(&[&a], "the crashing replica's restarts", || {
         tasks(&a, "crash")
             .first()
@@ -353,11 +336,7 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
         a.set_peers(&ports);
         a.spawn();
     }
-    let bundle = std::fs::read_to_string(nodes[0].bundle.join("cluster.json")).unwrap();
-    let cluster_id = serde_json::from_str::<Value>(&bundle).unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let cluster_id = nodes[0].cluster_id();
     let _cleanup = Cleanup(cluster_id.clone());
     converge(&[&nodes[0], &nodes[1]], "two members", || {
         nodes.iter().all(|a| a.alive_members() == 1).then_some(())
@@ -373,10 +352,7 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
     let spec = format!(
         "name = \"web\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n[scale]\nreplicas = 2\n"
     );
-    assert_eq!(
-        write(&nodes[0], "PUT", "/v1/apps/web", spec.as_bytes()).status,
-        200
-    );
+    deploy(&nodes[0], "web", &spec);
 
     // Every node computes the same placement: one replica each, seen alike from both.
     for a in &nodes {
