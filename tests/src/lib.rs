@@ -383,6 +383,15 @@ pub fn curl(
     })
 }
 
+/// The id of the cluster whose bundle is in `bundle` (its `cluster.json`).
+pub fn cluster_id(bundle: &Path) -> String {
+    let b = std::fs::read_to_string(bundle.join("cluster.json")).unwrap();
+    serde_json::from_str::<Value>(&b).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 /// A cluster bundle made by the real CLI (`shoal gen cluster`) in `dir`, unless one is there.
 pub fn bundle(dir: &Path, name: &str) -> PathBuf {
     if !dir.join("ca.key").exists() {
@@ -744,13 +753,9 @@ impl Agent {
             .collect()
     }
 
-    /// The id of this agent's cluster (from its bundle): the `shoal.cluster` label.
+    /// The id of this agent's cluster: the `shoal.cluster` label.
     pub fn cluster_id(&self) -> String {
-        let b = std::fs::read_to_string(self.bundle.join("cluster.json")).unwrap();
-        serde_json::from_str::<Value>(&b).unwrap()["id"]
-            .as_str()
-            .unwrap()
-            .to_string()
+        cluster_id(&self.bundle)
     }
 
     pub fn log(&self) -> String {

@@ -97,7 +97,19 @@ fn write(a: &Agent, method: &str, path: &str, body: &[u8]) -> Resp {
         .unwrap()
 }
 
+/// Removes the cluster's containers when the test ends. Made before the agents, so it is
+/// dropped after them: a live executor would recreate what it removes.
 struct Cleanup(String);
+
+impl Cleanup {
+    /// The bundle `Agent::configure` uses under `root`, made now, and its guard.
+    fn for_agents_in(root: &std::path::Path) -> Cleanup {
+        Cleanup(shoal_e2e::cluster_id(&shoal_e2e::bundle(
+            &root.join("bundle"),
+            "test",
+        )))
+    }
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
@@ -141,6 +153,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
     shoal_e2e::netns::require_root();
     let archive = busybox_image();
     let root = tempfile::tempdir().unwrap();
+    let cleanup = Cleanup::for_agents_in(root.path());
     let mut a = Agent::start(
         root.path(),
         "n1",
@@ -148,7 +161,7 @@ fn an_app_runs_as_containers_that_converge_on_its_spec() {
         "[docker]\nenabled = true\nreconcile_ms = 300\n",
     );
     let cluster_id = a.cluster_id();
-    let _cleanup = Cleanup(cluster_id.clone());
+    assert_eq!(cluster_id, cleanup.0);
 
     // Images arrive through the API: a token is needed, and a broken archive is refused.
     let tar = std::fs::read(&archive).unwrap();
@@ -327,6 +340,7 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
     let archive = busybox_image();
     let root = tempfile::tempdir().unwrap();
     let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
+    let cleanup = Cleanup::for_agents_in(root.path());
     let mut nodes: Vec<Agent> = ["n1", "n2"]
         .iter()
         .map(|id| Agent::configure(root.path(), id, &[], docker_on))
@@ -337,7 +351,7 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
         a.spawn();
     }
     let cluster_id = nodes[0].cluster_id();
-    let _cleanup = Cleanup(cluster_id.clone());
+    assert_eq!(cluster_id, cleanup.0);
     converge(&[&nodes[0], &nodes[1]], "two members", || {
         nodes.iter().all(|a| a.alive_members() == 1).then_some(())
     });
