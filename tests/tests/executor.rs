@@ -14,27 +14,31 @@ fn docker(args: &[&str]) -> String {
     run(Command::new("docker").args(args))
 }
 
-/// Ids of the containers of `cluster` for `app` (stopped ones too when `all`), sorted.
-fn containers(cluster: &str, app: &str, all: bool) -> Vec<String> {
-    let (cluster, app) = (
-        format!("label=shoal.cluster={cluster}"),
-        format!("label=shoal.app={app}"),
-    );
-    let mut args = vec![
-        "ps",
-        "-q",
-        "--no-trunc",
-        "--filter",
-        &cluster,
-        "--filter",
-        &app,
-    ];
-    if all {
-        args.push("-a");
+/// Ids of the containers carrying every label of `labels` (stopped ones too when `all`),
+/// sorted.
+fn labelled(labels: &[String], all: bool) -> Vec<String> {
+    let mut args = vec!["ps".to_string(), "-q".into(), "--no-trunc".into()];
+    for l in labels {
+        args.extend(["--filter".to_string(), format!("label={l}")]);
     }
+    if all {
+        args.push("-a".into());
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut ids: Vec<String> = docker(&args).lines().map(String::from).collect();
     ids.sort();
     ids
+}
+
+/// Ids of the containers of `cluster` for `app`.
+fn containers(cluster: &str, app: &str, all: bool) -> Vec<String> {
+    labelled(
+        &[
+            format!("shoal.cluster={cluster}"),
+            format!("shoal.app={app}"),
+        ],
+        all,
+    )
 }
 
 fn inspect(id: &str) -> Value {
@@ -379,17 +383,12 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
 
     // n2's machine goes away (agent stopped, its containers gone with it): n1 takes over.
     nodes[1].stop();
-    for id in docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        "label=shoal.node=n2",
-        "--filter",
-        &format!("label=shoal.cluster={cluster_id}"),
-    ])
-    .lines()
-    {
-        docker(&["rm", "-f", id]);
+    let on_n2 = [
+        format!("shoal.cluster={cluster_id}"),
+        "shoal.node=n2".into(),
+    ];
+    for id in labelled(&on_n2, true) {
+        docker(&["rm", "-f", &id]);
     }
     converge(&[&nodes[0], &nodes[1]], "both replicas on n1", || {
         (running_on(&nodes[0], "web", "n1") == 2).then_some(())
@@ -412,13 +411,6 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
         },
     );
     assert_eq!(running_on(&nodes[1], "web", "n1"), 2);
-    let n2 = docker(&[
-        "ps",
-        "-aq",
-        "--filter",
-        "label=shoal.node=n2",
-        "--filter",
-        &format!("label=shoal.cluster={cluster_id}"),
-    ]);
-    assert!(n2.trim().is_empty(), "n2 started containers: {n2}");
+    let n2 = labelled(&on_n2, true);
+    assert!(n2.is_empty(), "n2 started containers: {n2:?}");
 }
