@@ -8,7 +8,8 @@
 #   fail MESSAGE [HINT...]      says what failed (and what to do), exit 1
 #   apt_install PKG...          apt-get update (once a run) and install, quietly, into the log
 #   need_root                   exit with a clear message unless root
-#   need_cargo                  exit with what to install unless a new enough Rust is there
+#   need_cargo                  exit with what to install unless a new enough Rust is there;
+#                               installs the C compiler and linker it needs (gcc) when missing
 #   http_ok PORT PATH           true when 127.0.0.1:PORT answers GET PATH with 200 within 3 s
 #   at_exit CMD                 runs CMD when the script exits, however it exits (this file owns
 #                               the EXIT trap)
@@ -143,6 +144,12 @@ need_cargo() {
   have=$(rustc --version | awk '{print $2}')
   [ "$(printf '%s\n%s\n' "$want" "$have" | sort -V | sed -n 1p)" = "$want" ] ||
     fail "rustc $have is older than this workspace's rust-version $want: update Rust (rustup update)."
+  # rustc links with `cc`, and ring compiles C: a fresh Debian has neither.
+  if ! command -v cc >/dev/null 2>&1 || [ ! -f /usr/include/stdio.h ]; then
+    command -v apt-get >/dev/null 2>&1 || fail "no C compiler (cc): install gcc and the C library headers"
+    need_root "to install gcc, the C compiler and linker Rust needs, with apt"
+    stage "installing gcc libc6-dev (Rust's linker)" apt_install gcc libc6-dev
+  fi
 }
 
 # In a subshell that ignores SIGPIPE: a server that closes before reading the request (QEMU's
