@@ -5,7 +5,7 @@
 use crate::membership::{Member, MemberStatus, Membership, MembershipConfig, MembershipEffect};
 use crate::store::{Backend, Bytes, Change, Key, NodeId, Replica, StoreError, Written};
 use crate::sync::message::{Envelope, Message};
-use crate::sync::{SyncConfig, SyncEffect, SyncEngine, SyncError};
+use crate::sync::{ReconcileReport, SyncConfig, SyncEffect, SyncEngine, SyncError};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
@@ -42,6 +42,8 @@ pub enum Effect {
     Changed(Change),
     MemberUp(Member),
     MemberDown(Member),
+    /// A reconcile ended: for the log (warn) and the metrics.
+    Reconciled(ReconcileReport),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -296,8 +298,13 @@ impl<B: Backend> Node<B> {
             }
             Timer::AntiEntropy => {
                 let mut fx = Vec::new();
-                self.sync
-                    .on_anti_entropy_tick(&self.replica, &self.live, &mut self.rng, &mut fx);
+                self.sync.on_anti_entropy_tick(
+                    &self.replica,
+                    now_ms,
+                    &self.live,
+                    &mut self.rng,
+                    &mut fx,
+                );
                 self.sync_effects(fx, out);
                 // ±25 % jitter keeps rounds from synchronising across the cluster.
                 let base = s.anti_entropy_interval_ms.max(4);
@@ -332,6 +339,7 @@ impl<B: Backend> Node<B> {
                     },
                 )),
                 SyncEffect::Changed(c) => out.push(Effect::Changed(c)),
+                SyncEffect::Reconciled(r) => out.push(Effect::Reconciled(r)),
             }
         }
     }
@@ -357,7 +365,9 @@ impl<B: Backend> Node<B> {
                 }
                 MembershipEffect::Up(m) => out.push(Effect::MemberUp(m)),
                 MembershipEffect::Down(m) => {
-                    self.sync.forget(&m.id);
+                    let mut fx = Vec::new();
+                    self.sync.forget(&m.id, &mut fx);
+                    self.sync_effects(fx, out);
                     out.push(Effect::MemberDown(m));
                 }
                 MembershipEffect::Renamed(m) => {

@@ -205,3 +205,68 @@ fn a_thousand_nodes_without_membership_disseminate_one_write_everywhere() {
         "the write did not reach all 1000 nodes within 20 s"
     );
 }
+
+#[test]
+fn one_byzantine_node_among_twenty_wipes_nothing_in_an_hour() {
+    // n19 lies in every sync message it sends (see `shoal::sim`): plausible and top-of-clock
+    // collection horizons, reconcile pages that hold nothing. The others write and delete for
+    // an hour of virtual time, collect tombstones, and crash and come back (so honest
+    // reconciles happen too). Nothing acknowledged may be lost, nothing deleted may return.
+    for seed in seeds(&[51]) {
+        let mut cfg = SimConfig::new(20, seed);
+        cfg.node.sync.tombstone_min_age_ms = 10_000;
+        cfg.node.sync.gc_interval_ms = 2_000;
+        cfg.byzantine = vec![19];
+        let mut sim = Sim::new(cfg);
+        assert!(
+            sim.run_until(60_000, 100, all_joined).is_some(),
+            "seed {seed}: membership never formed"
+        );
+        let mut rng = StdRng::seed_from_u64(seed);
+        for minute in 0..60 {
+            for _ in 0..6 {
+                let n = rng.random_range(0..19);
+                let k = key(rng.random_range(0..40));
+                let v = rng
+                    .random_bool(0.75)
+                    .then(|| Bytes::from(format!("{minute}")));
+                sim.write(n, k, v);
+                sim.run_for_ms(10_000);
+            }
+            // Every ten minutes an honest node is away for 30 s: it comes back behind the
+            // others' collection horizons and must reconcile.
+            if minute % 10 == 5 {
+                let n = rng.random_range(0..19);
+                sim.crash(n);
+                sim.run_for_ms(30_000);
+                sim.restart(n);
+            }
+        }
+        settle(&mut sim, "an hour with a byzantine member", seed);
+        let byz = sim.node(19).unwrap().id().clone();
+        let named_by_liar: Vec<_> = sim
+            .reconciles
+            .iter()
+            .filter(|(_, r)| r.peer == byz && r.named > 0)
+            .collect();
+        assert!(
+            !named_by_liar.is_empty() && sim.forged > 100,
+            "seed {seed}: the attack never ran (forged {}, reconciles {:?})",
+            sim.forged,
+            sim.reconciles
+        );
+        assert!(
+            sim.messages_refused > 0,
+            "seed {seed}: no forged digest refused"
+        );
+        let honest: usize = sim.reconciles.iter().filter(|(_, r)| r.peer != byz).count();
+        assert!(honest > 0, "seed {seed}: no honest reconcile happened");
+        println!(
+            "seed {seed}: forged {} messages, {} refused; {} reconciles named keys on the liar's word, {} honest reconciles",
+            sim.forged,
+            sim.messages_refused,
+            named_by_liar.len(),
+            honest
+        );
+    }
+}

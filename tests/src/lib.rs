@@ -781,3 +781,37 @@ pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
     }
     agents
 }
+
+/// Writes a client certificate for `cn` into `dir`: signed by `ca` (cert and key PEM files),
+/// or self-signed; valid now, or expired since 2021.
+pub fn client_cert(dir: &Path, cn: &str, ca: Option<&Path>, expired: bool) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["node.shoal".to_string()]).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = match ca {
+        Some(ca) => {
+            let ca_key =
+                rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca.key")).unwrap())
+                    .unwrap();
+            let issuer = rcgen::Issuer::from_ca_cert_pem(
+                &std::fs::read_to_string(ca.join("ca.crt")).unwrap(),
+                ca_key,
+            )
+            .unwrap();
+            p.signed_by(&key, &issuer).unwrap()
+        }
+        None => p.self_signed(&key).unwrap(),
+    };
+    let (c, k) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}

@@ -362,6 +362,30 @@ async fn metrics(h: &Handle) -> Response<Body> {
             "Tombstones collected.",
             s.sync.tombstones_collected,
         );
+        metric(
+            "shoal_sync_reconciles_total",
+            "counter",
+            "Reconciles started (full comparisons with one peer).",
+            s.sync.reconciles,
+        );
+        metric(
+            "shoal_sync_reconcile_dropped_total",
+            "counter",
+            "Keys dropped because reconciles named them deleted elsewhere.",
+            s.sync.reconcile_dropped,
+        );
+        metric(
+            "shoal_sync_reconcile_held_total",
+            "counter",
+            "Keys a reconcile named deleted but kept (unconfirmed by a second peer, or over the bound).",
+            s.sync.reconcile_held,
+        );
+        metric(
+            "shoal_sync_reconcile_unconfirmed_total",
+            "counter",
+            "Reconciles whose named keys a second peer did not all confirm (the first peer is distrusted for a while).",
+            s.sync.reconcile_unconfirmed,
+        );
     }
     let _ = writeln!(
         m,

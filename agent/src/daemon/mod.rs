@@ -170,6 +170,16 @@ impl Effects {
                 Effect::MemberDown(m) => {
                     tracing::warn!(member = %m.id, addr = %m.addr, "member down")
                 }
+                // Every reconcile is worth a look: it can drop keys.
+                Effect::Reconciled(r) => tracing::warn!(
+                    peer = %r.peer,
+                    merged = r.merged,
+                    named = r.named,
+                    dropped = r.dropped,
+                    held = r.held,
+                    outcome = ?r.outcome,
+                    "reconcile ended"
+                ),
             }
         }
     }
@@ -284,7 +294,7 @@ fn handle_command(
             let from = env.from.id.clone();
             let kind = env.msg.kind();
             if let Err(e) = node.handle(wall_ms(), Input::Envelope(env), out) {
-                tracing::warn!(peer = %from, kind, err = %e, "peer message refused");
+                tracing::warn!(peer = %from, kind, err = %peer::error_chain(&e), "peer message refused");
             }
         }
         Command::Discovered(members) => node.discovered(members, out),

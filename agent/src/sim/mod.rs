@@ -2,11 +2,17 @@
 //! `Node` state machines over a simulated network (latency, loss, duplication, reordering,
 //! partitions) and simulated clocks (per-node skew), with crashes that lose unflushed data and
 //! restarts. Everything is derived from one seed, so a failing run replays exactly.
+//!
+//! Nodes listed in `SimConfig::byzantine` run the honest code but lie in everything they
+//! send about the store: digests with collection horizons as recent as looks plausible (or at
+//! the top of the clock), and reconcile pages that hold nothing, the sequence that once
+//! emptied a real cluster.
 
 use crate::membership::Member;
 use crate::node::{Effect, Input, Node, NodeConfig, Peers, Timer};
-use crate::store::{Bytes, Entry, Key, MemBackend, NodeId, Replica, Version};
-use crate::sync::message;
+use crate::store::{Bytes, Digest, Entry, Hlc, Key, MemBackend, NodeId, Replica, Version};
+use crate::sync::message::{self, Message, Range};
+use crate::sync::ReconcileReport;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use std::cmp::{Ordering, Reverse};
@@ -33,6 +39,8 @@ pub struct SimConfig {
     /// SWIM membership (true) or every node knowing every other from the start.
     pub swim: bool,
     pub node: NodeConfig,
+    /// Nodes that lie about the store in every sync message they send.
+    pub byzantine: Vec<usize>,
 }
 
 impl SimConfig {
@@ -46,6 +54,7 @@ impl SimConfig {
             max_skew_ms: 0,
             swim: true,
             node: NodeConfig::default(),
+            byzantine: Vec::new(),
         }
     }
 }
@@ -127,6 +136,10 @@ pub struct Sim {
     /// (time, observer, member) for every member declared down.
     pub downs: Vec<(u64, usize, NodeId)>,
     pub history: Vec<Acked>,
+    /// Every reconcile that ended, by the node that ran it.
+    pub reconciles: Vec<(usize, ReconcileReport)>,
+    /// Sync messages the byzantine nodes forged.
+    pub forged: u64,
 }
 
 fn member(i: usize, gen: u64) -> Member {
@@ -154,6 +167,8 @@ impl Sim {
             watched: HashMap::new(),
             downs: Vec::new(),
             history: Vec::new(),
+            reconciles: Vec::new(),
+            forged: 0,
             static_peers,
             rng: StdRng::seed_from_u64(0),
             cfg: cfg.clone(),
@@ -333,10 +348,14 @@ impl Sim {
     fn apply_effects(&mut self, i: usize, effects: Vec<Effect>) {
         for e in effects {
             match e {
-                Effect::Send(to, env) => {
+                Effect::Reconciled(r) => self.reconciles.push((i, r)),
+                Effect::Send(to, mut env) => {
                     let Some(&j) = self.index.get(&to.id) else {
                         continue;
                     };
+                    if self.cfg.byzantine.contains(&i) {
+                        env.msg = self.forge(i, env.msg);
+                    }
                     let bytes = message::encode(&env);
                     self.bytes_sent[i] += bytes.len() as u64;
                     self.messages_sent += 1;
@@ -384,6 +403,50 @@ impl Sim {
                 Effect::MemberUp(_) => {}
             }
         }
+    }
+
+    /// What a byzantine node sends instead of `msg`: its own digest with every collection
+    /// horizon pulled up to the most recent a peer's clock allows (a third of the time, to the
+    /// top of the clock), and reconcile pages that hold nothing and end the comparison.
+    fn forge(&mut self, i: usize, msg: Message) -> Message {
+        let Some(node) = self.nodes[i].node.as_ref() else {
+            return msg;
+        };
+        let mut d: Digest = node.replica().digest().clone();
+        if self.rng.random_range(0..3) == 0 {
+            for w in d.watermarks.values_mut() {
+                *w = Hlc(u64::MAX);
+            }
+            d.collected = d.watermarks.clone();
+        } else {
+            let horizon = Hlc::from_millis(
+                self.wall_ms(i)
+                    .saturating_sub(self.cfg.node.sync.tombstone_min_age_ms),
+            );
+            for w in d.watermarks.values_mut() {
+                *w = (*w).max(horizon);
+            }
+            d.collected = d.watermarks.keys().map(|o| (o.clone(), horizon)).collect();
+        }
+        let forged = match msg {
+            Message::SyncRequest(_) => Message::SyncRequest(d),
+            Message::SyncReply { .. } => Message::SyncReply {
+                digest: d,
+                range: Range {
+                    complete: true,
+                    ..Range::default()
+                },
+            },
+            Message::ReconcileReply { .. } => Message::ReconcileReply {
+                digest: d,
+                after: None,
+                entries: Vec::new(),
+                next: None,
+            },
+            other => return other,
+        };
+        self.forged += 1;
+        forged
     }
 
     fn discover(&mut self, i: usize) {

@@ -68,10 +68,12 @@ impl HlcClock {
     /// A logical overflow simply carries into the millisecond part.
     pub fn tick(&mut self, now_ms: u64) -> Hlc {
         let wall = Hlc::from_millis(now_ms);
+        // Saturating: readings from peers are bounded by the drift check, so the top of the
+        // clock is never reached honestly, and a wrap would reissue version 0.
         self.last = if wall > self.last {
             wall
         } else {
-            Hlc(self.last.0 + 1)
+            Hlc(self.last.0.saturating_add(1))
         };
         self.last
     }

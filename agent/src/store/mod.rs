@@ -28,6 +28,12 @@ pub enum StoreError {
     NotOwner { key: String, origin: String },
     #[error("entry from {origin} is {ahead_ms} ms ahead of this node's clock")]
     ClockDrift { origin: String, ahead_ms: u64 },
+    #[error("a peer's {what} for {origin} is {ahead_ms} ms past what this node's clock allows")]
+    ClockBound {
+        origin: String,
+        what: &'static str,
+        ahead_ms: u64,
+    },
     #[error("changes since {since} were compacted (oldest kept: {compacted}); list again")]
     Compacted { since: u64, compacted: u64 },
     #[error("store data is corrupt: bad {0}")]

@@ -6,6 +6,12 @@
 //! by O with an HLC `<= w`, or an entry of the same key with a higher version. Watermarks only
 //! move on a node's own writes, on a complete range received from a peer (`through`), or when
 //! a pushed entry directly follows the watermark (`prev == w`).
+//!
+//! Peers are not trusted with clocks or with deletions: every watermark, `through` and
+//! collection horizon a peer shows is bounded by this node's clock (`Digest::check`), a peer
+//! never moves this node's own watermark, and a reconcile only names keys it believes were
+//! deleted (`reconcile_page` returns candidates): the sync engine decides whether to drop
+//! them (`drop_confirmed`), after a second peer agrees. Keys go otherwise only by tombstones.
 
 use super::backend::{Backend, Batch};
 use super::entry::{Entry, Key, Keyspace, NodeId, Version};
@@ -37,11 +43,45 @@ impl Digest {
         self.watermarks.get(origin).copied().unwrap_or(Hlc::ZERO)
     }
 
+    /// The highest collection horizon of any origin.
+    pub fn max_collected(&self) -> Hlc {
+        self.collected.values().copied().max().unwrap_or(Hlc::ZERO)
+    }
+
+    /// Whether a digest received from a peer is plausible against this node's clock: no
+    /// watermark past `now + MAX_DRIFT_MS`, and no collection horizon younger than the
+    /// tombstone minimum age allows (with the same drift): honest nodes collect only
+    /// tombstones at least that old.
+    pub fn check(&self, now_ms: u64, tombstone_min_age_ms: u64) -> Result<(), StoreError> {
+        check_bound(&self.watermarks, "watermark", now_ms)?;
+        let horizon_now = now_ms.saturating_sub(tombstone_min_age_ms);
+        check_bound(&self.collected, "collection horizon", horizon_now)
+    }
+
     /// Whether a replica with this digest may miss tombstones `other` has already collected,
     /// and so must reconcile against `other` before trusting or serving ordinary ranges.
     pub fn behind_horizon_of(&self, other: &Digest) -> bool {
         other.collected.iter().any(|(o, g)| self.watermark(o) < *g)
     }
+}
+
+/// Every reading in `map` at most `MAX_DRIFT_MS` past `now_ms`.
+pub fn check_bound(
+    map: &BTreeMap<NodeId, Hlc>,
+    what: &'static str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    for (o, h) in map {
+        let ahead = h.millis().saturating_sub(now_ms);
+        if ahead > MAX_DRIFT_MS {
+            return Err(StoreError::ClockBound {
+                origin: o.to_string(),
+                what,
+                ahead_ms: ahead,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// One applied change, numbered in this replica's local order.
@@ -201,7 +241,13 @@ pub struct Replica<B: Backend> {
 
 /// Entries whose wall time is further ahead of ours than this are refused: a node with a
 /// broken clock must not drag every version into the future.
-const MAX_DRIFT_MS: u64 = 15 * 60 * 1000;
+pub const MAX_DRIFT_MS: u64 = 15 * 60 * 1000;
+
+/// 2200-01-01 in ms since the epoch: no honest clock reads past it.
+const IMPLAUSIBLE_MS: u64 = 7_258_118_400_000;
+
+/// A key a reconcile named as deleted elsewhere, at the version it held here.
+pub type Named = (Key, Version);
 
 /// A local write as applied: the change and the previous watermark of this node, which a
 /// receiver uses to extend its own watermark without waiting for anti-entropy.
@@ -229,11 +275,14 @@ impl<B: Backend> Replica<B> {
             .map(|v| decode_u64(&v))
             .transpose()?
             .unwrap_or(0);
+        // A store written before peers' clocks were bounded may hold readings at the top of
+        // the clock; they would pin ours there (every later version equal): skip them.
         let last = digest
             .watermarks
             .values()
             .chain(digest.collected.values())
             .copied()
+            .filter(|h| h.millis() <= IMPLAUSIBLE_MS)
             .max()
             .unwrap_or(Hlc::ZERO);
         // Our own versions must never repeat: the clock restarts past everything stored.
@@ -409,11 +458,14 @@ impl<B: Backend> Replica<B> {
     }
 
     /// Raises watermarks to what a peer vouched for (`through`): call only after the entries
-    /// that came with it were applied.
+    /// that came with it were applied, and with readings bounded by `check_bound`. This node's
+    /// own watermark moves only with its own writes: no peer speaks for them.
     pub fn advance(&mut self, through: &BTreeMap<NodeId, Hlc>) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         for (origin, hlc) in through {
-            self.stage_watermark(&mut batch, origin, *hlc);
+            if *origin != self.node {
+                self.stage_watermark(&mut batch, origin, *hlc);
+            }
         }
         if !batch.is_empty() {
             self.backend.apply(batch)?;
@@ -429,7 +481,7 @@ impl<B: Backend> Replica<B> {
         prev: Hlc,
         hlc: Hlc,
     ) -> Result<bool, StoreError> {
-        if self.digest.watermark(origin) != prev || hlc <= prev {
+        if *origin == self.node || self.digest.watermark(origin) != prev || hlc <= prev {
             return Ok(false);
         }
         let mut batch = Batch::default();
@@ -513,9 +565,12 @@ impl<B: Backend> Replica<B> {
         Ok((out, next))
     }
 
-    /// Merges one reconcile page from a peer whose state is `theirs`: entries are merged as
-    /// usual, and our keys in the page's range that the peer lacks although it has seen their
-    /// version were deleted and collected there, so they go here too.
+    /// Merges one reconcile page from a peer whose state is `theirs` (checked with
+    /// `Digest::check`): entries are merged as usual. Our keys in the page's range that the
+    /// peer lacks although it has seen their version, and whose version is below a horizon up
+    /// to which it collected tombstones, may have been deleted and collected there: they are
+    /// returned as candidates, not dropped (see `drop_confirmed`). At the last page, watermarks
+    /// rise to the peer's (never our own, never its collection horizons).
     pub fn reconcile_page(
         &mut self,
         now_ms: u64,
@@ -523,8 +578,8 @@ impl<B: Backend> Replica<B> {
         after: Option<&Key>,
         entries: &[Entry],
         next: Option<&Key>,
-    ) -> Result<Vec<Change>, StoreError> {
-        let mut changes = self.apply_remote(now_ms, entries)?;
+    ) -> Result<(Vec<Change>, Vec<Named>), StoreError> {
+        let changes = self.apply_remote(now_ms, entries)?;
         let present: std::collections::BTreeSet<&Key> = entries.iter().map(|e| &e.key).collect();
         let (start, excl) = match after {
             Some(k) => (k_key(k.as_str()), true),
@@ -538,35 +593,49 @@ impl<B: Backend> Replica<B> {
             }
             None => vec![P_KEY + 1],
         };
-        let rows = self.backend.scan(&start, excl, &end, usize::MAX)?;
-        let mut batch = Batch::default();
-        for (k, v) in rows {
-            let (e, seq) = decode_stored(&k[1..], &v)?;
-            if present.contains(&e.key) || e.version.hlc > theirs.watermark(&e.version.origin) {
-                continue;
+        let horizon = theirs.max_collected();
+        let mut candidates = Vec::new();
+        let mut cursor = (start, excl);
+        loop {
+            let rows = self.backend.scan(&cursor.0, cursor.1, &end, 1024)?;
+            let Some((last, _)) = rows.last() else { break };
+            cursor = (last.clone(), true);
+            for (k, v) in &rows {
+                let (e, _) = decode_stored(&k[1..], v)?;
+                let seen = e.version.hlc <= theirs.watermark(&e.version.origin);
+                if !present.contains(&e.key) && seen && e.version.hlc <= horizon {
+                    candidates.push((e.key, e.version));
+                }
             }
-            Self::stage_removal(&mut batch, &e, seq);
-            self.seq += 1;
-            changes.push(Change {
-                seq: self.seq,
-                entry: Entry { value: None, ..e },
-            });
+        }
+        if next.is_none() {
+            // The whole key space was compared: we now hold what the peer vouched for.
+            self.advance(&theirs.watermarks)?;
+        }
+        Ok((changes, candidates))
+    }
+
+    /// Drops the keys a reconcile named (`reconcile_page`) that still hold the version it
+    /// named: deletions another node collected before this one saw their tombstones.
+    pub fn drop_confirmed(&mut self, keys: &[Named]) -> Result<Vec<Change>, StoreError> {
+        let mut batch = Batch::default();
+        let mut changes = Vec::new();
+        for (key, version) in keys {
+            if let Some((e, seq)) = read_entry(&self.backend, key.as_str())? {
+                if e.version == *version {
+                    Self::stage_removal(&mut batch, &e, seq);
+                    self.seq += 1;
+                    changes.push(Change {
+                        seq: self.seq,
+                        entry: Entry { value: None, ..e },
+                    });
+                }
+            }
         }
         if !batch.is_empty() {
             batch.put(META_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
             batch.put(META_COMPACTED.to_vec(), self.seq.to_be_bytes().to_vec());
             self.backend.apply(batch)?;
-        }
-        if next.is_none() {
-            // The whole key space was compared: we now hold what the peer vouched for.
-            self.advance(&theirs.watermarks)?;
-            let mut batch = Batch::default();
-            for (o, g) in &theirs.collected {
-                self.stage_collected(&mut batch, o, *g);
-            }
-            if !batch.is_empty() {
-                self.backend.apply(batch)?;
-            }
         }
         Ok(changes)
     }

@@ -262,15 +262,25 @@ fn reconcile_drops_what_the_peer_deleted_and_keeps_what_it_never_saw() {
         .unwrap();
     assert!(b.digest().behind_horizon_of(a.digest()));
     let mut after: Option<Key> = None;
+    let mut named = Vec::new();
     loop {
         let (page, next) = a.snapshot_page(after.as_ref(), 1).unwrap();
-        b.reconcile_page(NOW, a.digest(), after.as_ref(), &page, next.as_ref())
+        let (_, n) = b
+            .reconcile_page(NOW, a.digest(), after.as_ref(), &page, next.as_ref())
             .unwrap();
+        named.extend(n);
         match next {
             Some(n) => after = Some(n),
             None => break,
         }
     }
+    // The reconcile only names x; nothing goes until the sync engine drops it.
+    assert_eq!(
+        named.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+        ["apps/x"]
+    );
+    assert!(b.get(&key("apps/x")).unwrap().is_some());
+    assert_eq!(b.drop_confirmed(&named).unwrap().len(), 1);
     assert!(
         b.get(&key("apps/x")).unwrap().is_none(),
         "deleted key resurrected"
@@ -363,4 +373,66 @@ fn disk_compaction_shrinks_the_file_after_deletes_and_keeps_every_value() {
     drop(backend);
     let r = Replica::open(id("n1"), DiskBackend::open(&dir).unwrap()).unwrap();
     assert_eq!(state(&r).len(), want.len() + 1);
+}
+
+#[test]
+fn peers_cannot_move_our_own_watermark_or_push_clocks_past_the_drift() {
+    let mut a = replica("a");
+    let w = a
+        .write(NOW, key("apps/x"), Some(Bytes::from("1")))
+        .unwrap()
+        .change
+        .entry
+        .version
+        .hlc;
+    // A `through` for our own origin, at the top of the clock: ignored.
+    let top = BTreeMap::from([(id("a"), Hlc(u64::MAX)), (id("b"), Hlc(u64::MAX))]);
+    a.advance(&top).unwrap();
+    assert_eq!(a.digest().watermark(&id("a")), w);
+    // Bounded readings are refused before anything is applied.
+    assert!(crate::store::replica::check_bound(&top, "through", NOW).is_err());
+    let d = Digest {
+        watermarks: top.clone(),
+        collected: BTreeMap::new(),
+    };
+    assert!(d.check(NOW, 60_000).is_err());
+    // A horizon younger than the tombstone minimum age allows (drift included) is refused;
+    // one just inside it passes.
+    let soon = NOW + crate::store::replica::MAX_DRIFT_MS - 60_000;
+    let horizon = |ms| Digest {
+        watermarks: BTreeMap::from([(id("b"), Hlc::from_millis(ms))]),
+        collected: BTreeMap::from([(id("b"), Hlc::from_millis(ms))]),
+    };
+    assert!(horizon(soon + 1).check(NOW, 60_000).is_err());
+    assert!(horizon(soon).check(NOW, 60_000).is_ok());
+}
+
+#[test]
+fn a_poisoned_store_does_not_pin_the_clock_at_the_top() {
+    let backend = MemBackend::new();
+    let mut r = Replica::open(id("a"), backend.clone()).unwrap();
+    // What an older agent could be made to store: a watermark at the top of the clock.
+    r.advance(&BTreeMap::from([(id("b"), Hlc(u64::MAX))]))
+        .unwrap();
+    r.flush().unwrap();
+    let mut r = Replica::open(id("a"), backend).unwrap();
+    let v1 = r
+        .write(NOW, key("apps/x"), None)
+        .unwrap()
+        .change
+        .entry
+        .version;
+    let v2 = r
+        .write(NOW, key("apps/y"), None)
+        .unwrap()
+        .change
+        .entry
+        .version;
+    assert!(v1.hlc.millis() == NOW && v2.hlc > v1.hlc, "{v1:?} {v2:?}");
+}
+
+#[test]
+fn the_clock_saturates_instead_of_wrapping() {
+    let mut c = HlcClock::new(Hlc(u64::MAX));
+    assert_eq!(c.tick(NOW), Hlc(u64::MAX));
 }

@@ -3,15 +3,28 @@
 //! pushed at once to a few random peers, which pass them on (rumor mongering); and periodic
 //! anti-entropy compares digests and repairs whatever the rumors missed. Does no IO and reads
 //! no clock.
+//!
+//! A peer may lie. What it says about clocks (digests, `through`) is bounded by ours before
+//! anything is applied or remembered, and a reconcile never deletes on one peer's word: the
+//! keys a reconcile names as deleted elsewhere are dropped only when a second peer names them
+//! too, or, with no second peer to ask, when they are at most `reconcile_drop_bound`. Every
+//! reconcile ends in a `ReconcileReport` for the log and the metrics.
 
 pub mod message;
 
 use crate::membership::Member;
-use crate::store::{Backend, Change, Digest, Hlc, NodeId, Replica, StoreError, Written};
+use crate::store::replica::check_bound;
+use crate::store::{
+    Backend, Change, Digest, Hlc, Key, NodeId, Replica, StoreError, Version, Written,
+};
 use message::{Message, Range, Rumor};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+/// Keys one reconcile may name as deleted before it stops listing them (and drops none of
+/// them): bounds the memory a lying peer can make us hold.
+const MAX_CANDIDATES: usize = 100_000;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -32,6 +45,12 @@ pub struct SyncConfig {
     pub tombstone_horizon_ms: u64,
     /// Pass rumors on as soon as they arrive (true) or only at the next gossip round.
     pub forward_immediately: bool,
+    /// With no second peer to confirm them, a reconcile drops at most this many keys.
+    pub reconcile_drop_bound: usize,
+    /// A reconcile whose peer stops answering is abandoned after this long.
+    pub reconcile_timeout_ms: u64,
+    /// A peer that named keys a second peer did not confirm starts no reconcile for this long.
+    pub reconcile_distrust_ms: u64,
 }
 
 impl Default for SyncConfig {
@@ -47,6 +66,9 @@ impl Default for SyncConfig {
             tombstone_min_age_ms: 60_000,
             tombstone_horizon_ms: 7 * 24 * 3600 * 1000,
             forward_immediately: true,
+            reconcile_drop_bound: 32,
+            reconcile_timeout_ms: 30_000,
+            reconcile_distrust_ms: 10 * 60 * 1000,
         }
     }
 }
@@ -67,6 +89,52 @@ pub enum SyncError {
 pub enum SyncEffect {
     Send(Member, Message),
     Changed(Change),
+    Reconciled(ReconcileReport),
+}
+
+/// How one reconcile ended: what it merged, which keys it named as deleted elsewhere, and what
+/// became of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ReconcileReport {
+    /// The peer whose state was compared.
+    pub peer: NodeId,
+    /// Entries merged from it.
+    pub merged: usize,
+    /// Keys it named as deleted and collected there.
+    pub named: usize,
+    pub dropped: usize,
+    /// Named but kept: unconfirmed, over the bound, or changed since.
+    pub held: usize,
+    pub outcome: ReconcileOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconcileOutcome {
+    /// Nothing to drop, or drops within the bound with no second peer to ask.
+    Done,
+    /// The named keys wait for a second peer (`confirming`) to name them too.
+    AwaitingSecondPeer,
+    /// A second peer's reconcile confirmed what both named (the report's `peer` is the first).
+    Confirmed,
+    /// More than the bound and no second peer: nothing dropped.
+    RefusedOverBound,
+    /// The peer showed an implausible digest: the reconcile stopped, nothing dropped.
+    RefusedImplausible,
+    /// The peer stopped answering or left.
+    Abandoned,
+}
+
+/// A reconcile under way with one peer.
+#[derive(Debug)]
+struct Reconcile {
+    peer: NodeId,
+    started_ms: u64,
+    merged: usize,
+    named: BTreeMap<Key, Version>,
+    overflow: bool,
+    /// Set on a second peer's reconcile: the first peer and the keys it named.
+    confirming: Option<(NodeId, BTreeMap<Key, Version>)>,
 }
 
 /// Counters for metrics and benchmarks.
@@ -79,6 +147,12 @@ pub struct SyncStats {
     pub reconciles: u64,
     pub refused: u64,
     pub tombstones_collected: u64,
+    /// Keys dropped because a reconcile named them (and, with peers to ask, a second agreed).
+    pub reconcile_dropped: u64,
+    /// Keys a reconcile named but that were kept (unconfirmed or over the bound).
+    pub reconcile_held: u64,
+    /// Reconciles in which a second peer did not confirm every key the first one named.
+    pub reconcile_unconfirmed: u64,
 }
 
 pub struct SyncEngine {
@@ -88,7 +162,9 @@ pub struct SyncEngine {
     digests: HashMap<NodeId, Digest>,
     /// Rumors still to be pushed in coming gossip rounds, with rounds left.
     rumors: Vec<(Rumor, u8)>,
-    reconciling: Option<NodeId>,
+    reconciling: Option<Reconcile>,
+    /// Peers whose word a second peer did not confirm, and until when they start no reconcile.
+    distrusted: HashMap<NodeId, u64>,
     pub stats: SyncStats,
 }
 
@@ -128,6 +204,7 @@ impl SyncEngine {
             digests: HashMap::new(),
             rumors: Vec::new(),
             reconciling: None,
+            distrusted: HashMap::new(),
             stats: SyncStats::default(),
         }
     }
@@ -145,11 +222,17 @@ impl SyncEngine {
         &self.digests
     }
 
-    pub fn forget(&mut self, peer: &NodeId) {
+    /// A peer left: its digest goes, and so does a reconcile with it (abandoned, reported).
+    pub fn forget(&mut self, peer: &NodeId, out: &mut Vec<SyncEffect>) {
         self.digests.remove(peer);
-        if self.reconciling.as_ref() == Some(peer) {
-            self.reconciling = None;
+        if self.reconciling.as_ref().is_some_and(|r| r.peer == *peer) {
+            self.abandon(ReconcileOutcome::Abandoned, out);
         }
+    }
+
+    /// Whether a reconcile is under way, and with whom.
+    pub fn reconciling_with(&self) -> Option<&NodeId> {
+        self.reconciling.as_ref().map(|r| &r.peer)
     }
 
     /// Pushes this node's fresh (already durable) writes.
@@ -205,16 +288,21 @@ impl SyncEngine {
         });
     }
 
-    /// An anti-entropy round: offer our digest to one random peer.
+    /// An anti-entropy round: offer our digest to one random peer. A reconcile under way
+    /// holds rounds back until it ends or times out.
     pub fn on_anti_entropy_tick<B: Backend, R: RngExt>(
         &mut self,
         replica: &Replica<B>,
+        now_ms: u64,
         peers: &[Member],
         rng: &mut R,
         out: &mut Vec<SyncEffect>,
     ) {
-        if self.reconciling.is_some() {
-            return;
+        if let Some(r) = &self.reconciling {
+            if now_ms.saturating_sub(r.started_ms) <= self.cfg.reconcile_timeout_ms {
+                return;
+            }
+            self.abandon(ReconcileOutcome::Abandoned, out);
         }
         if let Some(p) = choose(rng, peers, 1, &[&self.me.id]).first() {
             self.stats.sync_rounds += 1;
@@ -276,20 +364,22 @@ impl SyncEngine {
             Message::Swim(_) => Ok(()),
             Message::Push(rumors) => self.on_push(replica, now_ms, from, rumors, peers, rng, out),
             Message::SyncRequest(digest) => {
+                self.check_digest(from, &digest, now_ms)?;
                 let reply = self.reply_to(replica, &digest)?;
                 let behind = replica.digest().behind_horizon_of(&digest);
                 self.digests.insert(from.id.clone(), digest);
                 out.push(SyncEffect::Send(from.clone(), reply));
                 if behind {
-                    self.start_reconcile(from, out);
+                    self.start_reconcile(from, now_ms, None, out);
                 }
                 Ok(())
             }
             Message::SyncReply { digest, range } => {
+                self.check_digest(from, &digest, now_ms)?;
                 let behind = replica.digest().behind_horizon_of(&digest);
                 if behind {
                     self.digests.insert(from.id.clone(), digest);
-                    self.start_reconcile(from, out);
+                    self.start_reconcile(from, now_ms, None, out);
                     return Ok(());
                 }
                 let complete = range.complete;
@@ -339,13 +429,37 @@ impl SyncEngine {
                 entries,
                 next,
             } => {
-                if self.reconciling.as_ref() != Some(&from.id) {
+                if self.reconciling_with() != Some(&from.id) {
                     return Ok(());
                 }
-                let changes = replica
-                    .reconcile_page(now_ms, &digest, after.as_ref(), &entries, next.as_ref())
-                    .map_err(|source| self.refused(from, source))?;
+                if let Err(e) = self.check_digest(from, &digest, now_ms) {
+                    self.abandon(ReconcileOutcome::RefusedImplausible, out);
+                    return Err(e);
+                }
+                let (changes, named) = match replica.reconcile_page(
+                    now_ms,
+                    &digest,
+                    after.as_ref(),
+                    &entries,
+                    next.as_ref(),
+                ) {
+                    Ok(r) => r,
+                    Err(source) => {
+                        self.abandon(ReconcileOutcome::RefusedImplausible, out);
+                        return Err(self.refused(from, source));
+                    }
+                };
                 self.stats.entries_repaired += changes.len() as u64;
+                if let Some(r) = self.reconciling.as_mut() {
+                    r.merged += changes.len();
+                    for (k, v) in named {
+                        if r.named.len() >= MAX_CANDIDATES {
+                            r.overflow = true;
+                            break;
+                        }
+                        r.named.insert(k, v);
+                    }
+                }
                 out.extend(changes.into_iter().map(SyncEffect::Changed));
                 match next {
                     Some(after) => out.push(SyncEffect::Send(
@@ -353,8 +467,8 @@ impl SyncEngine {
                         Message::ReconcileRequest { after: Some(after) },
                     )),
                     None => {
-                        self.reconciling = None;
                         self.digests.insert(from.id.clone(), digest);
+                        self.finish_reconcile(replica, now_ms, peers, rng, out)?;
                     }
                 }
                 Ok(())
@@ -370,16 +484,134 @@ impl SyncEngine {
         }
     }
 
-    fn start_reconcile(&mut self, from: &Member, out: &mut Vec<SyncEffect>) {
+    /// Refuses a digest with readings past what our clock allows (counted; the error says
+    /// which origin and by how much).
+    fn check_digest(&mut self, from: &Member, d: &Digest, now_ms: u64) -> Result<(), SyncError> {
+        d.check(now_ms, self.cfg.tombstone_min_age_ms)
+            .map_err(|source| self.refused(from, source))
+    }
+
+    fn start_reconcile(
+        &mut self,
+        with: &Member,
+        now_ms: u64,
+        confirming: Option<(NodeId, BTreeMap<Key, Version>)>,
+        out: &mut Vec<SyncEffect>,
+    ) {
         if self.reconciling.is_some() {
             return;
         }
+        if confirming.is_none() {
+            // A peer whose word was not confirmed lately does not get to start another.
+            self.distrusted.retain(|_, until| *until > now_ms);
+            if self.distrusted.contains_key(&with.id) {
+                return;
+            }
+        }
         self.stats.reconciles += 1;
-        self.reconciling = Some(from.id.clone());
+        self.reconciling = Some(Reconcile {
+            peer: with.id.clone(),
+            started_ms: now_ms,
+            merged: 0,
+            named: BTreeMap::new(),
+            overflow: false,
+            confirming,
+        });
         out.push(SyncEffect::Send(
-            from.clone(),
+            with.clone(),
             Message::ReconcileRequest { after: None },
         ));
+    }
+
+    /// Ends the reconcile under way without dropping anything.
+    fn abandon(&mut self, outcome: ReconcileOutcome, out: &mut Vec<SyncEffect>) {
+        let Some(r) = self.reconciling.take() else {
+            return;
+        };
+        let (peer, named) = match r.confirming {
+            Some((first, named)) => (first, named.len()),
+            None => (r.peer, r.named.len()),
+        };
+        self.stats.reconcile_held += named as u64;
+        out.push(SyncEffect::Reconciled(ReconcileReport {
+            peer,
+            merged: r.merged,
+            named,
+            dropped: 0,
+            held: named,
+            outcome,
+        }));
+    }
+
+    /// The last page came: drop what may be dropped, or ask a second peer first.
+    fn finish_reconcile<B: Backend, R: RngExt>(
+        &mut self,
+        replica: &mut Replica<B>,
+        now_ms: u64,
+        peers: &[Member],
+        rng: &mut R,
+        out: &mut Vec<SyncEffect>,
+    ) -> Result<(), SyncError> {
+        let Some(r) = self.reconciling.take() else {
+            return Ok(());
+        };
+        let mut report = ReconcileReport {
+            peer: r.peer.clone(),
+            merged: r.merged,
+            named: r.named.len(),
+            dropped: 0,
+            held: 0,
+            outcome: ReconcileOutcome::Done,
+        };
+        let drop: Vec<(Key, Version)> = match r.confirming {
+            // A second peer: drop what both named, at the same version.
+            Some((first, named)) => {
+                report.peer = first;
+                report.named = named.len();
+                report.outcome = ReconcileOutcome::Confirmed;
+                named
+                    .into_iter()
+                    .filter(|(k, v)| r.named.get(k) == Some(v))
+                    .collect()
+            }
+            None if r.named.is_empty() && !r.overflow => Vec::new(),
+            None => {
+                let second = choose(rng, peers, 1, &[&self.me.id, &r.peer])
+                    .first()
+                    .map(|m| (*m).clone());
+                match second {
+                    Some(p) => {
+                        report.held = report.named;
+                        report.outcome = ReconcileOutcome::AwaitingSecondPeer;
+                        out.push(SyncEffect::Reconciled(report));
+                        self.start_reconcile(&p, now_ms, Some((r.peer, r.named)), out);
+                        return Ok(());
+                    }
+                    None if r.named.len() <= self.cfg.reconcile_drop_bound && !r.overflow => {
+                        r.named.into_iter().collect()
+                    }
+                    None => {
+                        report.outcome = ReconcileOutcome::RefusedOverBound;
+                        Vec::new()
+                    }
+                }
+            }
+        };
+        let changes = replica.drop_confirmed(&drop)?;
+        report.dropped = changes.len();
+        report.held = report.named - report.dropped;
+        if report.outcome == ReconcileOutcome::Confirmed && drop.len() < report.named {
+            self.stats.reconcile_unconfirmed += 1;
+            self.distrusted.insert(
+                report.peer.clone(),
+                now_ms.saturating_add(self.cfg.reconcile_distrust_ms),
+            );
+        }
+        self.stats.reconcile_dropped += report.dropped as u64;
+        self.stats.reconcile_held += report.held as u64;
+        out.extend(changes.into_iter().map(SyncEffect::Changed));
+        out.push(SyncEffect::Reconciled(report));
+        Ok(())
     }
 
     fn reply_to<B: Backend>(
@@ -420,6 +652,8 @@ impl SyncEngine {
         if self.reconciling.is_some() {
             return Ok(());
         }
+        check_bound(&range.through, "through", now_ms)
+            .map_err(|source| self.refused(from, source))?;
         let changes = replica
             .apply_remote(now_ms, &range.entries)
             .map_err(|source| self.refused(from, source))?;
