@@ -17,6 +17,10 @@ pub struct Listen {
     pub api: SocketAddr,
     pub http: SocketAddr,
     pub https: SocketAddr,
+    /// Connections each listener holds at most; beyond, new ones are shed (503 in the clear).
+    pub max_connections: usize,
+    /// A connection that moves no byte this long, with no request in hand, is closed.
+    pub idle_timeout_ms: u64,
 }
 
 impl Default for Listen {
@@ -27,6 +31,8 @@ impl Default for Listen {
             api: any(7443),
             http: any(80),
             https: any(443),
+            max_connections: 4096,
+            idle_timeout_ms: 30_000,
         }
     }
 }

@@ -103,6 +103,18 @@ pub enum SpecError {
     Invalid(String),
 }
 
+/// Bounds on every list and number in a spec: a spec is written once and read by every
+/// node's scheduler and executor, so one spec must not stall or bloat them all.
+pub const MAX_REPLICAS: u32 = 1000;
+const MAX_ARGS: usize = 256;
+const MAX_ARG_BYTES: usize = 4096;
+const MAX_ENV: usize = 256;
+const MAX_ENV_VALUE_BYTES: usize = 32 * 1024;
+const MAX_SECRETS: usize = 64;
+const MAX_HOSTS: usize = 64;
+const MAX_VOLUMES: usize = 32;
+const MAX_TARGET_RPS: f64 = 10_000_000.0;
+
 /// App names are DNS labels: they become host names and container names.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -141,6 +153,59 @@ impl AppSpec {
             if min > max {
                 return bad(format!("scale: min {min} is above max {max}"));
             }
+        }
+        for (what, n) in [
+            ("replicas", self.scale.replicas),
+            ("min", self.scale.min),
+            ("max", self.scale.max),
+        ] {
+            if n.is_some_and(|n| n > MAX_REPLICAS) {
+                return bad(format!("scale.{what}: at most {MAX_REPLICAS} replicas"));
+            }
+        }
+        if self
+            .scale
+            .target_rps
+            .is_some_and(|r| !(r > 0.0 && r <= MAX_TARGET_RPS))
+        {
+            return bad(format!(
+                "scale.target_rps must be above 0 and at most {MAX_TARGET_RPS}"
+            ));
+        }
+        if self.run.port == Some(0) {
+            return bad("run.port: 0 is not a port".into());
+        }
+        for (what, args) in [
+            ("run.command", &self.run.command),
+            ("build.test", &self.build.test),
+        ] {
+            if args.len() > MAX_ARGS || args.iter().any(|a| a.len() > MAX_ARG_BYTES) {
+                return bad(format!(
+                    "{what}: at most {MAX_ARGS} arguments of at most {MAX_ARG_BYTES} bytes"
+                ));
+            }
+        }
+        if self.run.env.len() > MAX_ENV
+            || self
+                .run
+                .env
+                .values()
+                .any(|v| v.len() > MAX_ENV_VALUE_BYTES || v.contains('\0'))
+        {
+            return bad(format!(
+                "run.env: at most {MAX_ENV} variables, values of at most {MAX_ENV_VALUE_BYTES} bytes without NUL"
+            ));
+        }
+        if self.run.secrets.len() > MAX_SECRETS {
+            return bad(format!("run.secrets: at most {MAX_SECRETS}"));
+        }
+        if self.expose.hosts.len() > MAX_HOSTS || self.expose.hosts.iter().any(|h| h.len() > 253) {
+            return bad(format!(
+                "expose.hosts: at most {MAX_HOSTS} names of at most 253 bytes"
+            ));
+        }
+        if self.volumes.len() > MAX_VOLUMES {
+            return bad(format!("volumes: at most {MAX_VOLUMES}"));
         }
         if let Some(p) = &self.scale.placement {
             if p != "every-node" {
@@ -224,6 +289,47 @@ impl Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_number_and_list_in_a_spec_is_bounded() {
+        let base = "name = \"a\"\n";
+        let ok = |extra: &str| AppSpec::parse(&format!("{base}{extra}")).is_ok();
+        assert!(ok("[scale]\nreplicas = 1000\n"));
+        for bad in [
+            "[scale]\nreplicas = 1001\n".to_string(),
+            "[scale]\nreplicas = 4294967295\n".into(),
+            "[scale]\nmax = 5000\n".into(),
+            "[scale]\ntarget_rps = -1.0\n".into(),
+            "[scale]\ntarget_rps = nan\n".into(),
+            "[run]\nport = 0\n".into(),
+            format!("[run]\ncommand = [{}]\n", vec!["\"x\""; 257].join(",")),
+            format!("[run]\ncommand = [\"{}\"]\n", "x".repeat(4097)),
+            format!("[run]\nenv = {{ A = \"{}\" }}\n", "x".repeat(32 * 1024 + 1)),
+            format!("[expose]\nhosts = [{}]\n", vec!["\"h\""; 65].join(",")),
+        ] {
+            assert!(!ok(&bad), "accepted: {}", &bad[..bad.len().min(80)]);
+        }
+    }
+
+    #[test]
+    fn a_thousand_replicas_on_a_hundred_nodes_place_evenly() {
+        use crate::scheduler::{place, App};
+        let s = AppSpec::parse("name = \"a\"\n[scale]\nreplicas = 1000\n").unwrap();
+        let names: Vec<String> = (0..100).map(|i| format!("n{i}")).collect();
+        let nodes: Vec<&str> = names.iter().map(String::as_str).collect();
+        let p = place(
+            &[App {
+                name: "a",
+                spec: &s,
+            }],
+            &nodes,
+            &[],
+        );
+        assert_eq!(p.len(), 1000);
+        for n in &nodes {
+            assert_eq!(p.iter().filter(|p| p.node == *n).count(), 10);
+        }
+    }
 
     #[test]
     fn the_documented_spec_parses() {

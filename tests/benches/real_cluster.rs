@@ -6,7 +6,7 @@
 //!
 //! `cargo bench -p shoal-e2e --bench real_cluster`
 
-use shoal_e2e::{cluster, get, use_release_bin, wait_for, Agent};
+use shoal_e2e::{cluster, get, rss_kib, use_release_bin, wait_for, Agent};
 use std::io::{BufRead, BufReader, Write};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -54,15 +54,6 @@ fn timed_put(a: &Agent, name: &str) -> f64 {
     assert_eq!(v.first(), Some(&"200"), "{text}");
     let (tls, total): (f64, f64) = (v[1].parse().unwrap(), v[2].parse().unwrap());
     (total - tls) * 1000.0
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn main() {

@@ -462,10 +462,22 @@ impl Agent {
         bundle: &Path,
         extra: &str,
     ) -> Agent {
+        Agent::configure_listen(root, id, peers, bundle, extra, "")
+    }
+
+    /// Like `configure_with_bundle`, with `listen` lines added to the `[listen]` table.
+    pub fn configure_listen(
+        root: &Path,
+        id: &str,
+        peers: &[u16],
+        bundle: &Path,
+        extra: &str,
+        listen: &str,
+    ) -> Agent {
         let (status_port, api_port) = (free_port(), free_port());
         let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         let settings = format!(
-            "{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n[discovery]\nmdns = false\nretry_join_ms = 500\n"
+            "{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n{listen}\n[discovery]\nmdns = false\nretry_join_ms = 500\n"
         );
         Agent::write(
             root,
@@ -814,4 +826,14 @@ pub fn client_cert(dir: &Path, cn: &str, ca: Option<&Path>, expired: bool) -> (P
     std::fs::write(&c, cert.pem()).unwrap();
     std::fs::write(&k, key.serialize_pem()).unwrap();
     (c, k)
+}
+
+/// The resident memory of a process, in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }

@@ -7,7 +7,7 @@
 use shoal::membership::Member;
 use shoal::store::{Digest, Hlc, NodeId};
 use shoal::sync::message::{encode, Envelope, Message, Range};
-use shoal_e2e::{client_cert, cluster, metric, wait_for, Agent, ClientCert};
+use shoal_e2e::{client_cert, cluster, metric, rss_kib, wait_for, Agent, ClientCert};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -175,4 +175,129 @@ fn an_evil_member_cannot_wipe_the_store() {
             || (apps(a) == want).then_some(()),
         );
     }
+}
+
+#[test]
+fn a_hostile_node_id_at_the_join_endpoint_cannot_forge_log_lines() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Agent::start(root.path(), "door", &[], "");
+    wait_for(T, "the agent", || {
+        a.get("/healthz").ok().filter(|r| r.status == 200)
+    });
+    let forged = "INFO shoal::daemon: admin token rotated by operator";
+    let id = format!(
+        "x\n2026-11-30T00:00:00Z  {forged}\n{}",
+        "A".repeat(64 * 1024 - 200)
+    );
+    let body = serde_json::json!({
+        "node_id": id,
+        "addrs": [],
+        "csr": "",
+        "nonce": "00",
+        "mac": "00",
+    });
+    let r = a
+        .api(
+            "POST",
+            "/peer/v1/join",
+            &[("Content-Type", "application/json")],
+            body.to_string().as_bytes(),
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    // The refusal is logged, on one line, without the caller's text as a line of its own.
+    wait_for(T, "the refusal in the log", || {
+        a.log()
+            .contains("join refused: invalid node id")
+            .then_some(())
+    });
+    let log = a.log();
+    assert!(
+        !log.lines()
+            .any(|l| l.trim_start().starts_with("2026-11-30T00:00:00Z")),
+        "a forged line reached the log:\n{log}"
+    );
+    assert!(log.len() < 32 * 1024, "the log took the caller's 64 KiB");
+    assert!(metric(&a.metrics(), "shoal_join_refused_total").unwrap() >= 1.0);
+}
+
+/// One request on a fresh connection, answered within `limit`: the status line.
+fn quick_get(port: u16, path: &str, limit: Duration) -> Option<String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(limit)).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).ok()?;
+    Some(line)
+}
+
+#[test]
+fn idle_and_slow_clients_cannot_take_the_listeners_down() {
+    use std::io::{Read, Write};
+    let root = tempfile::tempdir().unwrap();
+    let b = shoal_e2e::bundle(&root.path().join("bundle"), "test");
+    let mut a = Agent::configure_listen(root.path(), "busy", &[], &b, "", "idle_timeout_ms = 3000");
+    a.spawn();
+    wait_for(T, "the agent", || {
+        a.get("/healthz").ok().filter(|r| r.status == 200)
+    });
+    let pid = a.pid().unwrap();
+    let before = rss_kib(pid);
+    // Per listener: 2000 connections that never send a byte, and 200 that send half a header.
+    let mut held = Vec::new();
+    for port in [a.status_port, a.api_port] {
+        for i in 0..2200 {
+            let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            if i >= 2000 {
+                s.write_all(b"GET /healthz HTTP/1.1\r\nHost: slow\r\n")
+                    .unwrap();
+            }
+            held.push(s);
+        }
+    }
+    // The node still answers at once, reads and writes.
+    let line = quick_get(a.status_port, "/healthz", Duration::from_secs(1));
+    assert!(
+        line.as_deref()
+            .is_some_and(|l| l.starts_with("HTTP/1.1 200")),
+        "{line:?}"
+    );
+    let r = a.put_app("busy", "name = \"busy\"\n").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let during = rss_kib(pid);
+    // On the deadline every one of them is closed by the agent: each reads end of stream.
+    wait_for(T, "the idle connections shed", || {
+        let m = a.metrics();
+        let idle = metric(
+            &m,
+            "shoal_api_connections_idle_closed_total{listener=\"status\"}",
+        )?;
+        // On the TLS port they end at the handshake deadline, or at once for the half-headers
+        // (no TLS at all): none is left open there.
+        let api_open = metric(&m, "shoal_api_connections_open{listener=\"api\"}")?;
+        (idle >= 2200.0 && api_open == 0.0).then_some(())
+    });
+    for mut s in held {
+        s.set_read_timeout(Some(T)).unwrap();
+        // Closed: end of stream or a reset, perhaps after a 408 for the half-headers in the
+        // clear or a TLS alert record (type 21) for those on the TLS port.
+        let mut rest = Vec::new();
+        let _ = s.read_to_end(&mut rest);
+        assert!(
+            rest.is_empty() || rest.starts_with(b"HTTP/1.1 408") || rest[0] == 21,
+            "{rest:?}"
+        );
+    }
+    let m = a.metrics();
+    assert!(metric(&m, "shoal_api_connections_open{listener=\"status\"}").unwrap() <= 2.0);
+    println!(
+        "agent RSS: {before} KiB idle, {during} KiB holding 4400 hostile connections, {} KiB after they were shed",
+        rss_kib(pid)
+    );
 }

@@ -154,6 +154,13 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, format!("not a join request: {e}")),
     };
+    // Checked before anything is logged: the id is the caller's text, and a log line must not
+    // carry what it likes (newlines, 64 KiB).
+    if let Err(e) = NodeId::new(&jr.node_id) {
+        Counters::inc(&h.counters.join_refused);
+        tracing::warn!(remote = %conn.remote, err = %e, "join refused: invalid node id");
+        return error(StatusCode::BAD_REQUEST, e);
+    }
     if !jr.verify(&h.trust.join_secret) {
         Counters::inc(&h.counters.join_refused);
         tracing::warn!(
@@ -165,9 +172,6 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
             StatusCode::FORBIDDEN,
             "the request is not signed with this cluster's join secret",
         );
-    }
-    if let Err(e) = NodeId::new(&jr.node_id) {
-        return error(StatusCode::BAD_REQUEST, e);
     }
     if jr.addrs.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "at most 64 addresses");

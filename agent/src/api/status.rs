@@ -11,6 +11,8 @@ use http_body_util::{BodyExt, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json as j, Value};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed as Rel};
+use std::sync::Arc;
 use tokio::sync::broadcast;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -52,12 +54,16 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
         ["v1", "apps"] => match scan_keyspace(&h.store, Keyspace::Apps, "", 100_000) {
             Ok(es) => json(
                 StatusCode::OK,
-                &es.iter().map(|e| value_of(&e.value)).collect::<Vec<_>>(),
+                &es.iter()
+                    .map(|e| public_app(value_of(&e.value)))
+                    .collect::<Vec<_>>(),
             ),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
         ["v1", "apps", name] => match read_entry(&h.store, &format!("apps/{name}")) {
-            Ok(Some((e, _))) if !e.is_tombstone() => json(StatusCode::OK, &value_of(&e.value)),
+            Ok(Some((e, _))) if !e.is_tombstone() => {
+                json(StatusCode::OK, &public_app(value_of(&e.value)))
+            }
             Ok(_) => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
             Err(e) => error(StatusCode::BAD_REQUEST, e),
         },
@@ -69,6 +75,18 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
         ["metrics"] => metrics(h).await,
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
+}
+
+/// An app spec as the status port shows it: `run.env` lists the variables' names only. The
+/// port is plain HTTP and unauthenticated (and reachable from containers on a host that lets
+/// them): values may be credentials a user put there instead of in secrets.
+fn public_app(mut app: Value) -> Value {
+    if let Some(env) = app.pointer_mut("/run/env") {
+        if let Some(map) = env.as_object() {
+            *env = Value::Array(map.keys().map(|k| Value::String(k.clone())).collect());
+        }
+    }
+    app
 }
 
 fn value_of(v: &Option<Bytes>) -> Value {
@@ -209,6 +227,9 @@ fn change_event(c: &Change) -> Bytes {
     Bytes::from(format!("id: {}\nevent: {kind}\ndata: {data}\n\n", c.seq))
 }
 
+const REPLAY_PAGE: usize = 512;
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// Server-sent events: every change from `?since=N` (or `Last-Event-ID`) on, then live.
 fn events(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
     let since = req
@@ -227,38 +248,74 @@ fn events(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
         Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "since must be a change number"),
         None => None,
     };
+    let Ok(permit) = h.event_streams.clone().try_acquire_owned() else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many event streams on this node; try again later",
+        );
+    };
     // Subscribe before replaying, so nothing falls between the two.
     let rx = h.changes.subscribe();
-    let (replay, last) = match since {
-        Some(n) => match changes_since(&h.store, n, usize::MAX) {
-            Ok(cs) => {
-                let last = cs.last().map(|c| c.seq).unwrap_or(n);
-                (cs, last)
-            }
-            Err(e) => return error(StatusCode::GONE, e),
-        },
-        None => (Vec::new(), 0),
-    };
-    let first: Vec<Result<Frame<Bytes>, std::io::Error>> =
-        std::iter::once(Bytes::from_static(b": shoal events\n\n"))
-            .chain(replay.iter().map(change_event))
-            .map(|b| Ok(Frame::data(b)))
-            .collect();
-    let live = stream::unfold((rx, last), |(mut rx, last)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(c) if c.seq <= last => continue,
-                Ok(c) => return Some((Ok(Frame::data(change_event(&c))), (rx, c.seq))),
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // Too slow a reader: end the stream; it reconnects with Last-Event-ID.
-                    return None;
-                }
-                Err(broadcast::error::RecvError::Closed) => return None,
-            }
+    // The replay is read page by page as the client takes it: a client asking for everything
+    // (`since=0`) costs one page of memory, not the whole store.
+    if let Some(n) = since {
+        if let Err(e) = changes_since(&h.store, n, 1) {
+            return error(StatusCode::GONE, e);
+        }
+    }
+    let store = h.store.clone();
+    // How far the replay got: the live part skips what it already sent.
+    let replayed = Arc::new(AtomicU64::new(since.unwrap_or(0)));
+    let progress = replayed.clone();
+    let replay = stream::unfold(since, move |next| {
+        let store = store.clone();
+        let progress = progress.clone();
+        async move {
+            let n = next?;
+            let page = changes_since(&store, n, REPLAY_PAGE).ok()?;
+            let last = page.last()?.seq;
+            progress.store(last, Rel);
+            let more = (page.len() == REPLAY_PAGE).then_some(last);
+            let bytes: Vec<u8> = page.iter().flat_map(|c| change_event(c).to_vec()).collect();
+            Some((Ok(Frame::data(Bytes::from(bytes))), more))
         }
     });
+    let first = stream::iter(std::iter::once(Ok(Frame::data(Bytes::from_static(
+        b": shoal events\n\n",
+    )))));
+    // Live changes, with a comment every 15 s so idle streams stay open through proxies and
+    // the listener's idle timeout, and dead clients are found. `last` skips what the replay
+    // already sent.
+    let beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    let live = stream::unfold(
+        (rx, None, beat, permit),
+        move |(mut rx, last, mut beat, permit)| {
+            let replayed = replayed.clone();
+            async move {
+                // Read when the live part starts, that is, after the replay ended.
+                let last = last.unwrap_or_else(|| replayed.load(Rel));
+                loop {
+                    tokio::select! {
+                        r = rx.recv() => match r {
+                            Ok(c) if c.seq <= last => continue,
+                            Ok(c) => {
+                                let seq = c.seq;
+                                return Some((Ok(Frame::data(change_event(&c))), (rx, Some(seq), beat, permit)));
+                            }
+                            // Too slow a reader: end the stream; it reconnects with Last-Event-ID.
+                            Err(broadcast::error::RecvError::Lagged(_)) => return None,
+                            Err(broadcast::error::RecvError::Closed) => return None,
+                        },
+                        _ = beat.tick() => {
+                            return Some((Ok(Frame::data(Bytes::from_static(b": ping\n\n"))), (rx, Some(last), beat, permit)));
+                        }
+                    }
+                }
+            }
+        },
+    );
     let body = BodyExt::boxed(StreamBody::new(futures_util::StreamExt::chain(
-        stream::iter(first),
+        futures_util::StreamExt::chain(first, replay),
         live,
     )));
     Response::builder()
@@ -387,6 +444,32 @@ async fn metrics(h: &Handle) -> Response<Body> {
             s.sync.reconcile_unconfirmed,
         );
     }
+    for (name, kind, help, read) in [
+        (
+            "shoal_api_connections_open",
+            "gauge",
+            "Connections open, by listener.",
+            (|c: &super::ConnCounters| c.open.load(Relaxed) as u64)
+                as fn(&super::ConnCounters) -> u64,
+        ),
+        (
+            "shoal_api_connections_shed_total",
+            "counter",
+            "Connections refused because the listener held its maximum, by listener.",
+            |c| c.shed.load(Relaxed),
+        ),
+        (
+            "shoal_api_connections_idle_closed_total",
+            "counter",
+            "Connections closed after moving no byte for listen.idle_timeout_ms, by listener.",
+            |c| c.idle_closed.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (listener, conns) in [("status", &c.status_conns), ("api", &c.api_conns)] {
+            let _ = writeln!(m, "{name}{{listener=\"{listener}\"}} {}", read(conns));
+        }
+    }
     let _ = writeln!(
         m,
         "# HELP shoal_peer_tls_refused_total Connections to the API port refused at the TLS layer, by reason.\n# TYPE shoal_peer_tls_refused_total counter"
@@ -399,4 +482,20 @@ async fn metrics(h: &Handle) -> Response<Body> {
         );
     }
     text(StatusCode::OK, "text/plain; version=0.0.4", m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_status_port_shows_env_names_not_values() {
+        let app = j!({"name": "web", "run": {"env": {"DB_PASSWORD": "hunter2", "MODE": "prod"}, "port": 8080}});
+        let shown = public_app(app);
+        assert_eq!(shown["run"]["env"], j!(["DB_PASSWORD", "MODE"]));
+        assert_eq!(shown["run"]["port"], 8080);
+        assert!(!shown.to_string().contains("hunter2"));
+        // A spec without env is unchanged.
+        assert_eq!(public_app(j!({"name": "x"})), j!({"name": "x"}));
+    }
 }

@@ -115,6 +115,7 @@ fn agent(config: Option<PathBuf>) -> anyhow::Result<()> {
         // Colour only for a person at a terminal; init's log files get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_fd_limit();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -131,6 +132,42 @@ fn agent(config: Option<PathBuf>) -> anyhow::Result<()> {
         daemon::agent::run(cfg, shutdown).await
     })?;
     Ok(())
+}
+
+/// Every connection costs a descriptor: the open-file limit (1024 soft, 4096 hard for a
+/// service of PID 1) goes up to 65 536 where the agent may (as root, in the image), else to
+/// the hard limit, so idle or hostile clients meet the listeners' caps, not the process's.
+fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    const WANT: u64 = 65_536;
+    let lim = getrlimit(Resource::Nofile);
+    let (soft, hard) = (lim.current, lim.maximum);
+    if soft.is_some_and(|s| s >= WANT) || soft.is_none() {
+        return;
+    }
+    let wide = hard.map_or(WANT, |h| h.max(WANT));
+    let raised = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: Some(wide),
+            maximum: Some(wide),
+        },
+    )
+    .map(|()| wide)
+    .or_else(|_| {
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: hard,
+                maximum: hard,
+            },
+        )
+        .map(|()| hard.unwrap_or(WANT))
+    });
+    match raised {
+        Ok(to) => tracing::info!(from = ?soft, to, "raised the open-file limit"),
+        Err(e) => tracing::warn!(err = %e, "cannot raise the open-file limit"),
+    }
 }
 
 async fn wait_for_signal() {

@@ -242,9 +242,15 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
 
     let tracker = TaskTracker::new();
     let status_h = h.clone();
+    let limits = api::Limits {
+        max_conns: cfg.listen.max_connections.max(1),
+        idle: Duration::from_millis(cfg.listen.idle_timeout_ms.max(100)),
+    };
     tracker.spawn(api::serve(
         status_listener,
         None,
+        limits,
+        counters.status_conns.clone(),
         move |req, conn| api::status::handle(req, conn, status_h.clone()),
         shutdown.clone(),
         tracker.clone(),
@@ -256,6 +262,8 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
             acceptor,
             counters: counters.clone(),
         }),
+        limits,
+        counters.api_conns.clone(),
         move |req, conn| api::control::handle(req, conn, api_h.clone()),
         shutdown.clone(),
         tracker.clone(),

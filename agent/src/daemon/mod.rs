@@ -88,6 +88,9 @@ pub struct Snapshot {
     pub seq: u64,
 }
 
+/// Event-stream clients a node serves at once; more get 503.
+pub const MAX_EVENT_STREAMS: usize = 128;
+
 /// Counters the endpoints expose as metrics.
 #[derive(Debug, Default)]
 pub struct Counters {
@@ -103,6 +106,9 @@ pub struct Counters {
     pub join_refused: AtomicU64,
     /// Nodes of other clusters seen over mDNS (each counted once).
     pub mdns_foreign: AtomicU64,
+    /// Connections of the status and API listeners: open, shed, closed for idling.
+    pub status_conns: Arc<crate::api::ConnCounters>,
+    pub api_conns: Arc<crate::api::ConnCounters>,
 }
 
 /// What request handlers share: a way to the core loop and read access to the store.
@@ -110,6 +116,8 @@ pub struct Counters {
 pub struct Handle {
     cmd: mpsc::Sender<Command>,
     pub changes: broadcast::Sender<Change>,
+    /// Places for event-stream clients (`/v1/events`): each holds one while connected.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
     pub store: DiskBackend,
     pub me: Member,
     pub started_ms: u64,
@@ -221,6 +229,7 @@ pub fn start(
     let handle = Handle {
         cmd,
         changes,
+        event_streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
         store: backend,
         me,
         started_ms,

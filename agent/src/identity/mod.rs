@@ -9,7 +9,7 @@ pub mod secrets;
 use crate::spec::valid_name;
 use serde::{Deserialize, Serialize};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::Path;
 
 #[derive(Debug, thiserror::Error)]
@@ -20,6 +20,8 @@ pub enum IdentityError {
     Ca(#[from] rcgen::Error),
     #[error("{0} already holds a cluster bundle; pass --force to replace it (every node must then get the new one)")]
     Exists(String),
+    #[error("{0} exists and holds other files: give a new or empty directory for the bundle")]
+    NotEmpty(String),
     #[error("cannot write {path}")]
     Write {
         path: String,
@@ -159,9 +161,25 @@ impl Bundle {
         if dir.join("cluster.json").exists() && !force {
             return Err(IdentityError::Exists(dir.display().to_string()));
         }
-        std::fs::create_dir_all(dir).map_err(werr(dir))?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(werr(dir))?;
+        // A directory made here is 0700; one that exists keeps its mode (`--out /tmp` must not
+        // lock everybody out of /tmp) and must be empty or hold a bundle already.
+        match std::fs::read_dir(dir) {
+            Ok(mut entries) => {
+                if !dir.join("cluster.json").exists() && entries.next().is_some() {
+                    return Err(IdentityError::NotEmpty(dir.display().to_string()));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(werr(parent))?;
+                }
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(werr(dir))?;
+            }
+            Err(e) => return Err(werr(dir)(e)),
+        }
         let cluster = serde_json::to_string_pretty(&self.cluster).unwrap_or_default() + "\n";
         let contents = [
             cluster,
@@ -226,7 +244,7 @@ pub fn cluster_hash(cluster_id: &str) -> String {
 }
 
 /// What a node holds of its cluster's bundle directory.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub enum Credentials {
     /// The whole bundle: the node issues its own certificate and signs joiners'.
     Bundle(Bundle),
@@ -271,7 +289,6 @@ impl Credentials {
 }
 
 /// What the running agent knows about its cluster, shared by the endpoints.
-#[derive(Debug)]
 pub struct Trust {
     pub cluster: ClusterInfo,
     pub cluster_hash: String,
@@ -282,6 +299,30 @@ pub struct Trust {
     pub secrets: secrets::SecretKey,
     /// When this node's certificate expires (Unix seconds); renewed at start within 30 days.
     pub cert_not_after: i64,
+}
+
+impl std::fmt::Debug for Credentials {
+    // Never print secrets, not even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Credentials::Bundle(b) => f.debug_tuple("Bundle").field(b).finish(),
+            Credentials::JoinSecret { cluster, .. } => f
+                .debug_struct("JoinSecret")
+                .field("cluster", cluster)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Trust {
+    // Never print secrets, not even in debug logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trust")
+            .field("cluster", &self.cluster)
+            .field("signs_certificates", &self.ca_key.is_some())
+            .field("cert_not_after", &self.cert_not_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Trust {
@@ -323,6 +364,65 @@ pub fn parse_user_data(text: &str) -> Result<UserDataShoal, String> {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_bundle_goes_only_into_a_new_or_empty_directory_whose_mode_it_keeps() {
+        let b = Bundle::generate("prod", 1_700_000_000_000).unwrap();
+        let root = tempfile::tempdir().unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        // A directory that holds other things is refused, untouched.
+        let busy = root.path().join("busy");
+        std::fs::create_dir(&busy).unwrap();
+        std::fs::set_permissions(&busy, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::write(busy.join("notes.txt"), "mine").unwrap();
+        assert!(matches!(
+            b.write(&busy, &[], false),
+            Err(IdentityError::NotEmpty(_))
+        ));
+        assert!(matches!(
+            b.write(&busy, &[], true),
+            Err(IdentityError::NotEmpty(_))
+        ));
+        assert_eq!(mode(&busy), 0o755);
+        assert!(!busy.join("ca.key").exists());
+        // An empty one is used and keeps its mode; a new one is made 0700.
+        let empty = root.path().join("empty");
+        std::fs::create_dir(&empty).unwrap();
+        std::fs::set_permissions(&empty, std::fs::Permissions::from_mode(0o755)).unwrap();
+        b.write(&empty, &[], false).unwrap();
+        assert_eq!(mode(&empty), 0o755);
+        let new = root.path().join("a/new");
+        b.write(&new, &[], false).unwrap();
+        assert_eq!(mode(&new), 0o700);
+    }
+
+    #[test]
+    fn debug_output_never_shows_a_secret() {
+        let b = Bundle::generate("prod", 1_700_000_000_000).unwrap();
+        let trust = Trust::new(
+            b.cluster.clone(),
+            b.ca_cert.clone(),
+            Some(b.ca_key.clone()),
+            b.join_secret.clone(),
+            0,
+        )
+        .unwrap();
+        let creds = [
+            Credentials::Bundle(b.clone()),
+            Credentials::JoinSecret {
+                secret: b.join_secret.clone(),
+                cluster: Some(b.cluster.clone()),
+            },
+        ];
+        let shown = format!("{trust:?} {creds:?} {b:?} {:#?}", trust);
+        for secret in [&b.join_secret, &b.admin_token] {
+            assert!(!shown.contains(secret.as_str()), "{shown}");
+        }
+        // Not the key, not a line of it.
+        let key_line = b.ca_key.lines().nth(1).unwrap();
+        assert!(!shown.contains(key_line), "{shown}");
+        assert!(shown.contains("prod"));
+    }
 
     #[test]
     fn a_bundle_round_trips_through_disk_and_user_data() {

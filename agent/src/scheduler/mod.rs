@@ -7,7 +7,7 @@
 //! no replica of the app yet, so replicas spread and a node leaving moves only its own.
 
 use crate::spec::AppSpec;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// An app as the scheduler sees it.
 #[derive(Debug, Clone, Copy)]
@@ -53,11 +53,16 @@ fn best<'n>(app: &str, replica: u32, among: impl Iterator<Item = &'n str>) -> Op
 }
 
 /// Places every replica of every app on one of `nodes` (the live nodes that run containers
-/// and are not drained). Sorted by (app, replica); empty when there is no node.
+/// and are not drained). Sorted by (app, replica); empty when there is no node. Work is
+/// O(replicas × nodes) per app (a rendezvous hash per candidate), plus the running list once.
 pub fn place(apps: &[App<'_>], nodes: &[&str], running: &[Running<'_>]) -> Vec<Placement> {
     let nodes: BTreeSet<&str> = nodes.iter().copied().collect();
     if nodes.is_empty() {
         return Vec::new();
+    }
+    let mut holders: HashMap<(&str, u32), Vec<&Running<'_>>> = HashMap::new();
+    for r in running.iter().filter(|r| nodes.contains(r.node)) {
+        holders.entry((r.app, r.replica)).or_default().push(r);
     }
     let mut out = Vec::new();
     let mut seen = BTreeSet::new();
@@ -76,38 +81,33 @@ pub fn place(apps: &[App<'_>], nodes: &[&str], running: &[Running<'_>]) -> Vec<P
         }
         let count = app.spec.replicas();
         let mut chosen: BTreeMap<u32, &str> = BTreeMap::new();
+        let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (*n, 0)).collect();
         // Running replicas first: they stay (the best-ranked copy when several nodes run one).
         for replica in 0..count {
             // Two nodes run it only while their views differed (or one has not yet said it
             // stopped): the later start is the one that reacted to the newer view.
-            let holder = running
-                .iter()
-                .filter(|r| r.app == app.name && r.replica == replica && nodes.contains(r.node))
-                .max_by_key(|r| (r.since_ms, rank(app.name, replica, r.node), r.node));
+            let holder = holders.get(&(app.name, replica)).and_then(|rs| {
+                rs.iter()
+                    .max_by_key(|r| (r.since_ms, rank(app.name, replica, r.node), r.node))
+            });
             if let Some(r) = holder {
                 chosen.insert(replica, r.node);
+                *load.entry(r.node).or_default() += 1;
             }
         }
         for replica in 0..count {
             if chosen.contains_key(&replica) {
                 continue;
             }
-            let used: BTreeSet<&str> = chosen.values().copied().collect();
-            let free = nodes.iter().copied().filter(|n| !used.contains(n));
-            let n = match best(app.name, replica, free) {
-                Some(n) => n,
-                None => {
-                    // More replicas than nodes: the least loaded nodes take the extra ones.
-                    let load = |n: &str| chosen.values().filter(|c| **c == n).count();
-                    let least = nodes.iter().map(|n| load(n)).min().unwrap_or(0);
-                    let light = nodes.iter().copied().filter(|n| load(n) == least);
-                    match best(app.name, replica, light) {
-                        Some(n) => n,
-                        None => continue,
-                    }
-                }
+            // Nodes without a replica of the app first; with more replicas than nodes, the
+            // least loaded nodes take the extra ones.
+            let least = load.values().copied().min().unwrap_or(0);
+            let light = load.iter().filter(|(_, l)| **l == least).map(|(n, _)| *n);
+            let Some(n) = best(app.name, replica, light) else {
+                continue;
             };
             chosen.insert(replica, n);
+            *load.entry(n).or_default() += 1;
         }
         out.extend(chosen.into_iter().map(|(replica, node)| Placement {
             app: app.name.to_string(),
