@@ -189,7 +189,8 @@ async fn idled(act: &Activity, idle: Duration) {
         if Instant::now() >= due && act.in_flight.load(Relaxed) == 0 {
             return;
         }
-        tokio::time::sleep_until(due.max(Instant::now() + Duration::from_millis(100))).await;
+        // While a request is in hand past the deadline, look again once a second.
+        tokio::time::sleep_until(due.max(Instant::now() + Duration::from_secs(1))).await;
     }
 }
 
