@@ -44,6 +44,11 @@ pub enum Effect {
     MemberDown(Member),
     /// A reconcile ended: for the log (warn) and the metrics.
     Reconciled(ReconcileReport),
+    /// A peer sent entries without a valid proof; they were left out. For the log (warn).
+    Unvouched {
+        peer: NodeId,
+        entries: Vec<(Key, crate::store::Version, crate::store::Unvouched)>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -213,6 +218,17 @@ impl<B: Backend> Node<B> {
         self.replica.write(now_ms, key, value)
     }
 
+    /// A local write proved by `signer` instead of this node's key (an operator's writes).
+    pub fn write_signed(
+        &mut self,
+        now_ms: u64,
+        key: Key,
+        value: Option<Bytes>,
+        signer: &dyn crate::store::Sign,
+    ) -> Result<Written, StoreError> {
+        self.replica.write_signed(now_ms, key, value, signer)
+    }
+
     pub fn flush(&self) -> Result<(), StoreError> {
         self.replica.flush()
     }
@@ -340,6 +356,9 @@ impl<B: Backend> Node<B> {
                 )),
                 SyncEffect::Changed(c) => out.push(Effect::Changed(c)),
                 SyncEffect::Reconciled(r) => out.push(Effect::Reconciled(r)),
+                SyncEffect::Unvouched { peer, entries } => {
+                    out.push(Effect::Unvouched { peer, entries })
+                }
             }
         }
     }

@@ -144,6 +144,39 @@ pub fn verify_member(ca_pem: &str, cert: &CertificateDer<'_>) -> Result<(), TlsE
     Ok(())
 }
 
+/// Checks member certificates found in the store (the proof of a `nodes/` record) against
+/// the cluster CA, with a verifier built once.
+pub struct MemberCheck {
+    inner: MemberVerifier,
+    name: ServerName<'static>,
+}
+
+impl MemberCheck {
+    pub fn new(ca_pem: &str) -> Result<MemberCheck, TlsError> {
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(roots(ca_pem)?, provider()).build()?;
+        Ok(MemberCheck {
+            inner: MemberVerifier { inner },
+            name: ServerName::try_from(MEMBER_NAME).map_err(|e| TlsError::Pem(e.to_string()))?,
+        })
+    }
+}
+
+impl crate::identity::vouch::CertCheck for MemberCheck {
+    fn check(&self, der: &[u8]) -> Result<(), String> {
+        self.inner
+            .verify_server_cert(
+                &CertificateDer::from(der),
+                &[],
+                &self.name,
+                &[],
+                UnixTime::now(),
+            )
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// For bootstrap: a joiner does not know the CA yet, so it records the server's certificate
 /// (checking only that the server holds its key) and verifies it once the join reply, which is
 /// authenticated by the join secret, names the CA.

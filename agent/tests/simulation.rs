@@ -261,10 +261,34 @@ fn one_byzantine_node_among_twenty_wipes_nothing_in_an_hour() {
         );
         let honest: usize = sim.reconciles.iter().filter(|(_, r)| r.peer != byz).count();
         assert!(honest > 0, "seed {seed}: no honest reconcile happened");
+        // Its rumors carried forged task records of other nodes and unsigned apps: every
+        // honest node left them out.
+        assert!(
+            sim.unvouched > 0,
+            "seed {seed}: no forged entry was reported"
+        );
+        for i in 0..19 {
+            let node = sim.node(i).unwrap();
+            let r = node.replica();
+            assert!(
+                r.get(&Key::parse("apps/forged").unwrap())
+                    .unwrap()
+                    .is_none(),
+                "seed {seed}: n{i} took an app nobody signed"
+            );
+            for victim in 0..19 {
+                let k = Key::parse(&format!("tasks/n{victim}/forged/0")).unwrap();
+                assert!(
+                    r.get(&k).unwrap().is_none(),
+                    "seed {seed}: n{i} took a task record forged in n{victim}'s name"
+                );
+            }
+        }
         println!(
-            "seed {seed}: forged {} messages, {} refused; {} reconciles named keys on the liar's word, {} honest reconciles",
+            "seed {seed}: forged {} messages, {} refused; {} entries refused for bad proofs; {} reconciles named keys on the liar's word, {} honest reconciles",
             sim.forged,
             sim.messages_refused,
+            sim.unvouched,
             named_by_liar.len(),
             honest
         );

@@ -30,6 +30,7 @@ fn entry(key: &str, origin: &str, v: &str) -> Entry {
             origin: NodeId::new(origin).unwrap(),
         },
         value: Some(Bytes::from(v.to_string())),
+        proof: Default::default(),
     }
 }
 

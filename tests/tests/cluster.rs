@@ -224,7 +224,8 @@ fn writes_need_the_admin_token_and_a_valid_spec() {
         .unwrap();
     assert_eq!(r.status, 404);
 
-    // A node without an admin token accepts no writes at all.
+    // A node holds no admin token: it checks operators against the public operator key in
+    // cluster.json. The right token works there, any other does not.
     let tokenless = root.path().join("tokenless-bundle");
     std::fs::create_dir_all(&tokenless).unwrap();
     for f in ["cluster.json", "ca.crt", "ca.key", "join.secret"] {
@@ -232,16 +233,36 @@ fn writes_need_the_admin_token_and_a_valid_spec() {
     }
     let mut b = Agent::configure_with_bundle(root.path(), "tokenless", &[], &tokenless, "");
     b.spawn();
-    let r = b
-        .api(
+    let put_on = |b: &Agent, auth: &str| {
+        b.api(
             "PUT",
             "/v1/apps/x",
-            &[("Authorization", "Bearer anything")],
+            &[("Authorization", auth)],
             spec("x", 1).as_bytes(),
             None,
         )
-        .unwrap();
-    assert_eq!(r.status, 403);
+        .unwrap()
+        .status
+    };
+    assert_eq!(put_on(&b, "Bearer anything"), 401);
+    assert_eq!(put_on(&b, &good), 200);
+    b.stop();
+
+    // Without the operator key (a cluster.json from before operator keys, no token to derive
+    // it from), a node accepts no writes at all.
+    let keyless = root.path().join("keyless-bundle");
+    std::fs::create_dir_all(&keyless).unwrap();
+    for f in ["ca.crt", "ca.key", "join.secret"] {
+        std::fs::copy(a.bundle.join(f), keyless.join(f)).unwrap();
+    }
+    let mut cluster: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a.bundle.join("cluster.json")).unwrap())
+            .unwrap();
+    cluster.as_object_mut().unwrap().remove("operator_key");
+    std::fs::write(keyless.join("cluster.json"), cluster.to_string()).unwrap();
+    let mut c = Agent::configure_with_bundle(root.path(), "keyless", &[], &keyless, "");
+    c.spawn();
+    assert_eq!(put_on(&c, &good), 403);
 }
 
 #[test]

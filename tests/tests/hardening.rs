@@ -4,9 +4,10 @@
 //! plausible variant within the allowed drift. Nothing is deleted; the forged digests are
 //! refused and counted; every reconcile is logged at warn and counted.
 
+use shoal::identity::vouch::NodeSigner;
 use shoal::membership::Member;
-use shoal::store::{Digest, Hlc, NodeId};
-use shoal::sync::message::{encode, Envelope, Message, Range};
+use shoal::store::{Bytes, Digest, Entry, Hlc, Key, NodeId, Proof, Sign, Version};
+use shoal::sync::message::{encode, Envelope, Message, Range, Rumor};
 use shoal_e2e::{client_cert, cluster, metric, rss_kib, wait_for, Agent, ClientCert};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -175,6 +176,124 @@ fn an_evil_member_cannot_wipe_the_store() {
             || (apps(a) == want).then_some(()),
         );
     }
+}
+
+/// An entry at `key` claiming `origin`, signed with the evil member's own key.
+fn forged(signer: &NodeSigner, key: &str, origin: &str, value: &str) -> Rumor {
+    let hlc = Hlc::from_millis(now_ms());
+    let mut entry = Entry {
+        key: Key::parse(key).unwrap(),
+        version: Version {
+            hlc,
+            origin: NodeId::new(origin).unwrap(),
+        },
+        value: Some(Bytes::from(value.to_string())),
+        proof: Proof::default(),
+    };
+    entry.proof = signer.prove(&entry);
+    Rumor { entry, prev: hlc }
+}
+
+#[test]
+fn a_member_speaks_only_for_itself() {
+    // A member certificate (stolen, or a rogue node's) and its key: the evil member can sign,
+    // but only as "evil". It rewrites n2's record and task, and writes apps with no operator
+    // behind them: nothing of it is taken, anywhere; each is refused, counted and logged.
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 3);
+    for a in &agents {
+        wait_for(T, "membership", || (a.alive_members() == 2).then_some(()));
+    }
+    let n2_addr = |a: &Agent| {
+        a.list("/v1/nodes")
+            .into_iter()
+            .find(|n| n["id"] == "n2")
+            .map(|n| n["addr"].as_str().unwrap_or_default().to_string())
+    };
+    for a in &agents {
+        wait_for(T, "n2's record everywhere", || n2_addr(a));
+    }
+    let before = n2_addr(&agents[0]).unwrap();
+    let ca = root.path().join("bundle");
+    let (cert, key) = client_cert(root.path(), "evil", Some(&ca), false);
+    let signer = NodeSigner::new(
+        &std::fs::read_to_string(&key).unwrap(),
+        &std::fs::read_to_string(&cert).unwrap(),
+    )
+    .unwrap();
+    let evil = Evil {
+        cert: ClientCert {
+            cert: &cert,
+            key: &key,
+        },
+    };
+    let victim = &agents[0];
+    let record = r#"{"id":"n2","addr":"203.0.113.9:7443","labels":{},"containers":true}"#;
+    let mut unsigned = forged(&signer, "apps/unsigned", "evil", r#"{"name":"unsigned"}"#);
+    unsigned.entry.proof = Proof::default();
+    let rumors = vec![
+        forged(&signer, "nodes/n2", "n2", record),
+        forged(&signer, "tasks/n2/web/0", "n2", r#"{"forged":true}"#),
+        forged(&signer, "apps/evil", "evil", r#"{"name":"evil"}"#),
+        forged(&signer, "apps/evil2", "n1", r#"{"name":"evil2"}"#),
+        unsigned,
+    ];
+    evil.send(victim, Message::Push(rumors.clone()));
+    // The same entries arriving by anti-entropy fare no better.
+    evil.send(
+        victim,
+        Message::SyncPush(Range {
+            entries: rumors.iter().map(|r| r.entry.clone()).collect(),
+            through: BTreeMap::new(),
+            complete: true,
+        }),
+    );
+    wait_for(T, "the forged entries refused", || {
+        (count(victim, "shoal_sync_unvouched_total") >= 10.0).then_some(())
+    });
+    // A write after them shares their queue: once acknowledged and replicated, the forged
+    // entries had every chance to spread.
+    assert_eq!(
+        victim
+            .put_app("after", "name = \"after\"\n")
+            .unwrap()
+            .status,
+        200
+    );
+    for a in &agents {
+        wait_for(T, "the honest write everywhere", || {
+            apps(a).contains("after").then_some(())
+        });
+        assert_eq!(
+            apps(a),
+            BTreeSet::from(["after".to_string()]),
+            "{} took a forged app",
+            a.id
+        );
+        assert_eq!(
+            n2_addr(a).unwrap(),
+            before,
+            "{} took n2's forged record",
+            a.id
+        );
+        assert!(
+            !a.list("/v1/tasks").iter().any(|t| t["forged"] == true),
+            "{} took n2's forged task",
+            a.id
+        );
+    }
+    let log = victim.log();
+    for why in [
+        "its certificate names",
+        "the signature does not verify",
+        "no valid operator signature",
+    ] {
+        assert!(
+            log.contains("entry refused: no valid proof") && log.contains(why),
+            "no refusal for {why:?} in:\n{log}"
+        );
+    }
+    assert!(log.contains("peer=evil"), "{log}");
 }
 
 #[test]

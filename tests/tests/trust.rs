@@ -138,8 +138,23 @@ fn a_node_with_only_the_join_secret_joins_and_a_wrong_secret_does_not() {
     wait_for(T, "the app to reach the joiner", || {
         j.apps().contains(&"hello".to_string()).then_some(())
     });
-    // The joiner has no admin token: it accepts no writes.
-    assert_eq!(j.put_app("x", "name = \"x\"\n").unwrap().status, 403);
+    // The joiner holds no admin token, only the operator key the join reply named: it takes
+    // the operator's writes and nobody else's.
+    let token = std::fs::read_to_string(a.bundle.join("admin.token")).unwrap();
+    let put = |auth: &str| {
+        j.api(
+            "PUT",
+            "/v1/apps/x",
+            &[("Authorization", auth)],
+            b"name = \"x\"\n",
+            None,
+        )
+        .unwrap()
+        .status
+    };
+    assert!(!jb.join("admin.token").exists());
+    assert_eq!(put("Bearer not-the-token"), 401);
+    assert_eq!(put(&format!("Bearer {}", token.trim())), 200);
     // It restarts from its stored certificate, without asking again.
     let joins_before = metric(&a.metrics(), "shoal_join_requests_total").unwrap();
     j.stop();

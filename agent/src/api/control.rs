@@ -8,6 +8,7 @@ use crate::daemon::peer::{CONTENT_TYPE, IDENTITY_PATH, MSG_PATH};
 use crate::daemon::{Command, Counters, Handle};
 use crate::identity::cert::sign_request;
 use crate::identity::join::{JoinReply, JoinRequest, JOIN_PATH};
+use crate::identity::vouch::OperatorKey;
 use crate::spec::{valid_name, AppSpec};
 use crate::store::replica::read_entry;
 use crate::store::{Bytes, Key};
@@ -16,6 +17,7 @@ use crate::sync::message::{decode, MAX_MESSAGE_BYTES};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json as j;
+use std::sync::Arc;
 
 const MAX_SPEC_BYTES: usize = 1 << 20;
 
@@ -50,32 +52,36 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<B
     match (method, parts.as_slice()) {
         (Method::PUT, ["v1", "apps", app, "secrets", name]) => {
             let (app, name) = (app.to_string(), name.to_string());
-            if let Err(r) = authorize(&req, &h) {
-                return drain_then(req, r).await;
-            }
-            put_secret(req, &app, &name, &h).await
+            let op = match authorize(&req, &h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            put_secret(req, &app, &name, &h, op).await
         }
         (Method::DELETE, ["v1", "apps", app, "secrets", name]) => {
-            if let Err(r) = authorize(&req, &h) {
-                return drain_then(req, r).await;
-            }
-            delete_secret(app, name, &h).await
+            let op = match authorize(&req, &h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            delete_secret(app, name, &h, op).await
         }
         (_, ["v1", "apps", _, "secrets", _]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE")
         }
         (Method::PUT, ["v1", "apps", name]) => {
             let name = name.to_string();
-            if let Err(r) = authorize(&req, &h) {
-                return drain_then(req, r).await;
-            }
-            put_app(req, &name, &h).await
+            let op = match authorize(&req, &h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            put_app(req, &name, &h, op).await
         }
         (Method::DELETE, ["v1", "apps", name]) => {
-            if let Err(r) = authorize(&req, &h) {
-                return drain_then(req, r).await;
-            }
-            delete_app(name, &h).await
+            let op = match authorize(&req, &h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            delete_app(name, &h, op).await
         }
         (_, ["v1", "apps", _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE"),
         (Method::POST, ["v1", "images"]) => {
@@ -230,7 +236,13 @@ fn secret_key(app: &str, name: &str) -> Result<Key, Response<Body>> {
 
 /// Stores an app secret sealed with the cluster's secret key; the value is never logged,
 /// echoed, or readable through any endpoint.
-async fn put_secret(req: Request<Incoming>, app: &str, name: &str, h: &Handle) -> Response<Body> {
+async fn put_secret(
+    req: Request<Incoming>,
+    app: &str,
+    name: &str,
+    h: &Handle,
+    op: Arc<OperatorKey>,
+) -> Response<Body> {
     let value = match super::read_body(req, MAX_SECRET_BYTES).await {
         Ok(b) => b,
         Err(e) => {
@@ -250,6 +262,7 @@ async fn put_secret(req: Request<Incoming>, app: &str, name: &str, h: &Handle) -
     };
     write_one(
         h,
+        op,
         key,
         Some(Bytes::from(sealed)),
         j!({ "app": app, "secret": name }),
@@ -257,13 +270,13 @@ async fn put_secret(req: Request<Incoming>, app: &str, name: &str, h: &Handle) -
     .await
 }
 
-async fn delete_secret(app: &str, name: &str, h: &Handle) -> Response<Body> {
+async fn delete_secret(app: &str, name: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
     let key = match secret_key(app, name) {
         Ok(k) => k,
         Err(r) => return r,
     };
     let missing = format!("app {app:?} has no secret {name:?}");
-    delete_one(h, key, missing, j!({ "app": app, "secret": name })).await
+    delete_one(h, op, key, missing, j!({ "app": app, "secret": name })).await
 }
 
 /// Reads and discards (a bounded amount of) the request body before answering a refusal:
@@ -287,17 +300,14 @@ async fn drain_then(req: Request<Incoming>, r: Response<Body>) -> Response<Body>
     r
 }
 
-/// Compares without an early exit, so timing says nothing about the token.
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
+/// Checks the bearer token against the cluster's operator key (this node keeps only its
+/// public half) and answers the key derived from it, which signs the request's writes.
 #[allow(clippy::result_large_err)]
-fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<(), Response<Body>> {
-    let Some(token) = &h.admin_token else {
+fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<Arc<OperatorKey>, Response<Body>> {
+    let Some(public) = h.trust.operator else {
         return Err(error(
             StatusCode::FORBIDDEN,
-            "this node has no admin token (bundle/admin.token): writes are disabled",
+            "this node knows no operator key (cluster.json has no operator_key): writes are disabled",
         ));
     };
     let given = req
@@ -305,9 +315,9 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<(), Response<Body>> 
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(g) if ct_eq(g.trim().as_bytes(), token.as_bytes()) => Ok(()),
-        _ => {
+    match given.and_then(|g| public.accepts(g, &h.trust.cluster.id)) {
+        Some(key) => Ok(Arc::new(key)),
+        None => {
             let mut r = error(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong admin token: send Authorization: Bearer <admin.token>",
@@ -321,7 +331,12 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<(), Response<Body>> 
     }
 }
 
-async fn put_app(req: Request<Incoming>, name: &str, h: &Handle) -> Response<Body> {
+async fn put_app(
+    req: Request<Incoming>,
+    name: &str,
+    h: &Handle,
+    op: Arc<OperatorKey>,
+) -> Response<Body> {
     // The body is read first: refusing with it unread resets HTTP/2 streams.
     let body = match super::read_body(req, MAX_SPEC_BYTES).await {
         Ok(b) => b,
@@ -358,16 +373,17 @@ async fn put_app(req: Request<Incoming>, name: &str, h: &Handle) -> Response<Bod
         return error(StatusCode::BAD_REQUEST, "bad app name");
     };
     let value = Bytes::from(serde_json::to_vec(&spec).unwrap_or_default());
-    write_one(h, key, Some(value), j!({ "name": name })).await
+    write_one(h, op, key, Some(value), j!({ "name": name })).await
 }
 
-async fn delete_app(name: &str, h: &Handle) -> Response<Body> {
+async fn delete_app(name: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
     let key = match Key::parse(&format!("apps/{name}")) {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };
     delete_one(
         h,
+        op,
         key,
         format!("no app named {name:?}"),
         j!({ "name": name }),
@@ -411,11 +427,12 @@ async fn load_image(req: Request<Incoming>, h: &Handle) -> Response<Body> {
 /// Writes one key; answers `body` with the write's version added, or 503.
 async fn write_one(
     h: &Handle,
+    op: Arc<OperatorKey>,
     key: Key,
     value: Option<Bytes>,
     mut body: serde_json::Value,
 ) -> Response<Body> {
-    match h.write(vec![(key, value)]).await {
+    match h.write_as(vec![(key, value)], op).await {
         Ok(v) => {
             Counters::inc(&h.counters.writes);
             body["version"] = j!(v.first().map(|v| v.to_string()));
@@ -428,6 +445,7 @@ async fn write_one(
 /// Deletes a key that holds a value; 404 with `missing` when it does not.
 async fn delete_one(
     h: &Handle,
+    op: Arc<OperatorKey>,
     key: Key,
     missing: String,
     mut body: serde_json::Value,
@@ -438,7 +456,7 @@ async fn delete_one(
         Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     }
     body["deleted"] = j!(true);
-    write_one(h, key, None, body).await
+    write_one(h, op, key, None, body).await
 }
 
 #[cfg(test)]
@@ -451,12 +469,5 @@ mod tests {
         for bad in ["", "api_key", "1A", "A-B", "A B", "A/B"] {
             assert!(!super::valid_secret_name(bad), "{bad}");
         }
-    }
-
-    #[test]
-    fn constant_time_compare() {
-        assert!(super::ct_eq(b"abc", b"abc"));
-        assert!(!super::ct_eq(b"abc", b"abd"));
-        assert!(!super::ct_eq(b"abc", b"abcd"));
     }
 }

@@ -414,6 +414,18 @@ async fn metrics(h: &Handle) -> Response<Body> {
             s.sync.refused,
         );
         metric(
+            "shoal_sync_unvouched_total",
+            "counter",
+            "Entries from peers left out for a bad proof: forged, signed by an evicted node, or desired state without an operator's signature.",
+            s.sync.unvouched_refused,
+        );
+        metric(
+            "shoal_sync_unvouched_pending_total",
+            "counter",
+            "Entries from peers left out until their signer's record arrives (asked for again).",
+            s.sync.unvouched_pending,
+        );
+        metric(
             "shoal_sync_tombstones_collected_total",
             "counter",
             "Tombstones collected.",

@@ -6,9 +6,10 @@ use crate::api;
 use crate::config::AgentConfig;
 use crate::discovery::{self, mdns::Mdns};
 use crate::identity::cert::NodeIdentity;
+use crate::identity::vouch::{NodeSigner, Vouchers};
 use crate::identity::{cluster_hash, Credentials, IdentityError, Trust};
 use crate::store::{Bytes, Key};
-use crate::tls::Tls;
+use crate::tls::{MemberCheck, Tls};
 use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -43,17 +44,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
     TcpListener::bind(addr)
         .await
         .map_err(|source| DaemonError::Listen { addr, source })
-}
-
-fn read_admin_token(cfg: &AgentConfig) -> Option<Arc<str>> {
-    let path = cfg.bundle_dir().join("admin.token");
-    let t = std::fs::read_to_string(&path).ok()?;
-    let t = t.trim();
-    if t.is_empty() {
-        tracing::warn!(path = %path.display(), "admin token file is empty: writes are disabled");
-        return None;
-    }
-    Some(t.into())
 }
 
 /// Publishes this node's own record (observed state, written only by us).
@@ -163,7 +153,6 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         // directory bundle would be.
         b.write(&cfg.bundle_dir(), &cfg.peers, true)?;
     }
-    let token = read_admin_token(&cfg);
     let creds = Credentials::load(&cfg.bundle_dir())?;
     // Bind first: a port conflict is reported before anything else happens.
     let status_listener = bind(cfg.listen.status).await?;
@@ -193,25 +182,47 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         Credentials::Bundle(b) => Some(b.ca_key.clone()),
         Credentials::JoinSecret { .. } => None,
     };
+    // The operator key: from the bundle, else as the join reply (authenticated by the join
+    // secret) named it.
+    let operator_key = match &creds {
+        Credentials::Bundle(b) => b.cluster.operator_key.clone(),
+        Credentials::JoinSecret { cluster, .. } => {
+            cluster.as_ref().and_then(|c| c.operator_key.clone())
+        }
+    }
+    .or_else(|| identity.cluster.operator_key.clone());
+    let mut cluster = identity.cluster.clone();
+    cluster.operator_key = operator_key;
+    let bad_identity = |reason: String| {
+        DaemonError::Identity(IdentityError::Read {
+            path: cfg.bundle_dir().display().to_string(),
+            reason,
+        })
+    };
     let trust = Trust::new(
-        identity.cluster.clone(),
+        cluster,
         identity.ca_pem.clone(),
         ca_key,
         creds.join_secret().to_string(),
         identity.info().map(|i| i.not_after_unix).unwrap_or(0),
     )
-    .map_err(|e| {
-        DaemonError::Identity(IdentityError::Read {
-            path: cfg.bundle_dir().display().to_string(),
-            reason: e.to_string(),
-        })
-    })?;
+    .map_err(|e| bad_identity(e.to_string()))?;
+    if trust.operator.is_none() {
+        tracing::warn!("no operator key (cluster.json operator_key): this node takes no writes and refuses every app and secret from peers");
+    }
+    let signer = NodeSigner::new(&identity.key_pem, &identity.cert_pem)
+        .map_err(|e| bad_identity(e.to_string()))?;
+    let vouch = Vouchers::new(
+        Arc::new(MemberCheck::new(&identity.ca_pem)?),
+        trust.operator.into_iter().collect(),
+    );
     let tls = Tls::new(&identity)?;
     let acceptor = TlsAcceptor::from(tls.server.clone());
     let security = Security {
-        admin_token: token.clone(),
         tls,
         trust: Arc::new(trust),
+        signer: Arc::new(signer),
+        vouch: Box::new(vouch),
     };
     let core_stop = CancellationToken::new();
     let core = start(
@@ -229,7 +240,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         %advertise,
         status = %cfg.listen.status,
         api = %cfg.listen.api,
-        writes = token.is_some(),
+        writes = h.trust.operator.is_some(),
         signs_joins = h.trust.ca_key.is_some(),
         mdns = mdns.is_some(),
         "agent started"

@@ -7,11 +7,15 @@ pub mod bootstrap;
 pub mod peer;
 
 use crate::config::AgentConfig;
+use crate::identity::vouch::OperatorKey;
 use crate::identity::Trust;
 use crate::membership::{Member, MemberStatus};
 use crate::node::{Effect, Input, Node, Timer};
 use crate::store::entry::check_write;
-use crate::store::{Bytes, Change, Digest, DiskBackend, Key, NodeId, Replica, StoreError, Version};
+use crate::store::{
+    Bytes, Change, Digest, DiskBackend, Key, NodeId, Replica, Sign, StoreError, Version, Vouch,
+    Writer,
+};
 use crate::sync::message::Envelope;
 use crate::sync::SyncStats;
 use crate::tls::Tls;
@@ -71,6 +75,8 @@ pub enum Command {
     Envelope(Envelope),
     Write {
         ops: Vec<(Key, Option<Bytes>)>,
+        /// Who vouches for the writes: an operator's key, or (`None`) this node's.
+        signer: Option<Arc<OperatorKey>>,
         reply: oneshot::Sender<Result<Vec<Version>, DaemonError>>,
     },
     Discovered(Vec<Member>),
@@ -122,7 +128,6 @@ pub struct Handle {
     pub me: Member,
     pub started_ms: u64,
     pub counters: Arc<Counters>,
-    pub admin_token: Option<Arc<str>>,
     pub tls: Tls,
     pub trust: Arc<Trust>,
     /// This node's Docker, when it runs containers.
@@ -131,9 +136,12 @@ pub struct Handle {
 
 /// What the node trusts and presents, handed to `start`.
 pub struct Security {
-    pub admin_token: Option<Arc<str>>,
     pub tls: Tls,
     pub trust: Arc<Trust>,
+    /// Proves this node's writes.
+    pub signer: Arc<dyn Sign>,
+    /// Checks the proofs of peers' entries.
+    pub vouch: Box<dyn Vouch>,
 }
 
 impl Handle {
@@ -141,10 +149,27 @@ impl Handle {
         self.cmd.send(c).await.map_err(|_| DaemonError::Stopped)
     }
 
-    /// Writes and waits until the writes are durable and on their way to peers.
+    /// Writes as this node and waits until the writes are durable and on their way to peers.
     pub async fn write(&self, ops: Vec<(Key, Option<Bytes>)>) -> Result<Vec<Version>, DaemonError> {
+        self.write_signed(ops, None).await
+    }
+
+    /// Writes desired state on an operator's behalf, signed with the key from its token.
+    pub async fn write_as(
+        &self,
+        ops: Vec<(Key, Option<Bytes>)>,
+        operator: Arc<OperatorKey>,
+    ) -> Result<Vec<Version>, DaemonError> {
+        self.write_signed(ops, Some(operator)).await
+    }
+
+    async fn write_signed(
+        &self,
+        ops: Vec<(Key, Option<Bytes>)>,
+        signer: Option<Arc<OperatorKey>>,
+    ) -> Result<Vec<Version>, DaemonError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Command::Write { ops, reply }).await?;
+        self.send(Command::Write { ops, signer, reply }).await?;
         rx.await.map_err(|_| DaemonError::Stopped)?
     }
 
@@ -177,6 +202,11 @@ impl Effects {
                 Effect::MemberUp(m) => tracing::info!(member = %m.id, addr = %m.addr, "member up"),
                 Effect::MemberDown(m) => {
                     tracing::warn!(member = %m.id, addr = %m.addr, "member down")
+                }
+                Effect::Unvouched { peer, entries } => {
+                    for (key, version, why) in entries {
+                        tracing::warn!(%peer, %key, %version, reason = %why, "entry refused: no valid proof");
+                    }
                 }
                 // Every reconcile is worth a look: it can drop keys.
                 Effect::Reconciled(r) => tracing::warn!(
@@ -214,7 +244,9 @@ pub fn start(
         source,
     };
     let backend = DiskBackend::open(&dir).map_err(store_err)?;
-    let replica = Replica::open(id.clone(), backend.clone()).map_err(store_err)?;
+    let replica = Replica::open(id.clone(), backend.clone())
+        .map_err(store_err)?
+        .with_proofs(security.signer, security.vouch);
     let started_ms = wall_ms();
     // A restarted node must win over its former self in the membership layer.
     let me = Member::new(id, advertise, started_ms);
@@ -234,7 +266,6 @@ pub fn start(
         me,
         started_ms,
         counters,
-        admin_token: security.admin_token,
         tls: security.tls,
         trust: security.trust,
         docker: cfg.docker.enabled.then(|| {
@@ -317,13 +348,13 @@ fn handle_command(
                 seq: node.replica().seq(),
             });
         }
-        Command::Write { ops, reply } => {
+        Command::Write { ops, signer, reply } => {
             // Group commit: every write already queued shares one flush.
-            let mut group = vec![(ops, reply)];
+            let mut group = vec![(ops, signer, reply)];
             let mut deferred = None;
             while group.len() < 1024 {
                 match rx.try_recv() {
-                    Ok(Command::Write { ops, reply }) => group.push((ops, reply)),
+                    Ok(Command::Write { ops, signer, reply }) => group.push((ops, signer, reply)),
                     Ok(other) => {
                         deferred = Some(other);
                         break;
@@ -341,25 +372,52 @@ fn handle_command(
 
 type WriteRequest = (
     Vec<(Key, Option<Bytes>)>,
+    Option<Arc<OperatorKey>>,
     oneshot::Sender<Result<Vec<Version>, DaemonError>>,
 );
+
+/// Whether `signer` may vouch for a write at `key`: desired state needs an operator, a
+/// node's own keys need the node.
+fn check_signer(
+    key: &Key,
+    node: &NodeId,
+    signer: Option<&Arc<OperatorKey>>,
+) -> Result<(), StoreError> {
+    let operator = key.writer(node) == Writer::Operator;
+    if operator != signer.is_some() {
+        return Err(StoreError::Unvouched {
+            key: key.to_string(),
+            reason: if operator {
+                "desired state is written on an operator's token"
+            } else {
+                "a node's own state is signed by the node"
+            },
+        });
+    }
+    Ok(())
+}
 
 fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut Vec<Effect>) {
     let now = wall_ms();
     let mut written = Vec::new();
     let mut replies = Vec::new();
-    for (ops, reply) in group {
+    for (ops, signer, reply) in group {
         // Check the whole request first, so a refused request writes nothing.
-        if let Some(e) = ops
-            .iter()
-            .find_map(|(k, v)| check_write(k, v.as_ref(), node.id()).err())
-        {
+        if let Some(e) = ops.iter().find_map(|(k, v)| {
+            check_write(k, v.as_ref(), node.id())
+                .and_then(|()| check_signer(k, node.id(), signer.as_ref()))
+                .err()
+        }) {
             let _ = reply.send(Err(DaemonError::Write(e)));
             continue;
         }
         let mut versions = Vec::new();
         for (k, v) in ops {
-            match node.write(now, k, v) {
+            let w = match &signer {
+                Some(op) => node.write_signed(now, k, v, &**op),
+                None => node.write(now, k, v),
+            };
+            match w {
                 Ok(w) => {
                     versions.push(w.change.entry.version.clone());
                     written.push(w);

@@ -189,6 +189,7 @@ mod tests {
             name: "c".into(),
             id: "id".into(),
             created_at_ms: 1,
+            operator_key: None,
         };
         let reply = JoinReply::new("s3cret", &r, &cluster, "CA", "CERT");
         assert!(reply.verify("s3cret", &r));

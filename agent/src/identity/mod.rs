@@ -5,6 +5,7 @@
 pub mod cert;
 pub mod join;
 pub mod secrets;
+pub mod vouch;
 
 use crate::spec::valid_name;
 use serde::{Deserialize, Serialize};
@@ -41,6 +42,10 @@ pub struct ClusterInfo {
     pub name: String,
     pub id: String,
     pub created_at_ms: u64,
+    /// The public half of the operator key derived from the admin token (hex): what nodes
+    /// check operators' writes against. Public, and carried wherever the cluster is named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_key: Option<String>,
 }
 
 /// Everything a node needs to belong to a cluster. `ca_key`, `join_secret` and `admin_token`
@@ -120,16 +125,21 @@ impl Bundle {
             rcgen::KeyUsagePurpose::DigitalSignature,
         ];
         let cert = params.self_signed(&key)?;
+        let admin_token = random_secret();
+        let operator_key = vouch::OperatorKey::from_token(&admin_token, &id)
+            .public()
+            .hex();
         Ok(Bundle {
             cluster: ClusterInfo {
                 name: name.into(),
                 id,
                 created_at_ms: now_ms,
+                operator_key: Some(operator_key),
             },
             ca_cert: cert.pem(),
             ca_key: key.serialize_pem(),
             join_secret: random_secret(),
-            admin_token: random_secret(),
+            admin_token,
         })
     }
 
@@ -215,20 +225,29 @@ impl Bundle {
                 reason: format!("{name}: {e}"),
             })
         };
-        let cluster: ClusterInfo =
+        let mut cluster: ClusterInfo =
             serde_json::from_str(&read("cluster.json")?).map_err(|e| IdentityError::Read {
                 path: dir.display().to_string(),
                 reason: format!("cluster.json: {e}"),
             })?;
+        // Nodes need no admin token: the operator key in cluster.json is what they check.
+        let admin_token = std::fs::read_to_string(dir.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        if cluster.operator_key.is_none() && !admin_token.is_empty() {
+            // A bundle written before operator keys: derive it from the token.
+            cluster.operator_key = Some(
+                vouch::OperatorKey::from_token(&admin_token, &cluster.id)
+                    .public()
+                    .hex(),
+            );
+        }
         Ok(Bundle {
             cluster,
             ca_cert: read("ca.crt")?,
             ca_key: read("ca.key")?,
             join_secret: read("join.secret")?.trim().to_string(),
-            // A node may be given the bundle without the admin token: it then takes no writes.
-            admin_token: std::fs::read_to_string(dir.join("admin.token"))
-                .map(|t| t.trim().to_string())
-                .unwrap_or_default(),
+            admin_token,
         })
     }
 }
@@ -299,6 +318,9 @@ pub struct Trust {
     pub secrets: secrets::SecretKey,
     /// When this node's certificate expires (Unix seconds); renewed at start within 30 days.
     pub cert_not_after: i64,
+    /// What operators' writes are checked against (from `cluster.operator_key`); without it
+    /// this node takes no writes through its API.
+    pub operator: Option<vouch::OperatorPublic>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -332,8 +354,13 @@ impl Trust {
         ca_key: Option<String>,
         join_secret: String,
         cert_not_after: i64,
-    ) -> Result<Trust, secrets::SealError> {
-        let secrets = secrets::SecretKey::derive(&join_secret, &cluster.id)?;
+    ) -> Result<Trust, String> {
+        let secrets =
+            secrets::SecretKey::derive(&join_secret, &cluster.id).map_err(|e| e.to_string())?;
+        let operator = match cluster.operator_key.as_deref() {
+            Some(k) => Some(vouch::OperatorPublic::parse(k).map_err(|e| e.to_string())?),
+            None => None,
+        };
         Ok(Trust {
             cluster_hash: cluster_hash(&cluster.id),
             cluster,
@@ -342,6 +369,7 @@ impl Trust {
             join_secret,
             secrets,
             cert_not_after,
+            operator,
         })
     }
 }

@@ -6,10 +6,15 @@
 //! Nodes listed in `SimConfig::byzantine` run the honest code but lie in everything they
 //! send about the store: digests with collection horizons as recent as looks plausible (or at
 //! the top of the clock), and reconcile pages that hold nothing, the sequence that once
-//! emptied a real cluster.
+//! emptied a real cluster. They also slip forged entries into what they push: another node's
+//! task records and apps with no operator's signature.
+//!
+//! Proofs are keyed hashes (`SimProofs`), not signatures: the simulation checks who may write
+//! what, at a cost a 10 000-node run can pay; real signatures are measured in the benches.
 
 use crate::membership::Member;
 use crate::node::{Effect, Input, Node, NodeConfig, Peers, Timer};
+use crate::store::vouch::{Lookup, Proof, Sign, Unvouched, Vouch, Writer};
 use crate::store::{Bytes, Digest, Entry, Hlc, Key, MemBackend, NodeId, Replica, Version};
 use crate::sync::message::{self, Message, Range};
 use crate::sync::ReconcileReport;
@@ -140,6 +145,65 @@ pub struct Sim {
     pub reconciles: Vec<(usize, ReconcileReport)>,
     /// Sync messages the byzantine nodes forged.
     pub forged: u64,
+    /// Entries honest nodes left out for a bad proof, and the reports of them.
+    pub unvouched: u64,
+}
+
+/// The simulation's proofs: SHA-256 of a per-writer secret and the signed bytes. Every node's
+/// secret derives from the seed and its id; the operator's from the seed alone. Nodes check
+/// with the secrets (the simulation knows them all); a byzantine node signs with its own.
+#[derive(Clone)]
+pub struct SimProofs {
+    seed: u64,
+    /// Whose proofs this makes: a node, or (`None`) the operator.
+    me: Option<NodeId>,
+}
+
+impl SimProofs {
+    pub fn node(seed: u64, me: NodeId) -> SimProofs {
+        SimProofs { seed, me: Some(me) }
+    }
+
+    pub fn operator(seed: u64) -> SimProofs {
+        SimProofs { seed, me: None }
+    }
+
+    fn mac(&self, writer: Option<&NodeId>, e: &Entry) -> Bytes {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        ctx.update(&self.seed.to_be_bytes());
+        ctx.update(writer.map_or(b"operator".as_slice(), |n| n.as_str().as_bytes()));
+        ctx.update(&e.signed_bytes());
+        Bytes::from(ctx.finish().as_ref().to_vec())
+    }
+}
+
+impl Sign for SimProofs {
+    fn prove(&self, e: &Entry) -> Proof {
+        Proof {
+            sig: self.mac(self.me.as_ref(), e),
+            cert: None,
+        }
+    }
+}
+
+impl Vouch for SimProofs {
+    fn check(&mut self, e: &Entry, _: &mut Lookup<'_>) -> Result<(), Unvouched> {
+        let (writer, why) = match e.key.writer(&e.version.origin) {
+            Writer::Operator => (None, Unvouched::NotOperator),
+            Writer::Node(n) => (
+                Some(n.clone()),
+                Unvouched::Forged {
+                    signer: n,
+                    reason: "the proof does not verify".into(),
+                },
+            ),
+        };
+        if e.proof.sig == self.mac(writer.as_ref(), e) {
+            Ok(())
+        } else {
+            Err(why)
+        }
+    }
 }
 
 fn member(i: usize, gen: u64) -> Member {
@@ -169,6 +233,7 @@ impl Sim {
             history: Vec::new(),
             reconciles: Vec::new(),
             forged: 0,
+            unvouched: 0,
             static_peers,
             rng: StdRng::seed_from_u64(0),
             cfg: cfg.clone(),
@@ -236,6 +301,8 @@ impl Sim {
             Ok(r) => r,
             Err(e) => panic!("replica n{i} failed to reopen: {e}"),
         };
+        let proofs = SimProofs::node(self.cfg.seed, n.id.clone());
+        let replica = replica.with_proofs(Arc::new(proofs.clone()), Box::new(proofs));
         let seed = self.cfg.seed ^ ((i as u64) << 20) ^ n.gen;
         let mut node = if self.cfg.swim {
             Node::new(me, replica, self.cfg.node.clone(), seed)
@@ -311,11 +378,18 @@ impl Sim {
         self.watched.get(key).map(|v| v.as_slice()).unwrap_or(&[])
     }
 
-    /// A client write on node `i`, acknowledged once flushed, as the agent does.
+    /// A client write on node `i`, acknowledged once flushed, as the agent does: desired
+    /// state signed by the operator, a node's own keys by the node.
     pub fn write(&mut self, i: usize, key: Key, value: Option<Bytes>) -> Option<Version> {
         let wall = self.wall_ms(i);
+        let seed = self.cfg.seed;
         let node = self.nodes[i].node.as_mut()?;
-        let w = node.write(wall, key, value).ok()?;
+        let w = match key.writer(node.id()) {
+            Writer::Operator => node
+                .write_signed(wall, key, value, &SimProofs::operator(seed))
+                .ok()?,
+            Writer::Node(_) => node.write(wall, key, value).ok()?,
+        };
         node.flush().ok()?;
         let version = w.change.entry.version.clone();
         self.history.push(Acked {
@@ -349,6 +423,7 @@ impl Sim {
         for e in effects {
             match e {
                 Effect::Reconciled(r) => self.reconciles.push((i, r)),
+                Effect::Unvouched { entries, .. } => self.unvouched += entries.len() as u64,
                 Effect::Send(to, mut env) => {
                     let Some(&j) = self.index.get(&to.id) else {
                         continue;
@@ -443,6 +518,30 @@ impl Sim {
                 entries: Vec::new(),
                 next: None,
             },
+            // Rumors carry forgeries: a victim's task record and an app, signed by the liar.
+            Message::Push(mut rumors) => {
+                let victim = self.rng.random_range(0..self.nodes.len());
+                let liar = self.nodes[i].id.clone();
+                let hlc = Hlc::from_millis(self.wall_ms(i));
+                for key in [
+                    format!("tasks/n{victim}/forged/0"),
+                    "apps/forged".to_string(),
+                ] {
+                    let Ok(key) = Key::parse(&key) else { continue };
+                    let mut entry = Entry {
+                        key,
+                        version: Version {
+                            hlc,
+                            origin: NodeId::new(&format!("n{victim}")).unwrap_or(liar.clone()),
+                        },
+                        value: Some(Bytes::from_static(b"forged")),
+                        proof: Proof::default(),
+                    };
+                    entry.proof = SimProofs::node(self.cfg.seed, liar.clone()).prove(&entry);
+                    rumors.push(message::Rumor { entry, prev: hlc });
+                }
+                Message::Push(rumors)
+            }
             other => return other,
         };
         self.forged += 1;

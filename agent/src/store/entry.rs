@@ -75,16 +75,19 @@ pub enum Keyspace {
     Builds,
     Secrets,
     Metrics,
+    /// Evicted nodes (`revoked/<id>`): written by operators, refused as peers and signers.
+    Revoked,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 6] = [
+    pub const ALL: [Keyspace; 7] = [
         Keyspace::Nodes,
         Keyspace::Apps,
         Keyspace::Tasks,
         Keyspace::Builds,
         Keyspace::Secrets,
         Keyspace::Metrics,
+        Keyspace::Revoked,
     ];
 
     pub fn name(self) -> &'static str {
@@ -95,6 +98,7 @@ impl Keyspace {
             Keyspace::Builds => "builds",
             Keyspace::Secrets => "secrets",
             Keyspace::Metrics => "metrics",
+            Keyspace::Revoked => "revoked",
         }
     }
 
@@ -128,7 +132,7 @@ impl Key {
         if rest.is_empty() || rest.iter().any(|p| p.is_empty()) {
             return Err(invalid());
         }
-        if space.owner_only() {
+        if space.owner_only() || space == Keyspace::Revoked {
             NodeId::new(rest[0]).map_err(|_| invalid())?;
         }
         Ok(Key(s.into()))
@@ -251,6 +255,8 @@ pub struct Entry {
     pub version: Version,
     /// `None` is a tombstone.
     pub value: Option<Bytes>,
+    /// Who vouches for it (`vouch`): checked on every hop, never part of the merge order.
+    pub proof: super::vouch::Proof,
 }
 
 impl Entry {
@@ -311,6 +317,7 @@ mod tests {
                 origin: origin.clone(),
             },
             value: Some(Bytes::from_static(b"{}")),
+            proof: Default::default(),
         };
         e("nodes/n1", &n1).validate().unwrap();
         e("tasks/n1/a/0", &n1).validate().unwrap();

@@ -6,12 +6,14 @@ pub mod backend;
 pub mod entry;
 pub mod hlc;
 pub mod replica;
+pub mod vouch;
 
 pub use backend::{Backend, DiskBackend, MemBackend};
 pub use bytes::Bytes;
 pub use entry::{Entry, Key, Keyspace, NodeId, Version};
 pub use hlc::{Hlc, HlcClock};
-pub use replica::{Change, Delta, Digest, Replica, Written};
+pub use replica::{Applied, Change, Delta, Digest, Replica, Written};
+pub use vouch::{Proof, Sign, Unvouched, Vouch, Writer};
 
 /// Everything that can go wrong in the store.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +28,8 @@ pub enum StoreError {
     ValueTooLarge { key: String, len: usize },
     #[error("{key} describes another node and cannot be written by {origin}")]
     NotOwner { key: String, origin: String },
+    #[error("{key}: {reason}")]
+    Unvouched { key: String, reason: &'static str },
     #[error("entry from {origin} is {ahead_ms} ms ahead of this node's clock")]
     ClockDrift { origin: String, ahead_ms: u64 },
     #[error("a peer's {what} for {origin} is {ahead_ms} ms past what this node's clock allows")]

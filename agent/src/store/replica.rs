@@ -16,10 +16,12 @@
 use super::backend::{Backend, Batch};
 use super::entry::{Entry, Key, Keyspace, NodeId, Version};
 use super::hlc::{Hlc, HlcClock};
+use super::vouch::{Proof, Sign, TrustAll, Unsigned, Unvouched, Vouch};
 use super::StoreError;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 const P_KEY: u8 = b'k';
 const P_ORIGIN: u8 = b'o';
@@ -105,6 +107,16 @@ struct Stored {
     origin: NodeId,
     value: Option<Vec<u8>>,
     seq: u64,
+    proof: Proof,
+}
+
+/// The record as stored before entries carried proofs: read, never written.
+#[derive(Deserialize)]
+struct StoredV0 {
+    hlc: Hlc,
+    origin: NodeId,
+    value: Option<Vec<u8>>,
+    seq: u64,
 }
 
 fn k_key(key: &str) -> Vec<u8> {
@@ -151,7 +163,21 @@ fn decode_u64(b: &[u8]) -> Result<u64, StoreError> {
 
 fn decode_stored(key: &[u8], raw: &[u8]) -> Result<(Entry, u64), StoreError> {
     let key = std::str::from_utf8(key).map_err(|_| corrupt("key"))?;
-    let s: Stored = postcard::from_bytes(raw).map_err(|_| corrupt("entry"))?;
+    let s: Stored = match postcard::from_bytes(raw) {
+        Ok(s) => s,
+        Err(_) => {
+            // Kept for stores written before proofs; such entries carry none, so peers that
+            // check proofs refuse them until their writer writes them again.
+            let v0: StoredV0 = postcard::from_bytes(raw).map_err(|_| corrupt("entry"))?;
+            Stored {
+                hlc: v0.hlc,
+                origin: v0.origin,
+                value: v0.value,
+                seq: v0.seq,
+                proof: Proof::default(),
+            }
+        }
+    };
     let entry = Entry {
         key: Key::parse(key)?,
         version: Version {
@@ -159,6 +185,7 @@ fn decode_stored(key: &[u8], raw: &[u8]) -> Result<(Entry, u64), StoreError> {
             origin: s.origin,
         },
         value: s.value.map(Bytes::from),
+        proof: s.proof,
     };
     Ok((entry, s.seq))
 }
@@ -237,6 +264,31 @@ pub struct Replica<B: Backend> {
     clock: HlcClock,
     digest: Digest,
     seq: u64,
+    /// Proves this node's own writes.
+    signer: Arc<dyn Sign>,
+    /// Checks the proofs of entries from peers.
+    vouch: Box<dyn Vouch>,
+    /// Origins with entries a reconcile under way left out (signer unknown then).
+    reconcile_held: BTreeSet<NodeId>,
+}
+
+/// What merging a peer's entries did: the changes, and the entries left out for want of a
+/// valid proof.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub changes: Vec<Change>,
+    pub unvouched: Vec<(Key, Version, Unvouched)>,
+}
+
+impl Applied {
+    /// Origins with entries that may be acceptable later: their watermarks must not pass them.
+    pub fn pending_origins(&self) -> BTreeSet<NodeId> {
+        self.unvouched
+            .iter()
+            .filter(|(_, _, why)| why.is_pending())
+            .map(|(_, v, _)| v.origin.clone())
+            .collect()
+    }
 }
 
 /// Entries whose wall time is further ahead of ours than this are refused: a node with a
@@ -295,7 +347,18 @@ impl<B: Backend> Replica<B> {
             clock,
             digest,
             seq,
+            signer: Arc::new(Unsigned),
+            vouch: Box::new(TrustAll),
+            reconcile_held: BTreeSet::new(),
         })
+    }
+
+    /// Signs this node's writes with `signer` and checks peers' entries with `vouch` (the
+    /// replica opens with neither: `Unsigned`, `TrustAll`).
+    pub fn with_proofs(mut self, signer: Arc<dyn Sign>, vouch: Box<dyn Vouch>) -> Replica<B> {
+        self.signer = signer;
+        self.vouch = vouch;
+        self
     }
 
     pub fn node(&self) -> &NodeId {
@@ -326,23 +389,38 @@ impl<B: Backend> Replica<B> {
         self.backend.flush()
     }
 
-    /// Writes a value (or, with `None`, a tombstone) as this node at a fresh version.
+    /// Writes a value (or, with `None`, a tombstone) as this node at a fresh version, proved
+    /// by this node's signer.
     pub fn write(
         &mut self,
         now_ms: u64,
         key: Key,
         value: Option<Bytes>,
     ) -> Result<Written, StoreError> {
+        let signer = self.signer.clone();
+        self.write_signed(now_ms, key, value, &*signer)
+    }
+
+    /// Writes as this node, proved by `signer` (an operator's key for desired state).
+    pub fn write_signed(
+        &mut self,
+        now_ms: u64,
+        key: Key,
+        value: Option<Bytes>,
+        signer: &dyn Sign,
+    ) -> Result<Written, StoreError> {
         let prev = self.digest.watermark(&self.node);
-        let entry = Entry {
+        let mut entry = Entry {
             key,
             version: Version {
                 hlc: self.clock.tick(now_ms),
                 origin: self.node.clone(),
             },
             value,
+            proof: Proof::default(),
         };
         entry.validate()?;
+        entry.proof = signer.prove(&entry);
         let current = read_entry(&self.backend, entry.key.as_str())?;
         let mut batch = Batch::default();
         let change = self.stage(&mut batch, entry, current);
@@ -351,13 +429,12 @@ impl<B: Backend> Replica<B> {
         Ok(Written { change, prev })
     }
 
-    /// Merges entries received from a peer. Either every entry is valid and each is merged by
-    /// last-writer-wins, or nothing changes and the error says why.
-    pub fn apply_remote(
-        &mut self,
-        now_ms: u64,
-        entries: &[Entry],
-    ) -> Result<Vec<Change>, StoreError> {
+    /// Merges entries received from a peer. Every entry must be well-formed and within the
+    /// clock bound, or nothing changes and the error says why. Each entry that would win by
+    /// last-writer-wins must then carry a valid proof (`vouch`): those that do not are left
+    /// out and reported in `Applied::unvouched`; the rest merge. Node records go first, so a
+    /// batch can carry the certificate its other entries are signed with.
+    pub fn apply_remote(&mut self, now_ms: u64, entries: &[Entry]) -> Result<Applied, StoreError> {
         for e in entries {
             e.validate()?;
             let ahead = e.version.hlc.millis().saturating_sub(now_ms);
@@ -368,11 +445,13 @@ impl<B: Backend> Replica<B> {
                 });
             }
         }
+        let mut order: Vec<&Entry> = entries.iter().collect();
+        order.sort_by_key(|e| e.key.keyspace() != Keyspace::Nodes);
         let mut batch = Batch::default();
-        let mut changes = Vec::new();
+        let mut applied = Applied::default();
         // A batch may carry the same key twice; what we staged is the current value then.
         let mut staged: BTreeMap<Key, (Entry, u64)> = BTreeMap::new();
-        for e in entries {
+        for e in order {
             self.clock.observe(e.version.hlc);
             let current = match staged.get(&e.key) {
                 Some(s) => Some(s.clone()),
@@ -385,16 +464,32 @@ impl<B: Backend> Replica<B> {
                     !(e.is_tombstone() && e.version.hlc <= self.collected_floor(&e.version.origin))
                 }
             };
-            if wins {
-                let change = self.stage(&mut batch, e.clone(), current);
-                staged.insert(e.key.clone(), (e.clone(), change.seq));
-                changes.push(change);
+            if !wins {
+                continue;
             }
+            // Only winners are checked: duplicates and stale copies cost no signature check.
+            let backend = &self.backend;
+            let mut lookup = |k: &Key| match staged.get(k) {
+                Some((e, _)) => Some(e.clone()),
+                None => read_entry(backend, k.as_str())
+                    .ok()
+                    .flatten()
+                    .map(|(e, _)| e),
+            };
+            if let Err(why) = self.vouch.check(e, &mut lookup) {
+                applied
+                    .unvouched
+                    .push((e.key.clone(), e.version.clone(), why));
+                continue;
+            }
+            let change = self.stage(&mut batch, e.clone(), current);
+            staged.insert(e.key.clone(), (e.clone(), change.seq));
+            applied.changes.push(change);
         }
         if !batch.is_empty() {
             self.backend.apply(batch)?;
         }
-        Ok(changes)
+        Ok(applied)
     }
 
     fn collected_floor(&self, origin: &NodeId) -> Hlc {
@@ -423,6 +518,7 @@ impl<B: Backend> Replica<B> {
             origin: entry.version.origin.clone(),
             value: entry.value.as_ref().map(|v| v.to_vec()),
             seq: self.seq,
+            proof: entry.proof.clone(),
         };
         // Serializing plain data into a Vec cannot fail.
         let raw = postcard::to_allocvec(&stored).unwrap_or_default();
@@ -461,9 +557,19 @@ impl<B: Backend> Replica<B> {
     /// that came with it were applied, and with readings bounded by `check_bound`. This node's
     /// own watermark moves only with its own writes: no peer speaks for them.
     pub fn advance(&mut self, through: &BTreeMap<NodeId, Hlc>) -> Result<(), StoreError> {
+        self.advance_except(through, &BTreeSet::new())
+    }
+
+    /// `advance`, except for `held` origins: entries of theirs were left out for now (their
+    /// signer unknown here), and the watermark must not claim we hold them.
+    pub fn advance_except(
+        &mut self,
+        through: &BTreeMap<NodeId, Hlc>,
+        held: &BTreeSet<NodeId>,
+    ) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         for (origin, hlc) in through {
-            if *origin != self.node {
+            if *origin != self.node && !held.contains(origin) {
                 self.stage_watermark(&mut batch, origin, *hlc);
             }
         }
@@ -538,7 +644,31 @@ impl<B: Backend> Replica<B> {
             }
             delta.through.insert(origin.clone(), *ours);
         }
+        self.with_signers(&mut delta.entries)?;
         Ok(delta)
+    }
+
+    /// Puts in front of `entries` the current record of every node that signed one of them and
+    /// whose record is not among them: a receiver learns each signer's key before it needs it,
+    /// whatever order the entries come in.
+    fn with_signers(&self, entries: &mut Vec<Entry>) -> Result<(), StoreError> {
+        let have: BTreeSet<&Key> = entries.iter().map(|e| &e.key).collect();
+        let wanted: BTreeSet<Key> = entries
+            .iter()
+            .filter_map(Entry::signer_record)
+            .filter(|k| !have.contains(k))
+            .collect();
+        let mut front = Vec::with_capacity(wanted.len());
+        for k in wanted {
+            if let Some((e, _)) = read_entry(&self.backend, k.as_str())? {
+                front.push(e);
+            }
+        }
+        if !front.is_empty() {
+            front.append(entries);
+            *entries = front;
+        }
+        Ok(())
     }
 
     /// A page of the whole state in key order, tombstones included, for a replica that must
@@ -562,6 +692,7 @@ impl<B: Backend> Replica<B> {
         } else {
             None
         };
+        self.with_signers(&mut out)?;
         Ok((out, next))
     }
 
@@ -578,8 +709,9 @@ impl<B: Backend> Replica<B> {
         after: Option<&Key>,
         entries: &[Entry],
         next: Option<&Key>,
-    ) -> Result<(Vec<Change>, Vec<Named>), StoreError> {
-        let changes = self.apply_remote(now_ms, entries)?;
+    ) -> Result<(Applied, Vec<Named>), StoreError> {
+        let applied = self.apply_remote(now_ms, entries)?;
+        self.reconcile_held.extend(applied.pending_origins());
         let present: std::collections::BTreeSet<&Key> = entries.iter().map(|e| &e.key).collect();
         let (start, excl) = match after {
             Some(k) => (k_key(k.as_str()), true),
@@ -609,10 +741,12 @@ impl<B: Backend> Replica<B> {
             }
         }
         if next.is_none() {
-            // The whole key space was compared: we now hold what the peer vouched for.
-            self.advance(&theirs.watermarks)?;
+            // The whole key space was compared: we now hold what the peer vouched for, except
+            // entries left out for a signer we did not know yet.
+            let held = std::mem::take(&mut self.reconcile_held);
+            self.advance_except(&theirs.watermarks, &held)?;
         }
-        Ok((changes, candidates))
+        Ok((applied, candidates))
     }
 
     /// Drops the keys a reconcile named (`reconcile_page`) that still hold the version it

@@ -157,6 +157,7 @@ mod tests {
                 origin: NodeId::new("n1").unwrap(),
             },
             value: Some(Bytes::from_static(b"{\"replicas\":2}")),
+            proof: Default::default(),
         };
         Envelope {
             from: member("n1"),

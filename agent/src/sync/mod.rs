@@ -15,7 +15,8 @@ pub mod message;
 use crate::membership::Member;
 use crate::store::replica::check_bound;
 use crate::store::{
-    Backend, Change, Digest, Hlc, Key, NodeId, Replica, StoreError, Version, Written,
+    Applied, Backend, Change, Digest, Hlc, Key, NodeId, Replica, StoreError, Unvouched, Version,
+    Written,
 };
 use message::{Message, Range, Rumor};
 use rand::RngExt;
@@ -85,11 +86,20 @@ pub enum SyncError {
     Store(#[from] StoreError),
 }
 
+/// Most refused entries one report names (the counters hold them all).
+const MAX_REPORTED: usize = 8;
+
 #[derive(Debug, Clone)]
 pub enum SyncEffect {
     Send(Member, Message),
     Changed(Change),
     Reconciled(ReconcileReport),
+    /// A peer sent entries whose proofs failed (forged, an evicted signer, no operator
+    /// signature): they were left out. For the log (warn).
+    Unvouched {
+        peer: NodeId,
+        entries: Vec<(Key, Version, Unvouched)>,
+    },
 }
 
 /// How one reconcile ended: what it merged, which keys it named as deleted elsewhere, and what
@@ -153,6 +163,10 @@ pub struct SyncStats {
     pub reconcile_held: u64,
     /// Reconciles in which a second peer did not confirm every key the first one named.
     pub reconcile_unconfirmed: u64,
+    /// Entries left out for a bad proof: forged, by an evicted signer, or unsigned.
+    pub unvouched_refused: u64,
+    /// Entries left out until their signer's record arrives.
+    pub unvouched_pending: u64,
 }
 
 pub struct SyncEngine {
@@ -436,7 +450,7 @@ impl SyncEngine {
                     self.abandon(ReconcileOutcome::RefusedImplausible, out);
                     return Err(e);
                 }
-                let (changes, named) = match replica.reconcile_page(
+                let (applied, named) = match replica.reconcile_page(
                     now_ms,
                     &digest,
                     after.as_ref(),
@@ -449,6 +463,7 @@ impl SyncEngine {
                         return Err(self.refused(from, source));
                     }
                 };
+                let changes = self.note_unvouched(from, applied, out);
                 self.stats.entries_repaired += changes.len() as u64;
                 if let Some(r) = self.reconciling.as_mut() {
                     r.merged += changes.len();
@@ -474,6 +489,33 @@ impl SyncEngine {
                 Ok(())
             }
         }
+    }
+
+    /// Counts and reports the entries a merge left out for want of a proof; returns the changes.
+    fn note_unvouched(
+        &mut self,
+        from: &Member,
+        applied: Applied,
+        out: &mut Vec<SyncEffect>,
+    ) -> Vec<Change> {
+        let mut forged = Vec::new();
+        for (key, version, why) in applied.unvouched {
+            if why.is_pending() {
+                self.stats.unvouched_pending += 1;
+            } else {
+                self.stats.unvouched_refused += 1;
+                if forged.len() < MAX_REPORTED {
+                    forged.push((key, version, why));
+                }
+            }
+        }
+        if !forged.is_empty() {
+            out.push(SyncEffect::Unvouched {
+                peer: from.id.clone(),
+                entries: forged,
+            });
+        }
+        applied.changes
     }
 
     fn refused(&mut self, from: &Member, source: StoreError) -> SyncError {
@@ -654,10 +696,12 @@ impl SyncEngine {
         }
         check_bound(&range.through, "through", now_ms)
             .map_err(|source| self.refused(from, source))?;
-        let changes = replica
+        let applied = replica
             .apply_remote(now_ms, &range.entries)
             .map_err(|source| self.refused(from, source))?;
-        replica.advance(&range.through)?;
+        let held = applied.pending_origins();
+        let changes = self.note_unvouched(from, applied, out);
+        replica.advance_except(&range.through, &held)?;
         self.stats.entries_repaired += changes.len() as u64;
         out.extend(changes.into_iter().map(SyncEffect::Changed));
         Ok(())
@@ -676,12 +720,21 @@ impl SyncEngine {
     ) -> Result<(), SyncError> {
         self.stats.rumors_received += rumors.len() as u64;
         let entries: Vec<_> = rumors.iter().map(|r| r.entry.clone()).collect();
-        let changes = replica
+        let applied = replica
             .apply_remote(now_ms, &entries)
             .map_err(|source| self.refused(from, source))?;
+        let left_out: Vec<(Key, Version)> = applied
+            .unvouched
+            .iter()
+            .map(|(k, v, _)| (k.clone(), v.clone()))
+            .collect();
+        let changes = self.note_unvouched(from, applied, out);
         if self.reconciling.is_none() {
             for r in &rumors {
-                replica.advance_chain(&r.entry.version.origin, r.prev, r.entry.version.hlc)?;
+                let e = &r.entry;
+                if !left_out.contains(&(e.key.clone(), e.version.clone())) {
+                    replica.advance_chain(&e.version.origin, r.prev, e.version.hlc)?;
+                }
             }
         }
         if changes.is_empty() {
