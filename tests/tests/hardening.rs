@@ -420,3 +420,89 @@ fn idle_and_slow_clients_cannot_take_the_listeners_down() {
         rss_kib(pid)
     );
 }
+
+/// A join request for `id` made with the cluster's join secret.
+fn join_as(a: &Agent, id: &str) -> u16 {
+    let secret = std::fs::read_to_string(a.bundle.join("join.secret")).unwrap();
+    let (_key, csr) = shoal::identity::cert::request(id).unwrap();
+    let jr = shoal::identity::join::JoinRequest::new(secret.trim(), id, &[], &csr);
+    a.api(
+        "POST",
+        "/peer/v1/join",
+        &[("Content-Type", "application/json")],
+        serde_json::to_string(&jr).unwrap().as_bytes(),
+        None,
+    )
+    .unwrap()
+    .status
+}
+
+#[test]
+fn an_evicted_node_is_cut_off_everywhere() {
+    let root = tempfile::tempdir().unwrap();
+    let agents = cluster(root.path(), 3);
+    for a in &agents {
+        wait_for(T, "membership", || (a.alive_members() == 2).then_some(()));
+    }
+    let (n1, n2, n3) = (&agents[0], &agents[1], &agents[2]);
+    let auth = format!("Bearer {}", n1.token);
+    let delete = |a: &Agent, path: &str, token: &str| {
+        a.api("DELETE", path, &[("Authorization", token)], b"", None)
+            .unwrap()
+    };
+    // Only an operator evicts; bad ids and unknown nodes are told apart; a node does not
+    // evict itself.
+    assert_eq!(delete(n1, "/v1/nodes/n3", "Bearer nope").status, 401);
+    assert_eq!(delete(n1, "/v1/nodes/bad%20id", &auth).status, 400);
+    assert_eq!(delete(n1, "/v1/nodes/ghost", &auth).status, 404);
+    assert_eq!(delete(n1, "/v1/nodes/n1", &auth).status, 409);
+    // A join cannot take over a live member's id.
+    assert_eq!(join_as(n1, "n2"), 409);
+
+    wait_for(T, "n3's record on n1", || {
+        n1.list("/v1/nodes")
+            .iter()
+            .any(|n| n["id"] == "n3")
+            .then_some(())
+    });
+    let r = delete(n1, "/v1/nodes/n3", &auth);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["evicted"], true);
+    // Every other node refuses n3 within seconds: its messages at the door, then it is down.
+    for a in [n1, n2] {
+        wait_for(T, "n3 cut off", || {
+            let gone = a
+                .list("/v1/nodes")
+                .iter()
+                .any(|n| n["id"] == "n3" && n["state"] == "evicted");
+            (gone && a.alive_members() == 1).then_some(())
+        });
+        wait_for(T, "n3's messages refused", || {
+            a.log()
+                .contains("node n3 was evicted from this cluster")
+                .then_some(())
+        });
+    }
+    // What n3 writes now (it still holds the operator key and takes writes) reaches nobody.
+    assert_eq!(
+        n3.put_app("from-evicted", "name = \"from-evicted\"\n")
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(
+        n1.put_app("marker", "name = \"marker\"\n").unwrap().status,
+        200
+    );
+    for a in [n1, n2] {
+        wait_for(T, "the marker write", || {
+            apps(a).contains("marker").then_some(())
+        });
+        assert!(!apps(a).contains("from-evicted"), "{} heard n3", a.id);
+    }
+    // Its id stays out, and evicting it again changes nothing.
+    assert_eq!(join_as(n2, "n3"), 403);
+    let again = delete(n2, "/v1/nodes/n3", &auth);
+    assert_eq!(again.status, 200);
+    assert_eq!(again.json()["already"], true);
+}

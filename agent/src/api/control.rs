@@ -91,6 +91,13 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<B
             load_image(req, &h).await
         }
         (_, ["v1", "images"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        (Method::DELETE, ["v1", "nodes", id]) => {
+            let op = match authorize(&req, &h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            evict(id, &h, op).await
+        }
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
@@ -123,6 +130,14 @@ async fn peer_message(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             format!("peer messages are {CONTENT_TYPE}"),
         );
+    }
+    if let Ok(id) = NodeId::new(peer) {
+        if revoked(h, &id) {
+            return refuse(
+                StatusCode::FORBIDDEN,
+                format!("node {id} was evicted from this cluster"),
+            );
+        }
     }
     match decode(&body) {
         // A member speaks only for itself: its certificate names the node it is.
@@ -182,6 +197,30 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
     if jr.addrs.len() > 64 {
         return error(StatusCode::BAD_REQUEST, "at most 64 addresses");
     }
+    // An evicted id stays out, and a live node's id cannot be taken over: its holder would
+    // speak for it.
+    if let Ok(id) = NodeId::new(&jr.node_id) {
+        if revoked(h, &id) {
+            Counters::inc(&h.counters.join_refused);
+            tracing::warn!(remote = %conn.remote, node = %id, "join refused: that node was evicted");
+            return error(
+                StatusCode::FORBIDDEN,
+                format!("node {id} was evicted from this cluster: join with another id"),
+            );
+        }
+        let live = id == h.me.id
+            || h.snapshot()
+                .await
+                .is_ok_and(|s| s.members.iter().any(|m| m.id == id && m.state == "alive"));
+        if live {
+            Counters::inc(&h.counters.join_refused);
+            tracing::warn!(remote = %conn.remote, node = %id, "join refused: a live member has that id");
+            return error(
+                StatusCode::CONFLICT,
+                format!("node {id} is a live member: a joining node needs an id of its own"),
+            );
+        }
+    }
     let Some(ca_key) = &h.trust.ca_key else {
         return error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -206,6 +245,62 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
         &cert,
     );
     json(StatusCode::OK, &reply)
+}
+
+/// Whether `id` was evicted (a live `revoked/<id>` record here).
+fn revoked(h: &Handle, id: &NodeId) -> bool {
+    let mut lookup = |k: &Key| {
+        read_entry(&h.store, k.as_str())
+            .ok()
+            .flatten()
+            .map(|(e, _)| e)
+    };
+    crate::identity::vouch::is_revoked(id, &mut lookup)
+}
+
+/// Evicts a node: `revoked/<id>`, signed by the operator, tells every node to refuse its
+/// connections, its entries and its id at the join door. Ids are not reused after eviction.
+async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
+    let id = match NodeId::new(id) {
+        Ok(id) => id,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    if id == h.me.id {
+        return error(
+            StatusCode::CONFLICT,
+            format!("node {id} is the node answering: evict it through another node"),
+        );
+    }
+    let record = Key::join(Keyspace::Nodes, &[id.as_str()]);
+    match record.as_ref().map(|k| read_entry(&h.store, k.as_str())) {
+        Ok(Ok(Some((e, _)))) if !e.is_tombstone() => {}
+        Ok(Ok(_)) => return error(StatusCode::NOT_FOUND, format!("no node {id} is known here")),
+        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    }
+    if revoked(h, &id) {
+        return json(
+            StatusCode::OK,
+            &j!({ "node": id, "evicted": true, "already": true }),
+        );
+    }
+    let Ok(key) = Key::join(Keyspace::Revoked, &[id.as_str()]) else {
+        return error(StatusCode::BAD_REQUEST, "bad node id");
+    };
+    let value = j!({
+        "node": id,
+        "evicted_at_ms": crate::daemon::wall_ms(),
+        "by": h.me.id,
+    });
+    tracing::warn!(node = %id, "evicting a node: its identity is revoked cluster-wide");
+    write_one(
+        h,
+        op,
+        key,
+        Some(Bytes::from(value.to_string())),
+        j!({ "node": id, "evicted": true }),
+    )
+    .await
 }
 
 /// Environment variable names: what a secret becomes inside the container.

@@ -4,7 +4,7 @@
 use super::{error, full, json, text, Body};
 use crate::daemon::{Handle, Snapshot};
 use crate::store::replica::{changes_since, read_entry, scan_keyspace};
-use crate::store::{Change, Keyspace};
+use crate::store::{Change, Key, Keyspace};
 use bytes::Bytes;
 use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
@@ -179,9 +179,13 @@ fn nodes(h: &Handle, s: &Snapshot) -> Value {
     for e in records {
         let id = e.key.name().to_string();
         let state = member_state(s, &id);
+        let evicted = Key::join(Keyspace::Revoked, &[&id])
+            .ok()
+            .and_then(|k| read_entry(&h.store, k.as_str()).ok().flatten())
+            .is_some_and(|(r, _)| !r.is_tombstone());
         let mut v = value_of(&e.value);
         if let Value::Object(o) = &mut v {
-            o.insert("state".into(), j!(state));
+            o.insert("state".into(), j!(if evicted { "evicted" } else { state }));
         }
         out.push(v);
     }

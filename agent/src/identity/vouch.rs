@@ -326,3 +326,179 @@ impl Vouch for Vouchers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::cert::NodeIdentity;
+    use crate::identity::Bundle;
+    use crate::store::{Hlc, Version};
+    use std::collections::BTreeMap;
+
+    fn entry(key: &str, origin: &str, value: &str) -> Entry {
+        Entry {
+            key: Key::parse(key).unwrap(),
+            version: Version {
+                hlc: Hlc::from_millis(1_800_000_000_000),
+                origin: NodeId::new(origin).unwrap(),
+            },
+            value: Some(Bytes::from(value.to_string())),
+            proof: Proof::default(),
+        }
+    }
+
+    fn signed(s: &dyn Sign, mut e: Entry) -> Entry {
+        e.proof = s.prove(&e);
+        e
+    }
+
+    struct World {
+        bundle: Bundle,
+        vouch: Vouchers,
+        n1: NodeSigner,
+        n2: NodeSigner,
+        store: BTreeMap<Key, Entry>,
+    }
+
+    fn world() -> World {
+        let bundle = Bundle::generate("t", 1).unwrap();
+        let id = |n: &str| {
+            let i = NodeIdentity::issue(&bundle.cluster, &bundle.ca_cert, &bundle.ca_key, n, &[])
+                .unwrap();
+            NodeSigner::new(&i.key_pem, &i.cert_pem).unwrap()
+        };
+        let operator =
+            OperatorPublic::parse(bundle.cluster.operator_key.as_deref().unwrap()).unwrap();
+        World {
+            vouch: Vouchers::new(
+                Arc::new(crate::tls::MemberCheck::new(&bundle.ca_cert).unwrap()),
+                vec![operator],
+            ),
+            n1: id("n1"),
+            n2: id("n2"),
+            store: BTreeMap::new(),
+            bundle,
+        }
+    }
+
+    impl World {
+        fn check(&mut self, e: &Entry) -> Result<(), Unvouched> {
+            let store = &self.store;
+            let mut lookup = |k: &Key| store.get(k).cloned();
+            self.vouch.check(e, &mut lookup)
+        }
+
+        fn put(&mut self, e: Entry) {
+            self.store.insert(e.key.clone(), e);
+        }
+    }
+
+    #[test]
+    fn a_node_vouches_for_its_own_entries_only() {
+        let mut w = world();
+        let record = signed(&w.n1, entry("nodes/n1", "n1", "{}"));
+        assert!(record.proof.cert.is_some());
+        w.check(&record).unwrap();
+        let task = signed(&w.n1, entry("tasks/n1/a/0", "n1", "{}"));
+        // Its record not known yet: pending, not forged.
+        assert_eq!(
+            w.check(&task),
+            Err(Unvouched::UnknownSigner(task.version.origin.clone()))
+        );
+        w.put(record);
+        w.check(&task).unwrap();
+
+        // Altered on the way: the signature no longer matches.
+        let mut altered = task.clone();
+        altered.value = Some(Bytes::from_static(b"{\"state\":\"evil\"}"));
+        assert!(matches!(w.check(&altered), Err(Unvouched::Forged { .. })));
+        // n2 signing for n1, with its own certificate or against n1's record.
+        let claimed = signed(&w.n2, entry("nodes/n1", "n1", "{}"));
+        assert!(
+            matches!(w.check(&claimed), Err(Unvouched::Forged { reason, .. }) if reason.contains("names \"n2\""))
+        );
+        let task2 = signed(&w.n2, entry("tasks/n1/a/0", "n1", "{}"));
+        assert!(matches!(w.check(&task2), Err(Unvouched::Forged { .. })));
+        // A node's record must carry its certificate.
+        let mut bare = signed(&w.n1, entry("nodes/n1", "n1", "{}"));
+        bare.proof.cert = None;
+        assert!(matches!(w.check(&bare), Err(Unvouched::Forged { .. })));
+        // A certificate from another CA is not a member's.
+        let other = Bundle::generate("other", 1).unwrap();
+        let i =
+            NodeIdentity::issue(&other.cluster, &other.ca_cert, &other.ca_key, "n1", &[]).unwrap();
+        let stranger = NodeSigner::new(&i.key_pem, &i.cert_pem).unwrap();
+        let foreign = signed(&stranger, entry("nodes/n1", "n1", "{}"));
+        assert!(
+            matches!(w.check(&foreign), Err(Unvouched::Forged { reason, .. }) if reason.contains("certificate refused"))
+        );
+    }
+
+    #[test]
+    fn desired_state_needs_the_operator() {
+        let mut w = world();
+        let token = w.bundle.admin_token.clone();
+        let op = OperatorPublic::parse(w.bundle.cluster.operator_key.as_deref().unwrap())
+            .unwrap()
+            .accepts(&token, &w.bundle.cluster.id)
+            .expect("the bundle's token matches its operator key");
+        assert!(
+            OperatorPublic::parse(w.bundle.cluster.operator_key.as_deref().unwrap())
+                .unwrap()
+                .accepts("not-the-token", &w.bundle.cluster.id)
+                .is_none()
+        );
+        let app = signed(&op, entry("apps/web", "n1", "{}"));
+        w.check(&app).unwrap();
+        let mut gone = signed(&op, entry("apps/web", "n1", ""));
+        gone.value = None;
+        assert!(
+            w.check(&gone).is_err(),
+            "a proof for a value is no proof for a deletion"
+        );
+        gone.proof = op.prove(&gone);
+        w.check(&gone).unwrap();
+        // A member's own key is no operator's.
+        let by_node = signed(&w.n1, entry("apps/web", "n1", "{}"));
+        assert_eq!(w.check(&by_node), Err(Unvouched::NotOperator));
+        assert_eq!(
+            w.check(&entry("secrets/web/X", "n1", "x")),
+            Err(Unvouched::NotOperator)
+        );
+        // The same token in another cluster is another key.
+        let elsewhere = OperatorKey::from_token(&token, "another-cluster-id");
+        assert_eq!(
+            w.check(&signed(&elsewhere, entry("apps/web", "n1", "{}"))),
+            Err(Unvouched::NotOperator)
+        );
+    }
+
+    #[test]
+    fn an_evicted_node_vouches_for_nothing() {
+        let mut w = world();
+        let record = signed(&w.n1, entry("nodes/n1", "n1", "{}"));
+        w.put(record.clone());
+        let task = signed(&w.n1, entry("tasks/n1/a/0", "n1", "{}"));
+        w.check(&task).unwrap();
+        let token = w.bundle.admin_token.clone();
+        let op = OperatorKey::from_token(&token, &w.bundle.cluster.id);
+        let eviction = signed(&op, entry("revoked/n1", "n2", "{}"));
+        w.check(&eviction).unwrap();
+        w.put(eviction);
+        let n1 = NodeId::new("n1").unwrap();
+        assert_eq!(w.check(&task), Err(Unvouched::Revoked(n1.clone())));
+        assert_eq!(w.check(&record), Err(Unvouched::Revoked(n1)));
+    }
+
+    #[test]
+    fn operator_keys_parse_strictly() {
+        let k = OperatorKey::from_token("t", "c").public();
+        assert_eq!(OperatorPublic::parse(&k.hex()).unwrap(), k);
+        for bad in ["", "zz", &"g".repeat(64), &"a".repeat(63), &"a".repeat(65)] {
+            assert!(OperatorPublic::parse(bad).is_err(), "{bad:?}");
+        }
+        assert!(ring_ct_eq(b"abc", b"abc"));
+        assert!(!ring_ct_eq(b"abc", b"abd"));
+        assert!(!ring_ct_eq(b"abc", b"abcd"));
+    }
+}

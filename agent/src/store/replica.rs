@@ -598,7 +598,19 @@ impl<B: Backend> Replica<B> {
 
     /// What a peer with digest `theirs` lacks, in per-origin version order, bounded by entry
     /// count and bytes. `through` says how far each origin is covered.
+    /// The signers' records of its entries come in front (`with_signers`).
     pub fn delta_for(
+        &self,
+        theirs: &Digest,
+        max_entries: usize,
+        max_bytes: usize,
+    ) -> Result<Delta, StoreError> {
+        let mut delta = self.delta_inner(theirs, max_entries, max_bytes)?;
+        self.with_signers(&mut delta.entries)?;
+        Ok(delta)
+    }
+
+    fn delta_inner(
         &self,
         theirs: &Digest,
         max_entries: usize,
@@ -644,7 +656,6 @@ impl<B: Backend> Replica<B> {
             }
             delta.through.insert(origin.clone(), *ours);
         }
-        self.with_signers(&mut delta.entries)?;
         Ok(delta)
     }
 

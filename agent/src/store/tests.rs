@@ -437,3 +437,68 @@ fn the_clock_saturates_instead_of_wrapping() {
     let mut c = HlcClock::new(Hlc(u64::MAX));
     assert_eq!(c.tick(NOW), Hlc(u64::MAX));
 }
+
+/// Accepts node-signed entries only once the signer's record is known: the order problem the
+/// real checker has, without its cryptography.
+struct NeedsRecord;
+
+impl vouch::Vouch for NeedsRecord {
+    fn check(&mut self, e: &Entry, lookup: &mut vouch::Lookup<'_>) -> Result<(), Unvouched> {
+        match e.signer_record() {
+            Some(k) if k != e.key && lookup(&k).is_none() => {
+                Err(Unvouched::UnknownSigner(e.version.origin.clone()))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+#[test]
+fn deltas_and_pages_carry_the_signers_records_and_unknown_signers_hold_the_watermark() {
+    let mut a = replica("a");
+    // Tasks first, the record last: in version order the record comes after them.
+    for i in 0..5 {
+        a.write(
+            NOW + i,
+            key(&format!("tasks/a/app/{i}")),
+            Some(Bytes::from("t")),
+        )
+        .unwrap();
+    }
+    a.write(NOW + 9, key("nodes/a"), Some(Bytes::from("{}")))
+        .unwrap();
+    let fresh = || {
+        Replica::open(id("b"), MemBackend::new())
+            .unwrap()
+            .with_proofs(std::sync::Arc::new(vouch::Unsigned), Box::new(NeedsRecord))
+    };
+
+    // A delta of two entries still carries the record, in front: nothing is left out.
+    let mut b = fresh();
+    let d = a.delta_for(b.digest(), 2, 1 << 20).unwrap();
+    assert_eq!(d.entries[0].key, key("nodes/a"));
+    let applied = b.apply_remote(NOW, &d.entries).unwrap();
+    assert!(applied.unvouched.is_empty(), "{:?}", applied.unvouched);
+    // So does a reconcile page (keys sort metrics < nodes < tasks: the page lacks it).
+    let (page, _) = a.snapshot_page(Some(&key("nodes/a")), 3).unwrap();
+    assert_eq!(page[0].key, key("nodes/a"));
+
+    // Without the record, entries wait, and the watermark does not claim them.
+    let mut c = fresh();
+    let tasks: Vec<Entry> = state(&a)
+        .into_values()
+        .filter(|e| e.key.keyspace() == Keyspace::Tasks)
+        .collect();
+    let applied = c.apply_remote(NOW, &tasks).unwrap();
+    assert_eq!(applied.unvouched.len(), 5);
+    assert!(applied.changes.is_empty());
+    let held = applied.pending_origins();
+    c.advance_except(&a.digest().watermarks, &held).unwrap();
+    assert_eq!(c.digest().watermark(&id("a")), Hlc::ZERO);
+    // The next delta brings them with the record.
+    let d = a.delta_for(c.digest(), 100, 1 << 20).unwrap();
+    let applied = c.apply_remote(NOW, &d.entries).unwrap();
+    assert!(applied.unvouched.is_empty());
+    c.advance(&d.through).unwrap();
+    assert_eq!(state(&a), state(&c));
+}
