@@ -25,8 +25,8 @@ fn entry(key: &str) -> Entry {
 
 fn bench(c: &mut Criterion) {
     let bundle = Bundle::generate("bench", 1).unwrap();
-    let id = NodeIdentity::issue(&bundle.cluster, &bundle.ca_cert, &bundle.ca_key, "n1", &[])
-        .unwrap();
+    let id =
+        NodeIdentity::issue(&bundle.cluster, &bundle.ca_cert, &bundle.ca_key, "n1", &[]).unwrap();
     let node = NodeSigner::new(&id.key_pem, &id.cert_pem).unwrap();
     let op = OperatorKey::from_token(&bundle.admin_token, &bundle.cluster.id);
     let public = OperatorPublic::parse(bundle.cluster.operator_key.as_deref().unwrap()).unwrap();
@@ -47,7 +47,9 @@ fn bench(c: &mut Criterion) {
     g.bench_function("sign node entry (ECDSA P-256)", |b| {
         b.iter(|| node.prove(&task))
     });
-    g.bench_function("sign operator entry (Ed25519)", |b| b.iter(|| op.prove(&app)));
+    g.bench_function("sign operator entry (Ed25519)", |b| {
+        b.iter(|| op.prove(&app))
+    });
     g.bench_function("check node entry (ECDSA P-256, cert cached)", |b| {
         b.iter(|| vouch.check(&task, &mut lookup).unwrap())
     });
@@ -55,7 +57,11 @@ fn bench(c: &mut Criterion) {
         b.iter(|| vouch.check(&app, &mut lookup).unwrap())
     });
     g.bench_function("token check on a write (HKDF + Ed25519 key)", |b| {
-        b.iter(|| public.accepts(&bundle.admin_token, &bundle.cluster.id).unwrap())
+        b.iter(|| {
+            public
+                .accepts(&bundle.admin_token, &bundle.cluster.id)
+                .unwrap()
+        })
     });
     g.finish();
 }

@@ -33,11 +33,27 @@ fn digest(origins: &[&str], at: Hlc) -> Digest {
     }
 }
 
-struct Evil<'a> {
-    cert: ClientCert<'a>,
+/// A rogue member: a certificate from the cluster CA (as a stolen one would be) for "evil".
+struct Evil {
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
 }
 
-impl Evil<'_> {
+impl Evil {
+    fn new(root: &std::path::Path) -> Evil {
+        let (cert, key) = client_cert(root, "evil", Some(&root.join("bundle")), false);
+        Evil { cert, key }
+    }
+
+    /// Signs as the evil member, with its certificate's key.
+    fn signer(&self) -> NodeSigner {
+        NodeSigner::new(
+            &std::fs::read_to_string(&self.key).unwrap(),
+            &std::fs::read_to_string(&self.cert).unwrap(),
+        )
+        .unwrap()
+    }
+
     fn send(&self, to: &Agent, msg: Message) {
         let env = Envelope {
             from: Member::new(NodeId::new("evil").unwrap(), "127.0.0.1:9".into(), 1),
@@ -49,7 +65,10 @@ impl Evil<'_> {
                 "/peer/v1/msg",
                 &[("Content-Type", "application/x-shoal-peer")],
                 &encode(&env),
-                Some(self.cert),
+                Some(ClientCert {
+                    cert: &self.cert,
+                    key: &self.key,
+                }),
             )
             .unwrap();
         // Accepted at the door (a CA-signed member speaking as itself); judged inside.
@@ -77,13 +96,27 @@ fn apps(a: &Agent) -> BTreeSet<String> {
     a.apps().into_iter().collect()
 }
 
+/// An honest write of app "after": it queues behind whatever the evil member sent.
+fn write_after(a: &Agent) {
+    let r = a.put_app("after", "name = \"after\"\n").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// `n` agents under `root` that all see each other.
+fn joined(root: &std::path::Path, n: usize) -> Vec<Agent> {
+    let agents = cluster(root, n);
+    for a in &agents {
+        wait_for(T, "membership", || {
+            (a.alive_members() == n - 1).then_some(())
+        });
+    }
+    agents
+}
+
 #[test]
 fn an_evil_member_cannot_wipe_the_store() {
     let root = tempfile::tempdir().unwrap();
-    let agents = cluster(root.path(), 3);
-    for a in &agents {
-        wait_for(T, "membership", || (a.alive_members() == 2).then_some(()));
-    }
+    let agents = joined(root.path(), 3);
     let mut want = BTreeSet::new();
     for i in 0..12 {
         let name = format!("app{i}");
@@ -96,14 +129,7 @@ fn an_evil_member_cannot_wipe_the_store() {
             (apps(a) == want).then_some(())
         });
     }
-    let ca = root.path().join("bundle");
-    let (cert, key) = client_cert(root.path(), "evil", Some(&ca), false);
-    let evil = Evil {
-        cert: ClientCert {
-            cert: &cert,
-            key: &key,
-        },
-    };
+    let evil = Evil::new(root.path());
     let victim = &agents[0];
     let origins = ["n1", "n2", "n3"];
 
@@ -158,13 +184,7 @@ fn an_evil_member_cannot_wipe_the_store() {
     let started = count(victim, "shoal_sync_reconciles_total");
     evil.send(victim, Message::SyncRequest(plausible.clone()));
     evil.empty_reconcile(victim, plausible);
-    assert_eq!(
-        victim
-            .put_app("after", "name = \"after\"\n")
-            .unwrap()
-            .status,
-        200
-    );
+    write_after(victim);
     assert_eq!(count(victim, "shoal_sync_reconciles_total"), started);
 
     // Every app is still on every node, including the write after the attack.
@@ -200,10 +220,7 @@ fn a_member_speaks_only_for_itself() {
     // but only as "evil". It rewrites n2's record and task, and writes apps with no operator
     // behind them: nothing of it is taken, anywhere; each is refused, counted and logged.
     let root = tempfile::tempdir().unwrap();
-    let agents = cluster(root.path(), 3);
-    for a in &agents {
-        wait_for(T, "membership", || (a.alive_members() == 2).then_some(()));
-    }
+    let agents = joined(root.path(), 3);
     let n2_addr = |a: &Agent| {
         a.list("/v1/nodes")
             .into_iter()
@@ -214,19 +231,8 @@ fn a_member_speaks_only_for_itself() {
         wait_for(T, "n2's record everywhere", || n2_addr(a));
     }
     let before = n2_addr(&agents[0]).unwrap();
-    let ca = root.path().join("bundle");
-    let (cert, key) = client_cert(root.path(), "evil", Some(&ca), false);
-    let signer = NodeSigner::new(
-        &std::fs::read_to_string(&key).unwrap(),
-        &std::fs::read_to_string(&cert).unwrap(),
-    )
-    .unwrap();
-    let evil = Evil {
-        cert: ClientCert {
-            cert: &cert,
-            key: &key,
-        },
-    };
+    let evil = Evil::new(root.path());
+    let signer = evil.signer();
     let victim = &agents[0];
     let record = r#"{"id":"n2","addr":"203.0.113.9:7443","labels":{},"containers":true}"#;
     let mut unsigned = forged(&signer, "apps/unsigned", "evil", r#"{"name":"unsigned"}"#);
@@ -253,13 +259,7 @@ fn a_member_speaks_only_for_itself() {
     });
     // A write after them shares their queue: once acknowledged and replicated, the forged
     // entries had every chance to spread.
-    assert_eq!(
-        victim
-            .put_app("after", "name = \"after\"\n")
-            .unwrap()
-            .status,
-        200
-    );
+    write_after(victim);
     for a in &agents {
         wait_for(T, "the honest write everywhere", || {
             apps(a).contains("after").then_some(())
@@ -440,10 +440,7 @@ fn join_as(a: &Agent, id: &str) -> u16 {
 #[test]
 fn an_evicted_node_is_cut_off_everywhere() {
     let root = tempfile::tempdir().unwrap();
-    let agents = cluster(root.path(), 3);
-    for a in &agents {
-        wait_for(T, "membership", || (a.alive_members() == 2).then_some(()));
-    }
+    let agents = joined(root.path(), 3);
     let (n1, n2, n3) = (&agents[0], &agents[1], &agents[2]);
     let auth = format!("Bearer {}", n1.token);
     let delete = |a: &Agent, path: &str, token: &str| {
