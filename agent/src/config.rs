@@ -318,11 +318,17 @@ mdns = true
         // What init writes to node.json: the `shoal:` mapping of `shoal gen cluster`'s
         // user-data, as JSON.
         let b = crate::identity::Bundle::generate("c", 1).unwrap();
-        let ud = b.user_data(&["10.0.0.2:7443".into()]);
+        for signer in [false, true] {
+            let ud = b.user_data(&["10.0.0.2:7443".into()], signer);
+            let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&ud).unwrap();
+            let json = serde_json::to_string(&doc["shoal"]).unwrap();
+            let cfg = AgentConfig::from_json(&json).unwrap();
+            let given = b.for_node(signer);
+            assert!(matches!(&cfg.bundle, Some(BundleSource::Inline(inline)) if **inline == given));
+        }
+        let ud = b.user_data(&["10.0.0.2:7443".into()], false);
         let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&ud).unwrap();
-        let json = serde_json::to_string(&doc["shoal"]).unwrap();
-        let cfg = AgentConfig::from_json(&json).unwrap();
-        assert!(matches!(&cfg.bundle, Some(BundleSource::Inline(inline)) if **inline == b));
+        let cfg = AgentConfig::from_json(&serde_json::to_string(&doc["shoal"]).unwrap()).unwrap();
         assert_eq!(cfg.bundle_dir(), PathBuf::from("/var/lib/shoal/bundle"));
         assert_eq!(cfg.peers, vec!["10.0.0.2:7443".to_string()]);
         let dir: AgentConfig = AgentConfig::from_json(r#"{"bundle": "/b"}"#).unwrap();

@@ -131,8 +131,16 @@ fn aws_example_launches_from_a_template_with_the_cluster_user_data_and_imdsv2() 
 fn the_aws_peer_rewrite_matches_what_shoal_gen_cluster_writes() {
     let m = module(&repo().join("deploy/terraform/aws"));
     let locals = m.iter().flat_map(|b| blocks(b, "locals")).next().unwrap();
-    let rewrite = attr(locals.body(), "user_data");
-    assert!(rewrite.contains("\"  peers: []\""), "{rewrite}");
+    for name in ["user_data", "signer_user_data"] {
+        let rewrite = attr(locals.body(), name);
+        assert!(rewrite.contains("\"  peers: []\""), "{name}: {rewrite}");
+    }
+    let node = find(&m, "resource", &["aws_instance", "node"]).body();
+    let ud = attr(node, "user_data_base64");
+    assert!(
+        ud.contains("count.index == 0") && ud.contains("local.signer_user_data"),
+        "{ud}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(shoal_e2e::shoal_bin())
         .args(["gen", "cluster", "--name", "tf", "--out"])
@@ -144,16 +152,18 @@ fn the_aws_peer_rewrite_matches_what_shoal_gen_cluster_writes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let ud = std::fs::read_to_string(dir.path().join("b/user-data.yaml")).unwrap();
-    // Exactly one line to rewrite, inside the shoal: mapping (two spaces of indent).
-    assert_eq!(
-        ud.lines().filter(|l| *l == "  peers: []").count(),
-        1,
-        "{ud}"
-    );
-    let rewritten = ud.replace("  peers: []", "  peers: [\"10.0.1.10:7443\"]");
-    assert!(rewritten.contains("shoal:\n"));
-    assert!(rewritten.contains("  peers: [\"10.0.1.10:7443\"]\n"));
+    for f in ["b/user-data.yaml", "b/user-data-signer.yaml"] {
+        let ud = std::fs::read_to_string(dir.path().join(f)).unwrap();
+        // Exactly one line to rewrite, inside the shoal: mapping (two spaces of indent).
+        assert_eq!(
+            ud.lines().filter(|l| *l == "  peers: []").count(),
+            1,
+            "{ud}"
+        );
+        let rewritten = ud.replace("  peers: []", "  peers: [\"10.0.1.10:7443\"]");
+        assert!(rewritten.contains("shoal:\n"));
+        assert!(rewritten.contains("  peers: [\"10.0.1.10:7443\"]\n"));
+    }
 }
 
 #[test]
@@ -165,7 +175,13 @@ fn libvirt_example_boots_uefi_machines_with_a_seed_and_a_data_volume() {
     assert_eq!(blocks(d, "disk").len(), 2);
     assert_eq!(blocks(d, "nvram").len(), 1);
     let seed = find(&m, "resource", &["libvirt_cloudinit_disk", "seed"]).body();
-    assert_eq!(attr(seed, "user_data"), "file(var.user_data_file)");
+    let ud = attr(seed, "user_data");
+    assert!(
+        ud.contains("count.index == 0")
+            && ud.contains("file(local.signer_user_data_file)")
+            && ud.contains("file(var.user_data_file)"),
+        "{ud}"
+    );
 }
 
 #[test]

@@ -39,7 +39,13 @@ fn gen_cluster_writes_a_private_bundle_and_prints_no_secret() {
         "a secret was printed: {stdout}"
     );
     assert!(stdout.contains("admin.token"));
-    for f in ["ca.key", "join.secret", "admin.token", "user-data.yaml"] {
+    for f in [
+        "ca.key",
+        "join.secret",
+        "admin.token",
+        "user-data.yaml",
+        "user-data-signer.yaml",
+    ] {
         let mode = std::fs::metadata(out.join(f)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{f}");
     }
@@ -47,6 +53,11 @@ fn gen_cluster_writes_a_private_bundle_and_prints_no_secret() {
     assert!(ud.starts_with("#cloud-config\n"));
     assert!(ud.contains("\nshoal:\n"), "no top-level shoal: key");
     assert!(ud.contains("10.0.0.2:7443"));
+    // No node gets the admin token; only the signer's user-data has the CA key.
+    let signer = std::fs::read_to_string(out.join("user-data-signer.yaml")).unwrap();
+    assert!(!ud.contains(token.trim()) && !signer.contains(token.trim()));
+    assert!(!ud.contains("PRIVATE KEY") && signer.contains("PRIVATE KEY"));
+    assert!(stdout.contains("user-data-signer.yaml"));
 
     // Asked for: printed.
     let again = dir.path().join("other");

@@ -438,15 +438,16 @@ fn details(report: &serde_json::Value, name: &str) -> String {
     stage(report, name)["detail"].to_string()
 }
 
-/// The user-data `shoal gen cluster` writes, with a host name added.
+/// The (members') user-data `shoal gen cluster` writes, with a host name added; and the
+/// cluster's join secret, which it carries.
 fn cluster_user_data(dir: &Path, hostname: &str) -> (PathBuf, String) {
     let b = shoal_e2e::bundle(&dir.join("bundle"), "meta");
     let mut ud = std::fs::read_to_string(b.join("user-data.yaml")).unwrap();
     ud.push_str(&format!("hostname: {hostname}\nruncmd: [\"echo no\"]\n"));
     let path = dir.join("user-data");
     std::fs::write(&path, &ud).unwrap();
-    let admin = std::fs::read_to_string(b.join("admin.token")).unwrap();
-    (path, admin.trim().to_string())
+    let secret = std::fs::read_to_string(b.join("join.secret")).unwrap();
+    (path, secret.trim().to_string())
 }
 
 fn metadata_server(mode: &str, ud: &Path, log: &Path) -> (Child, u16) {
@@ -485,7 +486,7 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
         ("openstack", "openstack"),
     ] {
         let dir = tempfile::tempdir().unwrap();
-        let (ud, admin) = cluster_user_data(dir.path(), &format!("{mode}-from-user-data"));
+        let (ud, secret) = cluster_user_data(dir.path(), &format!("{mode}-from-user-data"));
         let log = dir.path().join("requests.log");
         let (mut server, port) = metadata_server(mode, &ud, &log);
         let addr = format!("127.0.0.1:{port}");
@@ -505,7 +506,9 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
             details(&report, "metadata")
         );
         let nj = node_json(&init);
-        assert_eq!(nj["bundle"]["admin_token"], admin.as_str());
+        // What a member needs and no more: no admin token, no CA key.
+        assert_eq!(nj["bundle"]["join_secret"], secret.as_str());
+        assert!(nj["bundle"]["admin_token"].is_null() && nj["bundle"]["ca_key"].is_null());
         // user-data's hostname wins over the provider's; runcmd is refused, and said so.
         assert!(details(&report, "hostname").contains(&format!("{mode}-from-user-data")));
         assert!(details(&report, "user-data").contains("refused runcmd"));
@@ -520,7 +523,7 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
             format!("{mode}-from-user-data")
         );
         // The report never holds a secret.
-        assert!(!report.to_string().contains(&admin));
+        assert!(!report.to_string().contains(&secret));
 
         let reqs: Vec<serde_json::Value> = std::fs::read_to_string(&log)
             .unwrap()
@@ -654,7 +657,7 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
     let mut lan = shoal_e2e::netns::Lan::new(0);
     let ns = lan.add_bare_host().ns.clone();
     let dir = tempfile::tempdir().unwrap();
-    let (ud, admin) = cluster_user_data(dir.path(), "seeded");
+    let (ud, secret) = cluster_user_data(dir.path(), "seeded");
     let seed = Loop::new(&seed_image(dir.path(), "seed1", &ud, "meta-host", "iso"));
     let disk_file = dir.path().join("data.img");
     std::fs::File::create(&disk_file)
@@ -697,7 +700,7 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
     assert!(mountinfo
         .lines()
         .any(|l| l.contains(&format!("{}/var ", init.root.display())) && l.contains(" - ext4 ")));
-    assert_eq!(node_json(&init)["bundle"]["admin_token"], admin.as_str());
+    assert_eq!(node_json(&init)["bundle"]["join_secret"], secret.as_str());
     assert!(details(&report, "user-data").contains("first boot"));
     let machine_id = stage(&report, "machine-id")["detail"]
         .as_array()

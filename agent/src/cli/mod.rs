@@ -38,7 +38,8 @@ pub enum Verb {
 
 #[derive(Subcommand)]
 pub enum Gen {
-    /// Write a new cluster bundle: CA, join secret, admin token and a ready user-data.yaml.
+    /// Write a new cluster bundle: CA, join secret, admin token, and user-data for member
+    /// nodes (user-data.yaml) and for signing nodes (user-data-signer.yaml).
     Cluster {
         #[arg(long)]
         name: String,
@@ -82,7 +83,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             );
             println!("  admin token: {}/admin.token", out.display());
             println!(
-                "  user-data:   {}/user-data.yaml (contains secrets)",
+                "  user-data:   {}/user-data.yaml for member nodes (join secret, no CA key, no admin token)",
+                out.display()
+            );
+            println!(
+                "               {}/user-data-signer.yaml for the nodes that admit new ones (adds the CA key)",
                 out.display()
             );
             if print_token {

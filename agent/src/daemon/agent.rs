@@ -151,7 +151,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     if let Some(crate::config::BundleSource::Inline(b)) = &cfg.bundle {
         // From user-data (init's node.json): the same bundle on every boot, kept where a
         // directory bundle would be.
-        b.write(&cfg.bundle_dir(), &cfg.peers, true)?;
+        b.write_node(&cfg.bundle_dir())?;
     }
     let creds = Credentials::load(&cfg.bundle_dir())?;
     // Bind first: a port conflict is reported before anything else happens.

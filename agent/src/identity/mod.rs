@@ -48,15 +48,19 @@ pub struct ClusterInfo {
     pub operator_key: Option<String>,
 }
 
-/// Everything a node needs to belong to a cluster. `ca_key`, `join_secret` and `admin_token`
-/// are secrets.
+/// A cluster's material. `ca_key`, `join_secret` and `admin_token` are secrets. The operator's
+/// bundle (`shoal gen cluster`) holds everything; what a node is given holds less: no admin
+/// token ever (the operator key in `cluster` stands for it), and the CA key only on the nodes
+/// that sign joiners' certificates (empty strings stand for what is left out).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bundle {
     pub cluster: ClusterInfo,
     pub ca_cert: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub ca_key: String,
     pub join_secret: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin_token: String,
 }
 
@@ -76,13 +80,16 @@ pub fn random_secret() -> String {
 }
 
 /// The files of a bundle directory, and whether each is secret (written 0600).
-pub const FILES: [(&str, bool); 6] = [
+/// `user-data.yaml` is for member nodes (no CA key, no admin token); `user-data-signer.yaml`
+/// adds the CA key, for the nodes that admit new ones (one is enough; more for availability).
+pub const FILES: [(&str, bool); 7] = [
     ("cluster.json", false),
     ("ca.crt", false),
     ("ca.key", true),
     ("join.secret", true),
     ("admin.token", true),
     ("user-data.yaml", true),
+    ("user-data-signer.yaml", true),
 ];
 
 /// The `shoal:` key of user-data.
@@ -143,20 +150,39 @@ impl Bundle {
         })
     }
 
-    /// `#cloud-config` user-data carrying this bundle under the `shoal:` key, ready for
-    /// Terraform's `user_data` or `cloud-localds`.
-    pub fn user_data(&self, peers: &[String]) -> String {
+    /// What a node is given: no admin token, and the CA key only for a signing node.
+    pub fn for_node(&self, signer: bool) -> Bundle {
+        Bundle {
+            ca_key: if signer {
+                self.ca_key.clone()
+            } else {
+                String::new()
+            },
+            admin_token: String::new(),
+            ..self.clone()
+        }
+    }
+
+    /// `#cloud-config` user-data carrying what a node needs under the `shoal:` key, ready for
+    /// Terraform's `user_data` or `cloud-localds`: a member's, or (`signer`) one that also
+    /// signs joiners' certificates.
+    pub fn user_data(&self, peers: &[String], signer: bool) -> String {
         let doc = UserData {
             shoal: UserDataShoal {
-                bundle: self.clone(),
+                bundle: self.for_node(signer),
                 peers: peers.to_vec(),
                 labels: Default::default(),
             },
         };
         // Plain data always serializes.
         let yaml = serde_yaml_ng::to_string(&doc).unwrap_or_default();
+        let what = if signer {
+            "a signing node (it holds the CA key)"
+        } else {
+            "member nodes"
+        };
         format!(
-            "#cloud-config\n# shoal cluster {} ({}). Contains secrets: keep it private.\n{yaml}",
+            "#cloud-config\n# shoal cluster {} ({}), for {what}. Contains secrets: keep it private.\n{yaml}",
             self.cluster.name, self.cluster.id
         )
     }
@@ -197,7 +223,8 @@ impl Bundle {
             self.ca_key.clone(),
             self.join_secret.clone() + "\n",
             self.admin_token.clone() + "\n",
-            self.user_data(peers),
+            self.user_data(peers, false),
+            self.user_data(peers, true),
         ];
         for ((name, secret), body) in FILES.iter().zip(contents) {
             let path = dir.join(name);
@@ -215,6 +242,58 @@ impl Bundle {
             std::fs::rename(&tmp, &path).map_err(werr(&path))?;
         }
         Ok(())
+    }
+
+    /// Writes what a node was given (inline in its config) into `dir`, replacing what is
+    /// there: the admin token and, unless given, the CA key are removed, so taking the CA key
+    /// out of a node's user-data takes it off the node at the next start.
+    pub fn write_node(&self, dir: &Path) -> Result<(), IdentityError> {
+        let werr = |p: &Path| {
+            let path = p.display().to_string();
+            move |source| IdentityError::Write { path, source }
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(werr(dir))?;
+        let files = [
+            (
+                "cluster.json",
+                serde_json::to_string_pretty(&self.cluster).unwrap_or_default() + "\n",
+                false,
+            ),
+            ("ca.crt", self.ca_cert.clone(), false),
+            ("join.secret", self.join_secret.clone() + "\n", true),
+            ("ca.key", self.ca_key.clone(), true),
+        ];
+        for (name, body, secret) in files {
+            let path = dir.join(name);
+            if body.trim().is_empty() {
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(werr(&path)(e))
+                    }
+                    _ => continue,
+                }
+            }
+            let tmp = dir.join(format!(".{name}.tmp"));
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(if secret { 0o600 } else { 0o644 })
+                .open(&tmp)
+                .map_err(werr(&tmp))?;
+            f.write_all(body.as_bytes()).map_err(werr(&tmp))?;
+            f.sync_all().map_err(werr(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+        }
+        let token = dir.join("admin.token");
+        match std::fs::remove_file(&token) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(werr(&token)(e)),
+            _ => Ok(()),
+        }
     }
 
     /// Reads a bundle directory written by `write`.
@@ -471,10 +550,18 @@ mod tests {
                 & 0o777;
             assert_eq!(mode, if secret { 0o600 } else { 0o644 }, "{name}");
         }
+        // Members' user-data: no CA key, no admin token; a signer's adds the CA key only.
         let ud = std::fs::read_to_string(out.join("user-data.yaml")).unwrap();
         let parsed = parse_user_data(&ud).unwrap();
-        assert_eq!(parsed.bundle, b);
+        assert_eq!(parsed.bundle, b.for_node(false));
+        assert!(parsed.bundle.ca_key.is_empty() && parsed.bundle.admin_token.is_empty());
+        assert_eq!(parsed.bundle.cluster.operator_key, b.cluster.operator_key);
+        assert!(!ud.contains(&b.admin_token) && !ud.contains("PRIVATE KEY"));
         assert_eq!(parsed.peers, vec!["10.0.0.2:7443".to_string()]);
+        let sud = std::fs::read_to_string(out.join("user-data-signer.yaml")).unwrap();
+        let signer = parse_user_data(&sud).unwrap().bundle;
+        assert_eq!(signer.ca_key, b.ca_key);
+        assert!(signer.admin_token.is_empty() && !sud.contains(&b.admin_token));
         // A second write without --force refuses and changes nothing.
         let other = Bundle::generate("prod", 1).unwrap();
         assert!(matches!(
@@ -484,6 +571,35 @@ mod tests {
         assert_eq!(Bundle::load(&out).unwrap(), b);
         other.write(&out, &[], true).unwrap();
         assert_eq!(Bundle::load(&out).unwrap(), other);
+    }
+
+    #[test]
+    fn a_node_keeps_only_what_it_was_given() {
+        let b = Bundle::generate("prod", 1).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("bundle");
+        // A signer first (and a stray admin token left there by hand)...
+        b.for_node(true).write_node(&d).unwrap();
+        std::fs::write(d.join("admin.token"), &b.admin_token).unwrap();
+        assert!(matches!(
+            Credentials::load(&d).unwrap(),
+            Credentials::Bundle(_)
+        ));
+        // ...then a member's user-data: the CA key and the token are gone from the disk.
+        b.for_node(false).write_node(&d).unwrap();
+        assert!(!d.join("ca.key").exists() && !d.join("admin.token").exists());
+        match Credentials::load(&d).unwrap() {
+            Credentials::JoinSecret { secret, cluster } => {
+                assert_eq!(secret, b.join_secret);
+                assert_eq!(cluster.unwrap().operator_key, b.cluster.operator_key);
+            }
+            other => panic!("a member with the CA key: {other:?}"),
+        }
+        let mode = std::fs::metadata(d.join("join.secret"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[test]

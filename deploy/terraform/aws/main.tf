@@ -7,7 +7,9 @@
 #
 # A VPC carries no multicast, so mDNS finds nobody here: the first machine gets a fixed private
 # address and every machine lists it as a peer (the others are learned from membership).
-# The user-data carries the cluster's secrets: the instances require IMDSv2 tokens and a hop
+# The first machine is the signer: its user-data (user-data-signer.yaml) adds the CA key, and
+# the others get their certificates from it with the join secret. No machine gets the admin
+# token. The user-data still carries secrets: the instances require IMDSv2 tokens and a hop
 # limit of 1, so containers on the machines cannot read it.
 
 terraform {
@@ -30,9 +32,15 @@ data "aws_subnet" "nodes" {
 
 locals {
   # The seed: a fixed address inside the subnet for the first machine.
-  seed_ip = cidrhost(data.aws_subnet.nodes.cidr_block, var.seed_host_number)
+  seed_ip               = cidrhost(data.aws_subnet.nodes.cidr_block, var.seed_host_number)
+  signer_user_data_file = coalesce(var.signer_user_data_file, "${dirname(var.user_data_file)}/user-data-signer.yaml")
   user_data = replace(
     file(var.user_data_file),
+    "  peers: []",
+    "  peers: [\"${local.seed_ip}:7443\"]"
+  )
+  signer_user_data = replace(
+    file(local.signer_user_data_file),
     "  peers: []",
     "  peers: [\"${local.seed_ip}:7443\"]"
   )
@@ -123,8 +131,10 @@ resource "aws_launch_template" "shoal" {
 resource "aws_instance" "node" {
   count     = var.node_count
   subnet_id = var.subnet_id
-  # The first machine sits at the seed address every machine dials.
-  private_ip = count.index == 0 ? local.seed_ip : null
+  # The first machine sits at the seed address every machine dials, and signs the others'
+  # certificates: its user-data replaces the template's.
+  private_ip       = count.index == 0 ? local.seed_ip : null
+  user_data_base64 = count.index == 0 ? base64encode(local.signer_user_data) : null
 
   launch_template {
     id      = aws_launch_template.shoal.id

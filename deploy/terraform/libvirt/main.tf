@@ -19,6 +19,11 @@ provider "libvirt" {
   uri = var.libvirt_uri
 }
 
+locals {
+  # `shoal gen cluster` writes the signer's user-data next to the members'.
+  signer_user_data_file = coalesce(var.signer_user_data_file, "${dirname(var.user_data_file)}/user-data-signer.yaml")
+}
+
 resource "libvirt_network" "shoal" {
   name      = var.name
   mode      = "nat"
@@ -56,7 +61,8 @@ resource "libvirt_cloudinit_disk" "seed" {
   count     = var.node_count
   name      = "${var.name}-${count.index + 1}-seed.iso"
   pool      = var.pool
-  user_data = file(var.user_data_file)
+  # The first machine admits the others: it alone gets the CA key.
+  user_data = count.index == 0 ? file(local.signer_user_data_file) : file(var.user_data_file)
   meta_data = "instance-id: ${var.name}-${count.index + 1}\nlocal-hostname: ${var.name}-${count.index + 1}\n"
 }
 

@@ -16,7 +16,13 @@ variable "image" {
 
 variable "user_data_file" {
   type        = string
-  description = "user-data.yaml written by `shoal gen cluster` (it holds the cluster's secrets)."
+  description = "user-data.yaml written by `shoal gen cluster`, for member machines (join secret; no CA key, no admin token)."
+}
+
+variable "signer_user_data_file" {
+  type        = string
+  default     = null
+  description = "user-data-signer.yaml for the first machine, which admits the others (it adds the CA key). Default: next to user_data_file."
 }
 
 variable "node_count" {
