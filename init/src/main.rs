@@ -42,7 +42,58 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
 
 /// A line on the console (init's stdout).
 pub fn console(msg: &str) {
-    println!("shoal-init: {msg}");
+    console_bytes(format!("shoal-init: {msg}\n").as_bytes());
+}
+
+/// Bytes the console could not take, not yet reported.
+static CONSOLE_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Writes to the console without ever waiting on it: a slow serial line or a stopped reader
+/// must not stall PID 1. What does not fit now is dropped, counted, and said at the next write
+/// that fits. (stdout is made non-blocking at start.)
+pub fn console_bytes(b: &[u8]) {
+    use std::os::fd::AsFd;
+    use std::sync::atomic::Ordering;
+    let out = std::io::stdout();
+    let fd = out.as_fd();
+    let dropped = CONSOLE_DROPPED.swap(0, Ordering::Relaxed);
+    if dropped > 0 {
+        let note = format!("shoal-init: [console: {dropped} bytes dropped]\n");
+        let n = write_or_drop(fd, note.as_bytes());
+        if n < note.len() {
+            CONSOLE_DROPPED.fetch_add(dropped, Ordering::Relaxed);
+        }
+    }
+    let n = write_or_drop(fd, b);
+    if n < b.len() {
+        CONSOLE_DROPPED.fetch_add((b.len() - n) as u64, Ordering::Relaxed);
+    }
+}
+
+/// Writes what `fd` takes without blocking (it must be non-blocking); returns how much.
+pub fn write_or_drop(fd: std::os::fd::BorrowedFd<'_>, mut b: &[u8]) -> usize {
+    let total = b.len();
+    while !b.is_empty() {
+        match nix::unistd::write(fd, b) {
+            Ok(0) => break,
+            Ok(n) => b = &b[n..],
+            Err(nix::errno::Errno::EINTR) => continue,
+            // EAGAIN (full), EIO (console gone): drop the rest.
+            Err(_) => break,
+        }
+    }
+    total - b.len()
+}
+
+/// Makes stdout non-blocking, for `console_bytes`.
+fn console_nonblocking() {
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    use std::os::fd::AsFd;
+    let out = std::io::stdout();
+    if let Ok(flags) = fcntl(out.as_fd(), FcntlArg::F_GETFL) {
+        let flags = OFlag::from_bits_truncate(flags) | OFlag::O_NONBLOCK;
+        let _ = fcntl(out.as_fd(), FcntlArg::F_SETFL(flags));
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -403,6 +454,7 @@ fn main() {
         std::process::exit(2);
     }
     // From here on, never exit.
+    console_nonblocking();
     if test_root.is_none() && initrd::active(std::path::Path::new("/")) {
         initrd::run();
     }
@@ -529,8 +581,14 @@ fn main() {
             } else {
                 Some(metadata::LINK_LOCAL.to_string())
             };
+            // Test mode may point at a fake DMI directory, as it does at a fake service.
+            let dmi = match std::env::var_os("SHOAL_INIT_DMI") {
+                Some(p) if test => PathBuf::from(p),
+                _ => PathBuf::from("/sys/class/dmi/id"),
+            };
+            let allowed = metadata::platform(&cmdline, &dmi);
             if let Some(host) = host {
-                meta = metadata::remote(&cmdline, &host, Duration::from_secs(5), d);
+                meta = metadata::remote(&cmdline, &host, &allowed, Duration::from_secs(5), d);
             }
         }
         match &meta {
@@ -651,5 +709,39 @@ fn main() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_console_drops_instead_of_blocking() {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        use std::os::fd::AsFd;
+        let (r, w) = nix::unistd::pipe().unwrap();
+        fcntl(w.as_fd(), FcntlArg::F_SETFL(OFlag::O_NONBLOCK)).unwrap();
+        // Nobody reads: the pipe fills (64 KiB) and the rest is dropped, at once.
+        let big = vec![b'x'; 1 << 20];
+        let t = Instant::now();
+        let n = write_or_drop(w.as_fd(), &big);
+        assert!(n > 0 && n < big.len(), "wrote {n}");
+        assert!(t.elapsed() < Duration::from_secs(5));
+        drop(r);
+    }
+
+    #[test]
+    fn a_panicking_stage_fails_and_the_next_one_runs() {
+        let mut report = Report::default();
+        report.stage("boom", |_| panic!("bad seed"));
+        report.stage("after", |_| Outcome::Ok);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["stages"][0]["outcome"], "failed");
+        assert!(json["stages"][0]["detail"][0]
+            .as_str()
+            .unwrap()
+            .contains("panicked: bad seed"));
+        assert_eq!(json["stages"][1]["outcome"], "ok");
     }
 }

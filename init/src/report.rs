@@ -62,7 +62,20 @@ impl Report {
     pub fn stage(&mut self, name: &str, f: impl FnOnce(&mut Vec<String>) -> Outcome) {
         let started_ms = now_ms();
         let mut detail = Vec::new();
-        let outcome = f(&mut detail);
+        // A stage that panics fails; the boot goes on with the next one.
+        let outcome =
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut detail))) {
+                Ok(o) => o,
+                Err(p) => {
+                    let what = p
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| p.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "a panic".into());
+                    detail.push(format!("panicked: {what}"));
+                    Outcome::Failed
+                }
+            };
         let ended_ms = now_ms();
         let word = match outcome {
             Outcome::Ok => "ok",

@@ -379,7 +379,7 @@ impl Supervisor {
         for line in text.lines() {
             console.push_str(&format!("[{}] {line}\n", s.spec.name));
         }
-        let _ = std::io::stdout().write_all(console.as_bytes());
+        crate::console_bytes(console.as_bytes());
         append_capped(&s.log, &chunk);
     }
 

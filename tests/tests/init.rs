@@ -490,10 +490,16 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
         let log = dir.path().join("requests.log");
         let (mut server, port) = metadata_server(mode, &ud, &log);
         let addr = format!("127.0.0.1:{port}");
+        // The firmware names the cloud, as it does on a real instance.
+        let dmi = fake_dmi(dir.path(), mode);
         let init = Pid1::start_with(
             None,
             "",
-            &[("SHOAL_INIT_METADATA_HOST", &addr), ("SHOAL_INIT_UTS", "1")],
+            &[
+                ("SHOAL_INIT_METADATA_HOST", &addr),
+                ("SHOAL_INIT_UTS", "1"),
+                ("SHOAL_INIT_DMI", dmi.to_str().unwrap()),
+            ],
         );
         let report = wait_for(T, "the metadata stage", || {
             let r = init.report();
@@ -560,6 +566,58 @@ fn ec2_imdsv2_and_gce_metadata_from_real_http_servers() {
         let _ = server.kill();
         let _ = server.wait();
     }
+}
+
+/// A `/sys/class/dmi/id` as the firmware of `platform` fills it.
+fn fake_dmi(dir: &Path, platform: &str) -> PathBuf {
+    let (vendor, product) = match platform {
+        "ec2" => ("Amazon EC2", "t3.small"),
+        "gce" => ("Google", "Google Compute Engine"),
+        "openstack" => ("OpenStack Foundation", "OpenStack Nova"),
+        _ => ("QEMU", "Standard PC (Q35 + ICH9, 2009)"),
+    };
+    let d = dir.join("dmi");
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(d.join("sys_vendor"), format!("{vendor}\n")).unwrap();
+    std::fs::write(d.join("product_name"), format!("{product}\n")).unwrap();
+    d
+}
+
+#[test]
+fn a_machine_its_firmware_names_no_cloud_asks_no_metadata_service() {
+    // A server at the metadata address that would answer as EC2 (a rogue neighbour, a route
+    // from a rogue DHCP server): a bare-metal machine never asks it.
+    let dir = tempfile::tempdir().unwrap();
+    let (ud, _) = cluster_user_data(dir.path(), "rogue");
+    let log = dir.path().join("requests.log");
+    let (mut server, port) = metadata_server("ec2", &ud, &log);
+    let addr = format!("127.0.0.1:{port}");
+    let dmi = fake_dmi(dir.path(), "bare-metal");
+    let init = Pid1::start_with(
+        None,
+        "",
+        &[
+            ("SHOAL_INIT_METADATA_HOST", &addr),
+            ("SHOAL_INIT_DMI", dmi.to_str().unwrap()),
+        ],
+    );
+    let report = wait_for(T, "the metadata stage", || {
+        let r = init.report();
+        (!stage(&r, "metadata").is_null()).then_some(r)
+    });
+    assert!(
+        details(&report, "metadata").contains("no cloud platform named"),
+        "{}",
+        details(&report, "metadata")
+    );
+    assert!(
+        report["metadata"]["source"].is_null(),
+        "{}",
+        report["metadata"]
+    );
+    assert_eq!(std::fs::read_to_string(&log).unwrap_or_default(), "");
+    let _ = server.kill();
+    let _ = server.wait();
 }
 
 #[test]

@@ -24,7 +24,8 @@ impl Response {
     }
 }
 
-/// `method` on `url` (`http://host[:port]/path`) with extra `headers`, within `timeout`.
+/// `method` on `url` (`http://host[:port]/path`) with extra `headers`, all of it (connect,
+/// send, every byte of the answer) within `timeout`: a server that dribbles cannot stretch it.
 pub fn request(
     method: &str,
     url: &str,
@@ -48,10 +49,15 @@ pub fn request(
         .map_err(|e| format!("{hostport}: {e}"))?
         .next()
         .ok_or_else(|| format!("{hostport}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(timeout))
+    let deadline = std::time::Instant::now() + timeout;
+    let left = || {
+        let l = deadline.saturating_duration_since(std::time::Instant::now());
+        (!l.is_zero())
+            .then_some(l)
+            .ok_or_else(|| format!("{url}: no complete answer within {timeout:?}"))
+    };
+    let mut s = TcpStream::connect_timeout(&addr, left()?).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_write_timeout(Some(left()?))
         .map_err(|e| e.to_string())?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nUser-Agent: shoal-init\r\n"
@@ -65,9 +71,22 @@ pub fn request(
     req.push_str("\r\n");
     s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
-    s.take((MAX_BODY + 65536) as u64)
-        .read_to_end(&mut raw)
-        .map_err(|e| format!("{url}: {e}"))?;
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        s.set_read_timeout(Some(left()?))
+            .map_err(|e| e.to_string())?;
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                raw.extend_from_slice(&buf[..n]);
+                if raw.len() > MAX_BODY + 65536 {
+                    return Err(format!("{url}: the answer is too large"));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(format!("{url}: {e}")),
+        }
+    }
     parse(&raw).ok_or_else(|| format!("{url}: malformed HTTP response"))
 }
 
@@ -143,6 +162,34 @@ mod tests {
         assert_eq!((r.status, r.body.as_slice()), (404, &b"nope"[..]));
         assert!(parse(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\nshort").is_none());
         assert!(parse(b"garbage").is_none());
+    }
+
+    #[test]
+    fn a_dribbling_server_cannot_stretch_the_deadline() {
+        // One byte every 300 ms, forever: each read is quick, the whole is not.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            if let Ok((mut c, _)) = l.accept() {
+                let _ = c.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n");
+                while c.write_all(b"x").is_ok() {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+            }
+        });
+        let t = std::time::Instant::now();
+        let r = request(
+            "GET",
+            &format!("http://127.0.0.1:{port}/"),
+            &[],
+            Duration::from_secs(2),
+        );
+        assert!(r.is_err(), "{r:?}");
+        assert!(
+            t.elapsed() < Duration::from_secs(4),
+            "took {:?}",
+            t.elapsed()
+        );
     }
 
     proptest! {

@@ -225,11 +225,63 @@ pub fn config_drive_files(files: &BTreeMap<String, Vec<u8>>) -> Option<Metadata>
     })
 }
 
-/// The link-local services, in turn, within `budget` overall. A missing service fails fast
-/// (no route, refused); a silent one costs at most its share of the budget.
+/// The plain-HTTP metadata services this machine's platform names: from the kernel command
+/// line (`ds=ec2`, `ds=gce`, `ds=openstack`), else from the firmware's DMI strings (`dmi` is
+/// `/sys/class/dmi/id`). None elsewhere: on bare metal or a LAN, whoever answers at the
+/// link-local address (a rogue DHCP server's route, a neighbour) must not hand the machine its
+/// user-data.
+pub fn platform(cmdline: &Cmdline, dmi: &Path) -> Vec<&'static str> {
+    if let Some(ds) = cmdline.get("ds") {
+        let kind = ds
+            .split(';')
+            .next()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        match kind.as_str() {
+            "ec2" => return vec!["ec2"],
+            "gce" | "gcp" => return vec!["gce"],
+            "openstack" => return vec!["openstack"],
+            _ => {}
+        }
+    }
+    let read = |f: &str| {
+        std::fs::read_to_string(dmi.join(f))
+            .unwrap_or_default()
+            .trim()
+            .to_ascii_lowercase()
+    };
+    let strings = [
+        read("sys_vendor"),
+        read("product_name"),
+        read("bios_vendor"),
+        read("bios_version"),
+        read("chassis_asset_tag"),
+    ];
+    let any = |needles: &[&str]| {
+        strings
+            .iter()
+            .any(|s| needles.iter().any(|n| s.contains(n)))
+    };
+    let mut out = Vec::new();
+    if any(&["amazon ec2", "amazon"]) {
+        out.push("ec2");
+    }
+    if any(&["google compute engine", "google"]) {
+        out.push("gce");
+    }
+    if any(&["openstack"]) {
+        out.push("openstack");
+    }
+    out
+}
+
+/// The link-local services the platform names (`platform`), in turn, within `budget`
+/// overall. A missing service fails fast (no route, refused); a silent one costs at most its
+/// share of the budget.
 pub fn remote(
     cmdline: &Cmdline,
     host: &str,
+    allowed: &[&str],
     budget: Duration,
     detail: &mut Vec<String>,
 ) -> Option<Metadata> {
@@ -252,7 +304,16 @@ pub fn remote(
     }
     type Probe = fn(&str, Duration) -> Result<Metadata, String>;
     let probes: [(&str, Probe); 3] = [("ec2", ec2), ("gce", gce), ("openstack", openstack)];
+    if allowed.is_empty() {
+        detail.push(
+            "no cloud platform named (DMI, ds=): no plain-HTTP metadata service probed".into(),
+        );
+        return None;
+    }
     for (name, probe) in probes {
+        if !allowed.contains(&name) {
+            continue;
+        }
         if left().is_zero() {
             detail.push("metadata: time budget spent".into());
             break;
@@ -263,4 +324,62 @@ pub fn remote(
         }
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dmi(vendor: &str, product: &str) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("sys_vendor"), format!("{vendor}\n")).unwrap();
+        std::fs::write(d.path().join("product_name"), format!("{product}\n")).unwrap();
+        d
+    }
+
+    #[test]
+    fn only_a_named_platform_gets_probed_over_plain_http() {
+        let none = Cmdline::parse("console=ttyS0");
+        for (vendor, product, want) in [
+            ("Amazon EC2", "t3.micro", vec!["ec2"]),
+            ("Google", "Google Compute Engine", vec!["gce"]),
+            ("OpenStack Foundation", "OpenStack Nova", vec!["openstack"]),
+            ("QEMU", "Standard PC (Q35 + ICH9, 2009)", vec![]),
+            ("Dell Inc.", "PowerEdge R640", vec![]),
+        ] {
+            let d = dmi(vendor, product);
+            assert_eq!(platform(&none, d.path()), want, "{vendor} {product}");
+        }
+        // Missing DMI (a container, odd firmware): nothing.
+        assert!(platform(&none, Path::new("/nonexistent")).is_empty());
+        // The kernel command line names it outright.
+        let bare = dmi("Dell Inc.", "PowerEdge R640");
+        assert_eq!(
+            platform(&Cmdline::parse("ds=ec2"), bare.path()),
+            vec!["ec2"]
+        );
+        assert_eq!(
+            platform(&Cmdline::parse("ds=openstack"), bare.path()),
+            vec!["openstack"]
+        );
+    }
+
+    #[test]
+    fn nothing_named_means_nothing_probed() {
+        // A server that would answer as any cloud: never asked.
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let host = l.local_addr().unwrap().to_string();
+        l.set_nonblocking(true).unwrap();
+        let mut detail = Vec::new();
+        let m = remote(
+            &Cmdline::parse(""),
+            &host,
+            &[],
+            Duration::from_secs(2),
+            &mut detail,
+        );
+        assert!(m.is_none());
+        assert!(l.accept().is_err(), "a connection was made");
+        assert!(detail[0].contains("no cloud platform named"), "{detail:?}");
+    }
 }

@@ -115,9 +115,53 @@ pub fn iso_files(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>
     Ok(out)
 }
 
-/// Reads `wanted` paths from a FAT volume.
+/// Bytes a FAT volume may make us read in all: every wanted file at its largest, and room for
+/// directories. A cyclic cluster chain (a hostile or broken seed) reads on forever; the budget
+/// turns it into an error instead of a hung boot.
+const FAT_READ_BUDGET: u64 = 64 << 20;
+
+/// A read-only device that refuses to read past a budget.
+struct Budgeted<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for Budgeted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::Error::other(
+                "read budget spent: the volume's cluster chains loop or are far too long",
+            ));
+        }
+        let want = buf.len().min(self.left.min(usize::MAX as u64) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+impl<R> std::io::Write for Budgeted<R> {
+    fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+        Err(std::io::Error::other("the seed volume is read only"))
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<R: Seek> Seek for Budgeted<R> {
+    fn seek(&mut self, pos: SeekFrom) -> std::io::Result<u64> {
+        self.inner.seek(pos)
+    }
+}
+
+/// Reads `wanted` paths from a FAT volume, within `FAT_READ_BUDGET`.
 pub fn fat_files(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>>, String> {
     let f = std::fs::File::open(dev).map_err(|e| e.to_string())?;
+    let f = Budgeted {
+        inner: f,
+        left: FAT_READ_BUDGET,
+    };
     let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new()).map_err(|e| e.to_string())?;
     let root = fs.root_dir();
     let mut out = BTreeMap::new();
@@ -148,6 +192,51 @@ pub fn files(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_cyclic_fat_chain_ends_in_an_error_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("seed.img");
+        std::fs::File::create(&img)
+            .unwrap()
+            .set_len(40 << 20)
+            .unwrap();
+        let ok = std::process::Command::new("mkfs.vfat")
+            .args(["-F", "32", "-n", "CIDATA"])
+            .arg(&img)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        assert!(ok, "mkfs.vfat (dosfstools) is needed");
+        // Point the root directory's first cluster at itself in the FAT, and fill it with
+        // deleted entries, so a directory walk never meets the end marker.
+        let mut b = std::fs::read(&img).unwrap();
+        let bps = u16::from_le_bytes([b[11], b[12]]) as usize;
+        let per_cluster = b[13] as usize;
+        let reserved = u16::from_le_bytes([b[14], b[15]]) as usize;
+        let fats = b[16] as usize;
+        let fat_sectors = u32le(&b, 36) as usize;
+        let root = u32le(&b, 44);
+        let at = reserved * bps + root as usize * 4;
+        b[at..at + 4].copy_from_slice(&root.to_le_bytes());
+        let data = (reserved + fats * fat_sectors) * bps + (root as usize - 2) * per_cluster * bps;
+        for e in (data..data + per_cluster * bps).step_by(32) {
+            b[e] = 0xE5;
+            b[e + 11] = 0x20;
+        }
+        std::fs::write(&img, &b).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = img.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(fat_files(&path, &["meta-data", "user-data"]));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("reading a cyclic FAT volume hung");
+        // Nothing found (an error or an empty answer), and in bounded time.
+        assert!(r.map(|m| m.is_empty()).unwrap_or(true));
+    }
 
     proptest! {
         #[test]

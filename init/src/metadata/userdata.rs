@@ -129,18 +129,76 @@ fn write_file(root: &Path, item: &serde_yaml_ng::Value, out: &mut Applied) {
         .unwrap_or(0o644)
         & 0o7777;
     let target = root.join(path.trim_start_matches('/'));
-    let r = (|| -> std::io::Result<()> {
-        if let Some(d) = target.parent() {
-            std::fs::create_dir_all(d)?;
-        }
-        std::fs::write(&target, &bytes)?;
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
-    })();
-    match r {
+    match write_resolved(root, &target, &bytes, mode) {
         Ok(()) => out.files_written.push(path.to_string()),
         Err(e) => out.refused.push(format!("write_files {path}: {e}")),
     }
+}
+
+/// Where `p` really is: its deepest existing ancestor resolved through links, plus the rest.
+fn resolved(p: &Path) -> std::io::Result<std::path::PathBuf> {
+    let mut existing = p;
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                existing = parent;
+            }
+            _ => break,
+        }
+    }
+    let mut out = existing.canonicalize()?;
+    out.extend(rest.iter().rev());
+    Ok(out)
+}
+
+/// Writes `target` (under `root`) only where it really lands under `/var` or `/run` and not
+/// under `/run/shoal`, following no link at the last step: `/var/run` is a link to `/run`, so
+/// `/var/run/shoal/node.json` must be refused like `/run/shoal/node.json`.
+fn write_resolved(root: &Path, target: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let outside =
+        || "it resolves (through links) outside /var and /run, or into /run/shoal".to_string();
+    let dir = target.parent().ok_or_else(outside)?;
+    let allowed = [resolved(&root.join("var")), resolved(&root.join("run"))];
+    let forbidden = resolved(&root.join("run/shoal")).map_err(|e| e.to_string())?;
+    let ok = |real: &Path| {
+        allowed
+            .iter()
+            .flatten()
+            .any(|a| real.starts_with(a) && real != a.as_path())
+            && !real.starts_with(&forbidden)
+    };
+    // Before anything is made (a link among the existing directories), and after (none can
+    // have appeared: PID 1 is the only writer at this stage, but check what was made).
+    let real = resolved(dir).map_err(|e| e.to_string())?;
+    if !ok(&real.join("x")) {
+        return Err(outside());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    let real = dir.canonicalize().map_err(|e| e.to_string())?;
+    let file = real.join(target.file_name().ok_or_else(outside)?);
+    if !ok(&file) {
+        return Err(outside());
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&file)
+        .map_err(|e| match e.raw_os_error() {
+            Some(code) if code == nix::errno::Errno::ELOOP as i32 => {
+                "it is a link: write_files follows none".to_string()
+            }
+            _ => e.to_string(),
+        })?;
+    f.write_all(bytes).map_err(|e| e.to_string())?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(|e| e.to_string())
 }
 
 /// Processes user-data; `root` is where `write_files` lands.
@@ -236,6 +294,46 @@ mod tests {
     use std::io::Write;
 
     const UD: &str = "#cloud-config\nhostname: web-1\nfqdn: web-1.example.internal\nshoal:\n  peers: [\"10.0.0.2:7443\"]\n  labels: {zone: a}\nntp:\n  servers: [10.0.0.1]\nwrite_files:\n  - path: /var/lib/app/config.txt\n    content: hello\n    permissions: '0600'\n  - path: /etc/passwd\n    content: x\n  - path: /var/../etc/x\n    content: x\n  - path: /run/b64\n    encoding: b64\n    content: aGk=\nruncmd: [\"rm -rf /\"]\npower_state: {mode: reboot}\n";
+
+    #[test]
+    fn write_files_follows_no_link_out_of_var_and_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for d in ["var/lib", "run/shoal", "etc"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::write(root.join("run/shoal/node.json"), "{}").unwrap();
+        std::fs::write(root.join("etc/passwd"), "root").unwrap();
+        // As on the machine: /var/run is a link to /run. And two planted links.
+        std::os::unix::fs::symlink("../run", root.join("var/run")).unwrap();
+        std::os::unix::fs::symlink(root.join("etc"), root.join("var/lib/etc")).unwrap();
+        std::os::unix::fs::symlink("../../run/shoal/node.json", root.join("var/lib/cfg")).unwrap();
+        let ud = "#cloud-config\nwrite_files:\n  - {path: /var/run/shoal/node.json, content: evil}\n  - {path: /var/run/shoal/new/x, content: evil}\n  - {path: /var/lib/etc/passwd, content: evil}\n  - {path: /var/lib/cfg, content: evil}\n  - {path: /var/run/ok.txt, content: fine}\n  - {path: /var/lib/app/ok.txt, content: fine}\n";
+        let a = process(root, ud.as_bytes()).unwrap();
+        assert_eq!(
+            a.files_written,
+            vec!["/var/run/ok.txt", "/var/lib/app/ok.txt"]
+        );
+        assert_eq!(a.refused.len(), 4, "{:?}", a.refused);
+        assert_eq!(
+            std::fs::read_to_string(root.join("run/shoal/node.json")).unwrap(),
+            "{}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(root.join("etc/passwd")).unwrap(),
+            "root"
+        );
+        assert!(!root.join("run/shoal/new").exists());
+        assert_eq!(
+            std::fs::read_to_string(root.join("run/ok.txt")).unwrap(),
+            "fine"
+        );
+        assert!(
+            a.refused.iter().any(|r| r.contains("link")),
+            "{:?}",
+            a.refused
+        );
+    }
 
     #[test]
     fn applies_the_safe_subset_and_says_what_it_refused() {

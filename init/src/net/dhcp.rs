@@ -173,8 +173,29 @@ fn send(sock: &UdpSocket, m: &Message, to: SocketAddrV4) -> Result<(), String> {
     Ok(())
 }
 
-/// Waits for a reply to `xid` of one of `kinds` until `deadline`.
-fn receive(sock: &UdpSocket, xid: u32, deadline: Instant) -> Result<Message, String> {
+/// A transaction id nobody on the link can guess (a rogue server must see our request to
+/// answer it): from the kernel's urandom, which never blocks.
+fn random_xid() -> u32 {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    match std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)) {
+        Ok(()) => u32::from_ne_bytes(b),
+        Err(_) => nix::unistd::getpid().as_raw() as u32 ^ (crate::report::now_ms() as u32),
+    }
+}
+
+/// Whether a reply is to our request: our transaction id and our hardware address.
+fn ours(m: &Message, xid: u32, mac: &[u8; 6]) -> bool {
+    m.xid() == xid && m.opcode() == Opcode::BootReply && m.chaddr().get(..6) == Some(&mac[..])
+}
+
+/// Waits for a reply to `xid` for `mac` until `deadline`.
+fn receive(
+    sock: &UdpSocket,
+    xid: u32,
+    mac: &[u8; 6],
+    deadline: Instant,
+) -> Result<Message, String> {
     let mut buf = [0u8; 1500];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -198,7 +219,7 @@ fn receive(sock: &UdpSocket, xid: u32, deadline: Instant) -> Result<Message, Str
         let Some(m) = decode(&buf[..n]) else {
             continue;
         };
-        if m.xid() == xid && m.opcode() == Opcode::BootReply {
+        if ours(&m, xid, mac) {
             return Ok(m);
         }
     }
@@ -212,11 +233,11 @@ pub fn acquire(ifname: &str, mac: &[u8; 6], limit: Duration) -> Result<Lease, St
     let mut wait = Duration::from_millis(500);
     // Retransmissions keep the transaction id, so a late OFFER (servers may first ping the
     // address they offer) still counts.
-    let xid: u32 = nix::unistd::getpid().as_raw() as u32 ^ (crate::report::now_ms() as u32);
+    let xid = random_xid();
     while Instant::now() < end {
         send(&sock, &base(mac, xid, MessageType::Discover, true), bcast)?;
         let step = (Instant::now() + wait).min(end);
-        let offer = match receive(&sock, xid, step) {
+        let offer = match receive(&sock, xid, mac, step) {
             Ok(m) if m.opts().msg_type() == Some(MessageType::Offer) => m,
             _ => {
                 wait = (wait * 2).min(Duration::from_secs(4));
@@ -233,6 +254,7 @@ pub fn acquire(ifname: &str, mac: &[u8; 6], limit: Duration) -> Result<Lease, St
         match receive(
             &sock,
             xid,
+            mac,
             (Instant::now() + Duration::from_secs(3)).min(end),
         ) {
             Ok(m) if m.opts().msg_type() == Some(MessageType::Ack) => return lease_from(&m),
@@ -249,11 +271,11 @@ pub fn acquire(ifname: &str, mac: &[u8; 6], limit: Duration) -> Result<Lease, St
 /// Renews `lease` by unicast to its server (RENEWING state of RFC 2131).
 pub fn renew(ifname: &str, mac: &[u8; 6], lease: &Lease) -> Result<Lease, String> {
     let sock = socket_on(ifname)?;
-    let xid: u32 = crate::report::now_ms() as u32 ^ 0x5a5a_5a5a;
+    let xid = random_xid();
     let mut req = base(mac, xid, MessageType::Request, false);
     req.set_ciaddr(lease.addr);
     send(&sock, &req, SocketAddrV4::new(lease.server, 67))?;
-    match receive(&sock, xid, Instant::now() + Duration::from_secs(5))? {
+    match receive(&sock, xid, mac, Instant::now() + Duration::from_secs(5))? {
         m if m.opts().msg_type() == Some(MessageType::Ack) => lease_from(&m),
         m => Err(format!("server answered {:?}", m.opts().msg_type())),
     }
@@ -308,6 +330,24 @@ mod tests {
         let mut none = ack();
         none.set_yiaddr(Ipv4Addr::UNSPECIFIED);
         assert!(lease_from(&none).is_err());
+    }
+
+    #[test]
+    fn only_replies_to_our_request_and_our_address_count() {
+        let mac = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+        let xid = random_xid();
+        assert_ne!(xid, random_xid(), "two transaction ids in a row were equal");
+        let mut m = ack();
+        m.set_xid(xid).set_chaddr(&mac);
+        assert!(ours(&m, xid, &mac));
+        assert!(!ours(&m, xid ^ 1, &mac));
+        let other = [0x52, 0x54, 0, 0x12, 0x34, 0x57];
+        assert!(
+            !ours(&m, xid, &other),
+            "a reply for another machine was taken"
+        );
+        m.set_opcode(Opcode::BootRequest);
+        assert!(!ours(&m, xid, &mac));
     }
 
     proptest! {
