@@ -47,6 +47,8 @@ pub struct Docker {
     /// How often the executor looks at the containers even when nothing in the store changed
     /// (crashed containers, images loaded since, members gone).
     pub reconcile_ms: u64,
+    /// The largest image archive `POST /v1/images` takes (bytes).
+    pub max_image_bytes: u64,
 }
 
 impl Default for Docker {
@@ -55,6 +57,7 @@ impl Default for Docker {
             socket: "/var/run/docker.sock".into(),
             enabled: true,
             reconcile_ms: 2000,
+            max_image_bytes: crate::executor::docker::DEFAULT_MAX_IMAGE_BYTES,
         }
     }
 }

@@ -130,6 +130,15 @@ impl Drop for Cleanup {
         for id in ids.lines() {
             let _ = Command::new("docker").args(["rm", "-f", id]).output();
         }
+        let _ = Command::new("docker")
+            .args([
+                "network",
+                "prune",
+                "-f",
+                "--filter",
+                &format!("label=shoal.cluster={}", self.0),
+            ])
+            .output();
     }
 }
 
@@ -413,4 +422,316 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
     assert_eq!(running_on(&nodes[1], "web", "n1"), 2);
     let n2 = labelled(&on_n2, true);
     assert!(n2.is_empty(), "n2 started containers: {n2:?}");
+}
+
+/// A stand-in for the cloud metadata service: 169.254.169.254 on this machine's loopback
+/// interface, an HTTP server on port 80 there. Removed when dropped.
+struct FakeMetadata {
+    server: std::process::Child,
+}
+
+impl FakeMetadata {
+    fn start(dir: &std::path::Path) -> FakeMetadata {
+        let _ = Command::new("ip")
+            .args(["addr", "del", "169.254.169.254/32", "dev", "lo"])
+            .output();
+        run(Command::new("ip").args(["addr", "add", "169.254.169.254/32", "dev", "lo"]));
+        std::fs::write(dir.join("user-data"), "#cloud-config\nsecret: yes\n").unwrap();
+        let server = Command::new("/usr/bin/python3")
+            .args([
+                "-m",
+                "http.server",
+                "80",
+                "--bind",
+                "169.254.169.254",
+                "--directory",
+            ])
+            .arg(dir)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let md = FakeMetadata { server };
+        shoal_e2e::wait_for(CONVERGE, "the fake metadata server", || {
+            shoal_e2e::get_at("169.254.169.254", 80, "/user-data")
+                .ok()
+                .filter(|r| r.status == 200)
+        });
+        md
+    }
+}
+
+impl Drop for FakeMetadata {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", "shoalmd0"])
+            .output();
+    }
+}
+
+/// Whether `http://host:port/path` answers 200 to container `id` (busybox nc, 2 s; its wget
+/// is not used: the static build crashes resolving).
+fn reaches(id: &str, url: &str) -> bool {
+    let rest = url.strip_prefix("http://").unwrap();
+    let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "80"));
+    let path = if path.is_empty() { "/" } else { path };
+    let script = format!("printf 'GET {path} HTTP/1.0\\r\\n\\r\\n' | nc -w 2 {host} {port}");
+    Command::new("docker")
+        .args(["exec", id, "sh", "-c", &script])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).starts_with("HTTP/1.")
+                && String::from_utf8_lossy(&o.stdout).contains(" 200 ")
+        })
+        .unwrap_or(false)
+}
+
+fn iptables_has(chain: &str, rule: &str) -> bool {
+    Command::new("iptables")
+        .args(["-w", "-C", chain])
+        .args(rule.split_whitespace())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[test]
+fn containers_are_tenants() {
+    shoal_e2e::netns::require_root();
+    let archive = busybox_image();
+    let root = tempfile::tempdir().unwrap();
+    let md_dir = tempfile::tempdir().unwrap();
+    let _md = FakeMetadata::start(md_dir.path());
+    let cleanup = Cleanup::for_agents_in(root.path());
+    let a = Agent::start(
+        root.path(),
+        "n1",
+        &[],
+        "[docker]\nenabled = true\nreconcile_ms = 300\n",
+    );
+    let r = write(&a, "POST", "/v1/images", &std::fs::read(&archive).unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+    // "quiet" sets no limits; "web" serves on 8080 from two replicas.
+    deploy(
+        &a,
+        "quiet",
+        &format!("name = \"quiet\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sleep\", \"3600\"]\n"),
+    );
+    deploy(
+        &a,
+        "web",
+        &format!(
+            "name = \"web\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 8080 -h /www\"]\nport = 8080\n[scale]\nreplicas = 2\n"
+        ),
+    );
+    let quiet = running(&a, "quiet", 1);
+    let web = running(&a, "web", 2);
+    let q = quiet[0]["container"].as_str().unwrap().to_string();
+    let w0 = web[0]["container"].as_str().unwrap().to_string();
+    let w1_ip = web[1]["ip"].as_str().unwrap().to_string();
+    let w0_ip = web[0]["ip"].as_str().unwrap().to_string();
+
+    // The controls: the node reaches the metadata server and the app; an app's replicas
+    // reach each other.
+    assert_eq!(
+        shoal_e2e::get_at("169.254.169.254", 80, "/user-data")
+            .unwrap()
+            .status,
+        200
+    );
+    assert_eq!(shoal_e2e::get_at(&w0_ip, 8080, "/").unwrap().status, 200);
+    assert!(
+        reaches(&w0, &format!("http://{w1_ip}:8080/")),
+        "web's replicas are cut off from each other"
+    );
+
+    // From inside another app: no metadata, no agent ports, no other app.
+    let info = inspect(&q);
+    let net = info["HostConfig"]["NetworkMode"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(net, format!("shoal-{}-n1-quiet", &cleanup.0[..12]));
+    let gateway = info["NetworkSettings"]["Networks"][&net]["Gateway"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        !reaches(&q, "http://169.254.169.254/user-data"),
+        "the metadata address answered a container"
+    );
+    // A port of the node on every address (as the agent's are on a machine): it answers the
+    // node at the bridge's address, not the container.
+    let port = shoal_e2e::free_port();
+    let mut node_port = Command::new("/usr/bin/python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "0.0.0.0",
+            "--directory",
+        ])
+        .arg(md_dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    shoal_e2e::wait_for(CONVERGE, "the node's port", || {
+        shoal_e2e::get_at(&gateway, port, "/user-data")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+    let from_container = reaches(&q, &format!("http://{gateway}:{port}/user-data"));
+    let _ = node_port.kill();
+    let _ = node_port.wait();
+    assert!(!from_container, "a port of the node answered a container");
+    assert!(
+        !reaches(&q, &format!("http://{w0_ip}:8080/")),
+        "one app reached another's replica"
+    );
+
+    // Unprivileged and limited by default.
+    let host = &info["HostConfig"];
+    assert_eq!(host["CapDrop"], serde_json::json!(["ALL"]));
+    let added: Vec<&str> = host["CapAdd"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c.as_str().unwrap().trim_start_matches("CAP_"))
+        .collect();
+    assert!(
+        !added.contains(&"NET_RAW") && !added.contains(&"SYS_ADMIN") && !added.contains(&"MKNOD"),
+        "{added:?}"
+    );
+    assert_eq!(host["Memory"], 512 << 20, "no default memory limit");
+
+    // The rules come back when something removes them.
+    let rule = "-d 169.254.169.254/32 -j DROP";
+    assert!(iptables_has("DOCKER-USER", rule));
+    run(Command::new("iptables")
+        .args(["-w", "-D", "DOCKER-USER"])
+        .args(rule.split_whitespace()));
+    run(Command::new("iptables").args(["-w", "-F", "SHOAL-CONTAINERS"]));
+    converge(&[&a], "the firewall rules re-asserted", || {
+        (iptables_has("DOCKER-USER", rule) && iptables_has("SHOAL-CONTAINERS", "-j DROP"))
+            .then_some(())
+    });
+    assert!(!reaches(&q, "http://169.254.169.254/user-data"));
+
+    // An app that goes takes its network with it.
+    let r = a.delete_app("quiet").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    converge(&[&a], "quiet's network removed", || {
+        let nets = docker(&["network", "ls", "--format", "{{.Name}}"]);
+        (!nets.lines().any(|n| n == net)).then_some(())
+    });
+}
+
+/// A `docker save` archive of another image (busybox plus one file) that names itself `as_name`,
+/// made without touching `as_name` on this Docker.
+fn impostor_archive(dir: &std::path::Path, as_name: &str) -> std::path::PathBuf {
+    let ctx = dir.join("impostor");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!("FROM {BUSYBOX}\nRUN echo impostor > /impostor\n"),
+    )
+    .unwrap();
+    docker(&[
+        "build",
+        "-q",
+        "-t",
+        "shoal-e2e/impostor:1",
+        ctx.to_str().unwrap(),
+    ]);
+    let saved = dir.join("impostor.tar");
+    docker(&[
+        "save",
+        "-o",
+        saved.to_str().unwrap(),
+        "shoal-e2e/impostor:1",
+    ]);
+    let out = dir.join("renamed.tar");
+    // Rename it in the archive's manifest and repositories files.
+    let script = r#"
+import json, sys, tarfile, io
+src, dst, name = sys.argv[1:4]
+repo, tag = name.rsplit(':', 1)
+with tarfile.open(src) as t, tarfile.open(dst, 'w') as o:
+    for m in t.getmembers():
+        data = t.extractfile(m).read() if m.isfile() else None
+        if m.name == 'manifest.json':
+            man = json.loads(data)
+            for e in man:
+                e['RepoTags'] = [name]
+            data = json.dumps(man).encode()
+        elif m.name == 'repositories':
+            old = json.loads(data)
+            ids = [v for r in old.values() for v in r.values()]
+            data = json.dumps({repo: {tag: ids[0]}}).encode()
+        if data is not None:
+            m.size = len(data)
+            o.addfile(m, io.BytesIO(data))
+        else:
+            o.addfile(m)
+"#;
+    run(Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .args([saved.as_os_str(), out.as_os_str()])
+        .arg(as_name));
+    out
+}
+
+#[test]
+fn image_uploads_are_capped_and_cannot_retag_what_runs() {
+    shoal_e2e::netns::require_root();
+    let archive = busybox_image();
+    let root = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup::for_agents_in(root.path());
+    let tar = std::fs::read(&archive).unwrap();
+    let a = Agent::start(
+        root.path(),
+        "n1",
+        &[],
+        &format!(
+            "[docker]\nenabled = true\nreconcile_ms = 300\nmax_image_bytes = {}\n",
+            tar.len() + 64 * 1024
+        ),
+    );
+    // Over the cap (curl declares the size): refused before a byte is loaded.
+    let big = [tar.clone(), vec![0u8; 128 * 1024]].concat();
+    let r = write(&a, "POST", "/v1/images", &big);
+    assert_eq!(r.status, 413, "{}", r.text());
+    let r = write(&a, "POST", "/v1/images", &tar);
+    assert_eq!(r.status, 200, "{}", r.text());
+    deploy(
+        &a,
+        "quiet",
+        &format!("name = \"quiet\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sleep\", \"3600\"]\n"),
+    );
+    let t = running(&a, "quiet", 1);
+    let before = inspect(t[0]["container"].as_str().unwrap())["Image"].clone();
+    let id_before = docker(&["image", "inspect", "-f", "{{.Id}}", BUSYBOX]);
+
+    // Another image under the running name: refused, the name stays where it was.
+    let impostor = std::fs::read(impostor_archive(root.path(), BUSYBOX)).unwrap();
+    let r = write(&a, "POST", "/v1/images", &impostor);
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["in_use"][0]["app"], "quiet", "{}", r.text());
+    assert_eq!(
+        docker(&["image", "inspect", "-f", "{{.Id}}", BUSYBOX]),
+        id_before
+    );
+    // The same image again is no retag: accepted.
+    let r = write(&a, "POST", "/v1/images", &tar);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = running(&a, "quiet", 1);
+    assert_eq!(
+        inspect(t[0]["container"].as_str().unwrap())["Image"],
+        before
+    );
 }

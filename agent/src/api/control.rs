@@ -487,9 +487,12 @@ async fn delete_app(name: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Bo
 }
 
 /// Loads a `docker save` archive into this node's Docker, streamed as it arrives: no registry
-/// is needed to run an image. Answers the names Docker loaded.
+/// is needed to run an image. Answers the names Docker loaded. An archive over the cap is cut
+/// off (413); one that would move a name this cluster's running replicas use to another image
+/// is refused (409): the name is put back where it was, the running replicas keep theirs.
 async fn load_image(req: Request<Incoming>, h: &Handle) -> Response<Body> {
     use futures_util::StreamExt;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     let Some(docker) = h.docker.clone() else {
         return drain_then(
             req,
@@ -500,23 +503,99 @@ async fn load_image(req: Request<Incoming>, h: &Handle) -> Response<Body> {
         )
         .await;
     };
-    let archive = http_body_util::BodyStream::new(req.into_body()).filter_map(|f| async move {
-        match f {
-            Ok(frame) => frame.into_data().ok().map(Ok),
-            Err(e) => Some(Err(e)),
+    let cap = docker.max_image_bytes();
+    let declared = req
+        .headers()
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > cap) {
+        return drain_then(req, too_large(cap)).await;
+    }
+    let in_use = match docker.images_in_use(&h.trust.cluster.id).await {
+        Ok(m) => m,
+        Err(e) => {
+            return drain_then(
+                req,
+                error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    crate::daemon::peer::error_chain(&e),
+                ),
+            )
+            .await
+        }
+    };
+    let seen = Arc::new(AtomicU64::new(0));
+    let over = Arc::new(AtomicBool::new(false));
+    let (seen2, over2) = (seen.clone(), over.clone());
+    let archive = http_body_util::BodyStream::new(req.into_body()).filter_map(move |f| {
+        let (seen, over) = (seen2.clone(), over2.clone());
+        async move {
+            match f {
+                Ok(frame) => frame.into_data().ok().map(|d| {
+                    let total = seen.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
+                    if total > cap {
+                        over.store(true, Ordering::Relaxed);
+                        Err(Box::<dyn std::error::Error + Send + Sync>::from(
+                            "the archive is over the image size cap",
+                        ))
+                    } else {
+                        Ok(d)
+                    }
+                }),
+                Err(e) => Some(Err(Box::<dyn std::error::Error + Send + Sync>::from(e))),
+            }
         }
     });
-    match docker.load_image(archive).await {
-        Ok(loaded) => {
-            tracing::info!(images = ?loaded, "images loaded");
-            json(StatusCode::OK, &j!({ "loaded": loaded }))
+    let loaded = match docker.load_image(archive).await {
+        Ok(l) => l,
+        Err(_) if over.load(Ordering::Relaxed) => return too_large(cap),
+        Err(e @ crate::executor::ExecutorError::Load(_)) => {
+            return error(StatusCode::BAD_REQUEST, e)
         }
-        Err(e @ crate::executor::ExecutorError::Load(_)) => error(StatusCode::BAD_REQUEST, e),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            crate::daemon::peer::error_chain(&e),
-        ),
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                crate::daemon::peer::error_chain(&e),
+            )
+        }
+    };
+    let mut clashes = Vec::new();
+    for name in &loaded {
+        let Some((was, app)) = in_use.get(&crate::executor::docker::full_name(name)) else {
+            continue;
+        };
+        match docker.image_id(name).await {
+            Ok(Some(now)) if now != *was => {
+                if let Err(e) = docker.tag(was, name).await {
+                    tracing::error!(image = %name, err = %e, "cannot put an image name back");
+                }
+                clashes.push(j!({ "image": name, "app": app }));
+            }
+            _ => {}
+        }
     }
+    if !clashes.is_empty() {
+        tracing::warn!(clashes = %j!(clashes), "image load refused: it would retag images running replicas use");
+        return json(
+            StatusCode::CONFLICT,
+            &j!({
+                "error": "the archive names images that running replicas use, as other images: load it under a new tag and point the app at it",
+                "in_use": clashes,
+            }),
+        );
+    }
+    tracing::info!(images = ?loaded, bytes = seen.load(Ordering::Relaxed), "images loaded");
+    json(StatusCode::OK, &j!({ "loaded": loaded }))
+}
+
+fn too_large(cap: u64) -> Response<Body> {
+    error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        format!(
+            "the archive is over this node's image size cap ({cap} bytes, docker.max_image_bytes)"
+        ),
+    )
 }
 
 /// Writes one key; answers `body` with the write's version added, or 503.

@@ -269,9 +269,10 @@ pub fn start(
         tls: security.tls,
         trust: security.trust,
         docker: cfg.docker.enabled.then(|| {
-            Arc::new(crate::executor::docker::Docker::new(
-                &cfg.docker.socket.to_string_lossy(),
-            ))
+            Arc::new(
+                crate::executor::docker::Docker::new(&cfg.docker.socket.to_string_lossy())
+                    .with_max_image_bytes(cfg.docker.max_image_bytes),
+            )
         }),
     };
     let task = tokio::spawn(core_loop(node, rx, effects, shutdown));

@@ -20,15 +20,40 @@ use tokio::sync::Mutex;
 
 /// Requests other than image loads; a load may take as long as its upload.
 const TIMEOUT_S: u64 = 120;
-const LOAD_TIMEOUT: Duration = Duration::from_secs(3600);
+/// A whole image upload, however slow the client: 2 GiB (the default cap) at 2.4 MB/s.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(15 * 60);
 /// Seconds between SIGTERM and SIGKILL when a container is stopped.
 const STOP_GRACE_S: i32 = 10;
+/// The default cap on an uploaded image archive.
+pub const DEFAULT_MAX_IMAGE_BYTES: u64 = 2 << 30;
 /// At most this many processes per container: a fork bomb stays inside it.
 const PIDS_LIMIT: i64 = 4096;
+/// What a container may do as root inside it: enough to drop privileges, own its files and
+/// bind low ports; none of Docker's other defaults (raw sockets, mknod, chroot, setfcap,
+/// audit writes...).
+pub const CAPABILITIES: [&str; 8] = [
+    "CHOWN",
+    "DAC_OVERRIDE",
+    "FOWNER",
+    "FSETID",
+    "KILL",
+    "SETGID",
+    "SETUID",
+    "NET_BIND_SERVICE",
+];
+
+/// The network of one app on one node: `shoal-<first 12 of the cluster id>-<node>-<app>`.
+/// Per node, because nodes sharing one Docker (tests, a development machine) would otherwise
+/// race to create it, and Docker takes two networks of one name.
+pub fn network_name(cluster: &str, node: &str, app: &str) -> String {
+    let c: String = cluster.chars().take(12).collect();
+    format!("shoal-{c}-{node}-{app}")
+}
 
 pub struct Docker {
     socket: String,
     client: Mutex<Option<bollard::Docker>>,
+    max_image_bytes: u64,
 }
 
 fn refused(what: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> ExecutorError {
@@ -51,7 +76,18 @@ impl Docker {
         Docker {
             socket: socket.to_string(),
             client: Mutex::new(None),
+            max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
         }
+    }
+
+    /// The largest image archive `POST /v1/images` takes.
+    pub fn with_max_image_bytes(mut self, n: u64) -> Docker {
+        self.max_image_bytes = n;
+        self
+    }
+
+    pub fn max_image_bytes(&self) -> u64 {
+        self.max_image_bytes
     }
 
     pub fn socket(&self) -> &str {
@@ -126,7 +162,134 @@ impl Docker {
     }
 }
 
+/// `name` with the `:latest` Docker assumes when it names no tag.
+pub fn full_name(name: &str) -> String {
+    let last = name.rsplit('/').next().unwrap_or(name);
+    if last.contains(':') || name.contains('@') {
+        name.to_string()
+    } else {
+        format!("{name}:latest")
+    }
+}
+
+impl Docker {
+    /// The image names this cluster's running containers on this Docker were made from, each
+    /// with the image id it runs and an app that runs it.
+    pub async fn images_in_use(
+        &self,
+        cluster: &str,
+    ) -> Result<HashMap<String, (String, String)>, ExecutorError> {
+        let c = self.client().await?;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![format!("{LABEL_CLUSTER}={cluster}")],
+        )]);
+        let running = c
+            .list_containers(Some(ListContainersOptions {
+                filters: Some(filters),
+                ..Default::default()
+            }))
+            .await
+            .map_err(refused("list containers"))?;
+        Ok(running
+            .into_iter()
+            .filter_map(|s| {
+                let app = s.labels.as_ref()?.get(LABEL_APP)?.clone();
+                Some((full_name(&s.image?), (s.image_id?, app)))
+            })
+            .collect())
+    }
+
+    /// The id `name` points at now, if it names an image.
+    pub async fn image_id(&self, name: &str) -> Result<Option<String>, ExecutorError> {
+        match self.client().await?.inspect_image(name).await {
+            Ok(i) => Ok(i.id),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(refused(format!("inspect image {name}"))(e)),
+        }
+    }
+
+    /// Points `name` (`repo:tag`) at image `id`.
+    pub async fn tag(&self, id: &str, name: &str) -> Result<(), ExecutorError> {
+        let (repo, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
+        self.client()
+            .await?
+            .tag_image(
+                id,
+                Some(bollard::query_parameters::TagImageOptions {
+                    repo: Some(repo.to_string()),
+                    tag: Some(tag.to_string()),
+                }),
+            )
+            .await
+            .map_err(refused(format!("tag image {name}")))
+    }
+
+    /// The app's network, made on first use (by whichever replica starts first).
+    async fn ensure_network(
+        &self,
+        c: &bollard::Docker,
+        spec: &ContainerSpec,
+    ) -> Result<(), ExecutorError> {
+        use bollard::query_parameters::InspectNetworkOptions;
+        match c
+            .inspect_network(&spec.network, None::<InspectNetworkOptions>)
+            .await
+        {
+            Ok(_) => return Ok(()),
+            Err(e) if not_found(&e) => {}
+            Err(e) => return Err(refused(format!("inspect network {}", spec.network))(e)),
+        }
+        let mut labels: HashMap<String, String> = HashMap::new();
+        for l in [LABEL_CLUSTER, LABEL_NODE, LABEL_APP] {
+            if let Some(v) = spec.labels.get(l) {
+                labels.insert(l.to_string(), v.clone());
+            }
+        }
+        let req = bollard::models::NetworkCreateRequest {
+            name: spec.network.clone(),
+            driver: Some("bridge".into()),
+            labels: Some(labels),
+            options: Some(HashMap::from([(
+                "com.docker.network.bridge.enable_icc".to_string(),
+                "true".to_string(),
+            )])),
+            ..Default::default()
+        };
+        match c.create_network(req).await {
+            Ok(_) => {
+                tracing::info!(network = %spec.network, "app network created");
+                Ok(())
+            }
+            // Made meanwhile by another start.
+            Err(bollard::errors::Error::DockerResponseServerError {
+                status_code: 409, ..
+            }) => Ok(()),
+            Err(e) => Err(refused(format!("create network {}", spec.network))(e)),
+        }
+    }
+}
+
 impl ContainerRuntime for Docker {
+    async fn prune_networks(&self, cluster: &str, node: &str) -> Result<(), ExecutorError> {
+        use bollard::query_parameters::PruneNetworksOptions;
+        let filters = HashMap::from([(
+            "label".to_string(),
+            vec![
+                format!("{LABEL_CLUSTER}={cluster}"),
+                format!("{LABEL_NODE}={node}"),
+            ],
+        )]);
+        self.client()
+            .await?
+            .prune_networks(Some(PruneNetworksOptions {
+                filters: Some(filters),
+            }))
+            .await
+            .map(|_| ())
+            .map_err(refused("prune app networks"))
+    }
+
     async fn list(&self, cluster: &str, node: &str) -> Result<Vec<Observed>, ExecutorError> {
         let c = self.client().await?;
         let filters = HashMap::from([(
@@ -196,6 +359,7 @@ impl ContainerRuntime for Docker {
 
     async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
         let c = self.client().await?;
+        self.ensure_network(&c, spec).await?;
         let host = HostConfig {
             memory: spec.memory_bytes,
             // No swap beyond the memory limit.
@@ -208,7 +372,9 @@ impl ContainerRuntime for Docker {
             // No privileges beyond Docker's defaults, and none gained through setuid files.
             privileged: Some(false),
             security_opt: Some(vec!["no-new-privileges:true".into()]),
-            cap_drop: Some(vec!["NET_RAW".into()]),
+            cap_drop: Some(vec!["ALL".into()]),
+            cap_add: Some(CAPABILITIES.iter().map(|c| c.to_string()).collect()),
+            network_mode: Some(spec.network.clone()),
             // The executor restarts failed replicas itself (with backoff, recorded in the task).
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),

@@ -7,6 +7,7 @@
 //! (Docker through bollard in the agent); `run` is the loop around them.
 
 pub mod docker;
+pub mod firewall;
 pub mod plan;
 pub mod run;
 
@@ -55,6 +56,9 @@ pub struct ContainerSpec {
     pub memory_bytes: Option<i64>,
     pub nano_cpus: Option<i64>,
     pub port: Option<u16>,
+    /// The app's own network (`docker::network_name`): its replicas reach each other, other
+    /// apps' do not reach them.
+    pub network: String,
 }
 
 /// A container the runtime reports, identified by its labels.
@@ -88,6 +92,12 @@ pub trait ContainerRuntime: Send + Sync {
     ) -> impl Future<Output = Result<String, ExecutorError>> + Send;
     /// Stops (with a grace period) and removes.
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), ExecutorError>> + Send;
+    /// Removes this node's app networks that no container uses any more.
+    fn prune_networks(
+        &self,
+        cluster: &str,
+        node: &str,
+    ) -> impl Future<Output = Result<(), ExecutorError>> + Send;
     /// A stream that yields whenever a container of `cluster` stops, so a crash is handled at
     /// once rather than at the next periodic pass; it ends when the runtime goes away.
     fn stops(
@@ -108,6 +118,9 @@ impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {
     }
     async fn remove(&self, id: &str) -> Result<(), ExecutorError> {
         (**self).remove(id).await
+    }
+    async fn prune_networks(&self, cluster: &str, node: &str) -> Result<(), ExecutorError> {
+        (**self).prune_networks(cluster, node).await
     }
     async fn stops(
         &self,

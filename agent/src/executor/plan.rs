@@ -91,6 +91,7 @@ mod tests {
                 memory_bytes: None,
                 nano_cpus: None,
                 port: None,
+                network: "net".into(),
             },
         }
     }

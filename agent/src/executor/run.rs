@@ -52,6 +52,9 @@ impl Restarts {
     }
 }
 
+/// A replica's memory limit when its spec sets none.
+pub const DEFAULT_MEMORY_BYTES: i64 = 512 << 20;
+
 pub struct Executor<R> {
     rt: R,
     h: Handle,
@@ -234,10 +237,18 @@ impl<R: ContainerRuntime> Executor<R> {
                 command: spec.run.command.clone(),
                 env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
                 labels,
-                // Validated when the spec was written.
-                memory_bytes: spec.resources.memory_bytes().ok().flatten(),
+                // Validated when the spec was written; a spec without a limit gets the
+                // default, so no replica can take the node's memory.
+                memory_bytes: Some(
+                    spec.resources
+                        .memory_bytes()
+                        .ok()
+                        .flatten()
+                        .unwrap_or(DEFAULT_MEMORY_BYTES),
+                ),
                 nano_cpus: spec.resources.cpu.map(|c| (c * 1e9) as i64),
                 port: spec.run.port,
+                network: super::docker::network_name(&self.cluster, &self.me, &spec.name),
             },
         })
     }
@@ -349,6 +360,12 @@ impl<R: ContainerRuntime> Executor<R> {
                 tracing::warn!(container = %o.id, err = %e, "cannot remove container");
             }
         }
+        if !p.extra.is_empty() {
+            // An app gone from this node leaves its network behind.
+            if let Err(e) = self.rt.prune_networks(&self.cluster, &self.me).await {
+                tracing::warn!(err = %e, "cannot remove unused app networks");
+            }
+        }
     }
 
     async fn start(&mut self, now: Instant, d: &Desired) -> Task {
@@ -451,6 +468,38 @@ fn relevant(c: &Change, me: &str) -> bool {
     }
 }
 
+/// The host rules that keep containers from the node and the metadata address
+/// (`firewall`), asserted at every periodic pass; failures are logged once until they change.
+#[derive(Default)]
+struct Firewall {
+    last_error: Option<String>,
+}
+
+impl Firewall {
+    async fn assert(&mut self) {
+        let r = tokio::task::spawn_blocking(super::firewall::assert_rules).await;
+        match r {
+            Ok(Ok(done)) => {
+                if self.last_error.take().is_some() || done.rebuilt_chain || done.hooks_added > 0 {
+                    tracing::info!(
+                        rebuilt_chain = done.rebuilt_chain,
+                        hooks_added = done.hooks_added,
+                        "container firewall rules in place"
+                    );
+                }
+            }
+            Ok(Err(e)) => {
+                let e = e.to_string();
+                if self.last_error.as_ref() != Some(&e) {
+                    tracing::error!(err = %e, "cannot set the container firewall: containers may reach this node's ports and the metadata address");
+                    self.last_error = Some(e);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
 /// Runs the executor until `shutdown`. Containers keep running when the agent stops: a
 /// restarted agent adopts them by their labels.
 pub async fn run<R: ContainerRuntime>(
@@ -464,6 +513,7 @@ pub async fn run<R: ContainerRuntime>(
     let me = h.me.id.to_string();
     let cluster = h.trust.cluster.id.clone();
     let mut ex = Executor::new(rt, h);
+    let mut firewall = Firewall::default();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Container stops as Docker reports them; (re)subscribed at a periodic pass when absent.
@@ -481,6 +531,7 @@ pub async fn run<R: ContainerRuntime>(
                 if stops.is_none() {
                     stops = ex.rt.stops(&cluster).await.ok();
                 }
+                firewall.assert().await;
             }
             e = next_stop => if e.is_none() {
                 stops = None;
