@@ -257,10 +257,20 @@ impl Bundle {
             .mode(0o700)
             .create(dir)
             .map_err(werr(dir))?;
+        // User-data made before operator keys carried the admin token instead: keep what it
+        // stands for (the public key), not the token.
+        let mut cluster = self.cluster.clone();
+        if cluster.operator_key.is_none() && !self.admin_token.is_empty() {
+            cluster.operator_key = Some(
+                vouch::OperatorKey::from_token(&self.admin_token, &cluster.id)
+                    .public()
+                    .hex(),
+            );
+        }
         let files = [
             (
                 "cluster.json",
-                serde_json::to_string_pretty(&self.cluster).unwrap_or_default() + "\n",
+                serde_json::to_string_pretty(&cluster).unwrap_or_default() + "\n",
                 false,
             ),
             ("ca.crt", self.ca_cert.clone(), false),
@@ -600,6 +610,18 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        // Old user-data (the whole bundle, no operator key): the key is kept, the token not.
+        let mut old = b.clone();
+        old.cluster.operator_key = None;
+        old.write_node(&d).unwrap();
+        assert!(!d.join("admin.token").exists());
+        match Credentials::load(&d).unwrap() {
+            Credentials::Bundle(nb) => {
+                assert_eq!(nb.cluster.operator_key, b.cluster.operator_key);
+                assert!(nb.admin_token.is_empty());
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
