@@ -437,6 +437,8 @@ pub struct Agent {
     pub netns: Option<String>,
     config: PathBuf,
     child: Option<Child>,
+    /// Extra environment for the agent process (e.g. libfaketime's).
+    pub env: Vec<(String, String)>,
 }
 
 impl Agent {
@@ -554,6 +556,7 @@ impl Agent {
             netns,
             config,
             child: None,
+            env: Vec::new(),
         }
     }
 
@@ -615,6 +618,7 @@ impl Agent {
             .args(["agent", "--config"])
             .arg(&self.config)
             .env("SHOAL_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -503,3 +503,44 @@ fn an_evicted_node_is_cut_off_everywhere() {
     assert_eq!(again.status, 200);
     assert_eq!(again.json()["already"], true);
 }
+
+#[test]
+fn a_node_whose_clock_is_off_says_so_and_answers_writes_with_503() {
+    // n3 runs 30 minutes ahead (libfaketime), past the 15 minutes the cluster allows: its
+    // peers would refuse everything it writes.
+    let root = tempfile::tempdir().unwrap();
+    let n1 = Agent::start(root.path(), "n1", &[], "");
+    let n2 = Agent::start(root.path(), "n2", &[n1.api_port], "");
+    let mut n3 = Agent::configure(root.path(), "n3", &[n1.api_port, n2.api_port], "");
+    n3.env = vec![
+        (
+            "LD_PRELOAD".into(),
+            "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1".into(),
+        ),
+        ("FAKETIME".into(), "+30m".into()),
+        ("FAKETIME_DONT_FAKE_MONOTONIC".into(), "1".into()),
+    ];
+    n3.spawn();
+    wait_for(T, "n3 to see its clock is off", || {
+        (n3.status()["clock"]["skewed"] == true).then_some(())
+    });
+    let st = n3.status();
+    let offset = st["clock"]["offset_ms"].as_i64().unwrap();
+    assert!((-31 * 60_000..=-29 * 60_000).contains(&offset), "{st}");
+    let r = n3.put_app("late", "name = \"late\"\n").unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("clock"), "{}", r.text());
+    assert_eq!(metric(&n3.metrics(), "shoal_clock_skewed"), Some(1.0));
+    wait_for(T, "the error in n3's log", || {
+        n3.log().contains("clock is out of bounds").then_some(())
+    });
+    // The others are fine: one peer of two off is not a majority.
+    assert_eq!(n1.status()["clock"]["skewed"], false);
+    assert_eq!(metric(&n1.metrics(), "shoal_clock_skewed"), Some(0.0));
+    assert_eq!(
+        n1.put_app("on-time", "name = \"on-time\"\n")
+            .unwrap()
+            .status,
+        200
+    );
+}

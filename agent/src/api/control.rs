@@ -411,7 +411,22 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<Arc<OperatorKey>, Re
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given.and_then(|g| public.accepts(g, &h.trust.cluster.id)) {
-        Some(key) => Ok(Arc::new(key)),
+        Some(key) => {
+            // A write from a node whose clock its peers disagree with goes nowhere: say so.
+            let clock = h.clock.view(crate::daemon::wall_ms());
+            if clock.skewed {
+                return Err(error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "this node's clock is {} s off its peers' ({} heard), more than the {} s the cluster allows: its writes would be refused; fix its time (NTP) and retry",
+                        -clock.offset_ms / 1000,
+                        clock.peers,
+                        crate::store::replica::MAX_DRIFT_MS / 1000
+                    ),
+                ));
+            }
+            Ok(Arc::new(key))
+        }
         None => {
             let mut r = error(
                 StatusCode::UNAUTHORIZED,

@@ -143,6 +143,8 @@ fn status(h: &Handle, s: &Snapshot) -> Value {
             "signs_joins": h.trust.ca_key.is_some(),
         },
         "members": s.members,
+        // Peers' clocks against ours (theirs minus ours); skewed: writes answer 503.
+        "clock": h.clock.view(now),
         // shoal-init's boot report (stages, network, metadata, services), when there is one.
         "boot": std::fs::read("/run/shoal/init.json")
             .ok()
@@ -497,6 +499,13 @@ async fn metrics(h: &Handle) -> Response<Body> {
             c.tls_refused[i].load(Relaxed)
         );
     }
+    let clock = h.clock.view(crate::daemon::wall_ms());
+    let _ = writeln!(
+        m,
+        "# HELP shoal_clock_offset_seconds Median of peers' clocks minus this node's, from their HTTP Date headers.\n# TYPE shoal_clock_offset_seconds gauge\nshoal_clock_offset_seconds {}\n# HELP shoal_clock_skewed 1 while most peers' clocks differ from this node's by more than the drift bound (writes answer 503).\n# TYPE shoal_clock_skewed gauge\nshoal_clock_skewed {}",
+        clock.offset_ms as f64 / 1000.0,
+        u8::from(clock.skewed)
+    );
     text(StatusCode::OK, "text/plain; version=0.0.4", m)
 }
 

@@ -143,6 +143,34 @@ async fn node_identity(
     Ok(fresh)
 }
 
+/// Says loudly when peers' clocks put this node out of bounds, and when it is back.
+async fn watch_clock(h: Handle, shutdown: CancellationToken) {
+    let mut skewed = false;
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let v = h.clock.view(wall_ms());
+        if v.skewed != skewed {
+            skewed = v.skewed;
+            if skewed {
+                tracing::error!(
+                    offset_s = v.offset_ms / 1000,
+                    peers = v.peers,
+                    "this node's clock is out of bounds with its peers': its writes would be refused, so the API answers 503; fix its time (NTP)"
+                );
+            } else {
+                tracing::info!(
+                    offset_s = v.offset_ms / 1000,
+                    "this node's clock agrees with its peers' again"
+                );
+            }
+        }
+    }
+}
+
 /// Runs the agent until `shutdown` is cancelled.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let machine_id = std::fs::read_to_string("/etc/machine-id").ok();
@@ -279,6 +307,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         shutdown.clone(),
         tracker.clone(),
     ));
+    tracker.spawn(watch_clock(h.clone(), shutdown.clone()));
     let every = Duration::from_millis(cfg.discovery.retry_join_ms.max(100));
     tracker.spawn(discovery::retry_join(
         h.clone(),

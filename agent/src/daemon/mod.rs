@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bootstrap;
+pub mod clock;
 pub mod peer;
 
 use crate::config::AgentConfig;
@@ -132,6 +133,8 @@ pub struct Handle {
     pub trust: Arc<Trust>,
     /// This node's Docker, when it runs containers.
     pub docker: Option<Arc<crate::executor::docker::Docker>>,
+    /// How this node's clock compares with its peers'.
+    pub clock: Arc<clock::ClockWatch>,
 }
 
 /// What the node trusts and presents, handed to `start`.
@@ -253,9 +256,10 @@ pub fn start(
     let node = Node::new(me.clone(), replica, cfg.node_config(), rand::random());
     let (cmd, rx) = mpsc::channel(4096);
     let (changes, _) = broadcast::channel(4096);
+    let clock = Arc::new(clock::ClockWatch::default());
     let effects = Effects {
         timers: DelayQueue::new(),
-        peers: peer::PeerClient::new(me.clone(), counters.clone(), &security.tls),
+        peers: peer::PeerClient::new(me.clone(), counters.clone(), &security.tls, clock.clone()),
         changes: changes.clone(),
     };
     let handle = Handle {
@@ -274,6 +278,7 @@ pub fn start(
                     .with_max_image_bytes(cfg.docker.max_image_bytes),
             )
         }),
+        clock,
     };
     let task = tokio::spawn(core_loop(node, rx, effects, shutdown));
     Ok(Core { handle, task })

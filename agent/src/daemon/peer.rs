@@ -26,6 +26,8 @@ pub struct PeerClient {
     me: Member,
     counters: Arc<Counters>,
     inflight: TaskTracker,
+    /// Where peers' `Date`s go (`clock`).
+    clock: Arc<super::clock::ClockWatch>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +43,12 @@ pub enum PeerError {
 }
 
 impl PeerClient {
-    pub fn new(me: Member, counters: Arc<Counters>, tls: &crate::tls::Tls) -> PeerClient {
+    pub fn new(
+        me: Member,
+        counters: Arc<Counters>,
+        tls: &crate::tls::Tls,
+        clock: Arc<super::clock::ClockWatch>,
+    ) -> PeerClient {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.enforce_http(false);
@@ -62,6 +69,7 @@ impl PeerClient {
             me,
             counters,
             inflight: TaskTracker::new(),
+            clock,
         }
     }
 
@@ -77,10 +85,22 @@ impl PeerClient {
         };
         let client = self.client.clone();
         let counters = self.counters.clone();
+        let clock = self.clock.clone();
         let kind = env.msg.kind();
         let to = addr.to_string();
         self.inflight.spawn(async move {
-            let ok = match tokio::time::timeout(SEND_TIMEOUT, client.request(req)).await {
+            let sent = super::wall_ms();
+            let r = tokio::time::timeout(SEND_TIMEOUT, client.request(req)).await;
+            if let Ok(Ok(resp)) = &r {
+                if let Some(date) = resp
+                    .headers()
+                    .get(hyper::header::DATE)
+                    .and_then(|d| d.to_str().ok())
+                {
+                    clock.record(&to, date, sent, super::wall_ms());
+                }
+            }
+            let ok = match r {
                 Ok(Ok(resp)) if resp.status().is_success() => true,
                 Ok(Ok(resp)) => {
                     tracing::debug!(peer = %to, kind, status = %resp.status(), "peer refused message");

@@ -23,7 +23,12 @@ pub async fn retry_join(
     if peers.is_empty() {
         return;
     }
-    let client = PeerClient::new(handle.me.clone(), handle.counters.clone(), &handle.tls);
+    let client = PeerClient::new(
+        handle.me.clone(),
+        handle.counters.clone(),
+        &handle.tls,
+        handle.clock.clone(),
+    );
     loop {
         let mut found = Vec::new();
         for p in &peers {
@@ -67,7 +72,12 @@ pub async fn mdns_join(
     window: Duration,
     shutdown: CancellationToken,
 ) {
-    let client = PeerClient::new(handle.me.clone(), handle.counters.clone(), &handle.tls);
+    let client = PeerClient::new(
+        handle.me.clone(),
+        handle.counters.clone(),
+        &handle.tls,
+        handle.clock.clone(),
+    );
     let hash = handle.trust.cluster_hash.clone();
     let started = Instant::now();
     let mut foreign = BTreeSet::new();
