@@ -116,3 +116,102 @@ mod tests {
         }
     }
 }
+
+/// Step the clock when it is this far off; below it the error is harmless to TLS and to the
+/// store's 15-minute drift bound, and stepping would only make time jump for nothing.
+pub const STEP_MS: i64 = 500;
+/// How often the clock is checked after boot.
+pub const INTERVAL: Duration = Duration::from_secs(15 * 60);
+
+/// What the keeper last did, for the boot report (`clock`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Kept {
+    /// The server that answered last, and when (ms since the epoch, after any step).
+    pub server: Option<String>,
+    pub synced_at_ms: Option<u64>,
+    /// The last measured offset (server minus us), in ms.
+    pub offset_ms: Option<i64>,
+    pub queries: u64,
+    pub steps: u64,
+    pub last_error: Option<String>,
+}
+
+/// One check against the first of `servers` that answers: measures the offset (correcting
+/// for half the round trip) and steps the clock past `STEP_MS` (only reports it with `dry`).
+pub fn check(servers: &[String], dry: bool, kept: &mut Kept) -> Result<String, String> {
+    if servers.is_empty() {
+        return Err(
+            "no NTP server is known (DHCP option 42, user-data ntp:, or the cloud's)".into(),
+        );
+    }
+    let mut errors = Vec::new();
+    for s in servers {
+        kept.queries += 1;
+        let t0 = SystemTime::now();
+        let started = std::time::Instant::now();
+        let theirs = match query(s, Duration::from_secs(2)) {
+            Ok(t) => t,
+            Err(e) => {
+                errors.push(format!("{s}: {e}"));
+                continue;
+            }
+        };
+        let rtt = started.elapsed();
+        let ours = t0 + rtt / 2;
+        let offset_ms = match theirs.duration_since(ours) {
+            Ok(d) => d.as_millis() as i64,
+            Err(e) => -(e.duration().as_millis() as i64),
+        };
+        kept.server = Some(s.clone());
+        kept.offset_ms = Some(offset_ms);
+        kept.last_error = None;
+        let unix = theirs
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let said = if offset_ms.abs() <= STEP_MS {
+            format!("clock within {offset_ms} ms of {s}")
+        } else if dry {
+            format!("would set the clock to {unix} (unix) from {s} (off by {offset_ms} ms); not in test mode")
+        } else {
+            set(theirs + rtt / 2)?;
+            kept.steps += 1;
+            format!("clock set to {unix} (unix) from {s} (was off by {offset_ms} ms)")
+        };
+        kept.synced_at_ms = Some(crate::report::now_ms());
+        return Ok(said);
+    }
+    let e = errors.join("; ");
+    kept.last_error = Some(e.clone());
+    Err(e)
+}
+
+/// Checks the clock every `every` for as long as PID 1 lives, against the servers
+/// `servers()` names at the time (DHCP renewals may change them).
+pub fn keep(
+    servers: impl Fn() -> Vec<String> + Send + 'static,
+    every: Duration,
+    dry: bool,
+    kept: std::sync::Arc<std::sync::Mutex<Kept>>,
+) {
+    let spawned = std::thread::Builder::new()
+        .name("clock".into())
+        .spawn(move || loop {
+            std::thread::sleep(every);
+            let list = servers();
+            let mut k = kept.lock().map(|k| k.clone()).unwrap_or_default();
+            match check(&list, dry, &mut k) {
+                Ok(said) if said.starts_with("clock set") => crate::console(&said),
+                Ok(_) => {}
+                Err(e) => crate::console(&format!("clock: {e}")),
+            }
+            if let Ok(mut g) = kept.lock() {
+                *g = k;
+            }
+        });
+    if let Err(e) = spawned {
+        crate::console(&format!(
+            "clock: cannot start the keeper ({e}); the clock is checked at boot only"
+        ));
+    }
+}

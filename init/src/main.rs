@@ -40,6 +40,15 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
     c
 }
 
+/// The firmware's DMI strings; test mode may point at a fake directory, as it does at fake
+/// services.
+fn dmi_dir(test: bool) -> PathBuf {
+    match std::env::var_os("SHOAL_INIT_DMI") {
+        Some(p) if test => PathBuf::from(p),
+        _ => PathBuf::from("/sys/class/dmi/id"),
+    }
+}
+
 /// A line on the console (init's stdout).
 pub fn console(msg: &str) {
     console_bytes(format!("shoal-init: {msg}\n").as_bytes());
@@ -106,6 +115,8 @@ struct Init {
     root: PathBuf,
     test: bool,
     report: Report,
+    /// What the clock keeper last did.
+    clock: Arc<Mutex<clock::Kept>>,
     sup: Supervisor,
     signals: signals::Signals,
     written: String,
@@ -122,6 +133,9 @@ impl Init {
         self.report.services = self.sup.report();
         if let Ok(n) = self.net.lock() {
             self.report.network = serde_json::to_value(&*n).unwrap_or_default();
+        }
+        if let Ok(k) = self.clock.lock() {
+            self.report.clock = k.clone();
         }
         let now = serde_json::to_string(&self.report).unwrap_or_default();
         if now != self.written {
@@ -581,12 +595,7 @@ fn main() {
             } else {
                 Some(metadata::LINK_LOCAL.to_string())
             };
-            // Test mode may point at a fake DMI directory, as it does at a fake service.
-            let dmi = match std::env::var_os("SHOAL_INIT_DMI") {
-                Some(p) if test => PathBuf::from(p),
-                _ => PathBuf::from("/sys/class/dmi/id"),
-            };
-            let allowed = metadata::platform(&cmdline, &dmi);
+            let allowed = metadata::platform(&cmdline, &dmi_dir(test));
             if let Some(host) = host {
                 meta = metadata::remote(&cmdline, &host, &allowed, Duration::from_secs(5), d);
             }
@@ -634,50 +643,62 @@ fn main() {
             }
         }
     });
-    report.stage("clock", |d| {
-        let mut servers: Vec<String> = applied.as_ref().map(|a| a.ntp.clone()).unwrap_or_default();
-        if let Ok(n) = net_state.lock() {
-            servers.extend(n.ntp.iter().cloned());
+    let kept = Arc::new(Mutex::new(clock::Kept::default()));
+    let dmi = dmi_dir(test);
+    // The servers: user-data's, DHCP's (read again at every check: renewals may change them),
+    // then the cloud's own where the platform is named (as for metadata).
+    let ntp_servers = {
+        let user: Vec<String> = applied.as_ref().map(|a| a.ntp.clone()).unwrap_or_default();
+        let cloud: Vec<String> = metadata::platform(&cmdline, &dmi)
+            .into_iter()
+            .filter_map(|p| match p {
+                "ec2" => Some("169.254.169.123".to_string()),
+                "gce" => Some(metadata::LINK_LOCAL.to_string()),
+                _ => None,
+            })
+            .collect();
+        let net = net_state.clone();
+        move || {
+            let mut v = user.clone();
+            if let Ok(n) = net.lock() {
+                v.extend(n.ntp.iter().cloned());
+            }
+            v.extend(cloud.iter().cloned());
+            v.dedup();
+            v
         }
+    };
+    report.stage("clock", |d| {
         let wrong = clock::obviously_wrong(std::time::SystemTime::now())
             || (test && std::env::var_os("SHOAL_INIT_CLOCK_WRONG").is_some());
-        if !wrong {
-            d.push("clock is plausible".into());
-            return Outcome::Ok;
+        let mut k = clock::Kept::default();
+        let r = clock::check(&ntp_servers(), test, &mut k);
+        if let Ok(mut g) = kept.lock() {
+            *g = k;
         }
-        if servers.is_empty() {
-            d.push("clock is obviously wrong and no NTP server is known".into());
-            return Outcome::Degraded;
-        }
-        for s in &servers {
-            match clock::query(s, Duration::from_secs(2)) {
-                Ok(t) => {
-                    let unix = t
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs())
-                        .unwrap_or(0);
-                    if test {
-                        d.push(format!(
-                            "would set the clock to {unix} (unix) from {s}; not in test mode"
-                        ));
-                        return Outcome::Ok;
-                    }
-                    return match clock::set(t) {
-                        Ok(()) => {
-                            d.push(format!("clock set to {unix} (unix) from {s}"));
-                            Outcome::Ok
-                        }
-                        Err(e) => {
-                            d.push(format!("clock_settime: {e}"));
-                            Outcome::Degraded
-                        }
-                    };
-                }
-                Err(e) => d.push(format!("{s}: {e}")),
+        match r {
+            Ok(said) => {
+                d.push(said);
+                Outcome::Ok
+            }
+            Err(e) if wrong => {
+                d.push(format!("clock is obviously wrong: {e}"));
+                Outcome::Degraded
+            }
+            Err(e) => {
+                d.push(format!("clock is plausible; not checked: {e}"));
+                Outcome::Ok
             }
         }
-        Outcome::Degraded
     });
+    let every = match std::env::var("SHOAL_INIT_NTP_INTERVAL_MS") {
+        Ok(ms) if test => ms
+            .parse()
+            .map(Duration::from_millis)
+            .unwrap_or(clock::INTERVAL),
+        _ => clock::INTERVAL,
+    };
+    clock::keep(ntp_servers, every, test, kept.clone());
     let mut buttons = None;
     report.stage("power-button", |d| {
         buttons = Some(power::Buttons::open(&root, test, d));
@@ -690,6 +711,7 @@ fn main() {
         o
     });
     let mut init = Init {
+        clock: kept,
         sup: Supervisor::new(&root, table),
         root,
         test,

@@ -52,6 +52,8 @@ pub struct Report {
     pub services: Vec<ServiceReport>,
     pub network: serde_json::Value,
     pub metadata: serde_json::Value,
+    /// The clock keeper's last check (SNTP at boot, then every 15 minutes).
+    pub clock: crate::clock::Kept,
     pub orphans_reaped: u64,
     pub panics: u64,
     pub shutdown: Option<String>,

@@ -182,8 +182,20 @@ fn init_mounts_supervises_reaps_and_shuts_down_in_order() {
     });
     // Services start with no signal blocked (a mask inherited from init would make them deaf
     // to SIGTERM).
+    // The report gives the pid in init's namespace: find the process out here by its NSpid.
     let plain = init.service("plain")["pid"].as_u64().unwrap();
-    let plain_status = std::fs::read_to_string(format!("/proc/{plain}/status")).unwrap();
+    let plain_status = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("status")).ok())
+        .find(|st| {
+            st.lines().any(|l| {
+                l.starts_with("NSpid:") && {
+                    let ids: Vec<&str> = l.split_whitespace().skip(1).collect();
+                    ids.len() == 2 && ids[1] == plain.to_string()
+                }
+            }) && st.lines().any(|l| l == "Name:\tsleep")
+        })
+        .expect("the plain service's process");
     let sigblk = plain_status
         .lines()
         .find(|l| l.starts_with("SigBlk:"))
@@ -830,14 +842,13 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
     assert!(details(&report, "hostname").contains("renamed"));
 }
 
-#[test]
-fn a_wrong_clock_is_set_from_the_ntp_server_user_data_names() {
-    let dir = tempfile::tempdir().unwrap();
+/// The SNTP server fixture (RFC 4330) answering `unix` seconds; its process and port.
+fn sntp_server(unix: u64) -> (Child, u16) {
     let port = shoal_e2e::free_port();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/sntp_server.py");
     let mut server = Command::new("/usr/bin/python3")
         .arg(script)
-        .args([&port.to_string(), "1893456000"])
+        .args([&port.to_string(), &unix.to_string()])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -846,16 +857,63 @@ fn a_wrong_clock_is_set_from_the_ntp_server_user_data_names() {
     std::io::BufReader::new(server.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    // A NoCloud seed given on the command line as a directory.
-    let seed = dir.path().join("seed");
+    (server, port)
+}
+
+/// A NoCloud seed directory whose user-data names `ntp` as the NTP server; its kernel
+/// command line.
+fn ntp_seed(dir: &Path, ntp: &str) -> String {
+    let seed = dir.join("seed");
     std::fs::create_dir_all(&seed).unwrap();
     std::fs::write(seed.join("meta-data"), "instance-id: iid-dir\n").unwrap();
     std::fs::write(
         seed.join("user-data"),
-        format!("#cloud-config\nntp:\n  servers: [\"127.0.0.1:{port}\"]\n"),
+        format!("#cloud-config\nntp:\n  servers: [\"{ntp}\"]\n"),
     )
     .unwrap();
-    let cmdline = format!("ds=nocloud;s=file://{}/", seed.display());
+    format!("ds=nocloud;s=file://{}/", seed.display())
+}
+
+#[test]
+fn the_clock_is_kept_after_boot() {
+    // A plausible clock is still checked at boot, then again and again; the server says 2030,
+    // so each check would step it (test mode only reports).
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, port) = sntp_server(1_893_456_000);
+    let cmdline = ntp_seed(dir.path(), &format!("127.0.0.1:{port}"));
+    let init = Pid1::start_with(
+        None,
+        "",
+        &[
+            ("SHOAL_INIT_CMDLINE", cmdline.as_str()),
+            ("SHOAL_INIT_NTP_INTERVAL_MS", "300"),
+        ],
+    );
+    let report = wait_for(T, "three checks of the clock", || {
+        let r = init.report();
+        (r["clock"]["queries"].as_u64().unwrap_or(0) >= 3).then_some(r)
+    });
+    assert!(
+        details(&report, "clock").contains("would set the clock to 1893456000 (unix)"),
+        "{}",
+        details(&report, "clock")
+    );
+    assert_eq!(report["clock"]["server"], format!("127.0.0.1:{port}"));
+    assert!(report["clock"]["offset_ms"].as_i64().unwrap() > 100_000_000);
+    assert_eq!(
+        report["clock"]["steps"], 0,
+        "test mode must not step the clock"
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+#[test]
+fn a_wrong_clock_is_set_from_the_ntp_server_user_data_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut server, port) = sntp_server(1_893_456_000);
+    // A NoCloud seed given on the command line as a directory.
+    let cmdline = ntp_seed(dir.path(), &format!("127.0.0.1:{port}"));
     let init = Pid1::start_with(
         None,
         "",
