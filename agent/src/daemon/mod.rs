@@ -93,6 +93,8 @@ pub struct Snapshot {
     pub peer_digests: HashMap<NodeId, Digest>,
     pub sync: SyncStats,
     pub seq: u64,
+    /// Live keys per keyspace, kept by the replica as entries change.
+    pub keys: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// Event-stream clients a node serves at once; more get 503.
@@ -352,6 +354,12 @@ fn handle_command(
                 peer_digests: node.sync().peer_digests().clone(),
                 sync: node.sync().stats.clone(),
                 seq: node.replica().seq(),
+                keys: node
+                    .replica()
+                    .live_counts()
+                    .into_iter()
+                    .map(|(k, n)| (k.name(), n))
+                    .collect(),
             });
         }
         Command::Write { ops, signer, reply } => {

@@ -270,6 +270,13 @@ pub struct Replica<B: Backend> {
     vouch: Box<dyn Vouch>,
     /// Origins with entries a reconcile under way left out (signer unknown then).
     reconcile_held: BTreeSet<NodeId>,
+    /// Live keys per keyspace (in `Keyspace::ALL` order), kept as entries change: status
+    /// reads them instead of scanning the store.
+    live: [u64; Keyspace::ALL.len()],
+}
+
+fn space_index(k: Keyspace) -> usize {
+    Keyspace::ALL.iter().position(|s| *s == k).unwrap_or(0)
 }
 
 /// What merging a peer's entries did: the changes, and the entries left out for want of a
@@ -341,6 +348,24 @@ impl<B: Backend> Replica<B> {
         // Our own writes move our watermark in the same atomic batch, so `last` is past every
         // version we ever issued: the clock restarts beyond it and never repeats one.
         let clock = HlcClock::new(last);
+        // Live keys per keyspace: counted once here, then kept up to date.
+        let mut live = [0u64; Keyspace::ALL.len()];
+        let mut cursor = vec![P_KEY];
+        let mut after = false;
+        loop {
+            let page = backend.scan(&cursor, after, &[P_KEY + 1], 4096)?;
+            let Some((last_key, _)) = page.last() else {
+                break;
+            };
+            cursor = last_key.clone();
+            after = true;
+            for (k, v) in &page {
+                let (e, _) = decode_stored(&k[1..], v)?;
+                if !e.is_tombstone() {
+                    live[space_index(e.key.keyspace())] += 1;
+                }
+            }
+        }
         Ok(Replica {
             node,
             backend,
@@ -350,6 +375,7 @@ impl<B: Backend> Replica<B> {
             signer: Arc::new(Unsigned),
             vouch: Box::new(TrustAll),
             reconcile_held: BTreeSet::new(),
+            live,
         })
     }
 
@@ -500,8 +526,24 @@ impl<B: Backend> Replica<B> {
             .unwrap_or(Hlc::ZERO)
     }
 
+    /// Live keys per keyspace, in `Keyspace::ALL` order.
+    pub fn live_counts(&self) -> [(Keyspace, u64); Keyspace::ALL.len()] {
+        let mut out = [(Keyspace::Apps, 0); Keyspace::ALL.len()];
+        for (i, k) in Keyspace::ALL.iter().enumerate() {
+            out[i] = (*k, self.live[i]);
+        }
+        out
+    }
+
     /// Stages `entry` as the key's new value, replacing `current` in every index.
     fn stage(&mut self, batch: &mut Batch, entry: Entry, current: Option<(Entry, u64)>) -> Change {
+        let was_live = current.as_ref().is_some_and(|(e, _)| !e.is_tombstone());
+        let i = space_index(entry.key.keyspace());
+        match (was_live, entry.is_tombstone()) {
+            (false, false) => self.live[i] += 1,
+            (true, true) => self.live[i] = self.live[i].saturating_sub(1),
+            _ => {}
+        }
         if let Some((old, old_seq)) = current {
             batch.remove(origin_key(P_ORIGIN, &old.version.origin, old.version.hlc));
             if old.is_tombstone() {
@@ -768,6 +810,10 @@ impl<B: Backend> Replica<B> {
         for (key, version) in keys {
             if let Some((e, seq)) = read_entry(&self.backend, key.as_str())? {
                 if e.version == *version {
+                    if !e.is_tombstone() {
+                        let i = space_index(e.key.keyspace());
+                        self.live[i] = self.live[i].saturating_sub(1);
+                    }
                     Self::stage_removal(&mut batch, &e, seq);
                     self.seq += 1;
                     changes.push(Change {

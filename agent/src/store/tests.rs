@@ -502,3 +502,26 @@ fn deltas_and_pages_carry_the_signers_records_and_unknown_signers_hold_the_water
     c.advance(&d.through).unwrap();
     assert_eq!(state(&a), state(&c));
 }
+
+proptest! {
+    #[test]
+    fn live_counts_kept_as_entries_change_match_a_full_count(
+        entries in proptest::collection::vec(arb_entry(), 0..60),
+        deletes in proptest::collection::vec(0..6usize, 0..10),
+    ) {
+        let backend = MemBackend::new();
+        let mut r = Replica::open(id("t"), backend.clone()).unwrap();
+        r.apply_remote(NOW, &entries).unwrap();
+        for k in deletes {
+            r.write(NOW + 100, key(&format!("apps/k{k}")), None).unwrap();
+        }
+        let apps = |r: &Replica<MemBackend>| {
+            r.live_counts().iter().find(|(k, _)| *k == Keyspace::Apps).unwrap().1
+        };
+        prop_assert_eq!(apps(&r), r.counts().unwrap().0);
+        // The same after reopening, counted from the disk.
+        r.flush().unwrap();
+        let again = Replica::open(id("t"), backend).unwrap();
+        prop_assert_eq!(apps(&again), apps(&r));
+    }
+}
