@@ -40,10 +40,21 @@ pub fn advertise_addr(cfg: &AgentConfig) -> String {
     SocketAddr::new(ip, api.port()).to_string()
 }
 
+/// The kernel's queue of connections not yet accepted. At the usual 128, a burst of clients
+/// (or of hostile connects) backs up in SYN retries although the agent accepts at once.
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| DaemonError::Listen { addr, source })
+    let err = |source| DaemonError::Listen { addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    socket.listen(LISTEN_BACKLOG).map_err(err)
 }
 
 /// Publishes this node's own record (observed state, written only by us).
