@@ -874,21 +874,21 @@ fn ntp_seed(dir: &Path, ntp: &str) -> String {
     format!("ds=nocloud;s=file://{}/", seed.display())
 }
 
+/// init with a NoCloud seed directory (given on the command line) whose user-data names an
+/// SNTP server that says 2030, plus one more setting; the server and its port.
+fn init_with_ntp(dir: &Path, extra: (&str, &str)) -> (Pid1, Child, u16) {
+    let (server, port) = sntp_server(1_893_456_000);
+    let cmdline = ntp_seed(dir, &format!("127.0.0.1:{port}"));
+    let init = Pid1::start_with(None, "", &[("SHOAL_INIT_CMDLINE", cmdline.as_str()), extra]);
+    (init, server, port)
+}
+
 #[test]
 fn the_clock_is_kept_after_boot() {
     // A plausible clock is still checked at boot, then again and again; the server says 2030,
     // so each check would step it (test mode only reports).
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, port) = sntp_server(1_893_456_000);
-    let cmdline = ntp_seed(dir.path(), &format!("127.0.0.1:{port}"));
-    let init = Pid1::start_with(
-        None,
-        "",
-        &[
-            ("SHOAL_INIT_CMDLINE", cmdline.as_str()),
-            ("SHOAL_INIT_NTP_INTERVAL_MS", "300"),
-        ],
-    );
+    let (init, mut server, port) = init_with_ntp(dir.path(), ("SHOAL_INIT_NTP_INTERVAL_MS", "300"));
     let report = wait_for(T, "three checks of the clock", || {
         let r = init.report();
         (r["clock"]["queries"].as_u64().unwrap_or(0) >= 3).then_some(r)
@@ -911,17 +911,7 @@ fn the_clock_is_kept_after_boot() {
 #[test]
 fn a_wrong_clock_is_set_from_the_ntp_server_user_data_names() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut server, port) = sntp_server(1_893_456_000);
-    // A NoCloud seed given on the command line as a directory.
-    let cmdline = ntp_seed(dir.path(), &format!("127.0.0.1:{port}"));
-    let init = Pid1::start_with(
-        None,
-        "",
-        &[
-            ("SHOAL_INIT_CMDLINE", cmdline.as_str()),
-            ("SHOAL_INIT_CLOCK_WRONG", "1"),
-        ],
-    );
+    let (init, mut server, _) = init_with_ntp(dir.path(), ("SHOAL_INIT_CLOCK_WRONG", "1"));
     let report = wait_for(T, "the clock stage", || {
         let r = init.report();
         (!stage(&r, "clock").is_null()).then_some(r)

@@ -10,9 +10,7 @@ use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use time::{Duration, OffsetDateTime};
 
@@ -245,18 +243,7 @@ impl NodeIdentity {
         let order = [3usize, 0, 1, 2];
         for i in order {
             let (name, secret) = FILES[i];
-            let path = dir.join(name);
-            let tmp = dir.join(format!(".{name}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(if secret { 0o600 } else { 0o644 })
-                .open(&tmp)
-                .map_err(werr(&tmp))?;
-            f.write_all(bodies[i].as_bytes()).map_err(werr(&tmp))?;
-            f.sync_all().map_err(werr(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+            super::write_file(&dir, name, &bodies[i], secret)?;
         }
         Ok(())
     }

@@ -73,6 +73,27 @@ impl std::fmt::Debug for Bundle {
     }
 }
 
+/// Replaces `dir/name` atomically with `body`: a temporary file with the final mode (0600 for a
+/// secret, else 0644), synced, then renamed over it.
+pub fn write_file(dir: &Path, name: &str, body: &str, secret: bool) -> Result<(), IdentityError> {
+    let werr = |p: &Path| {
+        let path = p.display().to_string();
+        move |source| IdentityError::Write { path, source }
+    };
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(if secret { 0o600 } else { 0o644 })
+        .open(&tmp)
+        .map_err(werr(&tmp))?;
+    f.write_all(body.as_bytes()).map_err(werr(&tmp))?;
+    f.sync_all().map_err(werr(&tmp))?;
+    let path = dir.join(name);
+    std::fs::rename(&tmp, &path).map_err(werr(&path))
+}
+
 /// 32 random bytes as lowercase hex.
 pub fn random_secret() -> String {
     let bytes: [u8; 32] = rand::random();
@@ -227,19 +248,7 @@ impl Bundle {
             self.user_data(peers, true),
         ];
         for ((name, secret), body) in FILES.iter().zip(contents) {
-            let path = dir.join(name);
-            // Replace atomically: write a temporary file with the final mode, then rename.
-            let tmp = dir.join(format!(".{name}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(if *secret { 0o600 } else { 0o644 })
-                .open(&tmp)
-                .map_err(werr(&tmp))?;
-            f.write_all(body.as_bytes()).map_err(werr(&tmp))?;
-            f.sync_all().map_err(werr(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+            write_file(dir, name, &body, *secret)?;
         }
         Ok(())
     }
@@ -287,17 +296,7 @@ impl Bundle {
                     _ => continue,
                 }
             }
-            let tmp = dir.join(format!(".{name}.tmp"));
-            let mut f = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(if secret { 0o600 } else { 0o644 })
-                .open(&tmp)
-                .map_err(werr(&tmp))?;
-            f.write_all(body.as_bytes()).map_err(werr(&tmp))?;
-            f.sync_all().map_err(werr(&tmp))?;
-            std::fs::rename(&tmp, &path).map_err(werr(&path))?;
+            write_file(dir, name, &body, secret)?;
         }
         let token = dir.join("admin.token");
         match std::fs::remove_file(&token) {
