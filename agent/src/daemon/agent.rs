@@ -5,7 +5,7 @@ use super::{bootstrap, start, wall_ms, Counters, DaemonError, Handle, Security};
 use crate::api;
 use crate::config::AgentConfig;
 use crate::discovery::{self, mdns::Mdns};
-use crate::identity::cert::NodeIdentity;
+use crate::identity::cert::{pem_to_der, NodeIdentity};
 use crate::identity::vouch::{NodeSigner, Vouchers};
 use crate::identity::{cluster_hash, Credentials, IdentityError, Trust};
 use crate::store::{Bytes, Key};
@@ -113,6 +113,9 @@ async fn node_identity(
         Credentials::Bundle(b) => Some(b.ca_cert.as_str()),
         Credentials::JoinSecret { .. } => None,
     };
+    // A renewal in the same cluster, for the same id, keeps the key: everything the node
+    // signed with it stays verifiable on every node, including ones that join later.
+    let mut keep_key: Option<String> = None;
     if let Some(stored) = NodeIdentity::load(&cfg.state_dir)? {
         let foreign = match creds {
             Credentials::JoinSecret {
@@ -120,16 +123,29 @@ async fn node_identity(
             } if c.id != stored.cluster.id => Some("it is from another cluster".to_string()),
             _ => None,
         };
+        let same_cluster = foreign.is_none()
+            && ca.is_none_or(|ca| pem_to_der(ca).ok() == pem_to_der(&stored.ca_pem).ok());
+        let same_node = stored.info().is_ok_and(|i| i.common_name == id);
         match foreign.or_else(|| stored.stale_because(ca, id, &advertised, unix_now())) {
             None => return Ok(stored),
-            Some(why) => tracing::info!(reason = %why, "replacing this node's certificate"),
+            Some(why) => {
+                tracing::info!(reason = %why, keeps_key = same_cluster && same_node, "replacing this node's certificate")
+            }
+        }
+        if same_cluster && same_node {
+            keep_key = Some(stored.key_pem.clone());
         }
     }
     let addrs = cert_addrs(advertise);
     let fresh = match creds {
-        Credentials::Bundle(b) => {
-            NodeIdentity::issue(&b.cluster, &b.ca_cert, &b.ca_key, id, &addrs)?
-        }
+        Credentials::Bundle(b) => NodeIdentity::issue_with_key(
+            &b.cluster,
+            &b.ca_cert,
+            &b.ca_key,
+            id,
+            &addrs,
+            keep_key.as_deref(),
+        )?,
         Credentials::JoinSecret { secret, cluster } => {
             tracing::info!(
                 "this node holds the join secret only: asking a member for a certificate"
@@ -146,7 +162,16 @@ async fn node_identity(
                 }
                 v
             };
-            bootstrap::obtain(secret, cluster.as_ref(), id, &addrs, candidates, shutdown).await?
+            bootstrap::obtain(
+                secret,
+                cluster.as_ref(),
+                id,
+                &addrs,
+                keep_key.as_deref(),
+                candidates,
+                shutdown,
+            )
+            .await?
         }
     };
     fresh.save(&cfg.state_dir)?;

@@ -42,9 +42,10 @@ pub async fn join_once(
     secret: &str,
     node_id: &str,
     addrs: &[IpAddr],
+    key: Option<&str>,
 ) -> Result<NodeIdentity, JoinError> {
     let (key_pem, csr) =
-        cert::request(node_id).map_err(|e| JoinError::Unreachable(e.to_string()))?;
+        cert::request_with_key(node_id, key).map_err(|e| JoinError::Unreachable(e.to_string()))?;
     let req = JoinRequest::new(secret, node_id, addrs, &csr);
     let (config, capture) =
         crate::tls::bootstrap_client().map_err(|e| JoinError::Unreachable(e.to_string()))?;
@@ -135,6 +136,7 @@ pub async fn obtain(
     cluster: Option<&ClusterInfo>,
     node_id: &str,
     addrs: &[IpAddr],
+    key: Option<&str>,
     mut candidates: impl FnMut() -> Vec<String>,
     shutdown: &CancellationToken,
 ) -> Result<NodeIdentity, DaemonError> {
@@ -145,7 +147,7 @@ pub async fn obtain(
             tracing::info!("join: no member to ask yet (no peers configured, none seen over mDNS)");
         }
         for addr in list {
-            match join_once(&addr, secret, node_id, addrs).await {
+            match join_once(&addr, secret, node_id, addrs, key).await {
                 Ok(id) => {
                     if let Some(c) = cluster {
                         if c.id != id.cluster.id {

@@ -143,9 +143,26 @@ fn issuer(ca_pem: &str, ca_key_pem: &str) -> Result<Issuer<'static, KeyPair>, Id
     Issuer::from_ca_cert_pem(ca_pem, key).map_err(rcgen_err)
 }
 
-/// A certificate request for `node_id`: returns (key PEM, CSR PEM).
+/// A certificate request for `node_id` with a new key: returns (key PEM, CSR PEM).
 pub fn request(node_id: &str) -> Result<(String, String), IdentityError> {
-    let key = KeyPair::generate().map_err(rcgen_err)?;
+    request_with_key(node_id, None)
+}
+
+/// The key `key_pem` holds, or a new one.
+fn key_or_new(key_pem: Option<&str>) -> Result<KeyPair, IdentityError> {
+    match key_pem {
+        Some(k) => KeyPair::from_pem(k).map_err(rcgen_err),
+        None => KeyPair::generate().map_err(rcgen_err),
+    }
+}
+
+/// A certificate request for `node_id` for the key in `key_pem` (a renewal keeps its key: the
+/// node's signed entries stay verifiable), or a new one.
+pub fn request_with_key(
+    node_id: &str,
+    key_pem: Option<&str>,
+) -> Result<(String, String), IdentityError> {
+    let key = key_or_new(key_pem)?;
     let mut p = CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
     p.distinguished_name.push(DnType::CommonName, node_id);
@@ -179,7 +196,20 @@ impl NodeIdentity {
         node_id: &str,
         addrs: &[IpAddr],
     ) -> Result<NodeIdentity, IdentityError> {
-        let key = KeyPair::generate().map_err(rcgen_err)?;
+        Self::issue_with_key(cluster, ca_pem, ca_key_pem, node_id, addrs, None)
+    }
+
+    /// Issues a certificate for the key in `key_pem` (a renewal: the node's entries, signed
+    /// with it, stay verifiable everywhere), or for a new key.
+    pub fn issue_with_key(
+        cluster: &ClusterInfo,
+        ca_pem: &str,
+        ca_key_pem: &str,
+        node_id: &str,
+        addrs: &[IpAddr],
+        key_pem: Option<&str>,
+    ) -> Result<NodeIdentity, IdentityError> {
+        let key = key_or_new(key_pem)?;
         let params = member_params(node_id, addrs, OffsetDateTime::now_utc());
         let cert = params
             .signed_by(&key, &issuer(ca_pem, ca_key_pem)?)
@@ -333,6 +363,26 @@ mod tests {
         };
         assert_eq!(mode("node.key"), 0o600);
         assert_eq!(mode("node.crt"), 0o644);
+    }
+
+    #[test]
+    fn a_renewal_keeps_the_key() {
+        let b = crate::identity::Bundle::generate("c", 1).unwrap();
+        let first = NodeIdentity::issue(&b.cluster, &b.ca_cert, &b.ca_key, "n1", &[]).unwrap();
+        let ip: IpAddr = "10.0.0.9".parse().unwrap();
+        let renewed = NodeIdentity::issue_with_key(
+            &b.cluster,
+            &b.ca_cert,
+            &b.ca_key,
+            "n1",
+            &[ip],
+            Some(&first.key_pem),
+        )
+        .unwrap();
+        assert_eq!(renewed.key_pem, first.key_pem);
+        assert_ne!(renewed.cert_pem, first.cert_pem);
+        let (key, _csr) = request_with_key("n1", Some(&first.key_pem)).unwrap();
+        assert_eq!(key, first.key_pem);
     }
 
     #[test]
