@@ -117,3 +117,18 @@ fn a_forged_batch_is_refused_whole() {
         "the refused batch moved a watermark"
     );
 }
+
+#[test]
+fn the_fuzzers_corpus_never_panics_the_node() {
+    // What `cargo fuzz run peer_message` kept (fuzz/corpus/peer_message), replayed here.
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/peer_message");
+    let inputs: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert!(!inputs.is_empty());
+    for input in inputs {
+        let data = std::fs::read(input.path()).unwrap();
+        if let Ok(env) = decode(&data) {
+            let mut out = Vec::new();
+            let _ = node().handle(NOW, Input::Envelope(env), &mut out);
+        }
+    }
+}

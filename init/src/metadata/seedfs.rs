@@ -155,8 +155,15 @@ impl<R: Seek> Seek for Budgeted<R> {
     }
 }
 
-/// Reads `wanted` paths from a FAT volume, within `FAT_READ_BUDGET`.
+/// Reads `wanted` paths from a FAT volume, within `FAT_READ_BUDGET`. The FAT crate is not
+/// ours and meets hostile volumes here: a panic inside it (its arithmetic overflows on some
+/// malformed boot sectors, found by fuzzing) is an unreadable seed, not a failed boot stage.
 pub fn fat_files(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>>, String> {
+    std::panic::catch_unwind(|| fat_files_inner(dev, wanted))
+        .unwrap_or_else(|_| Err("the FAT volume is malformed (its reader gave up)".into()))
+}
+
+fn fat_files_inner(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>>, String> {
     let f = std::fs::File::open(dev).map_err(|e| e.to_string())?;
     let f = Budgeted {
         inner: f,
