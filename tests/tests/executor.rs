@@ -474,6 +474,12 @@ impl Drop for FakeMetadata {
 /// Whether `http://host:port/path` answers 200 to container `id` (busybox nc, 2 s; its wget
 /// is not used: the static build crashes resolving).
 fn reaches(id: &str, url: &str) -> bool {
+    let out = fetch(id, url);
+    out.starts_with("HTTP/1.") && out.contains(" 200 ")
+}
+
+/// What `GET url` from inside container `id` gets back (busybox nc, 2 s), raw.
+fn fetch(id: &str, url: &str) -> String {
     let rest = url.strip_prefix("http://").unwrap();
     let (hostport, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let (host, port) = hostport.rsplit_once(':').unwrap_or((hostport, "80"));
@@ -482,11 +488,8 @@ fn reaches(id: &str, url: &str) -> bool {
     Command::new("docker")
         .args(["exec", id, "sh", "-c", &script])
         .output()
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout).starts_with("HTTP/1.")
-                && String::from_utf8_lossy(&o.stdout).contains(" 200 ")
-        })
-        .unwrap_or(false)
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
 }
 
 fn iptables_has(chain: &str, rule: &str) -> bool {
@@ -512,6 +515,7 @@ fn containers_are_tenants() {
         &[],
         "[docker]\nenabled = true\nreconcile_ms = 300\n",
     );
+    let mark = cleanup.0[..12].to_string();
     let r = write(&a, "POST", "/v1/images", &std::fs::read(&archive).unwrap());
     assert_eq!(r.status, 200, "{}", r.text());
     // "quiet" sets no limits; "web" serves on 8080 from two replicas.
@@ -524,7 +528,7 @@ fn containers_are_tenants() {
         &a,
         "web",
         &format!(
-            "name = \"web\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"mkdir -p /www && echo hi > /www/index.html && exec httpd -f -p 8080 -h /www\"]\nport = 8080\n[scale]\nreplicas = 2\n"
+            "name = \"web\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"mkdir -p /www && echo web-of-$SHOAL_TEST_MARK > /www/index.html && exec httpd -f -p 8080 -h /www\"]\nenv = {{ SHOAL_TEST_MARK = \"{mark}\" }}\nport = 8080\n[scale]\nreplicas = 2\n"
         ),
     );
     let quiet = running(&a, "quiet", 1);
@@ -542,7 +546,12 @@ fn containers_are_tenants() {
             .status,
         200
     );
-    assert_eq!(shoal_e2e::get_at(&w0_ip, 8080, "/").unwrap().status, 200);
+    let page = shoal_e2e::get_at(&w0_ip, 8080, "/").unwrap();
+    assert!(
+        page.status == 200 && page.text().contains(&mark),
+        "{}",
+        page.text()
+    );
     assert!(
         reaches(&w0, &format!("http://{w1_ip}:8080/")),
         "web's replicas are cut off from each other"
@@ -589,9 +598,13 @@ fn containers_are_tenants() {
     let _ = node_port.kill();
     let _ = node_port.wait();
     assert!(!from_container, "a port of the node answered a container");
+    // Whatever answers there, it must not be the other app (its page names this test's
+    // cluster); the networks are shown when it is.
+    let got = fetch(&q, &format!("http://{w0_ip}:8080/"));
     assert!(
-        !reaches(&q, &format!("http://{w0_ip}:8080/")),
-        "one app reached another's replica"
+        !got.contains(&mark),
+        "one app reached another's replica: {got:?}\nnetworks: {}",
+        docker(&["network", "ls", "--format", "{{.Name}} {{.ID}}"])
     );
 
     // Unprivileged and limited by default.
