@@ -23,7 +23,9 @@ fn main() {
     let mut a = Agent::configure_listen(root.path(), "busy", &[], &b, "", "");
     a.spawn();
     let pid = a.pid().unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    wait_for(Duration::from_secs(30), "the agent", || {
+        a.get("/healthz").ok().filter(|r| r.status == 200)
+    });
     let (rss0, fd0) = (rss_kib(pid), fds(pid));
     let t0 = Instant::now();
     let mut held = Vec::with_capacity(N);
@@ -35,8 +37,11 @@ fn main() {
         }
     }
     let opened = t0.elapsed();
-    // Let the agent accept what it will.
-    std::thread::sleep(Duration::from_millis(500));
+    // Until the agent has accepted what it will: its cap, or all of them.
+    let full = fd0 + N.min(4096);
+    wait_for(Duration::from_secs(10), "the agent to accept", || {
+        (fds(pid) >= full).then_some(())
+    });
     let (rss1, fd1) = (rss_kib(pid), fds(pid));
     // (The status port is full now: its metrics are read once the connections are gone.)
     let last_byte = Instant::now();

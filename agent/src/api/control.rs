@@ -132,7 +132,7 @@ async fn peer_message(
         );
     }
     if let Ok(id) = NodeId::new(peer) {
-        if revoked(h, &id) {
+        if h.is_revoked(&id) {
             return refuse(
                 StatusCode::FORBIDDEN,
                 format!("node {id} was evicted from this cluster"),
@@ -177,11 +177,14 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
     };
     // Checked before anything is logged: the id is the caller's text, and a log line must not
     // carry what it likes (newlines, 64 KiB).
-    if let Err(e) = NodeId::new(&jr.node_id) {
-        Counters::inc(&h.counters.join_refused);
-        tracing::warn!(remote = %conn.remote, err = %e, "join refused: invalid node id");
-        return error(StatusCode::BAD_REQUEST, e);
-    }
+    let id = match NodeId::new(&jr.node_id) {
+        Ok(id) => id,
+        Err(e) => {
+            Counters::inc(&h.counters.join_refused);
+            tracing::warn!(remote = %conn.remote, err = %e, "join refused: invalid node id");
+            return error(StatusCode::BAD_REQUEST, e);
+        }
+    };
     if !jr.verify(&h.trust.join_secret) {
         Counters::inc(&h.counters.join_refused);
         tracing::warn!(
@@ -199,27 +202,25 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
     }
     // An evicted id stays out, and a live node's id cannot be taken over: its holder would
     // speak for it.
-    if let Ok(id) = NodeId::new(&jr.node_id) {
-        if revoked(h, &id) {
-            Counters::inc(&h.counters.join_refused);
-            tracing::warn!(remote = %conn.remote, node = %id, "join refused: that node was evicted");
-            return error(
-                StatusCode::FORBIDDEN,
-                format!("node {id} was evicted from this cluster: join with another id"),
-            );
-        }
-        let live = id == h.me.id
-            || h.snapshot()
-                .await
-                .is_ok_and(|s| s.members.iter().any(|m| m.id == id && m.state == "alive"));
-        if live {
-            Counters::inc(&h.counters.join_refused);
-            tracing::warn!(remote = %conn.remote, node = %id, "join refused: a live member has that id");
-            return error(
-                StatusCode::CONFLICT,
-                format!("node {id} is a live member: a joining node needs an id of its own"),
-            );
-        }
+    if h.is_revoked(&id) {
+        Counters::inc(&h.counters.join_refused);
+        tracing::warn!(remote = %conn.remote, node = %id, "join refused: that node was evicted");
+        return error(
+            StatusCode::FORBIDDEN,
+            format!("node {id} was evicted from this cluster: join with another id"),
+        );
+    }
+    let live = id == h.me.id
+        || h.snapshot()
+            .await
+            .is_ok_and(|s| s.members.iter().any(|m| m.id == id && m.state == "alive"));
+    if live {
+        Counters::inc(&h.counters.join_refused);
+        tracing::warn!(remote = %conn.remote, node = %id, "join refused: a live member has that id");
+        return error(
+            StatusCode::CONFLICT,
+            format!("node {id} is a live member: a joining node needs an id of its own"),
+        );
     }
     let Some(ca_key) = &h.trust.ca_key else {
         return error(
@@ -247,17 +248,6 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
     json(StatusCode::OK, &reply)
 }
 
-/// Whether `id` was evicted (a live `revoked/<id>` record here).
-fn revoked(h: &Handle, id: &NodeId) -> bool {
-    let mut lookup = |k: &Key| {
-        read_entry(&h.store, k.as_str())
-            .ok()
-            .flatten()
-            .map(|(e, _)| e)
-    };
-    crate::identity::vouch::is_revoked(id, &mut lookup)
-}
-
 /// Evicts a node: `revoked/<id>`, signed by the operator, tells every node to refuse its
 /// connections, its entries and its id at the join door. Ids are not reused after eviction.
 async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
@@ -278,7 +268,7 @@ async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
         Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     }
-    if revoked(h, &id) {
+    if h.is_revoked(&id) {
         return json(
             StatusCode::OK,
             &j!({ "node": id, "evicted": true, "already": true }),

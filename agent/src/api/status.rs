@@ -4,7 +4,7 @@
 use super::{error, full, json, text, Body};
 use crate::daemon::{Handle, Snapshot};
 use crate::store::replica::{changes_since, read_entry, scan_keyspace};
-use crate::store::{Change, Key, Keyspace};
+use crate::store::{Change, Keyspace, NodeId};
 use bytes::Bytes;
 use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
@@ -171,10 +171,7 @@ fn nodes(h: &Handle, s: &Snapshot) -> Value {
     for e in records {
         let id = e.key.name().to_string();
         let state = member_state(s, &id);
-        let evicted = Key::join(Keyspace::Revoked, &[&id])
-            .ok()
-            .and_then(|k| read_entry(&h.store, k.as_str()).ok().flatten())
-            .is_some_and(|(r, _)| !r.is_tombstone());
+        let evicted = NodeId::new(&id).is_ok_and(|n| h.is_revoked(&n));
         let mut v = value_of(&e.value);
         if let Value::Object(o) = &mut v {
             o.insert("state".into(), j!(if evicted { "evicted" } else { state }));

@@ -178,6 +178,17 @@ impl Handle {
         rx.await.map_err(|_| DaemonError::Stopped)?
     }
 
+    /// Whether `id` was evicted (a live `revoked/<id>` record in this node's store).
+    pub fn is_revoked(&self, id: &NodeId) -> bool {
+        let mut lookup = |k: &Key| {
+            crate::store::replica::read_entry(&self.store, k.as_str())
+                .ok()
+                .flatten()
+                .map(|(e, _)| e)
+        };
+        crate::identity::vouch::is_revoked(id, &mut lookup)
+    }
+
     pub async fn snapshot(&self) -> Result<Snapshot, DaemonError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Snapshot(tx)).await?;

@@ -10,7 +10,7 @@
 //! Between apps, Docker's per-network isolation does the rest: each app has its own bridge
 //! network (`docker::network_name`), and Docker drops traffic between bridges.
 //!
-//! The agent asserts the rules when its executor starts and again every pass (a restarted
+//! The agent asserts the rules when its executor starts and every 15 s after (a restarted
 //! dockerd or a hand-made flush undoes them); asserting is a handful of `iptables -C` calls
 //! when nothing changed. Rules are what is checked, so several agents sharing one Docker
 //! (tests, a development machine) assert the same ones.

@@ -469,14 +469,28 @@ fn relevant(c: &Change, me: &str) -> bool {
 }
 
 /// The host rules that keep containers from the node and the metadata address
-/// (`firewall`), asserted at every periodic pass; failures are logged once until they change.
+/// (`firewall`), asserted every `FIREWALL_EVERY` from the periodic pass; failures are logged
+/// once until they change.
 #[derive(Default)]
 struct Firewall {
     last_error: Option<String>,
+    /// When the rules were last asserted: a few iptables runs, not worth every pass.
+    last: Option<Instant>,
 }
+
+/// How often the host rules are asserted again.
+const FIREWALL_EVERY: Duration = Duration::from_secs(15);
 
 impl Firewall {
     async fn assert(&mut self) {
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < FIREWALL_EVERY)
+        {
+            return;
+        }
+        self.last = Some(now);
         let r = tokio::task::spawn_blocking(super::firewall::assert_rules).await;
         match r {
             Ok(Ok(done)) => {

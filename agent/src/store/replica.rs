@@ -275,6 +275,31 @@ pub struct Replica<B: Backend> {
     live: [u64; Keyspace::ALL.len()],
 }
 
+/// Live keys per keyspace (in `Keyspace::ALL` order) and tombstones, by a full scan.
+fn count_all<B: Backend>(b: &B) -> Result<([u64; Keyspace::ALL.len()], u64), StoreError> {
+    let mut live = [0u64; Keyspace::ALL.len()];
+    let mut tombs = 0;
+    let mut cursor = vec![P_KEY];
+    let mut after = false;
+    loop {
+        let page = b.scan(&cursor, after, &[P_KEY + 1], 4096)?;
+        let Some((last, _)) = page.last() else {
+            break;
+        };
+        cursor = last.clone();
+        after = true;
+        for (k, v) in &page {
+            let (e, _) = decode_stored(&k[1..], v)?;
+            if e.is_tombstone() {
+                tombs += 1;
+            } else {
+                live[space_index(e.key.keyspace())] += 1;
+            }
+        }
+    }
+    Ok((live, tombs))
+}
+
 fn space_index(k: Keyspace) -> usize {
     Keyspace::ALL.iter().position(|s| *s == k).unwrap_or(0)
 }
@@ -349,23 +374,7 @@ impl<B: Backend> Replica<B> {
         // version we ever issued: the clock restarts beyond it and never repeats one.
         let clock = HlcClock::new(last);
         // Live keys per keyspace: counted once here, then kept up to date.
-        let mut live = [0u64; Keyspace::ALL.len()];
-        let mut cursor = vec![P_KEY];
-        let mut after = false;
-        loop {
-            let page = backend.scan(&cursor, after, &[P_KEY + 1], 4096)?;
-            let Some((last_key, _)) = page.last() else {
-                break;
-            };
-            cursor = last_key.clone();
-            after = true;
-            for (k, v) in &page {
-                let (e, _) = decode_stored(&k[1..], v)?;
-                if !e.is_tombstone() {
-                    live[space_index(e.key.keyspace())] += 1;
-                }
-            }
-        }
+        let (live, _) = count_all(&backend)?;
         Ok(Replica {
             node,
             backend,
@@ -895,27 +904,10 @@ impl<B: Backend> Replica<B> {
         Ok(count)
     }
 
-    /// Counts of live entries and tombstones (a full scan: for status, not hot paths).
+    /// Counts of live entries and tombstones by a full scan (`live_counts` is kept as entries
+    /// change; this recounts, for tests).
     pub fn counts(&self) -> Result<(u64, u64), StoreError> {
-        let mut live = 0;
-        let mut tombs = 0;
-        let mut cursor = vec![P_KEY];
-        let mut after = false;
-        loop {
-            let page = self.backend.scan(&cursor, after, &[P_KEY + 1], 1024)?;
-            if page.is_empty() {
-                break;
-            }
-            for (k, v) in &page {
-                if decode_stored(&k[1..], v)?.0.is_tombstone() {
-                    tombs += 1;
-                } else {
-                    live += 1;
-                }
-            }
-            cursor = page.last().map(|(k, _)| k.clone()).unwrap_or_default();
-            after = true;
-        }
-        Ok((live, tombs))
+        let (live, tombs) = count_all(&self.backend)?;
+        Ok((live.iter().sum(), tombs))
     }
 }
