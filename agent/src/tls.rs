@@ -130,6 +130,25 @@ impl Tls {
     }
 }
 
+/// What the CLI dials the API with: any member's certificate from the cluster CA in `ca_pem`,
+/// whatever address it was reached at (a port forward, a load balancer), and no client
+/// certificate (the bearer token authenticates).
+pub fn operator_client(ca_pem: &str) -> Result<Arc<ClientConfig>, TlsError> {
+    let provider = provider();
+    let roots = roots(ca_pem)?;
+    if roots.is_empty() {
+        return Err(TlsError::Pem("no certificate in the CA file".into()));
+    }
+    let inner = WebPkiServerVerifier::builder_with_provider(roots, provider.clone()).build()?;
+    let mut client = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(MemberVerifier { inner }))
+        .with_no_client_auth();
+    client.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(client))
+}
+
 /// Checks that `cert` is a member certificate of the CA in `ca_pem` (used by a joiner once the
 /// authenticated join reply told it the CA).
 pub fn verify_member(ca_pem: &str, cert: &CertificateDer<'_>) -> Result<(), TlsError> {

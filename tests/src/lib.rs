@@ -393,6 +393,23 @@ pub fn cluster_id(bundle: &Path) -> String {
 }
 
 /// A cluster bundle made by the real CLI (`shoal gen cluster`) in `dir`, unless one is there.
+/// The `shoal` CLI run with `args`: (success, stdout, stderr).
+pub fn shoal_cli(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(shoal_bin())
+        .args(args)
+        .env_remove("SHOAL_ADDR")
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_BUNDLE")
+        .env_remove("SHOAL_CA")
+        .output()
+        .expect("running shoal");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 pub fn bundle(dir: &Path, name: &str) -> PathBuf {
     if !dir.join("ca.key").exists() {
         let out = Command::new(shoal_bin())

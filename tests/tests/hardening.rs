@@ -462,9 +462,24 @@ fn an_evicted_node_is_cut_off_everywhere() {
             .any(|n| n["id"] == "n3")
             .then_some(())
     });
-    let r = delete(n1, "/v1/nodes/n3", &auth);
-    assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(r.json()["evicted"], true);
+    // The operator's way: `shoal nodes rm` with the bundle (its CA and admin token).
+    let addr = format!("127.0.0.1:{}", n1.api_port);
+    let rm = |id: &str| {
+        shoal_e2e::shoal_cli(&[
+            "--bundle",
+            n1.bundle.to_str().unwrap(),
+            "--addr",
+            &addr,
+            "nodes",
+            "rm",
+            id,
+        ])
+    };
+    let (ok, _, err) = rm("ghost");
+    assert!(!ok && err.contains("404") && err.contains("ghost"), "{err}");
+    let (ok, out, err) = rm("n3");
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("node n3 evicted"), "{out}");
     // Every other node refuses n3 within seconds: its messages at the door, then it is down.
     for a in [n1, n2] {
         wait_for(T, "n3 cut off", || {

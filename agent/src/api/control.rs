@@ -98,8 +98,66 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<B
             };
             evict(id, &h, op).await
         }
+        (Method::PUT, ["v1", "cluster", "join-secret"]) => {
+            let op = match authorize(&req, &h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            rotate_join_secret(req, &h, op).await
+        }
+        (_, ["v1", "cluster", "join-secret"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use PUT"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
+}
+
+/// Puts a new join secret in force cluster-wide: `cluster/join`, sealed with the data key.
+/// From then on every member admits only holders of the new secret; nodes already in keep
+/// their certificates and sealed secrets stay readable (the data key does not change). The
+/// answer carries the data key wrapped for the new secret, for new nodes' user-data.
+async fn rotate_join_secret(
+    req: Request<Incoming>,
+    h: &Handle,
+    op: Arc<OperatorKey>,
+) -> Response<Body> {
+    let body = match super::read_body(req, 4096).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("cannot read the join secret (4 KiB at most): {e}"),
+            )
+        }
+    };
+    let text = String::from_utf8_lossy(&body);
+    let secret = match crate::identity::join::check_join_secret(&text) {
+        Ok(s) => s.to_string(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let id = &h.trust.cluster.id;
+    let record = crate::identity::join::JoinSecretRecord::new(
+        &h.trust.secrets,
+        &secret,
+        id,
+        crate::daemon::wall_ms(),
+    );
+    let (record, data_key) = match (record, h.trust.secrets.wrap(&secret, id)) {
+        (Ok(r), Ok(k)) => (r, k),
+        (Err(e), _) | (_, Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
+    let Ok(key) = Key::parse(crate::identity::join::JOIN_SECRET_KEY) else {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "bad key");
+    };
+    let fingerprint = record.fingerprint.clone();
+    let value = serde_json::to_vec(&record).unwrap_or_default();
+    tracing::warn!(%fingerprint, "the join secret was rotated: only the new one admits nodes");
+    write_one(
+        h,
+        op,
+        key,
+        Some(Bytes::from(value)),
+        j!({ "join_secret_fingerprint": fingerprint, "data_key": data_key }),
+    )
+    .await
 }
 
 async fn peer_message(
@@ -185,7 +243,8 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
             return error(StatusCode::BAD_REQUEST, e);
         }
     };
-    if !jr.verify(&h.trust.join_secret) {
+    let secret = h.join_secret();
+    if !jr.verify(&secret) {
         Counters::inc(&h.counters.join_refused);
         tracing::warn!(
             remote = %conn.remote,
@@ -238,12 +297,17 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
         }
     };
     tracing::info!(remote = %conn.remote, node = %jr.node_id, "signed a certificate for a joining node");
+    let data_key = match h.trust.secrets.wrap(&secret, &h.trust.cluster.id) {
+        Ok(k) => k,
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
+    };
     let reply = JoinReply::new(
-        &h.trust.join_secret,
+        &secret,
         &jr,
         &h.trust.cluster,
         &h.trust.ca_pem,
         &cert,
+        &data_key,
     );
     json(StatusCode::OK, &reply)
 }

@@ -1,5 +1,7 @@
 //! The command line: `shoal agent` runs the daemon; the other verbs of ARCHITECTURE.md talk
-//! to a running cluster and arrive with the issues that own them.
+//! to a running cluster (`client`) and arrive with the issues that own them.
+
+pub mod client;
 
 use crate::config::AgentConfig;
 use crate::daemon;
@@ -20,6 +22,17 @@ pub const NODE_JSON: &str = "/run/shoal/node.json";
 pub struct Cli {
     #[command(subcommand)]
     pub command: Verb,
+    #[command(flatten)]
+    pub connect: client::Connect,
+    /// Output: text for people, json for scripts.
+    #[arg(long, short, global = true, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -27,6 +40,12 @@ pub enum Verb {
     /// Generate cluster material.
     #[command(subcommand)]
     Gen(Gen),
+    /// The cluster's nodes.
+    #[command(subcommand)]
+    Nodes(Nodes),
+    /// Cluster-wide settings.
+    #[command(subcommand)]
+    Cluster(ClusterVerb),
     /// Run the agent (normally started by shoal-init).
     Agent {
         /// Config file (TOML, or JSON if it ends in .json). Default: /run/shoal/node.json if
@@ -34,6 +53,25 @@ pub enum Verb {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+pub enum Nodes {
+    /// Evict a node: its identity is revoked cluster-wide, its connections and entries are
+    /// refused within seconds, and its id can never join again.
+    #[command(after_help = "Example:\n  shoal --bundle ./prod nodes rm node3")]
+    Rm { id: String },
+}
+
+#[derive(Subcommand)]
+pub enum ClusterVerb {
+    /// Put a new join secret in force: the bundle (--bundle, required) gets the new secret,
+    /// the data key re-wrapped for it and new user-data; every node then admits only holders
+    /// of the new secret. Nodes already in keep running; sealed secrets stay readable.
+    #[command(
+        after_help = "Example:\n  shoal --bundle ./prod --addr 10.0.0.5:7443 cluster rotate-join-secret"
+    )]
+    RotateJoinSecret,
 }
 
 #[derive(Subcommand)]
@@ -62,6 +100,25 @@ pub enum Gen {
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Verb::Agent { config } => agent(config),
+        Verb::Nodes(Nodes::Rm { id }) => {
+            let path = format!("/v1/nodes/{id}");
+            let a = cli.connect.client()?.request("DELETE", &path, Vec::new())?;
+            if !a.status.is_success() {
+                anyhow::bail!("cannot evict {id}: {}", a.message());
+            }
+            let v = a.json();
+            match cli.output {
+                Output::Json => println!("{v}"),
+                Output::Text if v["already"] == true => println!("node {id} was already evicted"),
+                Output::Text => println!(
+                    "node {id} evicted: every node refuses its connections and its id from now on"
+                ),
+            }
+            Ok(())
+        }
+        Verb::Cluster(ClusterVerb::RotateJoinSecret) => {
+            rotate_join_secret(&cli.connect, cli.output)
+        }
         Verb::Gen(Gen::Token) => {
             println!("{}", crate::identity::random_secret());
             Ok(())
@@ -96,6 +153,61 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Rotates the join secret: the new secret is kept beside the bundle until the cluster took
+/// it, so a failure on either side loses nothing.
+fn rotate_join_secret(connect: &client::Connect, output: Output) -> anyhow::Result<()> {
+    use crate::identity::{self, Bundle};
+    let Some(dir) = connect.bundle.clone() else {
+        anyhow::bail!("rotating the join secret needs the cluster's bundle: pass --bundle DIR");
+    };
+    let old = Bundle::load(&dir)?;
+    let new = old.rotate_join().map_err(|e| {
+        anyhow::anyhow!("cannot open the data key with the bundle's join secret: {e}")
+    })?;
+    let peers = std::fs::read_to_string(dir.join("user-data.yaml"))
+        .ok()
+        .and_then(|t| identity::parse_user_data(&t).ok())
+        .map(|u| u.peers)
+        .unwrap_or_default();
+    let pending = "join.secret.new";
+    identity::write_file(&dir, pending, &(new.join_secret.clone() + "\n"), true)?;
+    let a = connect.client()?.request(
+        "PUT",
+        "/v1/cluster/join-secret",
+        new.join_secret.clone().into_bytes(),
+    );
+    let a = match a {
+        Ok(a) if a.status.is_success() => a,
+        other => {
+            let _ = std::fs::remove_file(dir.join(pending));
+            return Err(match other {
+                Ok(a) => {
+                    anyhow::anyhow!("the cluster refused the new join secret: {}", a.message())
+                }
+                Err(e) => e.context("the cluster was not told; nothing changed"),
+            });
+        }
+    };
+    new.write(&dir, &peers, true)?;
+    let _ = std::fs::remove_file(dir.join(pending));
+    let fingerprint = identity::join::fingerprint(&new.join_secret, &new.cluster.id);
+    match output {
+        Output::Json => println!("{}", a.json()),
+        Output::Text => {
+            println!(
+                "join secret rotated (fingerprint {fingerprint}); {} updated:",
+                dir.display()
+            );
+            println!(
+                "  join.secret, {}, user-data.yaml, user-data-signer.yaml",
+                identity::DATA_KEY_FILE
+            );
+            println!("  new nodes need the new user-data; nodes already in keep running");
+        }
+    }
+    Ok(())
 }
 
 fn load_config(path: Option<PathBuf>) -> anyhow::Result<AgentConfig> {

@@ -6,6 +6,7 @@ use crate::api;
 use crate::config::AgentConfig;
 use crate::discovery::{self, mdns::Mdns};
 use crate::identity::cert::{pem_to_der, NodeIdentity};
+use crate::identity::secrets::SecretKey;
 use crate::identity::vouch::{NodeSigner, Vouchers};
 use crate::identity::{cluster_hash, Credentials, IdentityError, Trust};
 use crate::store::{Bytes, Key};
@@ -146,7 +147,9 @@ async fn node_identity(
             &addrs,
             keep_key.as_deref(),
         )?,
-        Credentials::JoinSecret { secret, cluster } => {
+        Credentials::JoinSecret {
+            secret, cluster, ..
+        } => {
             tracing::info!(
                 "this node holds the join secret only: asking a member for a certificate"
             );
@@ -263,11 +266,28 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
             reason,
         })
     };
+    // The data key: wrapped in the user-data, else as the member that admitted this node
+    // wrapped it, else (a cluster made before wrapping) derived from the join secret.
+    let given = match &creds {
+        Credentials::Bundle(b) => Some(b.data_key.as_str()),
+        Credentials::JoinSecret { data_key, .. } => data_key.as_deref(),
+    };
+    let data_key = SecretKey::first_of(
+        &[given, identity.data_key.as_deref()],
+        creds.join_secret(),
+        &cluster.id,
+    )
+    .map_err(|e| {
+        bad_identity(format!(
+            "the cluster's data key does not open with this node's join secret ({e}): give the node user-data from the same bundle"
+        ))
+    })?;
     let trust = Trust::new(
         cluster,
         identity.ca_pem.clone(),
         ca_key,
         creds.join_secret().to_string(),
+        data_key,
         identity.info().map(|i| i.not_after_unix).unwrap_or(0),
     )
     .map_err(|e| bad_identity(e.to_string()))?;

@@ -126,6 +126,7 @@ pub async fn join_once(
         ca_pem: reply.ca,
         cert_pem: reply.cert,
         key_pem,
+        data_key: Some(reply.data_key).filter(|k| !k.is_empty()),
     })
 }
 

@@ -189,6 +189,21 @@ impl Handle {
         crate::identity::vouch::is_revoked(id, &mut lookup)
     }
 
+    /// The join secret joins are checked against: the one an operator set cluster-wide
+    /// (`cluster/join`, opened with the data key) once it has arrived, else this node's own.
+    pub fn join_secret(&self) -> String {
+        let rotated =
+            crate::store::replica::read_entry(&self.store, crate::identity::join::JOIN_SECRET_KEY)
+                .ok()
+                .flatten()
+                .and_then(|(e, _)| e.value)
+                .and_then(|v| {
+                    serde_json::from_slice::<crate::identity::join::JoinSecretRecord>(&v).ok()
+                })
+                .and_then(|r| r.open(&self.trust.secrets));
+        rotated.unwrap_or_else(|| self.trust.join_secret.clone())
+    }
+
     pub async fn snapshot(&self) -> Result<Snapshot, DaemonError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Snapshot(tx)).await?;

@@ -39,6 +39,10 @@ pub struct NodeIdentity {
     pub ca_pem: String,
     pub cert_pem: String,
     pub key_pem: String,
+    /// The cluster's data key wrapped for this node's join secret, as the member that signed
+    /// the certificate handed it over (`<state>/tls/data-key.sealed`); none when issued from
+    /// the bundle, which carries its own.
+    pub data_key: Option<String>,
 }
 
 impl std::fmt::Debug for NodeIdentity {
@@ -219,6 +223,7 @@ impl NodeIdentity {
             ca_pem: ca_pem.to_string(),
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            data_key: None,
         })
     }
 
@@ -248,6 +253,10 @@ impl NodeIdentity {
             ca_pem: read("ca.crt")?,
             cert_pem: read("node.crt")?,
             key_pem: read("node.key")?,
+            data_key: std::fs::read_to_string(dir.join(super::DATA_KEY_FILE))
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty()),
         }))
     }
 
@@ -275,7 +284,14 @@ impl NodeIdentity {
             let (name, secret) = FILES[i];
             super::write_file(&dir, name, &bodies[i], secret)?;
         }
-        Ok(())
+        let data_key = dir.join(super::DATA_KEY_FILE);
+        match &self.data_key {
+            Some(k) => super::write_file(&dir, super::DATA_KEY_FILE, k, true),
+            None => match std::fs::remove_file(&data_key) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(werr(&data_key)(e)),
+                _ => Ok(()),
+            },
+        }
     }
 
     pub fn info(&self) -> Result<CertInfo, String> {

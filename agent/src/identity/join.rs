@@ -5,7 +5,12 @@
 //! the CSR's key, and answers with the certificate, the CA and the cluster info, with an HMAC
 //! over all of it and the joiner's nonce. The joiner checks that HMAC (so a node that does not
 //! know the secret cannot hand out a CA) and that the certificate the member presented in the
-//! TLS handshake chains to that CA. Nothing about the secret crosses the wire.
+//! TLS handshake chains to that CA. Nothing about the secret crosses the wire. The reply also
+//! carries the cluster's data key wrapped for that secret (`secrets::SecretKey::wrap`).
+//!
+//! The secret a member checks joins against is its own, until an operator rotates it
+//! (`PUT /v1/cluster/join-secret`): the new one then travels in `cluster/join`, sealed with the
+//! data key, and every member checks joins against that one only.
 
 use super::ClusterInfo;
 use ring::hmac;
@@ -32,6 +37,9 @@ pub struct JoinReply {
     pub cluster: ClusterInfo,
     pub ca: String,
     pub cert: String,
+    /// The cluster's data key wrapped for the join secret the request was signed with.
+    #[serde(default)]
+    pub data_key: String,
     pub mac: String,
 }
 
@@ -121,12 +129,19 @@ impl JoinRequest {
 }
 
 impl JoinReply {
-    fn parts<'a>(cluster: &'a [u8], ca: &'a str, cert: &'a str, nonce: &'a str) -> [&'a [u8]; 5] {
+    fn parts<'a>(
+        cluster: &'a [u8],
+        ca: &'a str,
+        cert: &'a str,
+        data_key: &'a str,
+        nonce: &'a str,
+    ) -> [&'a [u8]; 6] {
         [
             REPLY_LABEL,
             cluster,
             ca.as_bytes(),
             cert.as_bytes(),
+            data_key.as_bytes(),
             nonce.as_bytes(),
         ]
     }
@@ -137,13 +152,15 @@ impl JoinReply {
         cluster: &ClusterInfo,
         ca: &str,
         cert: &str,
+        data_key: &str,
     ) -> Self {
         let c = serde_json::to_vec(cluster).unwrap_or_default();
-        let mac = tag(secret, &Self::parts(&c, ca, cert, &req.nonce));
+        let mac = tag(secret, &Self::parts(&c, ca, cert, data_key, &req.nonce));
         JoinReply {
             cluster: cluster.clone(),
             ca: ca.into(),
             cert: cert.into(),
+            data_key: data_key.into(),
             mac: hex(mac.as_ref()),
         }
     }
@@ -153,10 +170,68 @@ impl JoinReply {
         let c = serde_json::to_vec(&self.cluster).unwrap_or_default();
         check(
             secret,
-            &Self::parts(&c, &self.ca, &self.cert, &req.nonce),
+            &Self::parts(&c, &self.ca, &self.cert, &self.data_key, &req.nonce),
             &self.mac,
         )
     }
+}
+
+/// Where the join secret in force after a rotation is kept.
+pub const JOIN_SECRET_KEY: &str = "cluster/join";
+
+/// The value at `cluster/join`: the join secret in force, sealed with the cluster's data key
+/// (bound to that key name), and its fingerprint for people to compare.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinSecretRecord {
+    pub sealed: String,
+    pub fingerprint: String,
+    pub set_at_ms: u64,
+}
+
+impl JoinSecretRecord {
+    pub fn new(
+        key: &super::secrets::SecretKey,
+        secret: &str,
+        cluster_id: &str,
+        now_ms: u64,
+    ) -> Result<JoinSecretRecord, super::secrets::SealError> {
+        let sealed = key.seal(JOIN_SECRET_KEY, secret.trim().as_bytes())?;
+        Ok(JoinSecretRecord {
+            sealed: hex(&sealed),
+            fingerprint: fingerprint(secret, cluster_id),
+            set_at_ms: now_ms,
+        })
+    }
+
+    /// The join secret, if this record opens with `key`.
+    pub fn open(&self, key: &super::secrets::SecretKey) -> Option<String> {
+        let sealed = unhex(&self.sealed)?;
+        let plain = key.open(JOIN_SECRET_KEY, &sealed).ok()?;
+        String::from_utf8(plain).ok()
+    }
+}
+
+/// A join secret's fingerprint: 16 hex digits of SHA-256 over the cluster id and the secret.
+/// Says which secret is in force without revealing it.
+pub fn fingerprint(secret: &str, cluster_id: &str) -> String {
+    let d = ring::digest::digest(
+        &ring::digest::SHA256,
+        format!("shoal join secret v1\0{cluster_id}\0{}", secret.trim()).as_bytes(),
+    );
+    hex(&d.as_ref()[..8])
+}
+
+/// A join secret an operator may set: 32 to 256 printable ASCII characters (what
+/// `shoal gen token` prints has 64).
+pub fn check_join_secret(secret: &str) -> Result<&str, String> {
+    let s = secret.trim();
+    if s.len() < 32 || s.len() > 256 || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "a join secret is 32 to 256 printable ASCII characters without spaces (this one has {}): make one with `shoal gen token`",
+            s.len()
+        ));
+    }
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -191,7 +266,7 @@ mod tests {
             created_at_ms: 1,
             operator_key: None,
         };
-        let reply = JoinReply::new("s3cret", &r, &cluster, "CA", "CERT");
+        let reply = JoinReply::new("s3cret", &r, &cluster, "CA", "CERT", "WRAPPED");
         assert!(reply.verify("s3cret", &r));
         assert!(!reply.verify("other", &r));
         let r2 = JoinRequest::new("s3cret", "n1", &[ip], "CSR");
@@ -202,5 +277,28 @@ mod tests {
         let mut forged = reply.clone();
         forged.ca = "EVIL CA".into();
         assert!(!forged.verify("s3cret", &r));
+        let mut forged = reply.clone();
+        forged.data_key = "OTHER".into();
+        assert!(!forged.verify("s3cret", &r));
+    }
+
+    #[test]
+    fn the_join_secret_in_force_opens_only_with_the_data_key() {
+        use crate::identity::secrets::SecretKey;
+        let key = SecretKey::random().unwrap();
+        let secret = "a".repeat(64);
+        let rec = JoinSecretRecord::new(&key, &secret, "c", 5).unwrap();
+        assert!(!rec.sealed.contains(&secret) && rec.fingerprint.len() == 16);
+        assert_eq!(rec.fingerprint, fingerprint(&(secret.clone() + "\n"), "c"));
+        assert_ne!(rec.fingerprint, fingerprint(&secret, "d"));
+        assert_eq!(rec.open(&key).as_deref(), Some(secret.as_str()));
+        assert_eq!(rec.open(&SecretKey::random().unwrap()), None);
+        let mut t = rec.clone();
+        t.sealed.replace_range(0..2, "00");
+        assert_eq!(t.open(&key), None);
+        assert!(check_join_secret(&secret).is_ok());
+        assert!(check_join_secret("short").is_err());
+        assert!(check_join_secret(&format!("{} x", "a".repeat(40))).is_err());
+        assert!(check_join_secret(&"a".repeat(257)).is_err());
     }
 }

@@ -62,6 +62,11 @@ pub struct Bundle {
     pub join_secret: String,
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub admin_token: String,
+    /// The cluster's data key (what app secrets are sealed with), wrapped under the join
+    /// secret (`secrets::SecretKey::wrap`). Empty in bundles made before wrapping: their data
+    /// key is derived from the join secret (`SecretKey::legacy`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub data_key: String,
 }
 
 impl std::fmt::Debug for Bundle {
@@ -103,7 +108,7 @@ pub fn random_secret() -> String {
 /// The files of a bundle directory, and whether each is secret (written 0600).
 /// `user-data.yaml` is for member nodes (no CA key, no admin token); `user-data-signer.yaml`
 /// adds the CA key, for the nodes that admit new ones (one is enough; more for availability).
-pub const FILES: [(&str, bool); 7] = [
+pub const FILES: [(&str, bool); 8] = [
     ("cluster.json", false),
     ("ca.crt", false),
     ("ca.key", true),
@@ -111,7 +116,11 @@ pub const FILES: [(&str, bool); 7] = [
     ("admin.token", true),
     ("user-data.yaml", true),
     ("user-data-signer.yaml", true),
+    (DATA_KEY_FILE, true),
 ];
+
+/// The wrapped data key, in a bundle directory and beside a node's certificate.
+pub const DATA_KEY_FILE: &str = "data-key.sealed";
 
 /// The `shoal:` key of user-data.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -154,6 +163,13 @@ impl Bundle {
         ];
         let cert = params.self_signed(&key)?;
         let admin_token = random_secret();
+        let join_secret = random_secret();
+        let data_key = secrets::SecretKey::random()
+            .and_then(|k| k.wrap(&join_secret, &id))
+            .map_err(|e| IdentityError::Read {
+                path: "the new data key".into(),
+                reason: e.to_string(),
+            })?;
         let operator_key = vouch::OperatorKey::from_token(&admin_token, &id)
             .public()
             .hex();
@@ -166,8 +182,28 @@ impl Bundle {
             },
             ca_cert: cert.pem(),
             ca_key: key.serialize_pem(),
-            join_secret: random_secret(),
+            join_secret,
             admin_token,
+            data_key,
+        })
+    }
+
+    /// This cluster's data key, as a holder of this bundle's join secret opens it.
+    pub fn secret_key(&self) -> Result<secrets::SecretKey, secrets::SealError> {
+        let wrapped = Some(self.data_key.as_str()).filter(|w| !w.trim().is_empty());
+        secrets::SecretKey::resolve(wrapped, &self.join_secret, &self.cluster.id)
+    }
+
+    /// The same cluster with a new join secret: the data key is re-wrapped for it, so every
+    /// sealed secret stays readable. The old secret stops admitting nodes once the cluster is
+    /// told (`PUT /v1/cluster/join-secret`).
+    pub fn rotate_join(&self) -> Result<Bundle, secrets::SealError> {
+        let key = self.secret_key()?;
+        let join_secret = random_secret();
+        Ok(Bundle {
+            data_key: key.wrap(&join_secret, &self.cluster.id)?,
+            join_secret,
+            ..self.clone()
         })
     }
 
@@ -246,8 +282,12 @@ impl Bundle {
             self.admin_token.clone() + "\n",
             self.user_data(peers, false),
             self.user_data(peers, true),
+            self.data_key.clone(),
         ];
         for ((name, secret), body) in FILES.iter().zip(contents) {
+            if *name == DATA_KEY_FILE && body.is_empty() {
+                continue;
+            }
             write_file(dir, name, &body, *secret)?;
         }
         Ok(())
@@ -285,6 +325,7 @@ impl Bundle {
             ("ca.crt", self.ca_cert.clone(), false),
             ("join.secret", self.join_secret.clone() + "\n", true),
             ("ca.key", self.ca_key.clone(), true),
+            (DATA_KEY_FILE, self.data_key.clone(), true),
         ];
         for (name, body, secret) in files {
             let path = dir.join(name);
@@ -336,8 +377,16 @@ impl Bundle {
             ca_key: read("ca.key")?,
             join_secret: read("join.secret")?.trim().to_string(),
             admin_token,
+            data_key: read_data_key(dir),
         })
     }
+}
+
+/// The wrapped data key in `dir`, or empty (a bundle made before wrapping).
+fn read_data_key(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join(DATA_KEY_FILE))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// What mDNS advertises instead of the cluster id: the first 16 hex digits of
@@ -359,6 +408,8 @@ pub enum Credentials {
     JoinSecret {
         secret: String,
         cluster: Option<ClusterInfo>,
+        /// The data key wrapped for `secret`, when the user-data carried it.
+        data_key: Option<String>,
     },
 }
 
@@ -377,6 +428,7 @@ impl Credentials {
                 Ok(Credentials::JoinSecret {
                     secret: s.trim().to_string(),
                     cluster,
+                    data_key: Some(read_data_key(dir)).filter(|k| !k.is_empty()),
                 })
             }
             Ok(_) => Err(IdentityError::Read {
@@ -402,7 +454,10 @@ pub struct Trust {
     pub ca_pem: String,
     /// Present only on nodes holding the whole bundle: they sign joiners' certificates.
     pub ca_key: Option<String>,
+    /// The join secret this node was given. Joins are checked against the one in force
+    /// (`Handle::join_secret`), which an operator may have rotated since.
     pub join_secret: String,
+    /// The cluster's data key: seals and opens app secrets and the rotated join secret.
     pub secrets: secrets::SecretKey,
     /// When this node's certificate expires (Unix seconds); renewed at start within 30 days.
     pub cert_not_after: i64,
@@ -441,10 +496,9 @@ impl Trust {
         ca_pem: String,
         ca_key: Option<String>,
         join_secret: String,
+        secrets: secrets::SecretKey,
         cert_not_after: i64,
     ) -> Result<Trust, String> {
-        let secrets =
-            secrets::SecretKey::derive(&join_secret, &cluster.id).map_err(|e| e.to_string())?;
         let operator = match cluster.operator_key.as_deref() {
             Some(k) => Some(vouch::OperatorPublic::parse(k).map_err(|e| e.to_string())?),
             None => None,
@@ -520,6 +574,7 @@ mod tests {
             b.ca_cert.clone(),
             Some(b.ca_key.clone()),
             b.join_secret.clone(),
+            b.secret_key().unwrap(),
             0,
         )
         .unwrap();
@@ -528,6 +583,7 @@ mod tests {
             Credentials::JoinSecret {
                 secret: b.join_secret.clone(),
                 cluster: Some(b.cluster.clone()),
+                data_key: Some(b.data_key.clone()),
             },
         ];
         let shown = format!("{trust:?} {creds:?} {b:?} {:#?}", trust);
@@ -538,6 +594,51 @@ mod tests {
         let key_line = b.ca_key.lines().nth(1).unwrap();
         assert!(!shown.contains(key_line), "{shown}");
         assert!(shown.contains("prod"));
+    }
+
+    #[test]
+    fn rotating_the_join_secret_keeps_the_data_key() {
+        let b = Bundle::generate("prod", 1).unwrap();
+        let key = b.secret_key().unwrap();
+        let sealed = key.seal("secrets/web/K", b"v").unwrap();
+        let r = b.rotate_join().unwrap();
+        assert_ne!(r.join_secret, b.join_secret);
+        assert_ne!(r.data_key, b.data_key);
+        assert_eq!(
+            (&r.cluster, &r.ca_key, &r.admin_token),
+            (&b.cluster, &b.ca_key, &b.admin_token)
+        );
+        assert_eq!(
+            r.secret_key()
+                .unwrap()
+                .open("secrets/web/K", &sealed)
+                .unwrap(),
+            b"v"
+        );
+        // Through the disk, and the user-data nodes are given.
+        let dir = tempfile::tempdir().unwrap();
+        r.write(dir.path(), &[], false).unwrap();
+        let back = Bundle::load(dir.path()).unwrap();
+        assert_eq!(back, r);
+        let ud = parse_user_data(&r.user_data(&[], false)).unwrap();
+        assert_eq!(ud.bundle.data_key, r.data_key);
+        // A bundle from before wrapping: its first rotation wraps the derived key.
+        let mut legacy = b.clone();
+        legacy.data_key.clear();
+        let sealed = legacy
+            .secret_key()
+            .unwrap()
+            .seal("secrets/web/K", b"old")
+            .unwrap();
+        let r = legacy.rotate_join().unwrap();
+        assert!(!r.data_key.is_empty());
+        assert_eq!(
+            r.secret_key()
+                .unwrap()
+                .open("secrets/web/K", &sealed)
+                .unwrap(),
+            b"old"
+        );
     }
 
     #[test]
@@ -598,9 +699,16 @@ mod tests {
         b.for_node(false).write_node(&d).unwrap();
         assert!(!d.join("ca.key").exists() && !d.join("admin.token").exists());
         match Credentials::load(&d).unwrap() {
-            Credentials::JoinSecret { secret, cluster } => {
+            Credentials::JoinSecret {
+                secret,
+                cluster,
+                data_key,
+            } => {
                 assert_eq!(secret, b.join_secret);
                 assert_eq!(cluster.unwrap().operator_key, b.cluster.operator_key);
+                // The data key is wrapped for this secret and opens.
+                assert_eq!(data_key.as_deref(), Some(b.data_key.as_str()));
+                secrets::SecretKey::unwrap(&b.data_key, &secret, &b.cluster.id).unwrap();
             }
             other => panic!("a member with the CA key: {other:?}"),
         }

@@ -77,10 +77,12 @@ pub enum Keyspace {
     Metrics,
     /// Evicted nodes (`revoked/<id>`): written by operators, refused as peers and signers.
     Revoked,
+    /// Cluster-wide settings written by operators (`cluster/join`: the join secret in force).
+    Cluster,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 7] = [
+    pub const ALL: [Keyspace; 8] = [
         Keyspace::Nodes,
         Keyspace::Apps,
         Keyspace::Tasks,
@@ -88,6 +90,7 @@ impl Keyspace {
         Keyspace::Secrets,
         Keyspace::Metrics,
         Keyspace::Revoked,
+        Keyspace::Cluster,
     ];
 
     pub fn name(self) -> &'static str {
@@ -99,6 +102,7 @@ impl Keyspace {
             Keyspace::Secrets => "secrets",
             Keyspace::Metrics => "metrics",
             Keyspace::Revoked => "revoked",
+            Keyspace::Cluster => "cluster",
         }
     }
 

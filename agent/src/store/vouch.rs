@@ -36,7 +36,8 @@ impl std::fmt::Debug for Proof {
 pub enum Writer {
     /// The node the key describes (`nodes/`, `tasks/`, `metrics/`), or that made it (`builds/`).
     Node(NodeId),
-    /// An operator: desired state (`apps/`, `secrets/`) and evictions (`revoked/`).
+    /// An operator: desired state (`apps/`, `secrets/`), evictions (`revoked/`) and cluster
+    /// settings (`cluster/`).
     Operator,
 }
 
@@ -44,7 +45,9 @@ impl Key {
     /// The writer whose proof an entry at this key must carry, given the entry's origin.
     pub fn writer(&self, origin: &NodeId) -> Writer {
         match self.keyspace() {
-            Keyspace::Apps | Keyspace::Secrets | Keyspace::Revoked => Writer::Operator,
+            Keyspace::Apps | Keyspace::Secrets | Keyspace::Revoked | Keyspace::Cluster => {
+                Writer::Operator
+            }
             Keyspace::Builds => Writer::Node(origin.clone()),
             // Owner-only keys: `check_write` already holds the origin to the owner.
             Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics => Writer::Node(origin.clone()),
