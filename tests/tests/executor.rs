@@ -634,6 +634,21 @@ fn containers_are_tenants() {
             .then_some(())
     });
     assert!(!reaches(&q, "http://169.254.169.254/user-data"));
+    // The same over IPv6 (EC2 serves metadata at fd00:ec2::254 too).
+    let v6 = Command::new("ip6tables")
+        .args(["-w", "-S", "SHOAL-CONTAINERS"])
+        .output()
+        .unwrap();
+    let v6 = String::from_utf8_lossy(&v6.stdout);
+    assert!(
+        v6.contains("-d fd00:ec2::254/128 -j DROP") && v6.contains("-A SHOAL-CONTAINERS -j DROP"),
+        "{v6}"
+    );
+    assert!(Command::new("ip6tables")
+        .args(["-w", "-C", "INPUT", "-i", "br-+", "-j", "SHOAL-CONTAINERS"])
+        .status()
+        .unwrap()
+        .success());
 
     // An app that goes takes its network with it.
     let r = a.delete_app("quiet").unwrap();
