@@ -121,7 +121,7 @@ pub fn mount_all(root: &Path, detail: &mut Vec<String>) -> bool {
 }
 
 /// Whether `p` is the root of a mounted file system (its device differs from its parent's).
-fn is_mount_point(p: &Path) -> bool {
+pub fn is_mount_point(p: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (std::fs::metadata(p), p.parent().map(std::fs::metadata)) {
         (Ok(a), Some(Ok(b))) => a.dev() != b.dev(),
@@ -132,6 +132,12 @@ fn is_mount_point(p: &Path) -> bool {
 /// Unmounts the table under `root` in reverse order (lazily: a busy file system is detached
 /// and goes once its last user does).
 pub fn unmount_all(root: &Path) {
+    // The store's file system first (its loop device writes into /var), then the data disk:
+    // written out now, not by the lazy detach below. Busy ones stay for the detach.
+    for p in [crate::system::STORE_DIR, "var"] {
+        let _ = nix::mount::umount2(&root.join(p), nix::mount::MntFlags::empty());
+        nix::unistd::sync();
+    }
     for m in table().iter().rev() {
         let _ = nix::mount::umount2(&root.join(m.target), nix::mount::MntFlags::MNT_DETACH);
     }

@@ -11,7 +11,10 @@ pub const DATA_PARTITION: &str = "shoal-data";
 /// Mounts the data disk at `/var`: the volume labelled `SHOAL_DATA`, else a blank disk
 /// formatted once (ext4, labelled), else a tmpfs — said loudly: state is lost at power-off.
 pub fn data_disk(root: &Path, d: &mut Vec<String>) -> Outcome {
-    let outcome = mount_data(root, d);
+    let mut outcome = mount_data(root, d);
+    if outcome == Outcome::Ok {
+        outcome = store_volume(root, d);
+    }
     writable_etc(root, d);
     // /var/run and /var/lock are the runtime tmpfs, as everywhere (Docker's socket path).
     for (link, to) in [("var/run", "../run"), ("var/lock", "../run/lock")] {
@@ -102,6 +105,202 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
     let _ = nix::mount::mount(Some("var"), &var, Some("tmpfs"), flags, Some("mode=0755"));
     d.push("NO DATA DISK: /var is a tmpfs and everything in it is lost at power-off".into());
     Outcome::Degraded
+}
+
+/// The agent's state (`/var/lib/shoal`: the store, the node's identity) lives on a file system
+/// of its own: a preallocated ext4 image on the data disk, loop-mounted. Images, containers'
+/// writes and logs may fill the data disk; they never take the store's space, so the store
+/// always has room to commit (and to record that the disk is full).
+pub const STORE_IMAGE: &str = "var/lib/shoal-store.img";
+pub const STORE_DIR: &str = "var/lib/shoal";
+pub const STORE_LABEL: &str = "SHOAL_STORE";
+
+const MIB: u64 = 1 << 20;
+
+/// How large the store's file system is made on a data disk of `total` bytes with `avail`
+/// free: a sixteenth of the disk, 64 MiB to 4 GiB, at most half of what is free; `None` when
+/// that leaves less than 32 MiB.
+pub fn store_volume_size(total: u64, avail: u64) -> Option<u64> {
+    let size = (total / 16).clamp(64 * MIB, 4096 * MIB).min(avail / 2);
+    let size = size / MIB * MIB;
+    (size >= 32 * MIB).then_some(size)
+}
+
+/// Makes (once) and mounts the store's file system at `/var/lib/shoal`, moving what an older
+/// node kept there onto it.
+fn store_volume(root: &Path, d: &mut Vec<String>) -> Outcome {
+    let img = root.join(STORE_IMAGE);
+    let dir = root.join(STORE_DIR);
+    if !img.exists() {
+        match make_store_image(root, &img) {
+            Ok(size) => d.push(format!(
+                "made the store's file system: {} MiB, reserved on the data disk",
+                size / MIB
+            )),
+            Err(e) => {
+                d.push(format!(
+                    "the store shares the data disk's space (a full disk can stop its writes): {e}"
+                ));
+                return Outcome::Degraded;
+            }
+        }
+    }
+    match fsck(&img) {
+        Ok(msg) => d.push(format!("store fsck: {msg}")),
+        Err(e) => d.push(format!("store fsck: {e}")),
+    }
+    // What an older node kept on the data disk itself moves in first (copied, then removed).
+    let has_old = std::fs::read_dir(&dir).is_ok_and(|mut e| e.next().is_some());
+    if has_old && !crate::mounts::is_mount_point(&dir) {
+        let staging = root.join("var/lib/.shoal-store-new");
+        let moved = (|| -> Result<(), String> {
+            let _ = std::fs::create_dir_all(&staging);
+            loop_mount(&img, &staging)?;
+            let copied = copy_tree(&dir, &staging).map_err(|e| format!("copying: {e}"));
+            let synced = std::fs::File::open(&staging)
+                .and_then(|f| f.sync_all())
+                .map_err(|e| format!("sync: {e}"));
+            let _ = nix::mount::umount(&staging);
+            copied.and(synced)?;
+            let old = root.join("var/lib/.shoal-before-volume");
+            std::fs::rename(&dir, &old).map_err(|e| format!("moving the old directory: {e}"))?;
+            let _ = std::fs::remove_dir_all(&old);
+            Ok(())
+        })();
+        let _ = std::fs::remove_dir(&staging);
+        match moved {
+            Ok(()) => d.push("moved /var/lib/shoal onto the store's file system".into()),
+            Err(e) => {
+                d.push(format!(
+                    "cannot move /var/lib/shoal onto its own file system: {e}"
+                ));
+                return Outcome::Degraded;
+            }
+        }
+    }
+    if crate::mounts::is_mount_point(&dir) {
+        return Outcome::Ok;
+    }
+    let _ = std::fs::create_dir_all(&dir);
+    match loop_mount(&img, &dir) {
+        Ok(()) => {
+            d.push(format!("{} mounted at /{STORE_DIR}", img.display()));
+            Outcome::Ok
+        }
+        Err(e) => {
+            d.push(format!("the store shares the data disk's space: {e}"));
+            Outcome::Degraded
+        }
+    }
+}
+
+fn make_store_image(root: &Path, img: &Path) -> Result<u64, String> {
+    let vfs = nix::sys::statvfs::statvfs(&root.join("var")).map_err(|e| format!("statvfs: {e}"))?;
+    let frag = vfs.fragment_size();
+    let total = vfs.blocks() * frag;
+    let avail = vfs.blocks_available() * frag;
+    let size = store_volume_size(total, avail).ok_or_else(|| {
+        format!(
+            "{} MiB free on a {} MiB disk is too little to reserve",
+            avail / MIB,
+            total / MIB
+        )
+    })?;
+    let _ = std::fs::create_dir_all(img.parent().unwrap_or(root));
+    let tmp = img.with_extension("img.tmp");
+    let made = (|| -> Result<(), String> {
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&tmp)
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        // Allocated, not sparse: the space is the store's from now on.
+        nix::fcntl::fallocate(
+            &f,
+            nix::fcntl::FallocateFlags::empty(),
+            0,
+            i64::try_from(size).unwrap_or(i64::MAX),
+        )
+        .map_err(|e| format!("fallocate: {e}"))?;
+        drop(f);
+        let out = crate::command("mkfs.ext4")
+            .args(["-q", "-F", "-m", "0", "-L", STORE_LABEL])
+            .arg(&tmp)
+            .output()
+            .map_err(|e| format!("mkfs.ext4: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mkfs.ext4: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        std::fs::rename(&tmp, img).map_err(|e| format!("{}: {e}", img.display()))
+    })();
+    if made.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    made.map(|()| size)
+}
+
+fn fsck(dev: &Path) -> Result<String, String> {
+    let o = crate::command("fsck.ext4")
+        .arg("-p")
+        .arg(dev)
+        .output()
+        .map_err(|e| format!("fsck.ext4: {e}"))?;
+    match o.status.code() {
+        Some(0) => Ok("clean".into()),
+        Some(1) => Ok("errors corrected".into()),
+        c => Err(format!(
+            "exit {c:?}: {}",
+            String::from_utf8_lossy(&o.stdout).trim()
+        )),
+    }
+}
+
+/// Mounts an ext4 image through a loop device that goes away with the mount
+/// (util-linux `mount -o loop` sets autoclear).
+fn loop_mount(img: &Path, target: &Path) -> Result<(), String> {
+    let out = crate::command("mount")
+        .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
+        .arg(img)
+        .arg(target)
+        .output()
+        .map_err(|e| format!("mount: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "mount -o loop {}: {}",
+            img.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// Copies a directory tree (files, directories, symbolic links) with its modes.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let (src, dst) = (e.path(), to.join(e.file_name()));
+        let t = e.file_type()?;
+        if t.is_dir() {
+            std::fs::create_dir_all(&dst)?;
+            copy_tree(&src, &dst)?;
+        } else if t.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+            continue;
+        } else if t.is_file() {
+            std::fs::copy(&src, &dst)?;
+        } else {
+            continue;
+        }
+        let mode = e.metadata()?.permissions().mode();
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
 }
 
 /// Where a data file system may be made, first match wins: a blank whole disk (an attached
@@ -304,8 +503,10 @@ pub fn machine_id(root: &Path, d: &mut Vec<String>) -> Outcome {
 }
 
 /// What Docker needs from the kernel.
-pub const MODULES: [&str; 9] = [
+pub const MODULES: [&str; 10] = [
     "overlay",
+    // The store's own file system is an image on the data disk (`store_volume`).
+    "loop",
     "br_netfilter",
     "nf_nat",
     "nf_conntrack",
@@ -415,6 +616,23 @@ pub fn sysctls(root: &Path, net_only: bool, d: &mut Vec<String>) -> Outcome {
         }
     }
     outcome
+}
+
+#[cfg(test)]
+mod store_volume_tests {
+    use super::*;
+
+    #[test]
+    fn the_store_gets_a_sixteenth_of_the_disk_within_bounds() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(store_volume_size(20 * GIB, 19 * GIB), Some(20 * GIB / 16));
+        assert_eq!(store_volume_size(200 * GIB, 190 * GIB), Some(4 * GIB));
+        assert_eq!(store_volume_size(256 * MIB, 240 * MIB), Some(64 * MIB));
+        // At most half of what is free, and nothing below 32 MiB.
+        assert_eq!(store_volume_size(20 * GIB, GIB), Some(512 * MIB));
+        assert_eq!(store_volume_size(20 * GIB, 50 * MIB), None);
+        assert_eq!(store_volume_size(0, 0), None);
+    }
 }
 
 #[cfg(test)]

@@ -732,7 +732,7 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
     let disk_file = dir.path().join("data.img");
     std::fs::File::create(&disk_file)
         .unwrap()
-        .set_len(64 << 20)
+        .set_len(256 << 20)
         .unwrap();
     let disk = Loop::new(&disk_file);
     let disks = format!("{},{}", seed.0, disk.0);
@@ -772,6 +772,27 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
         .any(|l| l.contains(&format!("{}/var ", init.root.display())) && l.contains(" - ext4 ")));
     assert_eq!(node_json(&init)["bundle"]["join_secret"], secret.as_str());
     assert!(details(&report, "user-data").contains("first boot"));
+    // The store has a file system of its own, reserved on the data disk: filling the disk
+    // (images, containers, logs) leaves the store room to write.
+    let data = details(&report, "data-disk");
+    assert!(
+        data.contains("made the store's file system: 64 MiB")
+            && data.contains("mounted at /var/lib/shoal"),
+        "{data}"
+    );
+    let store = init.root.join("var/lib/shoal");
+    assert!(mountinfo_of(pid)
+        .lines()
+        .any(|l| l.contains(&format!("{} ", store.display())) && l.contains(" - ext4 ")));
+    let filler = init.inside("var/filler");
+    let filled = fill(&filler);
+    assert!(
+        filled > 100 << 20,
+        "only {filled} bytes filled the data disk"
+    );
+    std::fs::write(init.inside("var/lib/shoal/after-full"), vec![7u8; 4 << 20])
+        .expect("the store's file system has room when the data disk is full");
+    std::fs::remove_file(&filler).unwrap();
     let machine_id = stage(&report, "machine-id")["detail"]
         .as_array()
         .unwrap()
@@ -797,6 +818,18 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
     assert!(details(&report, "data-disk").contains("mounted at /var"));
     assert!(!details(&report, "data-disk").contains("formatting"));
     assert!(details(&report, "data-disk").contains("fsck: clean"));
+    // The same store file system, checked and mounted again, with what was written to it.
+    let data = details(&report, "data-disk");
+    assert!(
+        data.contains("store fsck: clean") && !data.contains("made the store's"),
+        "{data}"
+    );
+    assert_eq!(
+        std::fs::read(init.inside("var/lib/shoal/after-full"))
+            .unwrap()
+            .len(),
+        4 << 20
+    );
     assert_eq!(
         stage(&report, "machine-id")["detail"]
             .as_array()
@@ -840,6 +873,90 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
         details(&report, "user-data")
     );
     assert!(details(&report, "hostname").contains("renamed"));
+}
+
+#[test]
+fn a_data_disk_from_before_the_store_volume_moves_its_state_onto_one() {
+    // An older node's data disk: the agent's state straight on it.
+    let dir = tempfile::tempdir().unwrap();
+    let tree = dir.path().join("tree");
+    std::fs::create_dir_all(tree.join("lib/shoal/tls")).unwrap();
+    std::fs::create_dir_all(tree.join("lib/shoal/store")).unwrap();
+    std::fs::write(tree.join("lib/shoal/store/replica.redb"), b"the store").unwrap();
+    std::fs::write(tree.join("lib/shoal/tls/node.key"), b"KEY").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tree.join("lib/shoal/tls/node.key"),
+        std::fs::Permissions::from_mode(0o600),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("store/replica.redb", tree.join("lib/shoal/link")).unwrap();
+    let disk_file = dir.path().join("old.img");
+    std::fs::File::create(&disk_file)
+        .unwrap()
+        .set_len(256 << 20)
+        .unwrap();
+    let out = Command::new("mkfs.ext4")
+        .args(["-q", "-F", "-L", "SHOAL_DATA", "-d"])
+        .arg(&tree)
+        .arg(&disk_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let disk = Loop::new(&disk_file);
+    let init = Pid1::start_with(None, "", &[("SHOAL_INIT_DISKS", disk.0.as_str())]);
+    let report = wait_for(T, "the boot stages", || {
+        let r = init.report();
+        (!stage(&r, "machine-id").is_null()).then_some(r)
+    });
+    let data = details(&report, "data-disk");
+    assert!(
+        data.contains("moved /var/lib/shoal onto the store's file system")
+            && data.contains("mounted at /var/lib/shoal"),
+        "{data}"
+    );
+    let store = init.root.join("var/lib/shoal");
+    assert!(mountinfo_of(init.pid())
+        .lines()
+        .any(|l| l.contains(&format!("{} ", store.display())) && l.contains(" - ext4 ")));
+    assert_eq!(
+        std::fs::read(init.inside("var/lib/shoal/store/replica.redb")).unwrap(),
+        b"the store"
+    );
+    let key = init.inside("var/lib/shoal/tls/node.key");
+    assert_eq!(std::fs::read(&key).unwrap(), b"KEY");
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(
+        std::fs::read_link(init.inside("var/lib/shoal/link")).unwrap(),
+        Path::new("store/replica.redb")
+    );
+}
+
+fn mountinfo_of(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap()
+}
+
+/// Writes zeros to `path` until the file system is full; how many bytes went in.
+fn fill(path: &Path) -> u64 {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 1 << 20];
+    let mut n = 0u64;
+    while let Ok(w) = f.write(&chunk) {
+        if w == 0 {
+            break;
+        }
+        n += w as u64;
+    }
+    let _ = f.sync_all();
+    n
 }
 
 /// The SNTP server fixture (RFC 4330) answering `unix` seconds; its process and port.

@@ -142,6 +142,55 @@ impl Node {
         self.task_running(name, None)
     }
 
+    /// From inside a second app's container on the node: the metadata address, the agent's
+    /// ports and `web`'s container do not answer, while the node's ingress port does (it
+    /// refuses: nothing listens there yet). The probe's exit code carries what it found
+    /// (100 + one bit per thing that answered when it must not), read from its task record.
+    fn containers_are_tenants(&self, web: &str) {
+        let tasks = get(self.ports[0], "/v1/tasks").unwrap().json();
+        let web_ip = tasks
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["app"] == web)
+            .and_then(|t| t["ip"].as_str())
+            .unwrap()
+            .to_string();
+        let script = format!(
+            "gw=$(ip route | awk '/^default/ {{print $3}}'); code=0; \
+             answers() {{ out=$(nc -w 3 \"$1\" \"$2\" </dev/null 2>&1); [ $? -eq 0 ] || echo \"$out\" | grep -q refused; }}; \
+             answers 169.254.169.254 80 && code=$((code|1)); \
+             answers $gw 7070 && code=$((code|2)); \
+             answers $gw 7443 && code=$((code|4)); \
+             answers {web_ip} 8080 && code=$((code|8)); \
+             answers $gw 80 || code=$((code|16)); \
+             exit $((code+100))"
+        );
+        let spec = serde_json::json!({
+            "name": "probe",
+            "source": { "image": BUSYBOX },
+            "run": { "command": ["sh", "-c", script] },
+            "resources": { "memory": "32Mi" },
+        });
+        let r = self.api("PUT", "/v1/apps/probe", spec.to_string().as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        let code = wait_for(BOOT, "the probe's exit code", || {
+            let tasks = get(self.ports[0], "/v1/tasks").ok()?.json();
+            let t = tasks
+                .as_array()?
+                .iter()
+                .find(|t| t["app"] == "probe")?
+                .clone();
+            t["exit_code"].as_i64()
+        });
+        assert_eq!(
+            code, 100,
+            "from a container: 1 metadata, 2 :7070, 4 :7443, 8 another app answered; 16 the ingress port did not"
+        );
+        let r = self.api("DELETE", "/v1/apps/probe", b"");
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
     /// Waits until app `name`'s task runs in a container other than `not`; its id.
     fn task_running(&self, name: &str, not: Option<&str>) -> String {
         wait_for(BOOT, &format!("{name}'s container running"), || {
@@ -161,6 +210,11 @@ impl Node {
         let d = stage(&status, "data-disk")["detail"].to_string();
         assert!(
             d.contains("fsck: clean") && !d.contains("formatting"),
+            "{d}"
+        );
+        // The store's own file system, found and checked again.
+        assert!(
+            d.contains("store fsck: clean") && d.contains("mounted at /var/lib/shoal"),
             "{d}"
         );
         let apps = get(self.ports[0], "/v1/apps").unwrap().text();
@@ -219,9 +273,13 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
             "no stage {s} on the console"
         );
     }
-    assert!(stage(&status, "data-disk")["detail"]
-        .to_string()
-        .contains("formatting blank disk"));
+    let d = stage(&status, "data-disk")["detail"].to_string();
+    assert!(d.contains("formatting blank disk"), "{d}");
+    // The store gets a file system of its own, reserved on the data disk.
+    assert!(
+        d.contains("made the store's file system") && d.contains("mounted at /var/lib/shoal"),
+        "{d}"
+    );
     assert!(status["boot"]["metadata"]["source"]
         .as_str()
         .unwrap_or("")
@@ -239,6 +297,7 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
     // A container runs in it: an image loaded and an app deployed through the forwarded API
     // port, its replica reported running by the node.
     let first = node.run_app("web");
+    node.containers_are_tenants("web");
 
     // ACPI power button: services stop in order, file systems synced, power off.
     node.stop();
