@@ -1,6 +1,6 @@
 //! Mutual TLS between members (rustls, ring provider): the server and client configurations
 //! built from a node's identity, the verifier that accepts exactly the cluster CA's member
-//! certificates, the one used during bootstrap, and the names of refusals for metrics.
+//! certificates, the one used during bootstrap, and the reasons for refusals (`Refusal`).
 
 use crate::identity::cert::{cert_info_der, NodeIdentity, MEMBER_NAME};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -264,40 +264,64 @@ pub fn bootstrap_client() -> Result<(Arc<ClientConfig>, Arc<Capture>), TlsError>
     Ok((Arc::new(config), capture))
 }
 
-/// Why a TLS handshake on the API listener failed, as a metrics label.
-pub const REFUSAL_REASONS: [&str; 7] = [
-    "not_tls",
-    "unknown_ca",
-    "expired",
-    "bad_certificate",
-    "no_client_certificate",
-    "peer_alert",
-    "other",
-];
-/// Index of "other" (timeouts, I/O errors) in `REFUSAL_REASONS`.
-pub const OTHER: usize = 6;
-/// Index of "no_client_certificate": a `/peer/` request on a connection without one.
-pub const NO_CLIENT_CERT: usize = 4;
+/// Why a TLS handshake (or a `/peer/` request) on the API listener was refused: a metrics
+/// label each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    NotTls,
+    UnknownCa,
+    Expired,
+    BadCertificate,
+    /// A `/peer/` request on a connection without a client certificate.
+    NoClientCertificate,
+    PeerAlert,
+    /// Timeouts, I/O errors.
+    Other,
+}
 
-/// The index into `REFUSAL_REASONS` for a handshake error.
-pub fn refusal_reason(e: &std::io::Error) -> usize {
-    use rustls::{CertificateError as C, Error as E};
-    let Some(re) = e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) else {
-        return OTHER;
-    };
-    match re {
-        E::InvalidMessage(_) => 0,
-        E::InvalidCertificate(c) => match c {
-            C::UnknownIssuer | C::BadSignature => 1,
-            C::Expired
-            | C::ExpiredContext { .. }
-            | C::NotValidYet
-            | C::NotValidYetContext { .. } => 2,
-            _ => 3,
-        },
-        E::NoCertificatesPresented => NO_CLIENT_CERT,
-        E::AlertReceived(_) => 5,
-        _ => OTHER,
+impl Refusal {
+    pub const ALL: [Refusal; 7] = [
+        Refusal::NotTls,
+        Refusal::UnknownCa,
+        Refusal::Expired,
+        Refusal::BadCertificate,
+        Refusal::NoClientCertificate,
+        Refusal::PeerAlert,
+        Refusal::Other,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::NotTls => "not_tls",
+            Refusal::UnknownCa => "unknown_ca",
+            Refusal::Expired => "expired",
+            Refusal::BadCertificate => "bad_certificate",
+            Refusal::NoClientCertificate => "no_client_certificate",
+            Refusal::PeerAlert => "peer_alert",
+            Refusal::Other => "other",
+        }
+    }
+
+    /// The reason for a handshake error.
+    pub fn of(e: &std::io::Error) -> Refusal {
+        use rustls::{CertificateError as C, Error as E};
+        let Some(re) = e.get_ref().and_then(|r| r.downcast_ref::<rustls::Error>()) else {
+            return Refusal::Other;
+        };
+        match re {
+            E::InvalidMessage(_) => Refusal::NotTls,
+            E::InvalidCertificate(c) => match c {
+                C::UnknownIssuer | C::BadSignature => Refusal::UnknownCa,
+                C::Expired
+                | C::ExpiredContext { .. }
+                | C::NotValidYet
+                | C::NotValidYetContext { .. } => Refusal::Expired,
+                _ => Refusal::BadCertificate,
+            },
+            E::NoCertificatesPresented => Refusal::NoClientCertificate,
+            E::AlertReceived(_) => Refusal::PeerAlert,
+            _ => Refusal::Other,
+        }
     }
 }
 

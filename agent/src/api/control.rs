@@ -4,12 +4,12 @@
 //! constant time).
 
 use super::{error, json, Body, Conn};
-use crate::daemon::peer::{CONTENT_TYPE, IDENTITY_PATH, MSG_PATH};
-use crate::daemon::{Command, Counters, Handle};
 use crate::identity::cert::sign_request;
 use crate::identity::join::{JoinReply, JoinRequest, JOIN_PATH};
 use crate::identity::vouch::OperatorKey;
+use crate::peer::{CONTENT_TYPE, IDENTITY_PATH, MSG_PATH};
 use crate::spec::{valid_name, AppSpec};
+use crate::state::{Counters, Handle};
 use crate::store::replica::read_entry;
 use crate::store::{Bytes, Key};
 use crate::store::{Keyspace, NodeId};
@@ -23,16 +23,25 @@ const MAX_SPEC_BYTES: usize = 1 << 20;
 
 const MAX_SECRET_BYTES: usize = 64 * 1024;
 
-pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<Body> {
+/// What the API listener works with: the node's state, and its runtime's images when it
+/// runs containers.
+#[derive(Clone)]
+pub struct Api {
+    pub h: Handle,
+    pub images: Option<Arc<dyn crate::executor::images::Images>>,
+}
+
+pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Body> {
+    let h = &api.h;
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     if path == JOIN_PATH && method == Method::POST {
-        return join(req, &conn, &h).await;
+        return join(req, &conn, h).await;
     }
     if path.starts_with("/peer/") {
         let Some(peer) = conn.peer.clone() else {
-            Counters::inc(&h.counters.tls_refused[crate::tls::NO_CLIENT_CERT]);
+            h.counters.refused(crate::tls::Refusal::NoClientCertificate);
             tracing::warn!(remote = %conn.remote, %path, "peer request without a cluster client certificate refused");
             let r = error(
                 StatusCode::UNAUTHORIZED,
@@ -41,7 +50,7 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<B
             return drain_then(req, r).await;
         };
         return match (method, path.as_str()) {
-            (Method::POST, MSG_PATH) => peer_message(req, &conn, &peer, &h).await,
+            (Method::POST, MSG_PATH) => peer_message(req, &conn, &peer, h).await,
             (Method::GET, IDENTITY_PATH) => json(StatusCode::OK, &h.me),
             _ => error(
                 StatusCode::NOT_FOUND,
@@ -52,58 +61,58 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, h: Handle) -> Response<B
     match (method, parts.as_slice()) {
         (Method::PUT, ["v1", "apps", app, "secrets", name]) => {
             let (app, name) = (app.to_string(), name.to_string());
-            let op = match authorize(&req, &h) {
+            let op = match authorize(&req, h) {
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            put_secret(req, &app, &name, &h, op).await
+            put_secret(req, &app, &name, h, op).await
         }
         (Method::DELETE, ["v1", "apps", app, "secrets", name]) => {
-            let op = match authorize(&req, &h) {
+            let op = match authorize(&req, h) {
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            delete_secret(app, name, &h, op).await
+            delete_secret(app, name, h, op).await
         }
         (_, ["v1", "apps", _, "secrets", _]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE")
         }
         (Method::PUT, ["v1", "apps", name]) => {
             let name = name.to_string();
-            let op = match authorize(&req, &h) {
+            let op = match authorize(&req, h) {
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            put_app(req, &name, &h, op).await
+            put_app(req, &name, h, op).await
         }
         (Method::DELETE, ["v1", "apps", name]) => {
-            let op = match authorize(&req, &h) {
+            let op = match authorize(&req, h) {
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            delete_app(name, &h, op).await
+            delete_app(name, h, op).await
         }
         (_, ["v1", "apps", _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE"),
         (Method::POST, ["v1", "images"]) => {
-            if let Err(r) = authorize(&req, &h) {
+            if let Err(r) = authorize(&req, h) {
                 return drain_then(req, r).await;
             }
-            load_image(req, &h).await
+            load_image(req, &api).await
         }
         (_, ["v1", "images"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (Method::DELETE, ["v1", "nodes", id]) => {
-            let op = match authorize(&req, &h) {
+            let op = match authorize(&req, h) {
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            evict(id, &h, op).await
+            evict(id, h, op).await
         }
         (Method::PUT, ["v1", "cluster", "join-secret"]) => {
-            let op = match authorize(&req, &h) {
+            let op = match authorize(&req, h) {
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            rotate_join_secret(req, &h, op).await
+            rotate_join_secret(req, h, op).await
         }
         (_, ["v1", "cluster", "join-secret"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use PUT"),
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
@@ -138,7 +147,7 @@ async fn rotate_join_secret(
         &h.trust.secrets,
         &secret,
         id,
-        crate::daemon::wall_ms(),
+        crate::clock::wall_ms(),
     );
     let (record, data_key) = match (record, h.trust.secrets.wrap(&secret, id)) {
         (Ok(r), Ok(k)) => (r, k),
@@ -206,7 +215,7 @@ async fn peer_message(
                 env.from.id.as_str()
             ),
         ),
-        Ok(env) => match h.send(Command::Envelope(env)).await {
+        Ok(env) => match h.deliver(env).await {
             Ok(()) => Response::builder()
                 .status(StatusCode::ACCEPTED)
                 .body(super::full(""))
@@ -343,7 +352,7 @@ async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
     };
     let value = j!({
         "node": id,
-        "evicted_at_ms": crate::daemon::wall_ms(),
+        "evicted_at_ms": crate::clock::wall_ms(),
         "by": h.me.id,
     });
     tracing::warn!(node = %id, "evicting a node: its identity is revoked cluster-wide");
@@ -467,7 +476,7 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<Arc<OperatorKey>, Re
     match given.and_then(|g| public.accepts(g, &h.trust.cluster.id)) {
         Some(key) => {
             // A write from a node whose clock its peers disagree with goes nowhere: say so.
-            let clock = h.clock.view(crate::daemon::wall_ms());
+            let clock = h.clock.view(crate::clock::wall_ms());
             if clock.skewed {
                 return Err(error(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -555,14 +564,14 @@ async fn delete_app(name: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Bo
     .await
 }
 
-/// Loads a `docker save` archive into this node's Docker, streamed as it arrives: no registry
-/// is needed to run an image. Answers the names Docker loaded. An archive over the cap is cut
-/// off (413); one that would move a name this cluster's running replicas use to another image
-/// is refused (409): the name is put back where it was, the running replicas keep theirs.
-async fn load_image(req: Request<Incoming>, h: &Handle) -> Response<Body> {
+/// Loads a `docker save` archive into this node's runtime, streamed as it arrives: no
+/// registry is needed to run an image. Answers the names loaded. An archive over the cap is
+/// cut off (413); one that would move a name this cluster's running replicas use to another
+/// image is refused (409): the name is put back where it was, the running replicas keep theirs.
+async fn load_image(req: Request<Incoming>, api: &Api) -> Response<Body> {
+    use crate::executor::images::{load_checked, LoadError};
     use futures_util::StreamExt;
-    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-    let Some(docker) = h.docker.clone() else {
+    let Some(images) = api.images.clone() else {
         return drain_then(
             req,
             error(
@@ -572,90 +581,48 @@ async fn load_image(req: Request<Incoming>, h: &Handle) -> Response<Body> {
         )
         .await;
     };
-    let cap = docker.max_image_bytes();
     let declared = req
         .headers()
         .get(hyper::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > cap) {
-        return drain_then(req, too_large(cap)).await;
+    if declared.is_some_and(|n| n > images.max_image_bytes()) {
+        return drain_then(req, too_large(images.max_image_bytes())).await;
     }
-    let in_use = match docker.images_in_use(&h.trust.cluster.id).await {
-        Ok(m) => m,
-        Err(e) => {
-            return drain_then(
-                req,
-                error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    crate::daemon::peer::error_chain(&e),
-                ),
-            )
-            .await
-        }
-    };
-    let seen = Arc::new(AtomicU64::new(0));
-    let over = Arc::new(AtomicBool::new(false));
-    let (seen2, over2) = (seen.clone(), over.clone());
-    let archive = http_body_util::BodyStream::new(req.into_body()).filter_map(move |f| {
-        let (seen, over) = (seen2.clone(), over2.clone());
-        async move {
+    let archive = http_body_util::BodyStream::new(req.into_body())
+        .filter_map(|f| async move {
             match f {
-                Ok(frame) => frame.into_data().ok().map(|d| {
-                    let total = seen.fetch_add(d.len() as u64, Ordering::Relaxed) + d.len() as u64;
-                    if total > cap {
-                        over.store(true, Ordering::Relaxed);
-                        Err(Box::<dyn std::error::Error + Send + Sync>::from(
-                            "the archive is over the image size cap",
-                        ))
-                    } else {
-                        Ok(d)
-                    }
-                }),
-                Err(e) => Some(Err(Box::<dyn std::error::Error + Send + Sync>::from(e))),
+                Ok(frame) => frame.into_data().ok().map(Ok),
+                Err(e) => Some(Err(crate::executor::images::BoxError::from(e))),
             }
+        })
+        .boxed();
+    let cluster = &api.h.trust.cluster.id;
+    match load_checked(&*images, cluster, declared, archive).await {
+        Ok((loaded, bytes)) => {
+            tracing::info!(images = ?loaded, bytes, "images loaded");
+            json(StatusCode::OK, &j!({ "loaded": loaded }))
         }
-    });
-    let loaded = match docker.load_image(archive).await {
-        Ok(l) => l,
-        Err(_) if over.load(Ordering::Relaxed) => return too_large(cap),
-        Err(e @ crate::executor::ExecutorError::Load(_)) => {
-            return error(StatusCode::BAD_REQUEST, e)
+        Err(LoadError::TooLarge(cap)) => too_large(cap),
+        Err(LoadError::Bad(e)) => error(StatusCode::BAD_REQUEST, e),
+        Err(LoadError::Unavailable(e)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e))
         }
-        Err(e) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                crate::daemon::peer::error_chain(&e),
+        Err(LoadError::InUse(clashes)) => {
+            let clashes: Vec<_> = clashes
+                .into_iter()
+                .map(|(image, app)| j!({ "image": image, "app": app }))
+                .collect();
+            tracing::warn!(clashes = %j!(clashes), "image load refused: it would retag images running replicas use");
+            json(
+                StatusCode::CONFLICT,
+                &j!({
+                    "error": "the archive names images that running replicas use, as other images: load it under a new tag and point the app at it",
+                    "in_use": clashes,
+                }),
             )
         }
-    };
-    let mut clashes = Vec::new();
-    for name in &loaded {
-        let Some((was, app)) = in_use.get(&crate::executor::docker::full_name(name)) else {
-            continue;
-        };
-        match docker.image_id(name).await {
-            Ok(Some(now)) if now != *was => {
-                if let Err(e) = docker.tag(was, name).await {
-                    tracing::error!(image = %name, err = %e, "cannot put an image name back");
-                }
-                clashes.push(j!({ "image": name, "app": app }));
-            }
-            _ => {}
-        }
     }
-    if !clashes.is_empty() {
-        tracing::warn!(clashes = %j!(clashes), "image load refused: it would retag images running replicas use");
-        return json(
-            StatusCode::CONFLICT,
-            &j!({
-                "error": "the archive names images that running replicas use, as other images: load it under a new tag and point the app at it",
-                "in_use": clashes,
-            }),
-        );
-    }
-    tracing::info!(images = ?loaded, bytes = seen.load(Ordering::Relaxed), "images loaded");
-    json(StatusCode::OK, &j!({ "loaded": loaded }))
 }
 
 fn too_large(cap: u64) -> Response<Body> {

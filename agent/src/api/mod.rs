@@ -9,7 +9,7 @@
 pub mod control;
 pub mod status;
 
-use crate::daemon::Counters;
+use crate::state::{ConnCounters, Counters};
 use bytes::Bytes;
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
@@ -103,14 +103,6 @@ impl Default for Limits {
             idle: Duration::from_secs(30),
         }
     }
-}
-
-/// Connections a listener shed (over its cap) and closed for idling, for `/metrics`.
-#[derive(Debug, Default)]
-pub struct ConnCounters {
-    pub open: AtomicUsize,
-    pub shed: AtomicU64,
-    pub idle_closed: AtomicU64,
 }
 
 /// When a connection last moved a byte, and how many of its requests are being handled.
@@ -279,18 +271,18 @@ pub async fn serve<H, F>(
             let stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    let reason = crate::tls::refusal_reason(&e);
-                    Counters::inc(&tls.counters.tls_refused[reason]);
+                    let reason = crate::tls::Refusal::of(&e);
+                    tls.counters.refused(reason);
                     tracing::warn!(
                         %remote,
-                        reason = crate::tls::REFUSAL_REASONS[reason],
+                        reason = reason.label(),
                         err = %e,
                         "TLS connection refused"
                     );
                     return;
                 }
                 Err(_) => {
-                    Counters::inc(&tls.counters.tls_refused[crate::tls::OTHER]);
+                    tls.counters.refused(crate::tls::Refusal::Other);
                     tracing::warn!(%remote, "TLS connection refused: no handshake within 5 s");
                     return;
                 }

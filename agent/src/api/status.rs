@@ -2,7 +2,7 @@
 //! secret: secret values stay out of every listing and event.
 
 use super::{error, full, json, text, Body};
-use crate::daemon::{Handle, Snapshot};
+use crate::state::{Handle, Snapshot};
 use crate::store::replica::{changes_since, read_entry, scan_keyspace};
 use crate::store::{Change, Keyspace, NodeId};
 use bytes::Bytes;
@@ -14,8 +14,6 @@ use serde_json::{json as j, Value};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed as Rel};
 use std::sync::Arc;
 use tokio::sync::broadcast;
-
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 pub async fn handle(req: Request<Incoming>, _conn: super::Conn, h: Handle) -> Response<Body> {
     let head = req.method() == Method::HEAD;
@@ -129,12 +127,12 @@ fn live_peer_gaps(
 }
 
 fn status(h: &Handle, s: &Snapshot) -> Value {
-    let now = crate::daemon::wall_ms();
+    let now = crate::clock::wall_ms();
     // Kept by the replica as entries change: a status request scans nothing.
     let keys = j!(s.keys);
     j!({
         "node_id": s.me.id,
-        "version": VERSION,
+        "version": crate::VERSION,
         "addr": s.me.addr,
         "started_at_ms": h.started_ms,
         "uptime_s": now.saturating_sub(h.started_ms) / 1000,
@@ -248,7 +246,7 @@ fn events(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
         );
     };
     // Subscribe before replaying, so nothing falls between the two.
-    let rx = h.changes.subscribe();
+    let rx = h.subscribe();
     // The replay is read page by page as the client takes it: a client asking for everything
     // (`since=0`) costs one page of memory, not the whole store.
     if let Some(n) = since {
@@ -479,14 +477,14 @@ async fn metrics(h: &Handle) -> Response<Body> {
         m,
         "# HELP shoal_peer_tls_refused_total Connections to the API port refused at the TLS layer, by reason.\n# TYPE shoal_peer_tls_refused_total counter"
     );
-    for (i, reason) in crate::tls::REFUSAL_REASONS.iter().enumerate() {
+    for (reason, n) in c.refusals() {
         let _ = writeln!(
             m,
-            "shoal_peer_tls_refused_total{{reason=\"{reason}\"}} {}",
-            c.tls_refused[i].load(Relaxed)
+            "shoal_peer_tls_refused_total{{reason=\"{}\"}} {n}",
+            reason.label()
         );
     }
-    let clock = h.clock.view(crate::daemon::wall_ms());
+    let clock = h.clock.view(crate::clock::wall_ms());
     let _ = writeln!(
         m,
         "# HELP shoal_clock_offset_seconds Median of peers' clocks minus this node's, from their HTTP Date headers.\n# TYPE shoal_clock_offset_seconds gauge\nshoal_clock_offset_seconds {}\n# HELP shoal_clock_skewed 1 while most peers' clocks differ from this node's by more than the drift bound (writes answer 503).\n# TYPE shoal_clock_skewed gauge\nshoal_clock_skewed {}",

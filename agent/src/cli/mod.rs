@@ -130,7 +130,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             force,
             print_token,
         }) => {
-            let b = crate::identity::Bundle::generate(&name, daemon::wall_ms())?;
+            let b = crate::identity::Bundle::generate(&name, crate::clock::wall_ms())?;
             b.write(&out, &peers, force)?;
             println!(
                 "cluster {} ({}): bundle written to {}",

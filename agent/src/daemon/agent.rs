@@ -1,14 +1,18 @@
 //! `shoal agent`: binds the listeners, starts the core, the endpoints and discovery, and on
 //! shutdown stops them in order within a deadline.
 
-use super::{bootstrap, start, wall_ms, Counters, DaemonError, Handle, Security};
+use super::{bootstrap, start, DaemonError, Security};
 use crate::api;
+use crate::clock::wall_ms;
 use crate::config::AgentConfig;
 use crate::discovery::{self, mdns::Mdns};
+use crate::executor::docker::Docker;
+use crate::executor::ContainerRuntime;
 use crate::identity::cert::{pem_to_der, NodeIdentity};
 use crate::identity::secrets::SecretKey;
 use crate::identity::vouch::{NodeSigner, Vouchers};
 use crate::identity::{cluster_hash, Credentials, IdentityError, Trust};
+use crate::state::{Counters, Handle, StateError};
 use crate::store::{Bytes, Key};
 use crate::tls::{MemberCheck, Tls};
 use serde_json::json;
@@ -59,17 +63,21 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
 }
 
 /// Publishes this node's own record (observed state, written only by us).
-async fn publish_node_record(h: &Handle, cfg: &AgentConfig) -> Result<(), DaemonError> {
+async fn publish_node_record(
+    h: &Handle,
+    cfg: &AgentConfig,
+    containers: bool,
+) -> Result<(), DaemonError> {
     let key = Key::join(crate::store::Keyspace::Nodes, &[h.me.id.as_str()])
-        .map_err(DaemonError::Write)?;
+        .map_err(|e| DaemonError::State(StateError::Write(e)))?;
     let record = json!({
         "id": h.me.id,
         "addr": h.me.addr,
-        "version": api::status::VERSION,
+        "version": crate::VERSION,
         "started_at_ms": h.started_ms,
         "labels": cfg.labels,
         // The scheduler places replicas only on nodes that run containers.
-        "containers": cfg.docker.enabled,
+        "containers": containers,
     });
     h.write(vec![(key, Some(Bytes::from(record.to_string())))])
         .await?;
@@ -210,21 +218,24 @@ async fn watch_clock(h: Handle, shutdown: CancellationToken) {
     }
 }
 
-/// Runs the agent until `shutdown` is cancelled.
+/// What the agent runs on. `run` makes them from the config on a real machine; a test
+/// hands in its own (listeners it bound, a machine id, a fake runtime).
+pub struct Parts<R> {
+    pub status_listener: TcpListener,
+    pub api_listener: TcpListener,
+    /// `/etc/machine-id`'s text, which names the node when the config does not.
+    pub machine_id: Option<String>,
+    pub mdns: Option<Arc<Mdns>>,
+    /// The container runtime, when this node runs containers.
+    pub runtime: Option<Arc<R>>,
+}
+
+/// Runs the agent on this machine until `shutdown` is cancelled: binds the configured
+/// listeners (a port conflict is reported before anything else happens), reads the machine
+/// id, starts mDNS and connects the configured Docker, then `run_with` them.
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
-    let machine_id = std::fs::read_to_string("/etc/machine-id").ok();
-    let id = cfg.resolve_node_id(machine_id.as_deref())?;
-    let advertise = advertise_addr(&cfg);
-    if let Some(crate::config::BundleSource::Inline(b)) = &cfg.bundle {
-        // From user-data (init's node.json): the same bundle on every boot, kept where a
-        // directory bundle would be.
-        b.write_node(&cfg.bundle_dir())?;
-    }
-    let creds = Credentials::load(&cfg.bundle_dir())?;
-    // Bind first: a port conflict is reported before anything else happens.
     let status_listener = bind(cfg.listen.status).await?;
     let api_listener = bind(cfg.listen.api).await?;
-    let counters = Arc::new(Counters::default());
     let mdns = if cfg.discovery.mdns {
         match Mdns::start() {
             Ok(m) => Some(Arc::new(m)),
@@ -236,6 +247,45 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     } else {
         None
     };
+    let runtime = cfg.docker.enabled.then(|| {
+        tracing::info!(socket = %cfg.docker.socket.display(), "containers run on this Docker");
+        Arc::new(
+            Docker::new(&cfg.docker.socket.to_string_lossy())
+                .with_max_image_bytes(cfg.docker.max_image_bytes),
+        )
+    });
+    let parts = Parts {
+        status_listener,
+        api_listener,
+        machine_id: std::fs::read_to_string("/etc/machine-id").ok(),
+        mdns,
+        runtime,
+    };
+    run_with(cfg, parts, shutdown).await
+}
+
+/// Runs the agent on `parts` until `shutdown` is cancelled: the composition root.
+pub async fn run_with<R: ContainerRuntime + 'static>(
+    cfg: AgentConfig,
+    parts: Parts<R>,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
+    let Parts {
+        status_listener,
+        api_listener,
+        machine_id,
+        mdns,
+        runtime,
+    } = parts;
+    let id = cfg.resolve_node_id(machine_id.as_deref())?;
+    let advertise = advertise_addr(&cfg);
+    if let Some(crate::config::BundleSource::Inline(b)) = &cfg.bundle {
+        // From user-data (init's node.json): the same bundle on every boot, kept where a
+        // directory bundle would be.
+        b.write_node(&cfg.bundle_dir())?;
+    }
+    let creds = Credentials::load(&cfg.bundle_dir())?;
+    let counters = Arc::new(Counters::default());
     let identity = node_identity(
         &cfg,
         id.as_str(),
@@ -331,7 +381,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     );
 
     // Our own record is durable before anything answers, so "healthy" implies "announced".
-    if let Err(e) = publish_node_record(&h, &cfg).await {
+    if let Err(e) = publish_node_record(&h, &cfg, runtime.is_some()).await {
         tracing::error!(err = %e, "cannot publish this node's record");
     }
 
@@ -350,7 +400,12 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         shutdown.clone(),
         tracker.clone(),
     ));
-    let api_h = h.clone();
+    let api_ctx = api::control::Api {
+        h: h.clone(),
+        images: runtime
+            .clone()
+            .map(|r| r as Arc<dyn crate::executor::images::Images>),
+    };
     tracker.spawn(api::serve(
         api_listener,
         Some(api::TlsListener {
@@ -359,7 +414,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         }),
         limits,
         counters.api_conns.clone(),
-        move |req, conn| api::control::handle(req, conn, api_h.clone()),
+        move |req, conn| api::control::handle(req, conn, api_ctx.clone()),
         shutdown.clone(),
         tracker.clone(),
     ));
@@ -381,7 +436,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
             id.as_str(),
             &h.trust.cluster_hash,
             port,
-            api::status::VERSION,
+            crate::VERSION,
             &ips,
         ) {
             Ok(()) => tracing::info!(service = discovery::mdns::SERVICE_TYPE, "mDNS: advertising"),
@@ -396,10 +451,10 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         ));
     }
 
-    if let Some(d) = &h.docker {
-        tracing::info!(socket = %d.socket(), "executor started");
+    if let Some(rt) = &runtime {
+        tracing::info!("executor started");
         tracker.spawn(crate::executor::run::run(
-            d.clone(),
+            rt.clone(),
             h.clone(),
             Duration::from_millis(cfg.docker.reconcile_ms),
             shutdown.clone(),

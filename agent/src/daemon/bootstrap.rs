@@ -2,8 +2,8 @@
 //! other, to sign a certificate, until one that holds the cluster's join secret does.
 //! Until then the node is not a member of anything: no store traffic, no membership.
 
-use super::peer::error_chain;
 use super::DaemonError;
+use crate::error_chain;
 use crate::identity::cert::{self, NodeIdentity, MEMBER_NAME};
 use crate::identity::join::{JoinReply, JoinRequest, JOIN_PATH};
 use crate::identity::ClusterInfo;

@@ -4,42 +4,29 @@
 
 pub mod agent;
 pub mod bootstrap;
-pub mod clock;
-pub mod peer;
 
+use crate::clock::{wall_ms, ClockWatch};
 use crate::config::AgentConfig;
 use crate::identity::vouch::OperatorKey;
 use crate::identity::Trust;
-use crate::membership::{Member, MemberStatus};
+use crate::membership::Member;
 use crate::node::{Effect, Input, Node, Timer};
+use crate::peer;
+use crate::state::{Command, Counters, Handle, Snapshot, StateError};
 use crate::store::entry::check_write;
 use crate::store::{
-    Bytes, Change, Digest, DiskBackend, Key, NodeId, Replica, Sign, StoreError, Version, Vouch,
-    Writer,
+    Bytes, Change, DiskBackend, Key, NodeId, Replica, Sign, StoreError, Version, Vouch, Writer,
 };
-use crate::sync::message::Envelope;
-use crate::sync::SyncStats;
 use crate::tls::Tls;
 use futures_util::StreamExt;
-use serde::Serialize;
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
 
 /// The store is rewritten when its files exceed this multiple of the live data.
 const COMPACT_RATIO: f64 = 3.0;
-
-/// Wall-clock milliseconds since the epoch: the only clock reading in the agent's core path.
-pub fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
@@ -65,78 +52,8 @@ pub enum DaemonError {
     Mdns(#[from] crate::discovery::mdns::MdnsError),
     #[error("the agent is shutting down")]
     Stopped,
-    #[error("write refused: {0}")]
-    Write(#[source] StoreError),
-    #[error("write not acknowledged: the store could not make it durable ({0})")]
-    NotDurable(String),
-}
-
-/// Work for the core loop.
-pub enum Command {
-    Envelope(Envelope),
-    Write {
-        ops: Vec<(Key, Option<Bytes>)>,
-        /// Who vouches for the writes: an operator's key, or (`None`) this node's.
-        signer: Option<Arc<OperatorKey>>,
-        reply: oneshot::Sender<Result<Vec<Version>, DaemonError>>,
-    },
-    Discovered(Vec<Member>),
-    Snapshot(oneshot::Sender<Snapshot>),
-}
-
-/// The node's view of the cluster at one moment, for the status endpoint.
-#[derive(Debug, Clone, Serialize)]
-pub struct Snapshot {
-    pub me: Member,
-    pub members: Vec<MemberStatus>,
-    pub digest: Digest,
-    pub peer_digests: HashMap<NodeId, Digest>,
-    pub sync: SyncStats,
-    pub seq: u64,
-    /// Live keys per keyspace, kept by the replica as entries change.
-    pub keys: std::collections::BTreeMap<&'static str, u64>,
-}
-
-/// Event-stream clients a node serves at once; more get 503.
-pub const MAX_EVENT_STREAMS: usize = 128;
-
-/// Counters the endpoints expose as metrics.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub peer_messages: AtomicU64,
-    pub peer_messages_refused: AtomicU64,
-    pub peer_sends_failed: AtomicU64,
-    pub writes: AtomicU64,
-    /// TLS handshakes refused on the API listener, by `tls::REFUSAL_REASONS`.
-    pub tls_refused: [AtomicU64; 7],
-    /// TLS handshakes completed on the API listener.
-    pub tls_handshakes: AtomicU64,
-    pub join_requests: AtomicU64,
-    pub join_refused: AtomicU64,
-    /// Nodes of other clusters seen over mDNS (each counted once).
-    pub mdns_foreign: AtomicU64,
-    /// Connections of the status and API listeners: open, shed, closed for idling.
-    pub status_conns: Arc<crate::api::ConnCounters>,
-    pub api_conns: Arc<crate::api::ConnCounters>,
-}
-
-/// What request handlers share: a way to the core loop and read access to the store.
-#[derive(Clone)]
-pub struct Handle {
-    cmd: mpsc::Sender<Command>,
-    pub changes: broadcast::Sender<Change>,
-    /// Places for event-stream clients (`/v1/events`): each holds one while connected.
-    pub event_streams: Arc<tokio::sync::Semaphore>,
-    pub store: DiskBackend,
-    pub me: Member,
-    pub started_ms: u64,
-    pub counters: Arc<Counters>,
-    pub tls: Tls,
-    pub trust: Arc<Trust>,
-    /// This node's Docker, when it runs containers.
-    pub docker: Option<Arc<crate::executor::docker::Docker>>,
-    /// How this node's clock compares with its peers'.
-    pub clock: Arc<clock::ClockWatch>,
+    #[error(transparent)]
+    State(#[from] StateError),
 }
 
 /// What the node trusts and presents, handed to `start`.
@@ -147,68 +64,6 @@ pub struct Security {
     pub signer: Arc<dyn Sign>,
     /// Checks the proofs of peers' entries.
     pub vouch: Box<dyn Vouch>,
-}
-
-impl Handle {
-    pub async fn send(&self, c: Command) -> Result<(), DaemonError> {
-        self.cmd.send(c).await.map_err(|_| DaemonError::Stopped)
-    }
-
-    /// Writes as this node and waits until the writes are durable and on their way to peers.
-    pub async fn write(&self, ops: Vec<(Key, Option<Bytes>)>) -> Result<Vec<Version>, DaemonError> {
-        self.write_signed(ops, None).await
-    }
-
-    /// Writes desired state on an operator's behalf, signed with the key from its token.
-    pub async fn write_as(
-        &self,
-        ops: Vec<(Key, Option<Bytes>)>,
-        operator: Arc<OperatorKey>,
-    ) -> Result<Vec<Version>, DaemonError> {
-        self.write_signed(ops, Some(operator)).await
-    }
-
-    async fn write_signed(
-        &self,
-        ops: Vec<(Key, Option<Bytes>)>,
-        signer: Option<Arc<OperatorKey>>,
-    ) -> Result<Vec<Version>, DaemonError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Command::Write { ops, signer, reply }).await?;
-        rx.await.map_err(|_| DaemonError::Stopped)?
-    }
-
-    /// Whether `id` was evicted (a live `revoked/<id>` record in this node's store).
-    pub fn is_revoked(&self, id: &NodeId) -> bool {
-        let mut lookup = |k: &Key| {
-            crate::store::replica::read_entry(&self.store, k.as_str())
-                .ok()
-                .flatten()
-                .map(|(e, _)| e)
-        };
-        crate::identity::vouch::is_revoked(id, &mut lookup)
-    }
-
-    /// The join secret joins are checked against: the one an operator set cluster-wide
-    /// (`cluster/join`, opened with the data key) once it has arrived, else this node's own.
-    pub fn join_secret(&self) -> String {
-        let rotated =
-            crate::store::replica::read_entry(&self.store, crate::identity::join::JOIN_SECRET_KEY)
-                .ok()
-                .flatten()
-                .and_then(|(e, _)| e.value)
-                .and_then(|v| {
-                    serde_json::from_slice::<crate::identity::join::JoinSecretRecord>(&v).ok()
-                })
-                .and_then(|r| r.open(&self.trust.secrets));
-        rotated.unwrap_or_else(|| self.trust.join_secret.clone())
-    }
-
-    pub async fn snapshot(&self) -> Result<Snapshot, DaemonError> {
-        let (tx, rx) = oneshot::channel();
-        self.send(Command::Snapshot(tx)).await?;
-        rx.await.map_err(|_| DaemonError::Stopped)
-    }
 }
 
 /// Carries out the node's effects.
@@ -284,30 +139,23 @@ pub fn start(
     let node = Node::new(me.clone(), replica, cfg.node_config(), rand::random());
     let (cmd, rx) = mpsc::channel(4096);
     let (changes, _) = broadcast::channel(4096);
-    let clock = Arc::new(clock::ClockWatch::default());
+    let clock = Arc::new(ClockWatch::default());
     let effects = Effects {
         timers: DelayQueue::new(),
         peers: peer::PeerClient::new(me.clone(), counters.clone(), &security.tls, clock.clone()),
         changes: changes.clone(),
     };
-    let handle = Handle {
+    let handle = Handle::new(
         cmd,
         changes,
-        event_streams: Arc::new(tokio::sync::Semaphore::new(MAX_EVENT_STREAMS)),
-        store: backend,
+        backend,
         me,
         started_ms,
         counters,
-        tls: security.tls,
-        trust: security.trust,
-        docker: cfg.docker.enabled.then(|| {
-            Arc::new(
-                crate::executor::docker::Docker::new(&cfg.docker.socket.to_string_lossy())
-                    .with_max_image_bytes(cfg.docker.max_image_bytes),
-            )
-        }),
+        security.tls,
+        security.trust,
         clock,
-    };
+    );
     let task = tokio::spawn(core_loop(node, rx, effects, shutdown));
     Ok(Core { handle, task })
 }
@@ -368,7 +216,7 @@ fn handle_command(
             let from = env.from.id.clone();
             let kind = env.msg.kind();
             if let Err(e) = node.handle(wall_ms(), Input::Envelope(env), out) {
-                tracing::warn!(peer = %from, kind, err = %peer::error_chain(&e), "peer message refused");
+                tracing::warn!(peer = %from, kind, err = %crate::error_chain(&e), "peer message refused");
             }
         }
         Command::Discovered(members) => node.discovered(members, out),
@@ -413,7 +261,7 @@ fn handle_command(
 type WriteRequest = (
     Vec<(Key, Option<Bytes>)>,
     Option<Arc<OperatorKey>>,
-    oneshot::Sender<Result<Vec<Version>, DaemonError>>,
+    oneshot::Sender<Result<Vec<Version>, StateError>>,
 );
 
 /// Whether `signer` may vouch for a write at `key`: desired state needs an operator, a
@@ -448,7 +296,7 @@ fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut
                 .and_then(|()| check_signer(k, node.id(), signer.as_ref()))
                 .err()
         }) {
-            let _ = reply.send(Err(DaemonError::Write(e)));
+            let _ = reply.send(Err(StateError::Write(e)));
             continue;
         }
         let mut versions = Vec::new();
@@ -486,14 +334,8 @@ fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut
             tracing::error!(err = %e, "flush failed: writes not acknowledged");
             let msg = e.to_string();
             for (reply, _) in replies {
-                let _ = reply.send(Err(DaemonError::NotDurable(msg.clone())));
+                let _ = reply.send(Err(StateError::NotDurable(msg.clone())));
             }
         }
-    }
-}
-
-impl Counters {
-    pub fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
     }
 }

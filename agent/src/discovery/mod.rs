@@ -4,9 +4,9 @@
 
 pub mod mdns;
 
-use crate::daemon::peer::PeerClient;
-use crate::daemon::{Command, Counters, Handle};
 use crate::membership::Member;
+use crate::peer::PeerClient;
+use crate::state::{Counters, Handle};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,7 +37,7 @@ pub async fn retry_join(
                 Err(e) => tracing::debug!(peer = %p, err = %e, "peer not reachable yet"),
             }
         }
-        if !found.is_empty() && handle.send(Command::Discovered(found)).await.is_err() {
+        if !found.is_empty() && handle.discovered(found).await.is_err() {
             return;
         }
         tokio::select! {
@@ -127,7 +127,7 @@ pub async fn mdns_join(
                 );
             }
         }
-        if !found.is_empty() && handle.send(Command::Discovered(found)).await.is_err() {
+        if !found.is_empty() && handle.discovered(found).await.is_err() {
             return;
         }
         let wait = if settled {

@@ -13,6 +13,7 @@ use bollard::query_parameters::{
     ListContainersOptions, RemoveContainerOptions, StopContainerOptions,
 };
 use bytes::Bytes;
+use futures_util::future::BoxFuture;
 use futures_util::{Stream, StreamExt};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -162,13 +163,30 @@ impl Docker {
     }
 }
 
-/// `name` with the `:latest` Docker assumes when it names no tag.
-pub fn full_name(name: &str) -> String {
-    let last = name.rsplit('/').next().unwrap_or(name);
-    if last.contains(':') || name.contains('@') {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
+impl super::images::Images for Docker {
+    fn max_image_bytes(&self) -> u64 {
+        Docker::max_image_bytes(self)
+    }
+    fn load(
+        &self,
+        archive: super::images::Archive,
+    ) -> BoxFuture<'_, Result<Vec<String>, ExecutorError>> {
+        Box::pin(self.load_image(archive))
+    }
+    fn images_in_use<'a>(
+        &'a self,
+        cluster: &'a str,
+    ) -> BoxFuture<'a, Result<super::images::InUse, ExecutorError>> {
+        Box::pin(Docker::images_in_use(self, cluster))
+    }
+    fn image_id<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<String>, ExecutorError>> {
+        Box::pin(Docker::image_id(self, name))
+    }
+    fn tag<'a>(&'a self, id: &'a str, name: &'a str) -> BoxFuture<'a, Result<(), ExecutorError>> {
+        Box::pin(Docker::tag(self, id, name))
     }
 }
 
@@ -195,7 +213,7 @@ impl Docker {
             .into_iter()
             .filter_map(|s| {
                 let app = s.labels.as_ref()?.get(LABEL_APP)?.clone();
-                Some((full_name(&s.image?), (s.image_id?, app)))
+                Some((super::images::full_name(&s.image?), (s.image_id?, app)))
             })
             .collect())
     }

@@ -8,6 +8,7 @@
 
 pub mod docker;
 pub mod firewall;
+pub mod images;
 pub mod plan;
 pub mod run;
 
@@ -75,9 +76,9 @@ pub struct Observed {
     pub ip: Option<String>,
 }
 
-/// The side effects the executor needs, owned by the executor. The agent's is Docker
-/// (`docker::Docker`); the decisions are tested without one (`plan`).
-pub trait ContainerRuntime: Send + Sync {
+/// The side effects the executor needs, owned by the executor, images included. The agent's
+/// is Docker (`docker::Docker`); the decisions are tested without one (`plan`).
+pub trait ContainerRuntime: images::Images {
     /// Every container labelled with `cluster` and `node`, running or not.
     fn list(
         &self,
@@ -104,6 +105,37 @@ pub trait ContainerRuntime: Send + Sync {
         &self,
         cluster: &str,
     ) -> impl Future<Output = Result<futures_util::stream::BoxStream<'static, ()>, ExecutorError>> + Send;
+}
+
+impl<T: images::Images + ?Sized> images::Images for std::sync::Arc<T> {
+    fn max_image_bytes(&self) -> u64 {
+        (**self).max_image_bytes()
+    }
+    fn load(
+        &self,
+        archive: images::Archive,
+    ) -> futures_util::future::BoxFuture<'_, Result<Vec<String>, ExecutorError>> {
+        (**self).load(archive)
+    }
+    fn images_in_use<'a>(
+        &'a self,
+        cluster: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<images::InUse, ExecutorError>> {
+        (**self).images_in_use(cluster)
+    }
+    fn image_id<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<Option<String>, ExecutorError>> {
+        (**self).image_id(name)
+    }
+    fn tag<'a>(
+        &'a self,
+        id: &'a str,
+        name: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), ExecutorError>> {
+        (**self).tag(id, name)
+    }
 }
 
 impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {

@@ -5,9 +5,10 @@
 use super::plan::{plan, Desired};
 use super::{container_name, ContainerRuntime, ContainerSpec, Observed, Task, TaskState};
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
-use crate::daemon::{wall_ms, Handle};
+use crate::clock::wall_ms;
 use crate::scheduler::{self, App, Running};
 use crate::spec::AppSpec;
+use crate::state::Handle;
 use crate::store::replica::{read_entry, scan_keyspace};
 use crate::store::{Bytes, Change, Key, Keyspace};
 use std::collections::{BTreeMap, HashMap};
@@ -285,7 +286,7 @@ impl<R: ContainerRuntime> Executor<R> {
             }
             Err(e) => {
                 if !self.runtime_down {
-                    tracing::warn!(err = %crate::daemon::peer::error_chain(&e), "the container runtime does not answer: tasks wait");
+                    tracing::warn!(err = %crate::error_chain(&e), "the container runtime does not answer: tasks wait");
                     self.runtime_down = true;
                 }
                 for d in &desired {
@@ -398,7 +399,7 @@ impl<R: ContainerRuntime> Executor<R> {
             }
             Err(e) => {
                 r.failed(now);
-                let why = crate::daemon::peer::error_chain(&e);
+                let why = crate::error_chain(&e);
                 tracing::warn!(app = %d.app, replica = d.replica, err = %why, "cannot start container");
                 t.state = TaskState::Failed;
                 t.reason = why;
@@ -523,7 +524,7 @@ pub async fn run<R: ContainerRuntime>(
     shutdown: CancellationToken,
 ) {
     use futures_util::StreamExt;
-    let mut changes = h.changes.subscribe();
+    let mut changes = h.subscribe();
     let me = h.me.id.to_string();
     let cluster = h.trust.cluster.id.clone();
     let mut ex = Executor::new(rt, h);

@@ -5,10 +5,22 @@
 //! peer (too far ahead) or it refuses theirs (too far behind). It then says so — status,
 //! metric, a warning — and its API answers 503 instead of accepting writes that go nowhere.
 
+//!
+//! Also the agent's one reading of the wall clock (`wall_ms`): everything else gets the time
+//! from here, so the sans-IO core reads none.
+
 use crate::store::replica::MAX_DRIFT_MS;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::Mutex;
+
+/// Wall-clock milliseconds since the epoch.
+pub fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
 
 /// Offsets older than this no longer count.
 const FRESH_MS: u64 = 5 * 60 * 1000;

@@ -2,8 +2,9 @@
 //! all peers, messages sent fire-and-forget with a deadline (the protocol tolerates loss and
 //! reordering). A peer must present a certificate from the cluster CA; so must we.
 
-use super::Counters;
+use crate::clock::ClockWatch;
 use crate::membership::Member;
+use crate::state::Counters;
 use crate::sync::message::{encode, Envelope};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
@@ -27,7 +28,7 @@ pub struct PeerClient {
     counters: Arc<Counters>,
     inflight: TaskTracker,
     /// Where peers' `Date`s go (`clock`).
-    clock: Arc<super::clock::ClockWatch>,
+    clock: Arc<ClockWatch>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -47,7 +48,7 @@ impl PeerClient {
         me: Member,
         counters: Arc<Counters>,
         tls: &crate::tls::Tls,
-        clock: Arc<super::clock::ClockWatch>,
+        clock: Arc<ClockWatch>,
     ) -> PeerClient {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
@@ -89,7 +90,7 @@ impl PeerClient {
         let kind = env.msg.kind();
         let to = addr.to_string();
         self.inflight.spawn(async move {
-            let sent = super::wall_ms();
+            let sent = crate::clock::wall_ms();
             let r = tokio::time::timeout(SEND_TIMEOUT, client.request(req)).await;
             if let Ok(Ok(resp)) = &r {
                 if let Some(date) = resp
@@ -97,7 +98,7 @@ impl PeerClient {
                     .get(hyper::header::DATE)
                     .and_then(|d| d.to_str().ok())
                 {
-                    clock.record(&to, date, sent, super::wall_ms());
+                    clock.record(&to, date, sent, crate::clock::wall_ms());
                 }
             }
             let ok = match r {
@@ -107,7 +108,7 @@ impl PeerClient {
                     false
                 }
                 Ok(Err(e)) => {
-                    tracing::debug!(peer = %to, kind, err = %error_chain(&e), "peer send failed");
+                    tracing::debug!(peer = %to, kind, err = %crate::error_chain(&e), "peer send failed");
                     false
                 }
                 Err(_) => false,
@@ -126,7 +127,7 @@ impl PeerClient {
         let resp = tokio::time::timeout(SEND_TIMEOUT, self.client.request(req))
             .await
             .map_err(|_| PeerError::Timeout)?
-            .map_err(|e| PeerError::Request(error_chain(&e)))?;
+            .map_err(|e| PeerError::Request(crate::error_chain(&e)))?;
         if !resp.status().is_success() {
             return Err(PeerError::Status(resp.status()));
         }
@@ -148,20 +149,4 @@ impl PeerClient {
         self.inflight.close();
         let _ = tokio::time::timeout(limit, self.inflight.wait()).await;
     }
-}
-
-/// An error and its sources on one line ("client error (Connect): invalid peer certificate:
-/// UnknownIssuer"), so a refused handshake says why in the log.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let t = c.to_string();
-        if !s.contains(&t) {
-            s.push_str(": ");
-            s.push_str(&t);
-        }
-        cur = c.source();
-    }
-    s
 }
