@@ -163,8 +163,34 @@ pub fn fat_files(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>
         .unwrap_or_else(|_| Err("the FAT volume is malformed (its reader gave up)".into()))
 }
 
+/// Whether the boot sector's FAT geometry is one the reader computes with without
+/// overflowing: a FAT of at least one sector whose size in bits fits 32 bits. (The reader
+/// would wrap, or panic in a debug build; such a volume is malformed anyway.)
+pub fn fat_geometry_sane(boot: &[u8]) -> bool {
+    let (Some(bps), Some(spf16), Some(spf32)) =
+        (boot.get(11..13), boot.get(22..24), boot.get(36..40))
+    else {
+        return false;
+    };
+    let bps = u64::from(u16::from_le_bytes([bps[0], bps[1]]));
+    let spf16 = u16::from_le_bytes([spf16[0], spf16[1]]);
+    let spf = if spf16 != 0 {
+        u64::from(spf16)
+    } else {
+        u64::from(u32::from_le_bytes([spf32[0], spf32[1], spf32[2], spf32[3]]))
+    };
+    spf > 0 && spf * bps * 8 <= u64::from(u32::MAX)
+}
+
 fn fat_files_inner(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let f = std::fs::File::open(dev).map_err(|e| e.to_string())?;
+    let mut f = std::fs::File::open(dev).map_err(|e| e.to_string())?;
+    let mut boot = [0u8; 512];
+    f.read_exact(&mut boot).map_err(|e| e.to_string())?;
+    if !fat_geometry_sane(&boot) {
+        return Err("the FAT volume's boot sector is malformed".into());
+    }
+    f.seek(std::io::SeekFrom::Start(0))
+        .map_err(|e| e.to_string())?;
     let f = Budgeted {
         inner: f,
         left: FAT_READ_BUDGET,
@@ -199,6 +225,23 @@ pub fn files(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn fat_geometry_that_would_overflow_the_reader_is_refused() {
+        let sector = |bps: u16, spf16: u16, spf32: u32| {
+            let mut b = vec![0u8; 512];
+            b[11..13].copy_from_slice(&bps.to_le_bytes());
+            b[22..24].copy_from_slice(&spf16.to_le_bytes());
+            b[36..40].copy_from_slice(&spf32.to_le_bytes());
+            b
+        };
+        assert!(fat_geometry_sane(&sector(512, 9, 0)));
+        assert!(fat_geometry_sane(&sector(512, 0, 1009)));
+        // Found by fuzzing with debug assertions: 2^26 sectors of FAT32, 2^38 bits.
+        assert!(!fat_geometry_sane(&sector(512, 0, 1 << 26)));
+        assert!(!fat_geometry_sane(&sector(512, 0, 0)));
+        assert!(!fat_geometry_sane(&[0u8; 20]));
+    }
 
     #[test]
     fn a_cyclic_fat_chain_ends_in_an_error_not_a_hang() {
