@@ -161,7 +161,7 @@ impl<B: Backend> Node<B> {
                 .map(|m| MemberStatus {
                     id: m.id.clone(),
                     addr: m.addr.clone(),
-                    state: "alive",
+                    state: crate::membership::MemberState::Alive,
                     incarnation: 0,
                 })
                 .collect(),

@@ -11,8 +11,8 @@ use crate::peer::{CONTENT_TYPE, IDENTITY_PATH, MSG_PATH};
 use crate::spec::{valid_name, AppSpec};
 use crate::state::{Counters, Handle};
 use crate::store::replica::read_entry;
-use crate::store::{Bytes, Key};
-use crate::store::{Keyspace, NodeId};
+use crate::store::NodeId;
+use crate::store::{keys, Bytes, Key};
 use crate::sync::message::{decode, MAX_MESSAGE_BYTES};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
@@ -153,7 +153,7 @@ async fn rotate_join_secret(
         (Ok(r), Ok(k)) => (r, k),
         (Err(e), _) | (_, Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
     };
-    let Ok(key) = Key::parse(crate::identity::join::JOIN_SECRET_KEY) else {
+    let Ok(key) = keys::join_secret() else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "bad key");
     };
     let fingerprint = record.fingerprint.clone();
@@ -279,9 +279,11 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
         );
     }
     let live = id == h.me.id
-        || h.snapshot()
-            .await
-            .is_ok_and(|s| s.members.iter().any(|m| m.id == id && m.state == "alive"));
+        || h.snapshot().await.is_ok_and(|s| {
+            s.members
+                .iter()
+                .any(|m| m.id == id && m.state == crate::membership::MemberState::Alive)
+        });
     if live {
         Counters::inc(&h.counters.join_refused);
         tracing::warn!(remote = %conn.remote, node = %id, "join refused: a live member has that id");
@@ -334,7 +336,7 @@ async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
             format!("node {id} is the node answering: evict it through another node"),
         );
     }
-    let record = Key::join(Keyspace::Nodes, &[id.as_str()]);
+    let record = keys::node(&id);
     match record.as_ref().map(|k| read_entry(&h.store, k.as_str())) {
         Ok(Ok(Some((e, _)))) if !e.is_tombstone() => {}
         Ok(Ok(_)) => return error(StatusCode::NOT_FOUND, format!("no node {id} is known here")),
@@ -347,7 +349,7 @@ async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
             &j!({ "node": id, "evicted": true, "already": true }),
         );
     }
-    let Ok(key) = Key::join(Keyspace::Revoked, &[id.as_str()]) else {
+    let Ok(key) = keys::revoked(&id) else {
         return error(StatusCode::BAD_REQUEST, "bad node id");
     };
     let value = j!({
@@ -389,7 +391,7 @@ fn secret_key(app: &str, name: &str) -> Result<Key, Response<Body>> {
             format!("secret name {name:?}: use upper-case letters, digits and '_', not starting with a digit"),
         ));
     }
-    Key::join(Keyspace::Secrets, &[app, name]).map_err(|e| error(StatusCode::BAD_REQUEST, e))
+    keys::secret(app, name).map_err(|e| error(StatusCode::BAD_REQUEST, e))
 }
 
 /// Stores an app secret sealed with the cluster's secret key; the value is never logged,
@@ -542,7 +544,7 @@ async fn put_app(
             format!("the spec names {:?} but the path names {name:?}", spec.name),
         );
     }
-    let Ok(key) = Key::parse(&format!("apps/{name}")) else {
+    let Ok(key) = keys::app(name) else {
         return error(StatusCode::BAD_REQUEST, "bad app name");
     };
     let value = Bytes::from(serde_json::to_vec(&spec).unwrap_or_default());
@@ -550,7 +552,7 @@ async fn put_app(
 }
 
 async fn delete_app(name: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
-    let key = match Key::parse(&format!("apps/{name}")) {
+    let key = match keys::app(name) {
         Ok(k) => k,
         Err(e) => return error(StatusCode::BAD_REQUEST, e),
     };

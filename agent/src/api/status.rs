@@ -4,7 +4,7 @@
 use super::{error, full, json, text, Body};
 use crate::state::{Handle, Snapshot};
 use crate::store::replica::{changes_since, read_entry, scan_keyspace};
-use crate::store::{Change, Keyspace, NodeId};
+use crate::store::{keys, Change, Keyspace, NodeId};
 use bytes::Bytes;
 use futures_util::stream;
 use http_body_util::{BodyExt, StreamBody};
@@ -58,13 +58,15 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
             ),
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
         },
-        ["v1", "apps", name] => match read_entry(&h.store, &format!("apps/{name}")) {
-            Ok(Some((e, _))) if !e.is_tombstone() => {
-                json(StatusCode::OK, &public_app(value_of(&e.value)))
+        ["v1", "apps", name] => {
+            match keys::app(name).and_then(|k| read_entry(&h.store, k.as_str())) {
+                Ok(Some((e, _))) if !e.is_tombstone() => {
+                    json(StatusCode::OK, &public_app(value_of(&e.value)))
+                }
+                Ok(_) => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
+                Err(e) => error(StatusCode::BAD_REQUEST, e),
             }
-            Ok(_) => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
-            Err(e) => error(StatusCode::BAD_REQUEST, e),
-        },
+        }
         ["v1", "tasks"] => match h.snapshot().await {
             Ok(s) => json(StatusCode::OK, &tasks(h, &s)),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
@@ -116,7 +118,7 @@ fn live_peer_gaps(
 ) -> impl Iterator<Item = (crate::store::Hlc, crate::store::Hlc)> + '_ {
     s.members
         .iter()
-        .filter(|m| m.state != "dead")
+        .filter(|m| m.state.is_live())
         .filter_map(|m| s.peer_digests.get(&m.id))
         .flat_map(|d| {
             s.digest
@@ -187,7 +189,7 @@ fn member_state<'a>(s: &'a Snapshot, id: &str) -> &'a str {
     s.members
         .iter()
         .find(|m| m.id.as_str() == id)
-        .map(|m| m.state)
+        .map(|m| m.state.name())
         .unwrap_or("unknown")
 }
 
@@ -379,7 +381,7 @@ async fn metrics(h: &Handle) -> Response<Body> {
         c.mdns_foreign.load(Relaxed),
     );
     if let Ok(s) = h.snapshot().await {
-        let alive = s.members.iter().filter(|m| m.state != "dead").count() as u64;
+        let alive = s.members.iter().filter(|m| m.state.is_live()).count() as u64;
         metric(
             "shoal_membership_live_members",
             "gauge",

@@ -12,10 +12,9 @@ use crate::identity::cert::{pem_to_der, NodeIdentity};
 use crate::identity::secrets::SecretKey;
 use crate::identity::vouch::{NodeSigner, Vouchers};
 use crate::identity::{cluster_hash, Credentials, IdentityError, Trust};
-use crate::state::{Counters, Handle, StateError};
-use crate::store::{Bytes, Key};
+use crate::state::records::NodeRecord;
+use crate::state::{Counters, Handle};
 use crate::tls::{MemberCheck, Tls};
-use serde_json::json;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -60,28 +59,6 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, DaemonError> {
     socket.set_reuseaddr(true).map_err(err)?;
     socket.bind(addr).map_err(err)?;
     socket.listen(LISTEN_BACKLOG).map_err(err)
-}
-
-/// Publishes this node's own record (observed state, written only by us).
-async fn publish_node_record(
-    h: &Handle,
-    cfg: &AgentConfig,
-    containers: bool,
-) -> Result<(), DaemonError> {
-    let key = Key::join(crate::store::Keyspace::Nodes, &[h.me.id.as_str()])
-        .map_err(|e| DaemonError::State(StateError::Write(e)))?;
-    let record = json!({
-        "id": h.me.id,
-        "addr": h.me.addr,
-        "version": crate::VERSION,
-        "started_at_ms": h.started_ms,
-        "labels": cfg.labels,
-        // The scheduler places replicas only on nodes that run containers.
-        "containers": containers,
-    });
-    h.write(vec![(key, Some(Bytes::from(record.to_string())))])
-        .await?;
-    Ok(())
 }
 
 /// The addresses a new certificate names: the advertised one and every interface's.
@@ -381,7 +358,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     );
 
     // Our own record is durable before anything answers, so "healthy" implies "announced".
-    if let Err(e) = publish_node_record(&h, &cfg, runtime.is_some()).await {
+    if let Err(e) = NodeRecord::publish(&h, cfg.labels.clone(), runtime.is_some()).await {
         tracing::error!(err = %e, "cannot publish this node's record");
     }
 

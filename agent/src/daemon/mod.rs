@@ -4,6 +4,7 @@
 
 pub mod agent;
 pub mod bootstrap;
+pub mod testing;
 
 use crate::clock::{wall_ms, ClockWatch};
 use crate::config::AgentConfig;
@@ -24,6 +25,16 @@ use std::time::Duration;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::DelayQueue;
+
+/// Runs disk work from the core loop: off the worker's queue on a multi-threaded runtime;
+/// in place on a single-threaded one (tests with paused time), where there is nobody to wait.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
 
 /// The store is rewritten when its files exceed this multiple of the live data.
 const COMPACT_RATIO: f64 = 3.0;
@@ -176,7 +187,7 @@ async fn core_loop(
             _ = shutdown.cancelled() => break,
             _ = housekeeping.tick() => {
                 let backend = node.replica().backend().clone();
-                if let Err(e) = tokio::task::block_in_place(|| backend.maybe_compact(COMPACT_RATIO)) {
+                if let Err(e) = blocking(|| backend.maybe_compact(COMPACT_RATIO)) {
                     tracing::error!(err = %e, "store compaction failed");
                 }
                 continue;
@@ -322,7 +333,7 @@ fn write_group(node: &mut Node<DiskBackend>, group: Vec<WriteRequest>, out: &mut
         return;
     }
     // Acknowledge nothing before it is on disk: peers and clients depend on it.
-    let flushed = tokio::task::block_in_place(|| node.flush());
+    let flushed = blocking(|| node.flush());
     match flushed {
         Ok(()) => {
             node.publish(written, out);

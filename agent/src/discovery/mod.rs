@@ -55,7 +55,7 @@ async fn live_ids(handle: &Handle) -> HashSet<String> {
         .map(|s| {
             s.members
                 .into_iter()
-                .filter(|m| m.state != "dead")
+                .filter(|m| m.state.is_live())
                 .map(|m| m.id.to_string())
                 .collect()
         })

@@ -289,6 +289,15 @@ impl Docker {
 }
 
 impl ContainerRuntime for Docker {
+    async fn guard_host(
+        &self,
+    ) -> Result<Option<super::firewall::Asserted>, super::firewall::FirewallError> {
+        tokio::task::spawn_blocking(super::firewall::assert_rules)
+            .await
+            .map_err(|e| super::firewall::FirewallError::Spawn(std::io::Error::other(e)))?
+            .map(Some)
+    }
+
     async fn prune_networks(&self, cluster: &str, node: &str) -> Result<(), ExecutorError> {
         use bollard::query_parameters::PruneNetworksOptions;
         let filters = HashMap::from([(

@@ -7,12 +7,12 @@
 //! (Docker through bollard in the agent); `run` is the loop around them.
 
 pub mod docker;
+pub mod fake;
 pub mod firewall;
 pub mod images;
 pub mod plan;
 pub mod run;
 
-use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::future::Future;
 
@@ -105,6 +105,11 @@ pub trait ContainerRuntime: images::Images {
         &self,
         cluster: &str,
     ) -> impl Future<Output = Result<futures_util::stream::BoxStream<'static, ()>, ExecutorError>> + Send;
+    /// Makes the host's rules that keep containers tenants what they should be
+    /// (`firewall`); what that changed, `None` for a runtime with no host rules.
+    fn guard_host(
+        &self,
+    ) -> impl Future<Output = Result<Option<firewall::Asserted>, firewall::FirewallError>> + Send;
 }
 
 impl<T: images::Images + ?Sized> images::Images for std::sync::Arc<T> {
@@ -160,54 +165,12 @@ impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {
     ) -> Result<futures_util::stream::BoxStream<'static, ()>, ExecutorError> {
         (**self).stops(cluster).await
     }
-}
-
-/// A task's lifecycle (ARCHITECTURE.md): `pending → scheduled → starting → running →
-/// completed | failed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum TaskState {
-    Pending,
-    Scheduled,
-    Starting,
-    Running,
-    Completed,
-    Failed,
-}
-
-/// The observed state of one replica on this node: the value of `tasks/<node>/<app>/<replica>`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Task {
-    pub app: String,
-    pub replica: u32,
-    pub node: String,
-    /// The app spec's version this task runs.
-    pub version: String,
-    pub image: String,
-    pub state: TaskState,
-    pub reason: String,
-    /// When `state` last changed (ms since the epoch).
-    pub since_ms: u64,
-    pub container: Option<String>,
-    pub ip: Option<String>,
-    pub port: Option<u16>,
-    /// Containers of this replica that stopped or failed to start, since the agent started.
-    pub restarts: u32,
-    /// How the replica's last container ended, if one did.
-    pub exit_code: Option<i64>,
-    /// When the agent that wrote this started (its node record's `started_at_ms`): a record
-    /// from an earlier run of the node says nothing about what runs now.
-    pub agent_started_ms: u64,
-}
-
-impl Task {
-    /// Whether `other` says something new (anything but the time).
-    pub fn differs(&self, other: &Task) -> bool {
-        let mut o = other.clone();
-        o.since_ms = self.since_ms;
-        *self != o
+    async fn guard_host(&self) -> Result<Option<firewall::Asserted>, firewall::FirewallError> {
+        (**self).guard_host().await
     }
 }
+
+pub use crate::state::records::{Task, TaskState};
 
 /// `shoal-<app>-<replica>-<8 hex>`, the hex from the version and the node: unique per
 /// version, so an update's new container can start before the old one goes, and per node, so

@@ -6,11 +6,12 @@ use super::plan::{plan, Desired};
 use super::{container_name, ContainerRuntime, ContainerSpec, Observed, Task, TaskState};
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
 use crate::clock::wall_ms;
+use crate::membership::MemberState;
 use crate::scheduler::{self, App, Running};
 use crate::spec::AppSpec;
-use crate::state::Handle;
+use crate::state::{records, Handle};
 use crate::store::replica::{read_entry, scan_keyspace};
-use crate::store::{Bytes, Change, Key, Keyspace};
+use crate::store::{keys, Bytes, Change, Keyspace};
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
@@ -113,36 +114,21 @@ impl<R: ContainerRuntime> Executor<R> {
 
     /// The apps (with their spec versions), the nodes that may run them, and where replicas
     /// run now: the scheduler's inputs, all from the replicated store.
-    fn my_placements(&self, members: &[(String, &'static str)]) -> Vec<(AppSpec, String, u32)> {
-        let apps: Vec<(AppSpec, String)> =
-            scan_keyspace(&self.h.store, Keyspace::Apps, "", usize::MAX)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|e| {
-                    let spec = serde_json::from_slice::<AppSpec>(e.value.as_deref()?).ok()?;
-                    Some((spec, e.version.to_string()))
-                })
-                .collect();
-        let tasks: Vec<Task> = scan_keyspace(&self.h.store, Keyspace::Tasks, "", usize::MAX)
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|e| serde_json::from_slice(e.value.as_deref()?).ok())
-            .collect();
+    fn my_placements(&self, members: &[(String, MemberState)]) -> Vec<(AppSpec, String, u32)> {
+        let apps = records::apps(&self.h.store);
+        let tasks = records::tasks(&self.h.store, "");
         // Eligible nodes, with the start time of the agent run each last announced.
-        let nodes: BTreeMap<String, u64> =
-            scan_keyspace(&self.h.store, Keyspace::Nodes, "", usize::MAX)
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|e| {
-                    let id = e.key.name();
-                    let live = id == self.me
-                        || members.iter().any(|(m, state)| m == id && *state != "dead");
-                    let v =
-                        serde_json::from_slice::<serde_json::Value>(e.value.as_deref()?).ok()?;
-                    (live && v["containers"] == true)
-                        .then(|| (id.to_string(), v["started_at_ms"].as_u64().unwrap_or(0)))
-                })
-                .collect();
+        let nodes: BTreeMap<String, u64> = records::nodes(&self.h.store)
+            .into_iter()
+            .filter(|n| {
+                n.containers
+                    && (n.id == self.me
+                        || members
+                            .iter()
+                            .any(|(m, state)| *m == n.id && state.is_live()))
+            })
+            .map(|n| (n.id, n.started_at_ms))
+            .collect();
         let node_refs: Vec<&str> = nodes.keys().map(String::as_str).collect();
         let running: Vec<Running> = tasks
             .iter()
@@ -194,12 +180,16 @@ impl<R: ContainerRuntime> Executor<R> {
             env.entry("PORT".into()).or_insert(p.to_string());
         }
         for name in &spec.run.secrets {
-            let key = format!("secrets/{}/{name}", spec.name);
-            let sealed = read_entry(&self.h.store, &key)
+            let key = keys::secret(&spec.name, name);
+            let sealed = key
+                .as_ref()
                 .ok()
-                .flatten()
+                .and_then(|k| read_entry(&self.h.store, k.as_str()).ok().flatten())
                 .and_then(|(e, _)| e.value);
-            let opened = sealed.and_then(|s| self.h.trust.secrets.open(&key, &s).ok());
+            let opened = sealed.and_then(|s| {
+                let k = key.as_ref().ok()?;
+                self.h.trust.secrets.open(k.as_str(), &s).ok()
+            });
             match opened.map(String::from_utf8) {
                 Some(Ok(v)) => {
                     env.insert(name.clone(), v);
@@ -259,7 +249,7 @@ impl<R: ContainerRuntime> Executor<R> {
         let now = Instant::now();
         let mut desired = Vec::new();
         let mut tasks: BTreeMap<ReplicaId, Task> = BTreeMap::new();
-        let members: Vec<(String, &'static str)> = match self.h.snapshot().await {
+        let members: Vec<(String, MemberState)> = match self.h.snapshot().await {
             Ok(s) => s
                 .members
                 .into_iter()
@@ -415,7 +405,7 @@ impl<R: ContainerRuntime> Executor<R> {
         let mine = scan_keyspace(
             &self.h.store,
             Keyspace::Tasks,
-            &format!("{}/", self.me),
+            &keys::tasks_of(&self.me),
             usize::MAX,
         )
         .unwrap_or_default();
@@ -439,8 +429,7 @@ impl<R: ContainerRuntime> Executor<R> {
                     continue;
                 }
             }
-            let Ok(key) = Key::join(Keyspace::Tasks, &[&self.me, &t.app, &t.replica.to_string()])
-            else {
+            let Ok(key) = keys::task(&self.me, &t.app, t.replica) else {
                 continue;
             };
             let value = serde_json::to_vec(&*t).unwrap_or_default();
@@ -483,7 +472,7 @@ struct Firewall {
 const FIREWALL_EVERY: Duration = Duration::from_secs(15);
 
 impl Firewall {
-    async fn assert(&mut self) {
+    async fn assert<R: ContainerRuntime>(&mut self, rt: &R) {
         let now = Instant::now();
         if self
             .last
@@ -492,9 +481,9 @@ impl Firewall {
             return;
         }
         self.last = Some(now);
-        let r = tokio::task::spawn_blocking(super::firewall::assert_rules).await;
-        match r {
-            Ok(Ok(done)) => {
+        match rt.guard_host().await {
+            Ok(None) => {}
+            Ok(Some(done)) => {
                 if self.last_error.take().is_some() || done.rebuilt_chain || done.hooks_added > 0 {
                     tracing::info!(
                         rebuilt_chain = done.rebuilt_chain,
@@ -503,14 +492,13 @@ impl Firewall {
                     );
                 }
             }
-            Ok(Err(e)) => {
+            Err(e) => {
                 let e = e.to_string();
                 if self.last_error.as_ref() != Some(&e) {
                     tracing::error!(err = %e, "cannot set the container firewall: containers may reach this node's ports and the metadata address");
                     self.last_error = Some(e);
                 }
             }
-            Err(_) => {}
         }
     }
 }
@@ -546,7 +534,7 @@ pub async fn run<R: ContainerRuntime>(
                 if stops.is_none() {
                     stops = ex.rt.stops(&cluster).await.ok();
                 }
-                firewall.assert().await;
+                firewall.assert(&ex.rt).await;
             }
             e = next_stop => if e.is_none() {
                 stops = None;

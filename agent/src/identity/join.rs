@@ -177,7 +177,7 @@ impl JoinReply {
 }
 
 /// Where the join secret in force after a rotation is kept.
-pub const JOIN_SECRET_KEY: &str = "cluster/join";
+pub const JOIN_SECRET_KEY: &str = crate::store::keys::JOIN_SECRET;
 
 /// The value at `cluster/join`: the join secret in force, sealed with the cluster's data key
 /// (bound to that key name), and its fingerprint for people to compare.

@@ -10,7 +10,7 @@
 
 use crate::identity::cert::cert_info_der;
 use crate::store::vouch::{Lookup, Proof, Sign, Unvouched, Vouch, Writer};
-use crate::store::{Bytes, Entry, Key, Keyspace, NodeId};
+use crate::store::{Bytes, Entry, Keyspace, NodeId};
 use ring::signature::{self, KeyPair};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -281,7 +281,7 @@ impl Vouchers {
 
 /// Whether `node` was evicted: a live `revoked/<node>` record.
 pub fn is_revoked(node: &NodeId, lookup: &mut Lookup<'_>) -> bool {
-    Key::join(Keyspace::Revoked, &[node.as_str()])
+    crate::store::keys::revoked(node)
         .ok()
         .and_then(|k| lookup(&k))
         .is_some_and(|e| !e.is_tombstone())
@@ -332,6 +332,7 @@ mod tests {
     use super::*;
     use crate::identity::cert::NodeIdentity;
     use crate::identity::Bundle;
+    use crate::store::Key;
     use crate::store::{Hlc, Version};
     use std::collections::BTreeMap;
 

@@ -133,12 +133,37 @@ impl MembershipConfig {
 #[error("membership: {0}")]
 pub struct MembershipError(String);
 
+/// What SWIM says of a member (`/v1/status` shows it in lowercase).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemberState {
+    Alive,
+    /// Missed its probes; others are asked to vouch for it before it is declared dead.
+    Suspect,
+    Dead,
+}
+
+impl MemberState {
+    /// Alive or suspect: still counted on (it runs its tasks, it takes messages).
+    pub fn is_live(self) -> bool {
+        self != MemberState::Dead
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Alive => "alive",
+            MemberState::Suspect => "suspect",
+            MemberState::Dead => "dead",
+        }
+    }
+}
+
 /// A member as the status endpoint shows it.
 #[derive(Debug, Clone, Serialize)]
 pub struct MemberStatus {
     pub id: NodeId,
     pub addr: String,
-    pub state: &'static str,
+    pub state: MemberState,
     pub incarnation: u16,
 }
 
@@ -196,9 +221,9 @@ impl Membership {
                 id: m.id().id.clone(),
                 addr: m.id().addr.clone(),
                 state: match m.state() {
-                    State::Alive => "alive",
-                    State::Suspect => "suspect",
-                    State::Down => "dead",
+                    State::Alive => MemberState::Alive,
+                    State::Suspect => MemberState::Suspect,
+                    State::Down => MemberState::Dead,
                 },
                 incarnation: m.incarnation(),
             })

@@ -5,6 +5,8 @@
 //! `executor` and `discovery` (and the modules to come) take it as an argument and never reach
 //! the daemon.
 
+pub mod records;
+
 use crate::clock::ClockWatch;
 use crate::identity::vouch::OperatorKey;
 use crate::identity::Trust;

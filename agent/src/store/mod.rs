@@ -1,10 +1,12 @@
 //! The replicated state store: typed keys and versioned entries (`entry`), hybrid logical
 //! clocks (`hlc`), the storage engine behind a narrow trait (`backend`) and the merge logic
-//! (`replica`). No other module touches the storage engine.
+//! (`replica`), and the one place keys are built (`keys`). No other module touches the
+//! storage engine.
 
 pub mod backend;
 pub mod entry;
 pub mod hlc;
+pub mod keys;
 pub mod replica;
 pub mod vouch;
 

@@ -139,7 +139,7 @@ impl Entry {
     /// For an entry a node signs, the key of that node's record (where its certificate is).
     pub fn signer_record(&self) -> Option<Key> {
         match self.key.writer(&self.version.origin) {
-            Writer::Node(n) => Key::join(Keyspace::Nodes, &[n.as_str()]).ok(),
+            Writer::Node(n) => super::keys::node(&n).ok(),
             Writer::Operator => None,
         }
     }
