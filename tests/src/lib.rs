@@ -611,9 +611,20 @@ impl Agent {
     /// Starts the agent and waits until `/healthz` answers.
     pub fn spawn(&mut self) {
         self.spawn_detached();
-        wait_for(Duration::from_secs(30), "the agent's /healthz", || {
-            self.get("/healthz").ok().filter(|r| r.status == 200)
-        });
+        let end = Instant::now() + Duration::from_secs(30);
+        while self.get("/healthz").ok().filter(|r| r.status == 200).is_none() {
+            if Instant::now() > end {
+                let running = self.is_running();
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "agent {} did not answer /healthz within 30 s (running: {running}); the end of its log:\n{}",
+                    self.id,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Starts the agent without waiting for anything.
@@ -741,6 +752,19 @@ impl Agent {
     /// This agent's own certificate and key, usable as a client certificate.
     pub fn cert(&self) -> (PathBuf, PathBuf) {
         (self.dir.join("tls/node.crt"), self.dir.join("tls/node.key"))
+    }
+
+    /// Posts a join request (its JSON) to this agent's join door; the answer's status.
+    pub fn post_join(&self, request: &str) -> u16 {
+        self.api(
+            "POST",
+            "/peer/v1/join",
+            &[("Content-Type", "application/json")],
+            request.as_bytes(),
+            None,
+        )
+        .unwrap()
+        .status
     }
 
     pub fn put_app(&self, name: &str, spec: &str) -> Result<Resp> {

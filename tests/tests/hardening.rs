@@ -426,15 +426,7 @@ fn join_as(a: &Agent, id: &str) -> u16 {
     let secret = std::fs::read_to_string(a.bundle.join("join.secret")).unwrap();
     let (_key, csr) = shoal::identity::cert::request(id).unwrap();
     let jr = shoal::identity::join::JoinRequest::new(secret.trim(), id, &[], &csr);
-    a.api(
-        "POST",
-        "/peer/v1/join",
-        &[("Content-Type", "application/json")],
-        serde_json::to_string(&jr).unwrap().as_bytes(),
-        None,
-    )
-    .unwrap()
-    .status
+    a.post_join(&serde_json::to_string(&jr).unwrap())
 }
 
 #[test]

@@ -343,16 +343,7 @@ fn the_join_secret_rotates_without_losing_sealed_secrets() {
     let mut t = Agent::configure_with_bundle(root.path(), "third", &[a.api_port], &tb, "");
     wait_for(T, "the third secret to reach the seed", || {
         let jr = shoal::identity::join::JoinRequest::new(&third, "probe", &[], "not a CSR");
-        let s = a
-            .api(
-                "POST",
-                "/peer/v1/join",
-                &[("Content-Type", "application/json")],
-                serde_json::to_string(&jr).unwrap().as_bytes(),
-                None,
-            )
-            .unwrap()
-            .status;
+        let s = a.post_join(&serde_json::to_string(&jr).unwrap());
         // 400: the secret was accepted and the (bogus) CSR refused after it.
         (s == 400).then_some(())
     });
