@@ -5,6 +5,9 @@
 //!
 //! `cargo bench -p shoal --bench cluster_sim` (add `-- quick` for a shorter run).
 
+// Benchmarks time the real thing with the real clocks.
+#![allow(clippy::disallowed_methods)]
+
 use shoal::sim::{Sim, SimConfig};
 use shoal::store::{Bytes, Key};
 use std::time::Instant;

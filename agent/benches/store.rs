@@ -7,6 +7,9 @@
 //!
 //! `cargo bench -p shoal --bench store` (`-- quick` for 100 kills and a shorter churn).
 
+// Benchmarks time the real thing with the real clocks.
+#![allow(clippy::disallowed_methods)]
+
 use shoal::store::{Bytes, DiskBackend, Key, NodeId, Replica};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;

@@ -15,11 +15,19 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 
 /// Wall-clock milliseconds since the epoch.
+#[allow(clippy::disallowed_methods)] // The one place the agent reads the wall clock.
 pub fn wall_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Monotonic time, for deadlines and backoffs: tokio's, so tests in virtual time
+/// (`start_paused`) control it.
+#[allow(clippy::disallowed_methods)] // The one place the agent reads the monotonic clock.
+pub fn now() -> tokio::time::Instant {
+    tokio::time::Instant::now()
 }
 
 /// Offsets older than this no longer count.

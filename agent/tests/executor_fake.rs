@@ -11,7 +11,6 @@ use shoal::state::records;
 use shoal::store::{keys, Bytes};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How often the executor passes in these tests.
@@ -72,12 +71,12 @@ impl World {
 
     /// Polls `f` in virtual time until it answers, or fails the test after `within`.
     async fn until<T>(&self, what: &str, within: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-        let end = Instant::now() + within;
+        let end = shoal::clock::now() + within;
         loop {
             if let Some(t) = f() {
                 return t;
             }
-            assert!(Instant::now() < end, "{what}: not within {within:?}");
+            assert!(shoal::clock::now() < end, "{what}: not within {within:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -113,7 +112,7 @@ async fn a_crash_loop_backs_off_exponentially() {
     // Each container dies as soon as it runs: restarts come at once, then after 1, 2, 4 s.
     let mut gaps = Vec::new();
     for _ in 0..4 {
-        let crashed_at = Instant::now();
+        let crashed_at = shoal::clock::now();
         w.rt.crash(&id, 1);
         let next = w.running_container("web", Some(&id)).await;
         let started = w.rt.starts().last().unwrap().at;

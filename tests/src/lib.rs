@@ -612,7 +612,12 @@ impl Agent {
     pub fn spawn(&mut self) {
         self.spawn_detached();
         let end = Instant::now() + Duration::from_secs(30);
-        while self.get("/healthz").ok().filter(|r| r.status == 200).is_none() {
+        while self
+            .get("/healthz")
+            .ok()
+            .filter(|r| r.status == 200)
+            .is_none()
+        {
             if Instant::now() > end {
                 let running = self.is_running();
                 let log = self.log();

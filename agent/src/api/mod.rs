@@ -115,7 +115,7 @@ struct Activity {
 impl Activity {
     fn new() -> Arc<Activity> {
         Arc::new(Activity {
-            start: Instant::now(),
+            start: crate::clock::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
         })
@@ -178,11 +178,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
 async fn idled(act: &Activity, idle: Duration) {
     loop {
         let due = act.last() + idle;
-        if Instant::now() >= due && act.in_flight.load(Relaxed) == 0 {
+        if crate::clock::now() >= due && act.in_flight.load(Relaxed) == 0 {
             return;
         }
         // While a request is in hand past the deadline, look again once a second.
-        tokio::time::sleep_until(due.max(Instant::now() + Duration::from_secs(1))).await;
+        tokio::time::sleep_until(due.max(crate::clock::now() + Duration::from_secs(1))).await;
     }
 }
 

@@ -279,7 +279,7 @@ fn events(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
     // Live changes, with a comment every 15 s so idle streams stay open through proxies and
     // the listener's idle timeout, and dead clients are found. `last` skips what the replay
     // already sent.
-    let beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    let beat = tokio::time::interval_at(crate::clock::now() + HEARTBEAT, HEARTBEAT);
     let live = stream::unfold(
         (rx, None, beat, permit),
         move |(mut rx, last, mut beat, permit)| {

@@ -9,7 +9,7 @@ use crate::peer::PeerClient;
 use crate::state::{Counters, Handle};
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 /// Keeps trying the configured peers (resolving names each time) and hands what answers to
@@ -79,7 +79,7 @@ pub async fn mdns_join(
         handle.clock.clone(),
     );
     let hash = handle.trust.cluster_hash.clone();
-    let started = Instant::now();
+    let started = crate::clock::now();
     let mut foreign = BTreeSet::new();
     let mut settled = false;
     loop {

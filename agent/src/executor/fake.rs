@@ -228,7 +228,7 @@ impl ContainerRuntime for FakeRuntime {
         }
         let ok = inner.fail_starts == 0;
         inner.starts.push(Start {
-            at: Instant::now(),
+            at: crate::clock::now(),
             app: spec.labels.get(LABEL_APP).cloned().unwrap_or_default(),
             replica: spec
                 .labels

@@ -246,7 +246,7 @@ impl<R: ContainerRuntime> Executor<R> {
 
     /// One reconciliation: place, plan, act, record.
     pub async fn pass(&mut self) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         let mut desired = Vec::new();
         let mut tasks: BTreeMap<ReplicaId, Task> = BTreeMap::new();
         let members: Vec<(String, MemberState)> = match self.h.snapshot().await {
@@ -473,7 +473,7 @@ const FIREWALL_EVERY: Duration = Duration::from_secs(15);
 
 impl Firewall {
     async fn assert<R: ContainerRuntime>(&mut self, rt: &R) {
-        let now = Instant::now();
+        let now = crate::clock::now();
         if self
             .last
             .is_some_and(|t| now.duration_since(t) < FIREWALL_EVERY)
