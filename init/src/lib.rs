@@ -2,20 +2,21 @@
 //! clock, supervision, the boot report), so that the binary (`main.rs`) stays the boot
 //! sequence and the decoders can be fuzzed (`fuzz/`) and tested on their own.
 
+pub mod boot;
 pub mod clock;
 pub mod cmdline;
+pub mod env;
 pub mod fuzzing;
 pub mod initrd;
 pub mod metadata;
 pub mod mounts;
 pub mod net;
+pub mod pid1;
 pub mod power;
 pub mod report;
 pub mod signals;
 pub mod supervisor;
 pub mod system;
-
-use std::path::PathBuf;
 
 /// The kernel starts init with no PATH; every command and service gets this one.
 pub const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -27,15 +28,6 @@ pub fn command(program: impl AsRef<std::ffi::OsStr>) -> std::process::Command {
         c.env("PATH", PATH);
     }
     c
-}
-
-/// The firmware's DMI strings; test mode may point at a fake directory, as it does at fake
-/// services.
-pub fn dmi_dir(test: bool) -> PathBuf {
-    match std::env::var_os("SHOAL_INIT_DMI") {
-        Some(p) if test => PathBuf::from(p),
-        _ => PathBuf::from("/sys/class/dmi/id"),
-    }
 }
 
 /// A line on the console (init's stdout).

@@ -38,12 +38,14 @@ pub struct Buttons {
 }
 
 impl Buttons {
-    /// Opens every input device that has a power key (in test mode only those named in
-    /// `SHOAL_INIT_INPUT`).
-    pub fn open(root: &Path, test: bool, detail: &mut Vec<String>) -> Buttons {
-        let listed: Option<Vec<String>> = std::env::var("SHOAL_INIT_INPUT")
-            .ok()
-            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    /// Opens every input device that has a power key (in test mode only those in `listed`:
+    /// `InitEnv::input`).
+    pub fn open(
+        root: &Path,
+        listed: Option<&[String]>,
+        test: bool,
+        detail: &mut Vec<String>,
+    ) -> Buttons {
         if test && listed.is_none() {
             detail.push("power button: not watched in test mode".into());
             return Buttons { files: vec![] };

@@ -116,3 +116,22 @@ impl Report {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_stage_fails_and_the_next_one_runs() {
+        let mut report = Report::default();
+        report.stage("boom", |_| panic!("bad seed"));
+        report.stage("after", |_| Outcome::Ok);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["stages"][0]["outcome"], "failed");
+        assert!(json["stages"][0]["detail"][0]
+            .as_str()
+            .unwrap()
+            .contains("panicked: bad seed"));
+        assert_eq!(json["stages"][1]["outcome"], "ok");
+    }
+}

@@ -10,8 +10,9 @@ pub const DATA_PARTITION: &str = "shoal-data";
 
 /// Mounts the data disk at `/var`: the volume labelled `SHOAL_DATA`, else a blank disk
 /// formatted once (ext4, labelled), else a tmpfs — said loudly: state is lost at power-off.
-pub fn data_disk(root: &Path, d: &mut Vec<String>) -> Outcome {
-    let mut outcome = mount_data(root, d);
+pub fn data_disk(env: &crate::env::InitEnv, d: &mut Vec<String>) -> Outcome {
+    let root = env.root.as_path();
+    let mut outcome = mount_data(root, env.disks.as_deref(), d);
     if outcome == Outcome::Ok {
         outcome = store_volume(root, d);
     }
@@ -28,7 +29,7 @@ pub fn data_disk(root: &Path, d: &mut Vec<String>) -> Outcome {
     outcome
 }
 
-fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
+fn mount_data(root: &Path, only: Option<&[String]>, d: &mut Vec<String>) -> Outcome {
     let var = root.join("var");
     let _ = std::fs::create_dir_all(&var);
     let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
@@ -36,7 +37,7 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
         nix::mount::mount(Some(dev), &var, Some("ext4"), flags, None::<&str>)
             .map_err(|e| format!("mount {} on /var: {e}", dev.display()))
     };
-    if let Some((dev, p)) = volume::find(root, DATA_LABEL) {
+    if let Some((dev, p)) = volume::find(root, only, DATA_LABEL) {
         if p.fstype != "ext4" {
             d.push(format!(
                 "{} is labelled {DATA_LABEL} but is {}, not ext4",
@@ -64,7 +65,7 @@ fn mount_data(root: &Path, d: &mut Vec<String>) -> Outcome {
                 Err(e) => d.push(e),
             }
         }
-    } else if let Some((dev, kind)) = blank_target(root) {
+    } else if let Some((dev, kind)) = blank_target(root, only) {
         if kind == "partition" {
             grow_last_partition(root, &dev, d);
         }
@@ -306,11 +307,14 @@ fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 /// Where a data file system may be made, first match wins: a blank whole disk (an attached
 /// volume: it is what the user gave us for state), else shoal.raw's own blank `shoal-data`
 /// partition. Never a disk that has partitions, never anything written to.
-fn blank_target(root: &Path) -> Option<(std::path::PathBuf, &'static str)> {
+fn blank_target(
+    root: &Path,
+    only: Option<&[String]>,
+) -> Option<(std::path::PathBuf, &'static str)> {
     let sys = root.join("sys/class/block");
     let is_blank =
         |dev: &Path| volume::read_head(dev).is_some_and(|h| h.len() >= 65536 && volume::blank(&h));
-    let devices = volume::devices(root);
+    let devices = volume::devices(root, only);
     let whole = devices.iter().find(|dev| {
         let name = dev
             .file_name()
@@ -332,7 +336,7 @@ fn blank_target(root: &Path) -> Option<(std::path::PathBuf, &'static str)> {
         let dev = crate::initrd::find_partlabel(&sys, DATA_PARTITION)?;
         let dev = root.join(dev.strip_prefix("/").unwrap_or(&dev));
         // In test mode only the listed devices are candidates, as for whole disks.
-        let listed = std::env::var_os("SHOAL_INIT_DISKS").is_none() || devices.contains(&dev);
+        let listed = only.is_none() || devices.contains(&dev);
         (listed && is_blank(&dev)).then_some((dev, "partition"))
     }
 }

@@ -7,6 +7,7 @@
 //! never sends its first byte or never finishes its TLS handshake or headers), and counts both.
 
 pub mod control;
+pub mod metrics;
 pub mod status;
 
 use crate::state::{ConnCounters, Counters};

@@ -98,7 +98,7 @@ fn value_of(v: &Option<Bytes>) -> Value {
 /// How far behind us each peer was at its last exchange, in ms of HLC time, at worst.
 /// Origins that live peer has not heard of at all are not a lag in time: they are counted
 /// by `sync_unseen_origins` instead.
-fn sync_lag_ms(s: &Snapshot) -> u64 {
+pub(super) fn sync_lag_ms(s: &Snapshot) -> u64 {
     live_peer_gaps(s)
         .filter(|(_, theirs)| theirs.0 > 0)
         .map(|(ours, theirs)| ours.millis().saturating_sub(theirs.millis()))
@@ -319,181 +319,11 @@ fn events(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
 }
 
 async fn metrics(h: &Handle) -> Response<Body> {
-    use std::fmt::Write;
-    use std::sync::atomic::Ordering::Relaxed;
-    let mut m = String::new();
-    let mut metric = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-    };
-    let c = &h.counters;
-    metric(
-        "shoal_peer_messages_total",
-        "counter",
-        "Peer messages received.",
-        c.peer_messages.load(Relaxed),
-    );
-    metric(
-        "shoal_peer_messages_refused_total",
-        "counter",
-        "Peer messages refused as malformed or unauthorised.",
-        c.peer_messages_refused.load(Relaxed),
-    );
-    metric(
-        "shoal_peer_sends_failed_total",
-        "counter",
-        "Peer messages that could not be delivered.",
-        c.peer_sends_failed.load(Relaxed),
-    );
-    metric(
-        "shoal_store_writes_total",
-        "counter",
-        "Local writes acknowledged.",
-        c.writes.load(Relaxed),
-    );
-    metric(
-        "shoal_peer_tls_handshakes_total",
-        "counter",
-        "TLS handshakes completed on the API port.",
-        c.tls_handshakes.load(Relaxed),
-    );
-    metric(
-        "shoal_tls_certificate_expiry_timestamp_seconds",
-        "gauge",
-        "When this node's certificate expires; the agent renews it at start within 30 days.",
-        h.trust.cert_not_after.max(0) as u64,
-    );
-    metric(
-        "shoal_join_requests_total",
-        "counter",
-        "TLS bootstrap requests received.",
-        c.join_requests.load(Relaxed),
-    );
-    metric(
-        "shoal_join_refused_total",
-        "counter",
-        "TLS bootstrap requests refused (wrong join secret).",
-        c.join_refused.load(Relaxed),
-    );
-    metric(
-        "shoal_discovery_foreign_nodes_total",
-        "counter",
-        "Nodes of other clusters seen over mDNS and not admitted.",
-        c.mdns_foreign.load(Relaxed),
-    );
-    if let Ok(s) = h.snapshot().await {
-        let alive = s.members.iter().filter(|m| m.state.is_live()).count() as u64;
-        metric(
-            "shoal_membership_live_members",
-            "gauge",
-            "Other members alive or suspect.",
-            alive,
-        );
-        metric(
-            "shoal_store_seq",
-            "counter",
-            "Changes applied to the local replica.",
-            s.seq,
-        );
-        metric(
-            "shoal_sync_lag_milliseconds",
-            "gauge",
-            "Worst peer lag at its last exchange.",
-            sync_lag_ms(&s),
-        );
-        metric(
-            "shoal_sync_refused_total",
-            "counter",
-            "Entry batches refused by the merge.",
-            s.sync.refused,
-        );
-        metric(
-            "shoal_sync_unvouched_total",
-            "counter",
-            "Entries from peers left out for a bad proof: forged, signed by an evicted node, or desired state without an operator's signature.",
-            s.sync.unvouched_refused,
-        );
-        metric(
-            "shoal_sync_unvouched_pending_total",
-            "counter",
-            "Entries from peers left out until their signer's record arrives (asked for again).",
-            s.sync.unvouched_pending,
-        );
-        metric(
-            "shoal_sync_tombstones_collected_total",
-            "counter",
-            "Tombstones collected.",
-            s.sync.tombstones_collected,
-        );
-        metric(
-            "shoal_sync_reconciles_total",
-            "counter",
-            "Reconciles started (full comparisons with one peer).",
-            s.sync.reconciles,
-        );
-        metric(
-            "shoal_sync_reconcile_dropped_total",
-            "counter",
-            "Keys dropped because reconciles named them deleted elsewhere.",
-            s.sync.reconcile_dropped,
-        );
-        metric(
-            "shoal_sync_reconcile_held_total",
-            "counter",
-            "Keys a reconcile named deleted but kept (unconfirmed by a second peer, or over the bound).",
-            s.sync.reconcile_held,
-        );
-        metric(
-            "shoal_sync_reconcile_unconfirmed_total",
-            "counter",
-            "Reconciles whose named keys a second peer did not all confirm (the first peer is distrusted for a while).",
-            s.sync.reconcile_unconfirmed,
-        );
-    }
-    for (name, kind, help, read) in [
-        (
-            "shoal_api_connections_open",
-            "gauge",
-            "Connections open, by listener.",
-            (|c: &super::ConnCounters| c.open.load(Relaxed) as u64)
-                as fn(&super::ConnCounters) -> u64,
-        ),
-        (
-            "shoal_api_connections_shed_total",
-            "counter",
-            "Connections refused because the listener held its maximum, by listener.",
-            |c| c.shed.load(Relaxed),
-        ),
-        (
-            "shoal_api_connections_idle_closed_total",
-            "counter",
-            "Connections closed after moving no byte for listen.idle_timeout_ms, by listener.",
-            |c| c.idle_closed.load(Relaxed),
-        ),
-    ] {
-        let _ = writeln!(m, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for (listener, conns) in [("status", &c.status_conns), ("api", &c.api_conns)] {
-            let _ = writeln!(m, "{name}{{listener=\"{listener}\"}} {}", read(conns));
-        }
-    }
-    let _ = writeln!(
-        m,
-        "# HELP shoal_peer_tls_refused_total Connections to the API port refused at the TLS layer, by reason.\n# TYPE shoal_peer_tls_refused_total counter"
-    );
-    for (reason, n) in c.refusals() {
-        let _ = writeln!(
-            m,
-            "shoal_peer_tls_refused_total{{reason=\"{}\"}} {n}",
-            reason.label()
-        );
-    }
-    let clock = h.clock.view(crate::clock::wall_ms());
-    let _ = writeln!(
-        m,
-        "# HELP shoal_clock_offset_seconds Median of peers' clocks minus this node's, from their HTTP Date headers.\n# TYPE shoal_clock_offset_seconds gauge\nshoal_clock_offset_seconds {}\n# HELP shoal_clock_skewed 1 while most peers' clocks differ from this node's by more than the drift bound (writes answer 503).\n# TYPE shoal_clock_skewed gauge\nshoal_clock_skewed {}",
-        clock.offset_ms as f64 / 1000.0,
-        u8::from(clock.skewed)
-    );
-    text(StatusCode::OK, "text/plain; version=0.0.4", m)
+    text(
+        StatusCode::OK,
+        "text/plain; version=0.0.4",
+        super::metrics::render(h).await,
+    )
 }
 
 #[cfg(test)]

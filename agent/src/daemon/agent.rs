@@ -195,6 +195,119 @@ async fn watch_clock(h: Handle, shutdown: CancellationToken) {
     }
 }
 
+/// Joins peers as discovery finds them: configured peers and DNS names, and mDNS (advertising
+/// this node) when it runs.
+fn discover(
+    h: &Handle,
+    cfg: &AgentConfig,
+    mdns: Option<&Arc<Mdns>>,
+    advertise: &str,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) {
+    let every = Duration::from_millis(cfg.discovery.retry_join_ms.max(100));
+    tracker.spawn(discovery::retry_join(
+        h.clone(),
+        cfg.peers.clone(),
+        every,
+        shutdown.clone(),
+    ));
+    if let Some(m) = mdns {
+        let port = advertise
+            .rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .unwrap_or(cfg.listen.api.port());
+        let ips = advertised_ip(advertise);
+        match m.advertise(
+            h.me.id.as_str(),
+            &h.trust.cluster_hash,
+            port,
+            crate::VERSION,
+            &ips,
+        ) {
+            Ok(()) => tracing::info!(service = discovery::mdns::SERVICE_TYPE, "mDNS: advertising"),
+            Err(e) => tracing::warn!(err = %e, "mDNS: cannot advertise"),
+        }
+        tracker.spawn(discovery::mdns_join(
+            h.clone(),
+            m.clone(),
+            every,
+            Duration::from_millis(cfg.discovery.mdns_window_ms),
+            shutdown.clone(),
+        ));
+    }
+}
+
+/// What this node trusts and presents: its certificate and key, the CA, the operator key,
+/// the data key (wrapped in the user-data, else as the member that admitted it wrapped it,
+/// else derived from the join secret in a cluster made before wrapping).
+fn security(
+    cfg: &AgentConfig,
+    creds: &Credentials,
+    identity: &NodeIdentity,
+) -> Result<Security, DaemonError> {
+    let ca_key = match &creds {
+        Credentials::Bundle(b) => Some(b.ca_key.clone()),
+        Credentials::JoinSecret { .. } => None,
+    };
+    // The operator key: from the bundle, else as the join reply (authenticated by the join
+    // secret) named it.
+    let operator_key = match &creds {
+        Credentials::Bundle(b) => b.cluster.operator_key.clone(),
+        Credentials::JoinSecret { cluster, .. } => {
+            cluster.as_ref().and_then(|c| c.operator_key.clone())
+        }
+    }
+    .or_else(|| identity.cluster.operator_key.clone());
+    let mut cluster = identity.cluster.clone();
+    cluster.operator_key = operator_key;
+    let bad_identity = |reason: String| {
+        DaemonError::Identity(IdentityError::Read {
+            path: cfg.bundle_dir().display().to_string(),
+            reason,
+        })
+    };
+    let given = match &creds {
+        Credentials::Bundle(b) => Some(b.data_key.as_str()),
+        Credentials::JoinSecret { data_key, .. } => data_key.as_deref(),
+    };
+    let data_key = SecretKey::first_of(
+        &[given, identity.data_key.as_deref()],
+        creds.join_secret(),
+        &cluster.id,
+    )
+    .map_err(|e| {
+        bad_identity(format!(
+            "the cluster's data key does not open with this node's join secret ({e}): give the node user-data from the same bundle"
+        ))
+    })?;
+    let trust = Trust::new(
+        cluster,
+        identity.ca_pem.clone(),
+        ca_key,
+        creds.join_secret().to_string(),
+        data_key,
+        identity.info().map(|i| i.not_after_unix).unwrap_or(0),
+    )
+    .map_err(|e| bad_identity(e.to_string()))?;
+    if trust.operator.is_none() {
+        tracing::warn!("no operator key (cluster.json operator_key): this node takes no writes and refuses every app and secret from peers");
+    }
+    let signer = NodeSigner::new(&identity.key_pem, &identity.cert_pem)
+        .map_err(|e| bad_identity(e.to_string()))?;
+    let vouch = Vouchers::new(
+        Arc::new(MemberCheck::new(&identity.ca_pem)?),
+        trust.operator.into_iter().collect(),
+    );
+    let tls = Tls::new(identity)?;
+    Ok(Security {
+        tls,
+        trust: Arc::new(trust),
+        signer: Arc::new(signer),
+        vouch: Box::new(vouch),
+    })
+}
+
 /// What the agent runs on. `run` makes them from the config on a real machine; a test
 /// hands in its own (listeners it bound, a machine id, a fake runtime).
 pub struct Parts<R> {
@@ -272,69 +385,8 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         &shutdown,
     )
     .await?;
-    let ca_key = match &creds {
-        Credentials::Bundle(b) => Some(b.ca_key.clone()),
-        Credentials::JoinSecret { .. } => None,
-    };
-    // The operator key: from the bundle, else as the join reply (authenticated by the join
-    // secret) named it.
-    let operator_key = match &creds {
-        Credentials::Bundle(b) => b.cluster.operator_key.clone(),
-        Credentials::JoinSecret { cluster, .. } => {
-            cluster.as_ref().and_then(|c| c.operator_key.clone())
-        }
-    }
-    .or_else(|| identity.cluster.operator_key.clone());
-    let mut cluster = identity.cluster.clone();
-    cluster.operator_key = operator_key;
-    let bad_identity = |reason: String| {
-        DaemonError::Identity(IdentityError::Read {
-            path: cfg.bundle_dir().display().to_string(),
-            reason,
-        })
-    };
-    // The data key: wrapped in the user-data, else as the member that admitted this node
-    // wrapped it, else (a cluster made before wrapping) derived from the join secret.
-    let given = match &creds {
-        Credentials::Bundle(b) => Some(b.data_key.as_str()),
-        Credentials::JoinSecret { data_key, .. } => data_key.as_deref(),
-    };
-    let data_key = SecretKey::first_of(
-        &[given, identity.data_key.as_deref()],
-        creds.join_secret(),
-        &cluster.id,
-    )
-    .map_err(|e| {
-        bad_identity(format!(
-            "the cluster's data key does not open with this node's join secret ({e}): give the node user-data from the same bundle"
-        ))
-    })?;
-    let trust = Trust::new(
-        cluster,
-        identity.ca_pem.clone(),
-        ca_key,
-        creds.join_secret().to_string(),
-        data_key,
-        identity.info().map(|i| i.not_after_unix).unwrap_or(0),
-    )
-    .map_err(|e| bad_identity(e.to_string()))?;
-    if trust.operator.is_none() {
-        tracing::warn!("no operator key (cluster.json operator_key): this node takes no writes and refuses every app and secret from peers");
-    }
-    let signer = NodeSigner::new(&identity.key_pem, &identity.cert_pem)
-        .map_err(|e| bad_identity(e.to_string()))?;
-    let vouch = Vouchers::new(
-        Arc::new(MemberCheck::new(&identity.ca_pem)?),
-        trust.operator.into_iter().collect(),
-    );
-    let tls = Tls::new(&identity)?;
-    let acceptor = TlsAcceptor::from(tls.server.clone());
-    let security = Security {
-        tls,
-        trust: Arc::new(trust),
-        signer: Arc::new(signer),
-        vouch: Box::new(vouch),
-    };
+    let security = security(&cfg, &creds, &identity)?;
+    let acceptor = TlsAcceptor::from(security.tls.server.clone());
     let core_stop = CancellationToken::new();
     let core = start(
         &cfg,
@@ -396,37 +448,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         tracker.clone(),
     ));
     tracker.spawn(watch_clock(h.clone(), shutdown.clone()));
-    let every = Duration::from_millis(cfg.discovery.retry_join_ms.max(100));
-    tracker.spawn(discovery::retry_join(
-        h.clone(),
-        cfg.peers.clone(),
-        every,
-        shutdown.clone(),
-    ));
-    if let Some(m) = &mdns {
-        let port = advertise
-            .rsplit_once(':')
-            .and_then(|(_, p)| p.parse().ok())
-            .unwrap_or(cfg.listen.api.port());
-        let ips = advertised_ip(&advertise);
-        match m.advertise(
-            id.as_str(),
-            &h.trust.cluster_hash,
-            port,
-            crate::VERSION,
-            &ips,
-        ) {
-            Ok(()) => tracing::info!(service = discovery::mdns::SERVICE_TYPE, "mDNS: advertising"),
-            Err(e) => tracing::warn!(err = %e, "mDNS: cannot advertise"),
-        }
-        tracker.spawn(discovery::mdns_join(
-            h.clone(),
-            m.clone(),
-            every,
-            Duration::from_millis(cfg.discovery.mdns_window_ms),
-            shutdown.clone(),
-        ));
-    }
+    discover(&h, &cfg, mdns.as_ref(), &advertise, &tracker, &shutdown);
 
     if let Some(rt) = &runtime {
         tracing::info!("executor started");

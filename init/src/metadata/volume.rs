@@ -72,13 +72,12 @@ pub fn read_head(dev: &Path) -> Option<Vec<u8>> {
     Some(b)
 }
 
-/// Candidate block devices: every entry of `/sys/class/block` (disks and partitions), or in
-/// test mode only those named in `SHOAL_INIT_DISKS`. Paths are under `root/dev`.
-pub fn devices(root: &Path) -> Vec<PathBuf> {
-    if let Ok(list) = std::env::var("SHOAL_INIT_DISKS") {
+/// Candidate block devices: every entry of `/sys/class/block` (disks and partitions), or
+/// only those in `only` (test mode: `InitEnv::disks`). Paths are under `root/dev`.
+pub fn devices(root: &Path, only: Option<&[String]>) -> Vec<PathBuf> {
+    if let Some(list) = only {
         return list
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
+            .iter()
             .map(|s| root.join("dev").join(s.trim().trim_start_matches("/dev/")))
             .collect();
     }
@@ -98,8 +97,8 @@ pub fn devices(root: &Path) -> Vec<PathBuf> {
 }
 
 /// The first device whose label is `label` (case-insensitive), with its file system.
-pub fn find(root: &Path, label: &str) -> Option<(PathBuf, Probe)> {
-    devices(root).into_iter().find_map(|d| {
+pub fn find(root: &Path, only: Option<&[String]>, label: &str) -> Option<(PathBuf, Probe)> {
+    devices(root, only).into_iter().find_map(|d| {
         let p = probe_bytes(&read_head(&d)?)?;
         p.label.eq_ignore_ascii_case(label).then_some((d, p))
     })

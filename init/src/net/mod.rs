@@ -77,11 +77,8 @@ pub fn choose(
 }
 
 /// Interfaces DHCP runs on when none is named: physical ones (a `device` link in sysfs), or
-/// in test mode those listed in `SHOAL_INIT_NET_IFACES`.
-fn physical(root: &Path, links: &[Link]) -> Vec<Link> {
-    let listed: Option<Vec<String>> = std::env::var("SHOAL_INIT_NET_IFACES")
-        .ok()
-        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+/// only those in `listed` (test mode: `InitEnv::net_ifaces`).
+fn physical(root: &Path, listed: Option<&[String]>, links: &[Link]) -> Vec<Link> {
     links
         .iter()
         .filter(|l| !l.loopback)
@@ -227,6 +224,7 @@ fn renew_forever(
 /// Applies `cfg`; fills `state`; returns the stage outcome.
 pub fn apply(
     root: &Path,
+    only: Option<&[String]>,
     cfg: &NetConfig,
     source: &str,
     state: &Arc<Mutex<NetState>>,
@@ -274,7 +272,7 @@ pub fn apply(
                 .filter(|l| l.mac.as_ref() == Some(m))
                 .cloned()
                 .collect(),
-            (None, None) => physical(root, &links),
+            (None, None) => physical(root, only, &links),
         };
         if targets.is_empty() {
             detail.push(format!(
