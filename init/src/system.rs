@@ -109,7 +109,7 @@ fn mount_data(root: &Path, only: Option<&[String]>, d: &mut Vec<String>) -> Outc
 }
 
 /// The agent's state (`/var/lib/shoal`: the store, the node's identity) lives on a file system
-/// of its own: a preallocated ext4 image on the data disk, loop-mounted. Images, containers'
+/// of its own: an ext4 image on the data disk, written in full when made, loop-mounted. Images, containers'
 /// writes and logs may fill the data disk; they never take the store's space, so the store
 /// always has room to commit (and to record that the disk is full).
 pub const STORE_IMAGE: &str = "var/lib/shoal-store.img";
@@ -119,10 +119,10 @@ pub const STORE_LABEL: &str = "SHOAL_STORE";
 const MIB: u64 = 1 << 20;
 
 /// How large the store's file system is made on a data disk of `total` bytes with `avail`
-/// free: a sixteenth of the disk, 64 MiB to 4 GiB, at most half of what is free; `None` when
-/// that leaves less than 32 MiB.
+/// free: a thirty-second of the disk, 64 MiB to 1 GiB (the store holds state, not data), at
+/// most half of what is free; `None` when that leaves less than 32 MiB.
 pub fn store_volume_size(total: u64, avail: u64) -> Option<u64> {
-    let size = (total / 16).clamp(64 * MIB, 4096 * MIB).min(avail / 2);
+    let size = (total / 32).clamp(64 * MIB, 1024 * MIB).min(avail / 2);
     let size = size / MIB * MIB;
     (size >= 32 * MIB).then_some(size)
 }
@@ -216,17 +216,16 @@ fn make_store_image(root: &Path, img: &Path) -> Result<u64, String> {
             .write(true)
             .open(&tmp)
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        // Allocated, not sparse: the space is the store's from now on.
-        nix::fcntl::fallocate(
-            &f,
-            nix::fcntl::FallocateFlags::empty(),
-            0,
-            i64::try_from(size).unwrap_or(i64::MAX),
-        )
-        .map_err(|e| format!("fallocate: {e}"))?;
+        // Written, not just allocated: fallocate's extents are "unwritten", and the first
+        // write to one can need a new block of the data disk's — which a full disk does not
+        // have (the store then fails with ENOSPC, as a test showed). Zeros written once (and
+        // never punched out again) make every later write an overwrite in place.
+        zero_fill(&f, size).map_err(|e| format!("{}: {e}", tmp.display()))?;
         drop(f);
         let out = crate::command("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0", "-L", STORE_LABEL])
+            // No discard: on a file, mke2fs's discard punches holes, and the image would be
+            // sparse again.
+            .args(["-q", "-F", "-m", "0", "-E", "nodiscard", "-L", STORE_LABEL])
             .arg(&tmp)
             .output()
             .map_err(|e| format!("mkfs.ext4: {e}"))?;
@@ -258,6 +257,21 @@ fn fsck(dev: &Path) -> Result<String, String> {
             String::from_utf8_lossy(&o.stdout).trim()
         )),
     }
+}
+
+/// Writes `size` bytes of zeros to `f` and makes them durable.
+fn zero_fill(f: &std::fs::File, size: u64) -> std::io::Result<()> {
+    use std::io::Write;
+    let chunk = vec![0u8; MIB as usize];
+    let mut w = std::io::BufWriter::with_capacity(0, f);
+    let mut left = size;
+    while left > 0 {
+        let n = left.min(MIB) as usize;
+        w.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    w.flush()?;
+    f.sync_all()
 }
 
 /// Mounts an ext4 image through a loop device that goes away with the mount
@@ -627,10 +641,10 @@ mod store_volume_tests {
     use super::*;
 
     #[test]
-    fn the_store_gets_a_sixteenth_of_the_disk_within_bounds() {
+    fn the_store_gets_a_thirty_second_of_the_disk_within_bounds() {
         const GIB: u64 = 1 << 30;
-        assert_eq!(store_volume_size(20 * GIB, 19 * GIB), Some(20 * GIB / 16));
-        assert_eq!(store_volume_size(200 * GIB, 190 * GIB), Some(4 * GIB));
+        assert_eq!(store_volume_size(20 * GIB, 19 * GIB), Some(640 * MIB));
+        assert_eq!(store_volume_size(200 * GIB, 190 * GIB), Some(GIB));
         assert_eq!(store_volume_size(256 * MIB, 240 * MIB), Some(64 * MIB));
         // At most half of what is free, and nothing below 32 MiB.
         assert_eq!(store_volume_size(20 * GIB, GIB), Some(512 * MIB));

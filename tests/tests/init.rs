@@ -790,8 +790,16 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
         filled > 100 << 20,
         "only {filled} bytes filled the data disk"
     );
-    std::fs::write(init.inside("var/lib/shoal/after-full"), vec![7u8; 4 << 20])
-        .expect("the store's file system has room when the data disk is full");
+    // Written through to the data disk while it is full (the store's file system lives in a
+    // file there): nothing about it may need a block the disk no longer has.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(init.inside("var/lib/shoal/after-full")).unwrap();
+        f.write_all(&vec![7u8; 4 << 20])
+            .and_then(|()| f.sync_all())
+            .expect("the store's file system has room when the data disk is full");
+        let _ = Command::new("sync").status();
+    }
     std::fs::remove_file(&filler).unwrap();
     let machine_id = stage(&report, "machine-id")["detail"]
         .as_array()

@@ -31,6 +31,7 @@ pub struct Api {
     pub images: Option<Arc<dyn crate::executor::images::Images>>,
 }
 
+#[tracing::instrument(name = "api", skip_all, fields(method = %req.method(), path = super::short(req.uri().path()), remote = %conn.remote))]
 pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Body> {
     let h = &api.h;
     let path = req.uri().path().to_string();

@@ -36,6 +36,16 @@ use tokio_util::task::TaskTracker;
 
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
+/// At most the first 120 bytes of a client's text, for log fields: every line of a request's
+/// span repeats them.
+pub fn short(s: &str) -> &str {
+    let mut end = s.len().min(120);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 pub fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|never| match never {}).boxed()
 }

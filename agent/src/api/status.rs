@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed as Rel};
 use std::sync::Arc;
 use tokio::sync::broadcast;
 
+#[tracing::instrument(name = "status", skip_all, fields(path = super::short(req.uri().path())))]
 pub async fn handle(req: Request<Incoming>, _conn: super::Conn, h: Handle) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {

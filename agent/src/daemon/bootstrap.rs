@@ -37,6 +37,7 @@ async fn with_timeout<T>(
 }
 
 /// One join attempt at `addr`.
+#[tracing::instrument(name = "join", skip_all, fields(peer = addr, node = node_id))]
 pub async fn join_once(
     addr: &str,
     secret: &str,

@@ -245,6 +245,7 @@ impl<R: ContainerRuntime> Executor<R> {
     }
 
     /// One reconciliation: place, plan, act, record.
+    #[tracing::instrument(name = "executor_pass", skip_all)]
     pub async fn pass(&mut self) {
         let now = crate::clock::now();
         let mut desired = Vec::new();

@@ -379,12 +379,19 @@ pub fn apply(
             .spawn({
                 let (root, search) = (root.to_path_buf(), cfg.search.clone());
                 move || loop {
-                    // A panic here must not leave the interface without its lease keeper.
+                    // A panic here must not leave the interface without its lease keeper; it
+                    // restarts from the lease the interface holds now (renewals move it on
+                    // from the one it got at boot).
+                    let current = st
+                        .lock()
+                        .ok()
+                        .and_then(|s| s.interfaces.get(slot).and_then(|i| i.lease.clone()))
+                        .or_else(|| lease.clone());
                     let args = (
                         root.clone(),
                         search.clone(),
                         name.clone(),
-                        lease.clone(),
+                        current,
                         st.clone(),
                     );
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
