@@ -31,18 +31,7 @@ command = ["/bin/sleep", "1000"]
 "#;
 
 fn build_init() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let ok = Command::new(env!("CARGO"))
-        .args(["build", "-q", "--profile", "pid1", "-p", "shoal-init"])
-        .current_dir(&root)
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
-    root.join("target/pid1/shoal-init")
+    shoal_e2e::workspace_bin("shoal-init", "shoal-init", "pid1")
 }
 
 fn losetup(file: &Path) -> String {

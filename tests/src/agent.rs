@@ -1,0 +1,499 @@
+//! The real `shoal` binary as agent processes: bundles, configs, the `Agent` fixture, clusters
+//! of them, client certificates.
+
+use anyhow::Result;
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{curl, free_port, get, netns, shoal_bin, wait_for, ClientCert, Resp};
+
+/// The id of the cluster whose bundle is in `bundle` (its `cluster.json`).
+pub fn cluster_id(bundle: &Path) -> String {
+    let b = std::fs::read_to_string(bundle.join("cluster.json")).unwrap();
+    serde_json::from_str::<Value>(&b).unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+/// A cluster bundle made by the real CLI (`shoal gen cluster`) in `dir`, unless one is there.
+/// The `shoal` CLI run with `args`: (success, stdout, stderr).
+pub fn shoal_cli(args: &[&str]) -> (bool, String, String) {
+    let o = Command::new(shoal_bin())
+        .args(args)
+        .env_remove("SHOAL_ADDR")
+        .env_remove("SHOAL_TOKEN")
+        .env_remove("SHOAL_BUNDLE")
+        .env_remove("SHOAL_CA")
+        .output()
+        .expect("running shoal");
+    (
+        o.status.success(),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+pub fn bundle(dir: &Path, name: &str) -> PathBuf {
+    if !dir.join("ca.key").exists() {
+        let out = Command::new(shoal_bin())
+            .args(["gen", "cluster", "--name", name, "--out"])
+            .arg(dir)
+            .output()
+            .expect("running shoal gen cluster");
+        assert!(
+            out.status.success(),
+            "shoal gen cluster: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    dir.to_path_buf()
+}
+
+/// A `shoal agent` process with its own state directory and ports.
+pub struct Agent {
+    pub id: String,
+    pub dir: PathBuf,
+    pub status_port: u16,
+    pub api_port: u16,
+    pub token: String,
+    pub bundle: PathBuf,
+    /// The network namespace the agent runs in, if any.
+    pub netns: Option<String>,
+    config: PathBuf,
+    child: Option<Child>,
+    /// Extra environment for the agent process (e.g. libfaketime's).
+    pub env: Vec<(String, String)>,
+}
+
+impl Agent {
+    /// Writes the config and starts the agent. `peers` are API ports of other agents.
+    pub fn start(root: &Path, id: &str, peers: &[u16], extra: &str) -> Agent {
+        let mut a = Agent::configure(root, id, peers, extra);
+        a.spawn();
+        a
+    }
+
+    /// Writes the config without starting the agent; the agent uses the cluster bundle in
+    /// `root/bundle`, made on first use.
+    pub fn configure(root: &Path, id: &str, peers: &[u16], extra: &str) -> Agent {
+        let b = bundle(&root.join("bundle"), "test");
+        Agent::configure_with_bundle(root, id, peers, &b, extra)
+    }
+
+    /// Like `configure`, with the bundle directory given (a bundle, or a join secret alone).
+    pub fn configure_with_bundle(
+        root: &Path,
+        id: &str,
+        peers: &[u16],
+        bundle: &Path,
+        extra: &str,
+    ) -> Agent {
+        Agent::configure_listen(root, id, peers, bundle, extra, "")
+    }
+
+    /// Like `configure_with_bundle`, with `listen` lines added to the `[listen]` table.
+    pub fn configure_listen(
+        root: &Path,
+        id: &str,
+        peers: &[u16],
+        bundle: &Path,
+        extra: &str,
+        listen: &str,
+    ) -> Agent {
+        let (status_port, api_port) = (free_port(), free_port());
+        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        let settings = format!(
+            "{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n{listen}\n[discovery]\nmdns = false\nretry_join_ms = 500\n"
+        );
+        Agent::write(
+            root,
+            id,
+            bundle,
+            &peers,
+            &settings,
+            (status_port, api_port),
+            None,
+        )
+    }
+
+    /// An agent in network namespace `host.ns`, listening on every address with the standard
+    /// ports, discovering its peers over mDNS (no peer list) unless `peers` are given.
+    pub fn configure_in(
+        host: &netns::Host,
+        root: &Path,
+        id: &str,
+        bundle: &Path,
+        peers: &[String],
+    ) -> Agent {
+        let settings = "[listen]\nstatus = \"0.0.0.0:7070\"\napi = \"0.0.0.0:7443\"\n[discovery]\nmdns = true\nretry_join_ms = 1000\n";
+        Agent::write(
+            root,
+            id,
+            bundle,
+            peers,
+            settings,
+            (7070, 7443),
+            Some(host.ns.clone()),
+        )
+    }
+
+    /// Writes `root/id/agent.toml` (node id, state dir, bundle, peers, then `settings`).
+    fn write(
+        root: &Path,
+        id: &str,
+        bundle: &Path,
+        peers: &[String],
+        settings: &str,
+        (status_port, api_port): (u16, u16),
+        netns: Option<String>,
+    ) -> Agent {
+        let dir = root.join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let token = std::fs::read_to_string(bundle.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
+        // Agents run no containers unless a test says so: they share the host's dockerd.
+        let settings = if settings.contains("[docker]") {
+            settings.to_string()
+        } else {
+            format!("{settings}[docker]\nenabled = false\n")
+        };
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "node_id = \"{id}\"\nstate_dir = \"{}\"\nbundle = \"{}\"\npeers = [{}]\n{settings}",
+                dir.display(),
+                bundle.display(),
+                peers.join(", "),
+            ),
+        )
+        .unwrap();
+        Agent {
+            id: id.into(),
+            dir,
+            status_port,
+            api_port,
+            token,
+            bundle: bundle.to_path_buf(),
+            netns,
+            config,
+            child: None,
+            env: Vec::new(),
+        }
+    }
+
+    /// Ids of the members this agent sees alive.
+    pub fn alive_ids(&self) -> Vec<String> {
+        self.status()["members"]
+            .as_array()
+            .map(|m| {
+                m.iter()
+                    .filter(|m| m["state"] == "alive")
+                    .filter_map(|m| m["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Rewrites the peer list (used when a peer's port is only known after it started).
+    pub fn set_peers(&mut self, peers: &[u16]) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let list: Vec<String> = peers.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
+        let text: String = text
+            .lines()
+            .map(|l| {
+                if l.starts_with("peers = ") {
+                    format!("peers = [{}]", list.join(", "))
+                } else {
+                    l.to_string()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        std::fs::write(&self.config, text).unwrap();
+    }
+
+    /// Starts the agent and waits until `/healthz` answers.
+    pub fn spawn(&mut self) {
+        self.spawn_detached();
+        let end = Instant::now() + Duration::from_secs(30);
+        while self
+            .get("/healthz")
+            .ok()
+            .filter(|r| r.status == 200)
+            .is_none()
+        {
+            if Instant::now() > end {
+                let running = self.is_running();
+                let log = self.log();
+                let tail: Vec<&str> = log.lines().rev().take(30).collect();
+                panic!(
+                    "agent {} did not answer /healthz within 30 s (running: {running}); the end of its log:\n{}",
+                    self.id,
+                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the agent without waiting for anything.
+    pub fn spawn_detached(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("agent.log"))
+            .unwrap();
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(shoal_bin());
+                c
+            }
+            None => Command::new(shoal_bin()),
+        };
+        let child = cmd
+            .args(["agent", "--config"])
+            .arg(&self.config)
+            .env("SHOAL_LOG", "info")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting shoal agent");
+        self.child = Some(child);
+    }
+
+    /// Waits for the agent to exit by itself; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let c = self.child.as_mut()?;
+        let code = wait_for(limit, "the agent to exit", || c.try_wait().ok().flatten());
+        self.child = None;
+        code.code()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM, then wait for a clean exit; returns the exit status code.
+    pub fn stop(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        let end = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > end {
+                let _ = c.kill();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn status(&self) -> Value {
+        self.get("/v1/status")
+            .map(|r| r.json())
+            .unwrap_or(Value::Null)
+    }
+
+    /// Members this agent sees alive.
+    pub fn alive_members(&self) -> usize {
+        self.status()["members"]
+            .as_array()
+            .map(|m| m.iter().filter(|m| m["state"] == "alive").count())
+            .unwrap_or(0)
+    }
+
+    /// An HTTPS request to this agent's API port, verified against the cluster CA.
+    pub fn api(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        client: Option<ClientCert<'_>>,
+    ) -> Result<Resp> {
+        curl(
+            self.netns.as_deref(),
+            method,
+            &format!("https://127.0.0.1:{}{path}", self.api_port),
+            headers,
+            body,
+            Some(&self.dir.join("tls/ca.crt")),
+            client,
+        )
+    }
+
+    /// A GET on this agent's status port (from inside its namespace, if it has one).
+    pub fn get(&self, path: &str) -> Result<Resp> {
+        match &self.netns {
+            Some(ns) => curl(
+                Some(ns),
+                "GET",
+                &format!("http://127.0.0.1:{}{path}", self.status_port),
+                &[],
+                b"",
+                None,
+                None,
+            ),
+            None => get(self.status_port, path),
+        }
+    }
+
+    /// This agent's own certificate and key, usable as a client certificate.
+    pub fn cert(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("tls/node.crt"), self.dir.join("tls/node.key"))
+    }
+
+    /// Posts a join request (its JSON) to this agent's join door; the answer's status.
+    pub fn post_join(&self, request: &str) -> u16 {
+        self.api(
+            "POST",
+            "/peer/v1/join",
+            &[("Content-Type", "application/json")],
+            request.as_bytes(),
+            None,
+        )
+        .unwrap()
+        .status
+    }
+
+    pub fn put_app(&self, name: &str, spec: &str) -> Result<Resp> {
+        let auth = format!("Bearer {}", self.token);
+        self.api(
+            "PUT",
+            &format!("/v1/apps/{name}"),
+            &[("Authorization", &auth)],
+            spec.as_bytes(),
+            None,
+        )
+    }
+
+    pub fn delete_app(&self, name: &str) -> Result<Resp> {
+        let auth = format!("Bearer {}", self.token);
+        self.api(
+            "DELETE",
+            &format!("/v1/apps/{name}"),
+            &[("Authorization", &auth)],
+            b"",
+            None,
+        )
+    }
+
+    pub fn metrics(&self) -> String {
+        self.get("/metrics").map(|r| r.text()).unwrap_or_default()
+    }
+
+    /// A JSON listing on the status port (empty when it does not answer).
+    pub fn list(&self, path: &str) -> Vec<Value> {
+        self.get(path)
+            .map(|r| r.json())
+            .ok()
+            .and_then(|v| v.as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// App names this agent holds.
+    pub fn apps(&self) -> Vec<String> {
+        self.list("/v1/apps")
+            .iter()
+            .filter_map(|a| a["name"].as_str().map(String::from))
+            .collect()
+    }
+
+    /// The id of this agent's cluster: the `shoal.cluster` label.
+    pub fn cluster_id(&self) -> String {
+        cluster_id(&self.bundle)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// Starts `n` agents that know each other as static peers.
+pub fn cluster(root: &Path, n: usize) -> Vec<Agent> {
+    let mut agents: Vec<Agent> = (0..n)
+        .map(|i| Agent::configure(root, &format!("n{}", i + 1), &[], ""))
+        .collect();
+    let ports: Vec<u16> = agents.iter().map(|a| a.api_port).collect();
+    for a in &mut agents {
+        a.set_peers(&ports);
+        a.spawn();
+    }
+    agents
+}
+
+/// Writes a client certificate for `cn` into `dir`: signed by `ca` (cert and key PEM files),
+/// or self-signed; valid now, or expired since 2021.
+pub fn client_cert(dir: &Path, cn: &str, ca: Option<&Path>, expired: bool) -> (PathBuf, PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec!["node.shoal".to_string()]).unwrap();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    ];
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let cert = match ca {
+        Some(ca) => {
+            let ca_key =
+                rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca.join("ca.key")).unwrap())
+                    .unwrap();
+            let issuer = rcgen::Issuer::from_ca_cert_pem(
+                &std::fs::read_to_string(ca.join("ca.crt")).unwrap(),
+                ca_key,
+            )
+            .unwrap();
+            p.signed_by(&key, &issuer).unwrap()
+        }
+        None => p.self_signed(&key).unwrap(),
+    };
+    let (c, k) = (dir.join(format!("{cn}.crt")), dir.join(format!("{cn}.key")));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c, k)
+}
+
+/// The resident memory of a process, in KiB (0 when it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
