@@ -262,6 +262,32 @@ pub fn apply(
         *state.lock().unwrap_or_else(|p| p.into_inner()) = ns;
         return Outcome::Ok;
     }
+    let (mut outcome, dhcp_jobs) = configure(&nl, &links, root, only, cfg, &mut ns, detail);
+    let (dhcp_outcome, renewals) = dhcp_all(&nl, dhcp_jobs, &mut ns, detail);
+    if dhcp_outcome != Outcome::Ok {
+        outcome = dhcp_outcome;
+    }
+    write_resolv(root, &ns.dns, &cfg.search);
+    *state.lock().unwrap_or_else(|p| p.into_inner()) = ns;
+    keep_leases(root, &cfg.search, renewals, state);
+    outcome
+}
+
+/// An interface whose lease a keeper renews: name, index, MAC, the lease (none yet), its slot
+/// in `NetState::interfaces`.
+type Renewal = (String, u32, [u8; 6], Option<dhcp::Lease>, usize);
+
+/// Brings up and addresses the interfaces `cfg` names; the outcome and the interfaces that
+/// want DHCP (with their slot in `ns.interfaces`).
+fn configure(
+    nl: &Netlink,
+    links: &[Link],
+    root: &Path,
+    only: Option<&[String]>,
+    cfg: &NetConfig,
+    ns: &mut NetState,
+    detail: &mut Vec<String>,
+) -> (Outcome, Vec<(Link, usize)>) {
     let mut outcome = Outcome::Ok;
     let mut dhcp_jobs: Vec<(Link, usize)> = Vec::new();
     for want in &cfg.ifaces {
@@ -272,7 +298,7 @@ pub fn apply(
                 .filter(|l| l.mac.as_ref() == Some(m))
                 .cloned()
                 .collect(),
-            (None, None) => physical(root, only, &links),
+            (None, None) => physical(root, only, links),
         };
         if targets.is_empty() {
             detail.push(format!(
@@ -320,7 +346,17 @@ pub fn apply(
             ns.interfaces.push(st);
         }
     }
-    // DHCP on every interface at once, bounded.
+    (outcome, dhcp_jobs)
+}
+
+/// DHCP on every interface at once, bounded; the outcome and the leases to keep renewing.
+fn dhcp_all(
+    nl: &Netlink,
+    dhcp_jobs: Vec<(Link, usize)>,
+    ns: &mut NetState,
+    detail: &mut Vec<String>,
+) -> (Outcome, Vec<Renewal>) {
+    let mut outcome = Outcome::Ok;
     let results: Vec<(Link, usize, Result<dhcp::Lease, String>)> = std::thread::scope(|s| {
         let handles: Vec<_> = dhcp_jobs
             .into_iter()
@@ -339,7 +375,7 @@ pub fn apply(
     let mut renewals = Vec::new();
     for (l, slot, r) in results {
         let st = &mut ns.interfaces[slot];
-        match r.and_then(|lease| apply_lease(&nl, l.index, &lease, st).map(|_| lease)) {
+        match r.and_then(|lease| apply_lease(nl, l.index, &lease, st).map(|_| lease)) {
             Ok(lease) => {
                 detail.push(format!(
                     "{}: {}/{} by DHCP from {}",
@@ -370,14 +406,22 @@ pub fn apply(
             }
         }
     }
-    write_resolv(root, &ns.dns, &cfg.search);
-    *state.lock().unwrap_or_else(|p| p.into_inner()) = ns;
+    (outcome, renewals)
+}
+
+/// One thread per interface keeps its lease: renews it, rebinds, and asks again after a loss.
+fn keep_leases(
+    root: &Path,
+    search: &[String],
+    renewals: Vec<Renewal>,
+    state: &Arc<Mutex<NetState>>,
+) {
     for (name, index, mac, lease, slot) in renewals {
         let st = state.clone();
         let _ = std::thread::Builder::new()
             .name(format!("dhcp-{name}"))
             .spawn({
-                let (root, search) = (root.to_path_buf(), cfg.search.clone());
+                let (root, search) = (root.to_path_buf(), search.to_vec());
                 move || loop {
                     // A panic here must not leave the interface without its lease keeper; it
                     // restarts from the lease the interface holds now (renewals move it on
@@ -406,5 +450,4 @@ pub fn apply(
                 }
             });
     }
-    outcome
 }
