@@ -102,11 +102,47 @@ pub fn lease_from(msg: &Message) -> Result<Lease, String> {
 }
 
 /// Decodes a datagram. dhcproto checks some option lengths with (debug) assertions instead of
-/// errors, so a hostile packet must not be able to take PID 1's network stage down with it.
+/// errors: such options are refused here first (`fixed_lengths_hold`), and a panic inside the
+/// crate is caught, so a hostile packet cannot take PID 1's network stage down with it.
 pub fn decode(buf: &[u8]) -> Option<Message> {
+    if !fixed_lengths_hold(buf) {
+        return None;
+    }
     std::panic::catch_unwind(|| Message::decode(&mut Decoder::new(buf)).ok())
         .ok()
         .flatten()
+}
+
+/// Whether the options whose length dhcproto asserts (rather than checks) have it: Rapid
+/// Commit (80) none, Client FQDN (81) at least 3, Client Network Interface (94) 3, the bulk
+/// leasequery times (152-155) 4. Walks the options after the fixed header and magic cookie;
+/// anything malformed beyond that is dhcproto's to refuse.
+pub fn fixed_lengths_hold(buf: &[u8]) -> bool {
+    let mut i = 240;
+    while i < buf.len() {
+        let code = buf[i];
+        match code {
+            0 => {
+                i += 1;
+                continue;
+            }
+            255 => break,
+            _ => {}
+        }
+        let Some(&len) = buf.get(i + 1) else { break };
+        let ok = match code {
+            80 => len == 0,
+            81 => len >= 3,
+            94 => len == 3,
+            152..=155 => len == 4,
+            _ => true,
+        };
+        if !ok {
+            return false;
+        }
+        i += 2 + usize::from(len);
+    }
+    true
 }
 
 fn socket_on(ifname: &str) -> Result<UdpSocket, String> {
@@ -284,6 +320,27 @@ pub fn renew(ifname: &str, mac: &[u8; 6], lease: &Lease) -> Result<Lease, String
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn options_dhcproto_asserts_on_are_checked_first() {
+        let packet = |opts: &[u8]| {
+            let mut b = vec![0u8; 236];
+            b.extend_from_slice(&[99, 130, 83, 99]);
+            b.extend_from_slice(opts);
+            b.push(255);
+            b
+        };
+        assert!(fixed_lengths_hold(&packet(&[53, 1, 2, 0, 94, 3, 1, 2, 3])));
+        // Found by fuzzing with debug assertions: a Client Network Interface of 1 byte.
+        assert!(!fixed_lengths_hold(&packet(&[94, 1, 0])));
+        assert!(!fixed_lengths_hold(&packet(&[80, 1, 0])));
+        assert!(!fixed_lengths_hold(&packet(&[81, 2, 0, 0])));
+        assert!(!fixed_lengths_hold(&packet(&[153, 2, 0, 0])));
+        assert!(decode(&packet(&[94, 1, 0])).is_none());
+        // Truncated or short input is left to the decoder.
+        assert!(fixed_lengths_hold(&[0u8; 10]));
+        assert!(fixed_lengths_hold(&packet(&[94])[..241]));
+    }
     use proptest::prelude::*;
 
     fn ack() -> Message {
