@@ -118,6 +118,9 @@ pub fn decode(buf: &[u8]) -> Option<Message> {
 /// leasequery times (152-155) 4. Walks the options after the fixed header and magic cookie;
 /// anything malformed beyond that is dhcproto's to refuse.
 pub fn fixed_lengths_hold(buf: &[u8]) -> bool {
+    // Repeated options are one option, concatenated (RFC 3396): their lengths add up.
+    let mut total = [0usize; 256];
+    let mut present = [false; 256];
     let mut i = 240;
     while i < buf.len() {
         let code = buf[i];
@@ -130,19 +133,15 @@ pub fn fixed_lengths_hold(buf: &[u8]) -> bool {
             _ => {}
         }
         let Some(&len) = buf.get(i + 1) else { break };
-        let ok = match code {
-            80 => len == 0,
-            81 => len >= 3,
-            94 => len == 3,
-            152..=155 => len == 4,
-            _ => true,
-        };
-        if !ok {
-            return false;
-        }
+        total[usize::from(code)] += usize::from(len);
+        present[usize::from(code)] = true;
         i += 2 + usize::from(len);
     }
-    true
+    let ok = |c: usize, f: fn(usize) -> bool| !present[c] || f(total[c]);
+    ok(80, |l| l == 0)
+        && ok(81, |l| l >= 3)
+        && ok(94, |l| l == 3)
+        && (152..=155).all(|c| ok(c, |l| l == 4))
 }
 
 fn socket_on(ifname: &str) -> Result<UdpSocket, String> {
@@ -336,6 +335,10 @@ mod tests {
         assert!(!fixed_lengths_hold(&packet(&[80, 1, 0])));
         assert!(!fixed_lengths_hold(&packet(&[81, 2, 0, 0])));
         assert!(!fixed_lengths_hold(&packet(&[153, 2, 0, 0])));
+        // Found next: the same option twice is one of twice the length.
+        assert!(!fixed_lengths_hold(&packet(&[
+            152, 4, 0, 0, 0, 1, 152, 4, 0, 0, 0, 2
+        ])));
         assert!(decode(&packet(&[94, 1, 0])).is_none());
         // Truncated or short input is left to the decoder.
         assert!(fixed_lengths_hold(&[0u8; 10]));
