@@ -19,6 +19,8 @@ pub struct Boot<'a> {
     pub clock: Arc<Mutex<clock::Kept>>,
     pub buttons: Option<power::Buttons>,
     pub table: Table,
+    /// The kernel's uptime once `/proc` is there (right after the mounts stage).
+    pub uptime_at_start_ms: u64,
 }
 
 type Stage = fn(&mut Boot<'_>, &mut Vec<String>) -> Outcome;
@@ -60,24 +62,24 @@ pub fn run<'a>(env: &'a InitEnv, report: &mut Report) -> Boot<'a> {
         clock: Arc::new(Mutex::new(clock::Kept::default())),
         buttons: None,
         table: Table { service: vec![] },
+        uptime_at_start_ms: 0,
     };
     for (name, stage) in STAGES {
         report.stage(name, |d| stage(&mut boot, d));
-        if name == "mounts" && !env.test {
-            report.uptime_at_start_ms = initrd::uptime_ms();
-            report.initrd = std::fs::read("/run/shoal/initrd.json")
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok())
-                .unwrap_or_default();
-        }
-        if name == "user-data" {
-            report.metadata = serde_json::json!({
-                "source": boot.meta.as_ref().map(|m| m.source.clone()),
-                "instance_id": boot.meta.as_ref().and_then(|m| m.instance_id.clone()),
-                "user_data": boot.applied,
-            });
-        }
     }
+    // What the report carries besides the stages (the initramfs left its own under /run).
+    if !env.test {
+        report.uptime_at_start_ms = boot.uptime_at_start_ms;
+        report.initrd = std::fs::read("/run/shoal/initrd.json")
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+    }
+    report.metadata = serde_json::json!({
+        "source": boot.meta.as_ref().map(|m| m.source.clone()),
+        "instance_id": boot.meta.as_ref().and_then(|m| m.instance_id.clone()),
+        "user_data": boot.applied,
+    });
     let every = env.ntp_interval.unwrap_or(clock::INTERVAL);
     clock::keep(ntp_servers(&boot), every, env.test, boot.clock.clone());
     boot
@@ -86,6 +88,7 @@ pub fn run<'a>(env: &'a InitEnv, report: &mut Report) -> Boot<'a> {
 fn stage_mounts(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
     let ok = mounts::mount_all(&b.env.root, d);
     if !b.env.test {
+        b.uptime_at_start_ms = initrd::uptime_ms();
         if let Some(r) = std::fs::read_to_string("/proc/self/mountinfo")
             .ok()
             .and_then(|mi| mounts::describe_root(&mi))

@@ -263,14 +263,12 @@ fn fsck(dev: &Path) -> Result<String, String> {
 fn zero_fill(f: &std::fs::File, size: u64) -> std::io::Result<()> {
     use std::io::Write;
     let chunk = vec![0u8; MIB as usize];
-    let mut w = std::io::BufWriter::with_capacity(0, f);
     let mut left = size;
     while left > 0 {
         let n = left.min(MIB) as usize;
-        w.write_all(&chunk[..n])?;
+        (&*f).write_all(&chunk[..n])?;
         left -= n as u64;
     }
-    w.flush()?;
     f.sync_all()
 }
 

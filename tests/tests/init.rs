@@ -904,16 +904,11 @@ fn a_data_disk_from_before_the_store_volume_moves_its_state_onto_one() {
         .unwrap()
         .set_len(256 << 20)
         .unwrap();
-    let out = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "SHOAL_DATA", "-d"])
-        .arg(&tree)
-        .arg(&disk_file)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    shoal_e2e::run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "SHOAL_DATA", "-d"])
+            .arg(&tree)
+            .arg(&disk_file),
     );
     let disk = Loop::new(&disk_file);
     let init = Pid1::start_with(None, "", &[("SHOAL_INIT_DISKS", disk.0.as_str())]);

@@ -89,7 +89,7 @@ pub const SNAPSHOT: &[Metric<Snapshot>] = &[
         name: "shoal_sync_lag_milliseconds",
         kind: "gauge",
         help: "Worst peer lag at its last exchange.",
-        read: sync_lag_ms,
+        read: super::status::sync_lag_ms,
     },
     Metric {
         name: "shoal_sync_refused_total",
@@ -172,11 +172,6 @@ fn table<T>(out: &mut String, metrics: &[Metric<T>], from: &T) {
         head(out, m.name, m.kind, m.help);
         let _ = writeln!(out, "{} {}", m.name, (m.read)(from));
     }
-}
-
-/// Worst peer lag at its last exchange.
-fn sync_lag_ms(s: &Snapshot) -> u64 {
-    super::status::sync_lag_ms(s)
 }
 
 /// The whole `/metrics` text.

@@ -176,9 +176,6 @@ impl JoinReply {
     }
 }
 
-/// Where the join secret in force after a rotation is kept.
-pub const JOIN_SECRET_KEY: &str = crate::store::keys::JOIN_SECRET;
-
 /// The value at `cluster/join`: the join secret in force, sealed with the cluster's data key
 /// (bound to that key name), and its fingerprint for people to compare.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -195,7 +192,7 @@ impl JoinSecretRecord {
         cluster_id: &str,
         now_ms: u64,
     ) -> Result<JoinSecretRecord, super::secrets::SealError> {
-        let sealed = key.seal(JOIN_SECRET_KEY, secret.trim().as_bytes())?;
+        let sealed = key.seal(crate::store::keys::JOIN_SECRET, secret.trim().as_bytes())?;
         Ok(JoinSecretRecord {
             sealed: hex(&sealed),
             fingerprint: fingerprint(secret, cluster_id),
@@ -206,7 +203,7 @@ impl JoinSecretRecord {
     /// The join secret, if this record opens with `key`.
     pub fn open(&self, key: &super::secrets::SecretKey) -> Option<String> {
         let sealed = unhex(&self.sealed)?;
-        let plain = key.open(JOIN_SECRET_KEY, &sealed).ok()?;
+        let plain = key.open(crate::store::keys::JOIN_SECRET, &sealed).ok()?;
         String::from_utf8(plain).ok()
     }
 }

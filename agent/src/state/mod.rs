@@ -209,7 +209,7 @@ impl Handle {
     /// (`cluster/join`, opened with the data key) once it has arrived, else this node's own.
     pub fn join_secret(&self) -> String {
         let rotated =
-            crate::store::replica::read_entry(&self.store, crate::identity::join::JOIN_SECRET_KEY)
+            crate::store::replica::read_entry(&self.store, crate::store::keys::JOIN_SECRET)
                 .ok()
                 .flatten()
                 .and_then(|(e, _)| e.value)
