@@ -3,8 +3,10 @@
 //! degrades rather than fails the boot; PID 1 goes on to supervise whatever it got.
 
 use crate::env::InitEnv;
+use crate::report::{run_stage, Stage};
 use crate::report::{Outcome, Report};
 use crate::supervisor::Table;
+use crate::sys::Sys;
 use crate::{clock, cmdline, initrd, metadata, mounts, net, power, system};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,6 +14,7 @@ use std::time::Duration;
 /// What the stages found, for the stages after them and for PID 1.
 pub struct Boot<'a> {
     pub env: &'a InitEnv,
+    pub sys: Arc<dyn Sys>,
     pub cmdline: cmdline::Cmdline,
     pub meta: Option<metadata::Metadata>,
     pub applied: Option<metadata::userdata::Applied>,
@@ -23,38 +26,59 @@ pub struct Boot<'a> {
     pub uptime_at_start_ms: u64,
 }
 
-type Stage = fn(&mut Boot<'_>, &mut Vec<String>) -> Outcome;
+type Run = fn(&mut Boot<'_>, &mut Vec<String>) -> Outcome;
+/// Takes what a background stage needs out of `Boot`; the stage itself runs on its own thread.
+type Spawn = fn(&Boot<'_>) -> Job;
+type Job = Box<dyn FnOnce(&mut Vec<String>) -> Outcome + Send>;
 
-/// The stages, in order.
-pub const STAGES: [(&str, Stage); 14] = [
-    ("mounts", stage_mounts),
-    ("modules", stage_modules),
-    ("data-disk", stage_data_disk),
-    ("machine-id", |b, d| system::machine_id(&b.env.root, d)),
-    ("sysctls", stage_sysctls),
-    ("cmdline", stage_cmdline),
-    ("metadata-local", stage_metadata_local),
-    ("network", stage_network),
-    ("metadata", stage_metadata),
-    ("user-data", stage_user_data),
-    ("hostname", stage_hostname),
-    ("clock", stage_clock),
-    ("power-button", |b, d| {
+/// One step of the boot.
+#[derive(Clone, Copy)]
+pub enum Step {
+    /// A stage, in order.
+    Run(&'static str, Run),
+    /// A stage started on its own thread, beside the stages after it.
+    Spawn(&'static str, Spawn),
+    /// Waits for a spawned stage and records it.
+    Join(&'static str),
+}
+
+/// The boot, in order. Docker's modules (~100 ms a modprobe under emulation, and their
+/// sysctls) are needed by nothing before dockerd, so they load while the disk, network and
+/// metadata stages run.
+pub const STEPS: [Step; 16] = [
+    Step::Run("mounts", stage_mounts),
+    Step::Run("modules", stage_modules),
+    Step::Spawn("docker-modules", spawn_docker_modules),
+    Step::Run("data-disk", stage_data_disk),
+    Step::Run("machine-id", |b, d| {
+        system::machine_id(&*b.sys, &b.env.root, d)
+    }),
+    Step::Run("sysctls", stage_sysctls),
+    Step::Run("cmdline", stage_cmdline),
+    Step::Run("metadata-local", stage_metadata_local),
+    Step::Run("network", stage_network),
+    Step::Run("metadata", stage_metadata),
+    Step::Run("user-data", stage_user_data),
+    Step::Run("hostname", stage_hostname),
+    Step::Run("clock", stage_clock),
+    Step::Run("power-button", |b, d| {
         let e = b.env;
         b.buttons = Some(power::Buttons::open(&e.root, e.input.as_deref(), e.test, d));
         Outcome::Ok
     }),
-    ("services", |b, d| {
+    Step::Join("docker-modules"),
+    Step::Run("services", |b, d| {
         let (t, o) = load_table(b.env, d);
         b.table = t;
         o
     }),
 ];
 
-/// Runs every stage into `report`; what they found.
-pub fn run<'a>(env: &'a InitEnv, report: &mut Report) -> Boot<'a> {
+/// Runs every step into `report`; what the stages found.
+pub fn run<'a>(env: &'a InitEnv, sys: Arc<dyn Sys>, report: &mut Report) -> Boot<'a> {
     let mut boot = Boot {
         env,
+        sys,
         cmdline: cmdline::Cmdline::default(),
         meta: None,
         applied: None,
@@ -64,13 +88,43 @@ pub fn run<'a>(env: &'a InitEnv, report: &mut Report) -> Boot<'a> {
         table: Table { service: vec![] },
         uptime_at_start_ms: 0,
     };
-    for (name, stage) in STAGES {
-        report.stage(name, |d| stage(&mut boot, d));
+    let mut running: Vec<(&str, std::thread::JoinHandle<Stage>)> = Vec::new();
+    for step in STEPS {
+        match step {
+            Step::Run(name, stage) => report.stage(name, |d| stage(&mut boot, d)),
+            Step::Spawn(name, spawn) => {
+                let job = spawn(&boot);
+                match std::thread::Builder::new()
+                    .name(name.into())
+                    .spawn(move || run_stage(name, job))
+                {
+                    Ok(h) => running.push((name, h)),
+                    // No thread: in line, then (the job went with the failed spawn).
+                    Err(e) => report.stage(name, |d| {
+                        d.push(format!("run in line: no thread ({e})"));
+                        spawn(&boot)(d)
+                    }),
+                }
+            }
+            Step::Join(name) => {
+                if let Some(i) = running.iter().position(|(n, _)| *n == name) {
+                    let (_, h) = running.remove(i);
+                    // run_stage catches the stage's panics; a join error is not expected.
+                    report.stages.push(h.join().unwrap_or_else(|_| Stage {
+                        name: name.into(),
+                        started_ms: 0,
+                        ended_ms: 0,
+                        outcome: Outcome::Failed,
+                        detail: vec!["its thread died".into()],
+                    }));
+                }
+            }
+        }
     }
     // What the report carries besides the stages (the initramfs left its own under /run).
     if !env.test {
         report.uptime_at_start_ms = boot.uptime_at_start_ms;
-        report.initrd = std::fs::read("/run/shoal/initrd.json")
+        report.initrd = std::fs::read(env.path("run/shoal/initrd.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or_default();
@@ -81,15 +135,21 @@ pub fn run<'a>(env: &'a InitEnv, report: &mut Report) -> Boot<'a> {
         "user_data": boot.applied,
     });
     let every = env.ntp_interval.unwrap_or(clock::INTERVAL);
-    clock::keep(ntp_servers(&boot), every, env.test, boot.clock.clone());
+    clock::keep(
+        boot.sys.clone(),
+        ntp_servers(&boot),
+        every,
+        env.test,
+        boot.clock.clone(),
+    );
     boot
 }
 
 fn stage_mounts(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
-    let ok = mounts::mount_all(&b.env.root, d);
+    let ok = mounts::mount_all(&*b.sys, &b.env.root, d);
     if !b.env.test {
-        b.uptime_at_start_ms = initrd::uptime_ms();
-        if let Some(r) = std::fs::read_to_string("/proc/self/mountinfo")
+        b.uptime_at_start_ms = initrd::uptime_ms(&b.env.root);
+        if let Some(r) = std::fs::read_to_string(b.env.path("proc/self/mountinfo"))
             .ok()
             .and_then(|mi| mounts::describe_root(&mi))
         {
@@ -108,7 +168,18 @@ fn stage_modules(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
         d.push("skipped in test mode".into());
         return Outcome::Ok;
     }
-    system::modules(&b.env.root, d)
+    system::modules(&*b.sys, &b.env.root, d)
+}
+
+fn spawn_docker_modules(b: &Boot<'_>) -> Job {
+    let (sys, root, test) = (b.sys.clone(), b.env.root.clone(), b.env.test);
+    Box::new(move |d| {
+        if test {
+            d.push("skipped in test mode".into());
+            return Outcome::Ok;
+        }
+        system::docker_modules(&*sys, &root, d)
+    })
 }
 
 fn stage_data_disk(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
@@ -116,7 +187,7 @@ fn stage_data_disk(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
         d.push("skipped in test mode (no SHOAL_INIT_DISKS)".into());
         return Outcome::Ok;
     }
-    system::data_disk(b.env, d)
+    system::data_disk(&*b.sys, b.env, d)
 }
 
 fn stage_sysctls(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
@@ -129,7 +200,11 @@ fn stage_sysctls(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
     if b.env.test {
         d.push("network sysctls only in test mode".into());
     }
-    system::sysctls(&b.env.root, b.env.test, d)
+    let which: Vec<(&str, &str)> = system::SYSCTLS
+        .into_iter()
+        .filter(|(k, _)| !b.env.test || k.starts_with("net/"))
+        .collect();
+    system::sysctls(&b.env.root, &which, d)
 }
 
 fn stage_cmdline(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
@@ -165,7 +240,7 @@ fn stage_network(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
     let nc = b.meta.as_ref().and_then(|m| m.network_config.as_deref());
     let (cfg, source) = net::choose(&b.cmdline, nc, d);
     let only = b.env.net_ifaces.as_deref();
-    net::apply(&b.env.root, only, &cfg, &source, &b.net, d)
+    net::apply(&b.sys, &b.env.root, only, &cfg, &source, &b.net, d)
 }
 
 fn stage_metadata(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
@@ -208,7 +283,7 @@ fn stage_hostname(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
         d.push("not set in test mode (no SHOAL_INIT_UTS)".into());
         return Outcome::Ok;
     }
-    match nix::unistd::sethostname(&short) {
+    match b.sys.sethostname(&short) {
         Ok(()) => Outcome::Ok,
         Err(e) => {
             d.push(format!("sethostname: {e}"));
@@ -248,7 +323,7 @@ fn ntp_servers(b: &Boot<'_>) -> impl Fn() -> Vec<String> + Send + 'static {
 fn stage_clock(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
     let wrong = clock::obviously_wrong(std::time::SystemTime::now()) || b.env.clock_wrong;
     let mut k = clock::Kept::default();
-    let r = clock::check(&ntp_servers(b)(), b.env.test, &mut k);
+    let r = clock::check(&*b.sys, &ntp_servers(b)(), b.env.test, &mut k);
     if let Ok(mut g) = b.clock.lock() {
         *g = k;
     }
@@ -333,7 +408,7 @@ fn user_data(
     let a = match metadata::userdata::process(root, raw) {
         Ok(a) => a,
         Err(e) => {
-            d.push(e);
+            d.push(e.to_string());
             return Outcome::Failed;
         }
     };
@@ -423,10 +498,14 @@ fn load_table(env: &InitEnv, detail: &mut Vec<String>) -> (Table, Outcome) {
         return (Table::default_table(), Outcome::Ok);
     };
     let path = file.display();
-    match std::fs::read_to_string(file)
-        .map_err(|e| e.to_string())
-        .and_then(|t| Table::parse(&t))
-    {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            detail.push(format!("{path}: {e}; running no services"));
+            return (Table { service: vec![] }, Outcome::Failed);
+        }
+    };
+    match Table::parse(&text) {
         Ok(t) => {
             detail.push(format!("{} services from {path}", t.service.len()));
             (t, Outcome::Ok)
@@ -435,5 +514,200 @@ fn load_table(env: &InitEnv, detail: &mut Vec<String>) -> (Table, Outcome) {
             detail.push(format!("{path}: {e}; running no services"));
             (Table { service: vec![] }, Outcome::Failed)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The boot of a real (not test-mode) machine, through the recording `Sys`: a scratch root
+    //! stands in for what the kernel shows, and nothing is mounted, loaded or configured.
+
+    use super::*;
+    use crate::sys::fake::{Call, Recording};
+    use nix::errno::Errno;
+    use std::path::Path;
+
+    fn put(root: &Path, rel: &str, text: &str) {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, text).unwrap();
+    }
+
+    /// A machine with no data disk, no metadata and one NIC without a device (so no DHCP).
+    fn machine() -> (tempfile::TempDir, InitEnv) {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        put(
+            r,
+            "proc/sys/kernel/random/uuid",
+            "0f5e1d2c-3b4a-4958-8776-655443322110\n",
+        );
+        for (k, _) in system::SYSCTLS.iter().chain(&system::BRIDGE_SYSCTLS) {
+            put(r, &format!("proc/sys/{k}"), "0\n");
+        }
+        std::fs::create_dir_all(r.join("sys/module/loop")).unwrap();
+        let env = InitEnv {
+            root: r.to_path_buf(),
+            test: false,
+            services: None,
+            disks: None,
+            net_ifaces: None,
+            input: None,
+            uts: false,
+            cmdline: Some(String::new()),
+            metadata_host: None,
+            clock_wrong: false,
+            ntp_interval: None,
+            dmi: r.join("sys/class/dmi/id"),
+        };
+        (dir, env)
+    }
+
+    fn boot(env: &InitEnv, sys: &Arc<Recording>) -> (Report, Vec<String>) {
+        let mut report = Report::default();
+        let b = run(env, sys.clone(), &mut report);
+        let services = b.table.service.iter().map(|s| s.name.clone()).collect();
+        (report, services)
+    }
+
+    fn stage<'r>(report: &'r Report, name: &str) -> &'r Stage {
+        report
+            .stages
+            .iter()
+            .find(|s| s.name == name)
+            .unwrap_or_else(|| panic!("no stage {name}"))
+    }
+
+    fn position(calls: &[Call], what: impl Fn(&Call) -> bool) -> usize {
+        calls
+            .iter()
+            .position(what)
+            .unwrap_or_else(|| panic!("not called: {calls:#?}"))
+    }
+
+    fn mount_of(target: &str) -> impl Fn(&Call) -> bool + '_ {
+        move |c| matches!(c, Call::Mount { target: t, .. } if t == target)
+    }
+
+    #[test]
+    fn the_stages_run_in_order_and_a_machine_without_a_data_disk_still_boots() {
+        let (dir, env) = machine();
+        let sys = Arc::new(Recording::new(dir.path()));
+        let (report, services) = boot(&env, &sys);
+
+        // Every stage, in the table's order (a spawned stage where it is joined).
+        let names: Vec<&str> = report.stages.iter().map(|s| s.name.as_str()).collect();
+        let expected: Vec<&str> = STEPS
+            .iter()
+            .filter_map(|s| match s {
+                Step::Run(n, _) | Step::Join(n) => Some(*n),
+                Step::Spawn(..) => None,
+            })
+            .collect();
+        assert_eq!(names, expected);
+
+        // The pseudo file systems first, in order; the data disk's stand-in after them; the
+        // host name once the machine id is known.
+        let calls = sys.calls();
+        let firsts: Vec<String> = calls
+            .iter()
+            .filter_map(|c| match c {
+                Call::Mount { target, .. } => Some(target.clone()),
+                _ => None,
+            })
+            .take(8)
+            .collect();
+        assert_eq!(
+            firsts,
+            [
+                "/proc",
+                "/sys",
+                "/dev",
+                "/dev/pts",
+                "/dev/shm",
+                "/run",
+                "/tmp",
+                "/sys/fs/cgroup"
+            ]
+        );
+        let var = position(&calls, mount_of("/var"));
+        assert!(matches!(&calls[var], Call::Mount { fstype: Some(f), .. } if f == "tmpfs"));
+        let data = stage(&report, "data-disk");
+        assert_eq!(data.outcome, Outcome::Degraded);
+        assert!(
+            data.detail.iter().any(|d| d.contains("NO DATA DISK")),
+            "{data:?}"
+        );
+        let host = position(
+            &calls,
+            |c| matches!(c, Call::SetHostname(h) if h == "shoal-0f5e1d2c"),
+        );
+        assert!(host > var);
+        // Loopback is brought up; the NIC without a device gets no DHCP.
+        assert!(calls.contains(&Call::LinkUp(1)));
+        assert!(!calls.contains(&Call::LinkUp(2)));
+        assert_eq!(stage(&report, "network").outcome, Outcome::Degraded);
+        // Docker's modules were asked for (the fake loads nothing, so they are reported).
+        assert!(calls.iter().any(
+            |c| matches!(c, Call::Run(argv) if argv[0] == "modprobe" && argv.contains(&"overlay".to_string()))
+        ));
+        let docker = stage(&report, "docker-modules");
+        assert_eq!(docker.outcome, Outcome::Degraded);
+        assert!(docker.detail.iter().any(|d| d == "overlay: not loaded"));
+        // Whatever degraded, the services are there to supervise.
+        assert_eq!(stage(&report, "services").outcome, Outcome::Ok);
+        assert_eq!(services, ["containerd", "dockerd", "agent"]);
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("run/machine-id")).unwrap(),
+            "0f5e1d2c3b4a49588776655443322110\n"
+        );
+    }
+
+    #[test]
+    fn a_mount_the_kernel_refuses_degrades_its_stage_and_the_boot_goes_on() {
+        let (dir, env) = machine();
+        let sys = Arc::new(Recording::new(dir.path()));
+        sys.fail(|c| mount_of("/sys/fs/cgroup")(c).then_some(Errno::EPERM));
+        let (report, services) = boot(&env, &sys);
+        let mounts = stage(&report, "mounts");
+        assert_eq!(mounts.outcome, Outcome::Degraded);
+        assert!(
+            mounts
+                .detail
+                .iter()
+                .any(|d| d.starts_with("/sys/fs/cgroup: EPERM")),
+            "{mounts:?}"
+        );
+        // Tried with nsdelegate and again without it.
+        let tries = sys
+            .calls()
+            .iter()
+            .filter(|c| mount_of("/sys/fs/cgroup")(c))
+            .count();
+        assert_eq!(tries, 2);
+        assert_eq!(stage(&report, "machine-id").outcome, Outcome::Ok);
+        assert_eq!(services.len(), 3);
+    }
+
+    #[test]
+    fn docker_modules_that_load_and_their_sysctls_make_the_stage_ok() {
+        let (dir, env) = machine();
+        for m in system::DOCKER_MODULES {
+            std::fs::create_dir_all(dir.path().join("sys/module").join(m)).unwrap();
+        }
+        let sys = Arc::new(Recording::new(dir.path()));
+        let (report, _) = boot(&env, &sys);
+        assert_eq!(stage(&report, "docker-modules").outcome, Outcome::Ok);
+        // Nothing to load, so no modprobe for them.
+        assert!(!sys
+            .calls()
+            .iter()
+            .any(|c| matches!(c, Call::Run(argv) if argv.contains(&"overlay".to_string()))));
+        let set = std::fs::read_to_string(
+            dir.path()
+                .join("proc/sys/net/bridge/bridge-nf-call-iptables"),
+        )
+        .unwrap();
+        assert_eq!(set, "1");
     }
 }

@@ -23,30 +23,66 @@ pub fn request(cookie: u64) -> [u8; 48] {
     p
 }
 
+/// Why a clock check got no time, or could not set it.
+#[derive(Debug, thiserror::Error)]
+pub enum ClockError {
+    #[error("short SNTP reply")]
+    Short,
+    #[error("not a server reply")]
+    NotServer,
+    #[error("kiss-o'-death from the server")]
+    KissOfDeath,
+    #[error("reply does not answer our request")]
+    NotOurs,
+    #[error("server time before 1970")]
+    BeforeEpoch,
+    #[error("{server}: no address")]
+    NoAddress { server: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("reply from {from}, not {to}")]
+    WrongPeer { from: SocketAddr, to: SocketAddr },
+    #[error("setting the clock: {0}")]
+    Set(#[from] nix::errno::Errno),
+    #[error("no NTP server is known (DHCP option 42, user-data ntp:, or the cloud's)")]
+    NoServer,
+    /// Every server failed: each one's error.
+    #[error("{}", .0.join("; "))]
+    AllFailed(Vec<String>),
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> ClockError {
+    let what = what.to_string();
+    move |source| ClockError::Io { what, source }
+}
+
 /// Reads the server's transmit time from a reply to `cookie`.
-pub fn parse_reply(b: &[u8], cookie: u64) -> Result<SystemTime, String> {
+pub fn parse_reply(b: &[u8], cookie: u64) -> Result<SystemTime, ClockError> {
     if b.len() < 48 {
-        return Err("short SNTP reply".into());
+        return Err(ClockError::Short);
     }
     if b[0] & 0x7 != 4 {
-        return Err("not a server reply".into());
+        return Err(ClockError::NotServer);
     }
     if b[1] == 0 {
-        return Err("kiss-o'-death from the server".into());
+        return Err(ClockError::KissOfDeath);
     }
     if b[24..32] != cookie.to_be_bytes() {
-        return Err("reply does not answer our request".into());
+        return Err(ClockError::NotOurs);
     }
     let secs = u64::from(u32::from_be_bytes([b[40], b[41], b[42], b[43]]));
     let frac = u64::from(u32::from_be_bytes([b[44], b[45], b[46], b[47]]));
     let unix = secs
         .checked_sub(NTP_UNIX_OFFSET)
-        .ok_or("server time before 1970")?;
+        .ok_or(ClockError::BeforeEpoch)?;
     Ok(UNIX_EPOCH + Duration::from_secs(unix) + Duration::from_nanos((frac * 1_000_000_000) >> 32))
 }
 
 /// Asks `server` (`host` or `host:port`, port 123 by default) for the time.
-pub fn query(server: &str, timeout: Duration) -> Result<SystemTime, String> {
+pub fn query(server: &str, timeout: Duration) -> Result<SystemTime, ClockError> {
     let with_port = if server.contains(':') {
         server.to_string()
     } else {
@@ -54,30 +90,22 @@ pub fn query(server: &str, timeout: Duration) -> Result<SystemTime, String> {
     };
     let addr: SocketAddr = with_port
         .to_socket_addrs()
-        .map_err(|e| format!("{server}: {e}"))?
+        .map_err(io(server))?
         .next()
-        .ok_or_else(|| format!("{server}: no address"))?;
-    let sock = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| e.to_string())?;
+        .ok_or_else(|| ClockError::NoAddress {
+            server: server.into(),
+        })?;
+    let sock = UdpSocket::bind(("0.0.0.0", 0)).map_err(io("socket"))?;
     sock.set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
+        .map_err(io("SO_RCVTIMEO"))?;
     let cookie = (crate::report::now_ms() << 16) ^ u64::from(std::process::id());
-    sock.send_to(&request(cookie), addr)
-        .map_err(|e| format!("{addr}: {e}"))?;
+    sock.send_to(&request(cookie), addr).map_err(io(addr))?;
     let mut buf = [0u8; 512];
-    let (n, from) = sock
-        .recv_from(&mut buf)
-        .map_err(|e| format!("{addr}: {e}"))?;
+    let (n, from) = sock.recv_from(&mut buf).map_err(io(addr))?;
     if from != addr {
-        return Err(format!("reply from {from}, not {addr}"));
+        return Err(ClockError::WrongPeer { from, to: addr });
     }
     parse_reply(&buf[..n], cookie)
-}
-
-/// Sets the system clock.
-pub fn set(t: SystemTime) -> Result<(), String> {
-    let d = t.duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?;
-    let ts = nix::sys::time::TimeSpec::new(d.as_secs() as i64, i64::from(d.subsec_nanos()));
-    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, ts).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]
@@ -138,11 +166,14 @@ pub struct Kept {
 
 /// One check against the first of `servers` that answers: measures the offset (correcting
 /// for half the round trip) and steps the clock past `STEP_MS` (only reports it with `dry`).
-pub fn check(servers: &[String], dry: bool, kept: &mut Kept) -> Result<String, String> {
+pub fn check(
+    sys: &dyn crate::sys::Sys,
+    servers: &[String],
+    dry: bool,
+    kept: &mut Kept,
+) -> Result<String, ClockError> {
     if servers.is_empty() {
-        return Err(
-            "no NTP server is known (DHCP option 42, user-data ntp:, or the cloud's)".into(),
-        );
+        return Err(ClockError::NoServer);
     }
     let mut errors = Vec::new();
     for s in servers {
@@ -174,21 +205,22 @@ pub fn check(servers: &[String], dry: bool, kept: &mut Kept) -> Result<String, S
         } else if dry {
             format!("would set the clock to {unix} (unix) from {s} (off by {offset_ms} ms); not in test mode")
         } else {
-            set(theirs + rtt / 2)?;
+            sys.set_clock(theirs + rtt / 2)?;
             kept.steps += 1;
             format!("clock set to {unix} (unix) from {s} (was off by {offset_ms} ms)")
         };
         kept.synced_at_ms = Some(crate::report::now_ms());
         return Ok(said);
     }
-    let e = errors.join("; ");
-    kept.last_error = Some(e.clone());
+    let e = ClockError::AllFailed(errors);
+    kept.last_error = Some(e.to_string());
     Err(e)
 }
 
 /// Checks the clock every `every` for as long as PID 1 lives, against the servers
 /// `servers()` names at the time (DHCP renewals may change them).
 pub fn keep(
+    sys: std::sync::Arc<dyn crate::sys::Sys>,
     servers: impl Fn() -> Vec<String> + Send + 'static,
     every: Duration,
     dry: bool,
@@ -200,7 +232,7 @@ pub fn keep(
             std::thread::sleep(every);
             let list = servers();
             let mut k = kept.lock().map(|k| k.clone()).unwrap_or_default();
-            match check(&list, dry, &mut k) {
+            match check(&*sys, &list, dry, &mut k) {
                 Ok(said) if said.starts_with("clock set") => crate::console(&said),
                 Ok(_) => {}
                 Err(e) => crate::console(&format!("clock: {e}")),

@@ -21,6 +21,27 @@ const SYSROOT: &str = "/sysroot";
 /// How long one attempt waits for the root device before saying so and trying again.
 const DEVICE_WAIT: Duration = Duration::from_secs(30);
 
+/// Why the initramfs cannot find or mount the root.
+#[derive(Debug, thiserror::Error)]
+pub enum InitrdError {
+    #[error("bad partition label {0:?}")]
+    BadLabel(String),
+    #[error("shoal.root={0:?}: expected PARTLABEL=<name> or /dev/<device>")]
+    BadRoot(String),
+    #[error("no device {spec} after {secs} s")]
+    NoDevice { spec: RootSpec, secs: u64 },
+    #[error("{SYSROOT}: {0}")]
+    Sysroot(#[source] std::io::Error),
+    #[error("mount {dev} ({fstype}): {source}")]
+    Mount {
+        dev: String,
+        fstype: String,
+        source: nix::errno::Errno,
+    },
+    #[error("{0} has no /sbin/init")]
+    NoInit(String),
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RootSpec {
     PartLabel(String),
@@ -29,19 +50,17 @@ pub enum RootSpec {
 
 impl RootSpec {
     /// `PARTLABEL=name` or `/dev/...`; anything else is refused with the reason.
-    pub fn parse(s: &str) -> Result<RootSpec, String> {
+    pub fn parse(s: &str) -> Result<RootSpec, InitrdError> {
         if let Some(l) = s.strip_prefix("PARTLABEL=") {
             if l.is_empty() || l.len() > 36 || l.contains('/') {
-                return Err(format!("bad partition label {l:?}"));
+                return Err(InitrdError::BadLabel(l.into()));
             }
             return Ok(RootSpec::PartLabel(l.to_string()));
         }
         if s.starts_with("/dev/") && !s.contains("..") {
             return Ok(RootSpec::Path(PathBuf::from(s)));
         }
-        Err(format!(
-            "shoal.root={s:?}: expected PARTLABEL=<name> or /dev/<device>"
-        ))
+        Err(InitrdError::BadRoot(s.into()))
     }
 }
 
@@ -74,8 +93,9 @@ pub fn active(root: &Path) -> bool {
 }
 
 /// Time since the kernel started (`/proc/uptime`), in milliseconds.
-pub fn uptime_ms() -> u64 {
-    std::fs::read_to_string("/proc/uptime")
+/// The kernel's uptime from `root`'s /proc.
+pub fn uptime_ms(root: &Path) -> u64 {
+    std::fs::read_to_string(root.join("proc/uptime"))
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok())
         .map(|s| (s * 1000.0) as u64)
@@ -104,7 +124,7 @@ pub fn run() -> ! {
             crate::console(&format!("initrd: mount {target}: {e}"));
         }
     }
-    rec.uptime_at_start_ms = uptime_ms();
+    rec.uptime_at_start_ms = uptime_ms(Path::new("/"));
     let cmdline = crate::cmdline::Cmdline::parse(
         &std::fs::read_to_string("/proc/cmdline").unwrap_or_default(),
     );
@@ -234,7 +254,7 @@ pub fn find_partlabel(sys_block: &Path, label: &str) -> Option<PathBuf> {
     found.into_iter().next()
 }
 
-fn mount_root(spec: &RootSpec, fstype: &str) -> Result<PathBuf, String> {
+fn mount_root(spec: &RootSpec, fstype: &str) -> Result<PathBuf, InitrdError> {
     let deadline = Instant::now() + DEVICE_WAIT;
     let dev = loop {
         let dev = match spec {
@@ -245,14 +265,14 @@ fn mount_root(spec: &RootSpec, fstype: &str) -> Result<PathBuf, String> {
             break d;
         }
         if Instant::now() > deadline {
-            return Err(format!(
-                "no device {spec} after {} s",
-                DEVICE_WAIT.as_secs()
-            ));
+            return Err(InitrdError::NoDevice {
+                spec: spec.clone(),
+                secs: DEVICE_WAIT.as_secs(),
+            });
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    std::fs::create_dir_all(SYSROOT).map_err(|e| format!("{SYSROOT}: {e}"))?;
+    std::fs::create_dir_all(SYSROOT).map_err(InitrdError::Sysroot)?;
     mount(
         Some(&dev),
         SYSROOT,
@@ -260,11 +280,15 @@ fn mount_root(spec: &RootSpec, fstype: &str) -> Result<PathBuf, String> {
         MsFlags::MS_RDONLY | MsFlags::MS_NODEV,
         None::<&str>,
     )
-    .map_err(|e| format!("mount {} ({fstype}): {e}", dev.display()))?;
+    .map_err(|source| InitrdError::Mount {
+        dev: dev.display().to_string(),
+        fstype: fstype.into(),
+        source,
+    })?;
     // An absolute symlink (systemd-sysv's /sbin/init) only resolves after the switch.
     if std::fs::symlink_metadata(Path::new(SYSROOT).join("sbin/init")).is_err() {
         let _ = umount2(SYSROOT, MntFlags::MNT_DETACH);
-        return Err(format!("{} has no /sbin/init", dev.display()));
+        return Err(InitrdError::NoInit(dev.display().to_string()));
     }
     Ok(dev)
 }

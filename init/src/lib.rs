@@ -16,6 +16,7 @@ pub mod power;
 pub mod report;
 pub mod signals;
 pub mod supervisor;
+pub mod sys;
 pub mod system;
 
 /// The kernel starts init with no PATH; every command and service gets this one.

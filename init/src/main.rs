@@ -13,7 +13,9 @@ use report::Report;
 use shoal_init::env::InitEnv;
 use shoal_init::pid1::Init;
 use shoal_init::supervisor::Supervisor;
+use shoal_init::sys::{Real, Sys};
 use shoal_init::{boot, console, console_nonblocking, initrd, power, report, signals};
+use std::sync::Arc;
 use std::time::Duration;
 
 fn main() {
@@ -57,8 +59,10 @@ fn main() {
         test_mode: env.test,
         ..Default::default()
     };
-    let boot = boot::run(&env, &mut report);
+    let sys: Arc<dyn Sys> = Arc::new(Real);
+    let boot = boot::run(&env, sys.clone(), &mut report);
     let mut init = Init {
+        sys,
         clock: boot.clock,
         sup: Supervisor::new(&env.root, boot.table),
         root: env.root.clone(),

@@ -1,7 +1,7 @@
 //! The pseudo and scratch file systems every shoal machine needs. The root stays read-only;
 //! everything writable is tmpfs or (later stages) the data disk.
 
-use nix::mount::{mount, MsFlags};
+use crate::sys::{MntFlags, MsFlags, Sys};
 use std::path::Path;
 
 struct Mount {
@@ -77,7 +77,7 @@ fn table() -> Vec<Mount> {
 
 /// Mounts the table under `root`. A target already mounted (EBUSY) counts as done; a failure
 /// is reported and the next mount is still tried.
-pub fn mount_all(root: &Path, detail: &mut Vec<String>) -> bool {
+pub fn mount_all(sys: &dyn Sys, root: &Path, detail: &mut Vec<String>) -> bool {
     let mut ok = true;
     for m in table() {
         let target = root.join(m.target);
@@ -95,20 +95,16 @@ pub fn mount_all(root: &Path, detail: &mut Vec<String>) -> bool {
             continue;
         }
         let data = (!m.data.is_empty()).then_some(m.data);
-        match mount(Some(m.source), &target, Some(m.fstype), m.flags, data) {
+        let source = Some(Path::new(m.source));
+        match sys.mount(source, &target, Some(m.fstype), m.flags, data) {
             Ok(()) => {}
             Err(nix::errno::Errno::EBUSY) => detail.push(format!("/{} already mounted", m.target)),
             Err(e) => {
                 // cgroup2 with nsdelegate refuses outside the initial namespace: retry without.
                 if m.fstype == "cgroup2"
-                    && mount(
-                        Some(m.source),
-                        &target,
-                        Some(m.fstype),
-                        m.flags,
-                        None::<&str>,
-                    )
-                    .is_ok()
+                    && sys
+                        .mount(source, &target, Some(m.fstype), m.flags, None)
+                        .is_ok()
                 {
                     continue;
                 }
@@ -131,15 +127,15 @@ pub fn is_mount_point(p: &Path) -> bool {
 
 /// Unmounts the table under `root` in reverse order (lazily: a busy file system is detached
 /// and goes once its last user does).
-pub fn unmount_all(root: &Path) {
+pub fn unmount_all(sys: &dyn Sys, root: &Path) {
     // The store's file system first (its loop device writes into /var), then the data disk:
     // written out now, not by the lazy detach below. Busy ones stay for the detach.
     for p in [crate::system::STORE_DIR, "var"] {
-        let _ = nix::mount::umount2(&root.join(p), nix::mount::MntFlags::empty());
-        nix::unistd::sync();
+        let _ = sys.umount(&root.join(p), MntFlags::empty());
+        sys.sync();
     }
     for m in table().iter().rev() {
-        let _ = nix::mount::umount2(&root.join(m.target), nix::mount::MntFlags::MNT_DETACH);
+        let _ = sys.umount(&root.join(m.target), MntFlags::MNT_DETACH);
     }
 }
 

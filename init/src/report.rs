@@ -59,47 +59,51 @@ pub struct Report {
     pub shutdown: Option<String>,
 }
 
+/// Runs one stage, timing it and saying on the console how it went; `f` says how it went
+/// and what to record. A stage that panics fails; the boot goes on with the next one.
+pub fn run_stage(name: &str, f: impl FnOnce(&mut Vec<String>) -> Outcome) -> Stage {
+    let started_ms = now_ms();
+    let mut detail = Vec::new();
+    let outcome = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut detail))) {
+        Ok(o) => o,
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".into());
+            detail.push(format!("panicked: {what}"));
+            Outcome::Failed
+        }
+    };
+    let ended_ms = now_ms();
+    let word = match outcome {
+        Outcome::Ok => "ok",
+        Outcome::Degraded => "DEGRADED",
+        Outcome::Failed => "FAILED",
+    };
+    crate::console(&format!(
+        "stage {name}: {word} in {} ms{}",
+        ended_ms - started_ms,
+        if detail.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", detail.join("; "))
+        }
+    ));
+    Stage {
+        name: name.into(),
+        started_ms,
+        ended_ms,
+        outcome,
+        detail,
+    }
+}
+
 impl Report {
-    /// Runs one stage, timing it; `f` says how it went and what to record.
+    /// Runs one stage (`run_stage`) into the report.
     pub fn stage(&mut self, name: &str, f: impl FnOnce(&mut Vec<String>) -> Outcome) {
-        let started_ms = now_ms();
-        let mut detail = Vec::new();
-        // A stage that panics fails; the boot goes on with the next one.
-        let outcome =
-            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&mut detail))) {
-                Ok(o) => o,
-                Err(p) => {
-                    let what = p
-                        .downcast_ref::<&str>()
-                        .map(|s| s.to_string())
-                        .or_else(|| p.downcast_ref::<String>().cloned())
-                        .unwrap_or_else(|| "a panic".into());
-                    detail.push(format!("panicked: {what}"));
-                    Outcome::Failed
-                }
-            };
-        let ended_ms = now_ms();
-        let word = match outcome {
-            Outcome::Ok => "ok",
-            Outcome::Degraded => "DEGRADED",
-            Outcome::Failed => "FAILED",
-        };
-        crate::console(&format!(
-            "stage {name}: {word} in {} ms{}",
-            ended_ms - started_ms,
-            if detail.is_empty() {
-                String::new()
-            } else {
-                format!(" ({})", detail.join("; "))
-            }
-        ));
-        self.stages.push(Stage {
-            name: name.into(),
-            started_ms,
-            ended_ms,
-            outcome,
-            detail,
-        });
+        self.stages.push(run_stage(name, f));
     }
 
     /// Writes the report to `path` atomically (0644; it holds no secret).

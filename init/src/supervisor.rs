@@ -91,23 +91,34 @@ impl Table {
         }
     }
 
-    pub fn parse(text: &str) -> Result<Table, String> {
-        let t: Table = toml::from_str(text).map_err(|e| e.to_string())?;
+    pub fn parse(text: &str) -> Result<Table, TableError> {
+        let t: Table = toml::from_str(text)?;
         for (i, s) in t.service.iter().enumerate() {
             if s.command.is_empty() {
-                return Err(format!("service {:?} has an empty command", s.name));
+                return Err(TableError::EmptyCommand(s.name.clone()));
             }
             if let Some(a) = &s.after {
                 if !t.service[..i].iter().any(|p| &p.name == a) {
-                    return Err(format!(
-                        "service {:?} comes after {a:?}, which is not listed before it",
-                        s.name
-                    ));
+                    return Err(TableError::AfterUnlisted {
+                        service: s.name.clone(),
+                        after: a.clone(),
+                    });
                 }
             }
         }
         Ok(t)
     }
+}
+
+/// What is wrong with a service table.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error("{0}")]
+    Toml(#[from] toml::de::Error),
+    #[error("service {0:?} has an empty command")]
+    EmptyCommand(String),
+    #[error("service {service:?} comes after {after:?}, which is not listed before it")]
+    AfterUnlisted { service: String, after: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -460,14 +471,14 @@ mod tests {
     fn tables_are_checked() {
         let t = Table::parse("[[service]]\nname = \"a\"\ncommand = [\"/bin/true\"]\n[[service]]\nname = \"b\"\ncommand = [\"x\"]\nafter = \"a\"\nready = \"/run/b.sock\"\n").unwrap();
         assert_eq!(t.service.len(), 2);
-        assert!(Table::parse("[[service]]\nname = \"a\"\ncommand = []\n")
-            .unwrap_err()
-            .contains("empty command"));
-        assert!(
-            Table::parse("[[service]]\nname = \"b\"\ncommand = [\"x\"]\nafter = \"a\"\n")
-                .unwrap_err()
-                .contains("not listed before")
-        );
+        assert!(matches!(
+            Table::parse("[[service]]\nname = \"a\"\ncommand = []\n"),
+            Err(TableError::EmptyCommand(_))
+        ));
+        assert!(matches!(
+            Table::parse("[[service]]\nname = \"b\"\ncommand = [\"x\"]\nafter = \"a\"\n"),
+            Err(TableError::AfterUnlisted { .. })
+        ));
         assert!(
             Table::parse("[[service]]\nname = \"a\"\ncommand = [\"x\"]\nrestart = 1\n").is_err()
         );

@@ -2,7 +2,55 @@
 
 use crate::metadata::volume;
 use crate::report::Outcome;
+use crate::sys::{check, MntFlags, MsFlags, RunError, Sys};
+use nix::errno::Errno;
 use std::path::Path;
+
+/// Why a disk step did not happen.
+#[derive(Debug, thiserror::Error)]
+pub enum SystemError {
+    #[error(transparent)]
+    Run(#[from] RunError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what}: {source}")]
+    Kernel { what: String, source: Errno },
+    #[error("{avail_mib} MiB free on a {total_mib} MiB disk is too little to reserve")]
+    NoRoom { avail_mib: u64, total_mib: u64 },
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> SystemError {
+    let what = what.to_string();
+    move |source| SystemError::Io { what, source }
+}
+
+fn kernel(what: impl std::fmt::Display) -> impl FnOnce(Errno) -> SystemError {
+    let what = what.to_string();
+    move |source| SystemError::Kernel { what, source }
+}
+
+/// `fsck.ext4 -p`: what it did, or why it could not (exit 2 and above).
+fn fsck(sys: &dyn Sys, dev: &Path) -> Result<&'static str, SystemError> {
+    let o = sys
+        .run(crate::command("fsck.ext4").arg("-p").arg(dev), None)
+        .map_err(|source| RunError::Spawn {
+            program: "fsck.ext4".into(),
+            source,
+        })?;
+    match o.status.code() {
+        Some(0) => Ok("clean"),
+        Some(1) => Ok("errors corrected"),
+        code => Err(RunError::Failed {
+            program: "fsck.ext4".into(),
+            code,
+            said: String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        }
+        .into()),
+    }
+}
 
 pub const DATA_LABEL: &str = "SHOAL_DATA";
 /// The GPT partition name of shoal.raw's data partition (blank in the image).
@@ -10,13 +58,13 @@ pub const DATA_PARTITION: &str = "shoal-data";
 
 /// Mounts the data disk at `/var`: the volume labelled `SHOAL_DATA`, else a blank disk
 /// formatted once (ext4, labelled), else a tmpfs — said loudly: state is lost at power-off.
-pub fn data_disk(env: &crate::env::InitEnv, d: &mut Vec<String>) -> Outcome {
+pub fn data_disk(sys: &dyn Sys, env: &crate::env::InitEnv, d: &mut Vec<String>) -> Outcome {
     let root = env.root.as_path();
-    let mut outcome = mount_data(root, env.disks.as_deref(), d);
+    let mut outcome = mount_data(sys, root, env.disks.as_deref(), d);
     if outcome == Outcome::Ok {
-        outcome = store_volume(root, d);
+        outcome = store_volume(sys, root, d);
     }
-    writable_etc(root, d);
+    writable_etc(sys, root, d);
     // /var/run and /var/lock are the runtime tmpfs, as everywhere (Docker's socket path).
     for (link, to) in [("var/run", "../run"), ("var/lock", "../run/lock")] {
         let p = root.join(link);
@@ -29,81 +77,65 @@ pub fn data_disk(env: &crate::env::InitEnv, d: &mut Vec<String>) -> Outcome {
     outcome
 }
 
-fn mount_data(root: &Path, only: Option<&[String]>, d: &mut Vec<String>) -> Outcome {
+fn mount_data(sys: &dyn Sys, root: &Path, only: Option<&[String]>, d: &mut Vec<String>) -> Outcome {
     let var = root.join("var");
     let _ = std::fs::create_dir_all(&var);
-    let flags = nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV;
+    let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     let mount_ext4 = |dev: &Path| {
-        nix::mount::mount(Some(dev), &var, Some("ext4"), flags, None::<&str>)
-            .map_err(|e| format!("mount {} on /var: {e}", dev.display()))
+        sys.mount(Some(dev), &var, Some("ext4"), flags, None)
+            .map_err(kernel(format!("mount {} on /var", dev.display())))
     };
-    if let Some((dev, p)) = volume::find(root, only, DATA_LABEL) {
+    let mounted = if let Some((dev, p)) = volume::find(root, only, DATA_LABEL) {
         if p.fstype != "ext4" {
-            d.push(format!(
+            Err(format!(
                 "{} is labelled {DATA_LABEL} but is {}, not ext4",
                 dev.display(),
                 p.fstype
-            ));
+            ))
         } else {
             // Check before mounting: after a clean power-off this is a no-op.
-            match crate::command("fsck.ext4").arg("-p").arg(&dev).output() {
-                Ok(o) => match o.status.code() {
-                    Some(0) => d.push("fsck: clean".into()),
-                    Some(1) => d.push("fsck: errors corrected".into()),
-                    c => d.push(format!(
-                        "fsck: exit {c:?}: {}",
-                        String::from_utf8_lossy(&o.stdout).trim()
-                    )),
-                },
-                Err(e) => d.push(format!("fsck.ext4: {e}")),
+            match fsck(sys, &dev) {
+                Ok(said) => d.push(format!("fsck: {said}")),
+                Err(e) => d.push(format!("fsck: {e}")),
             }
-            match mount_ext4(&dev) {
-                Ok(()) => {
-                    d.push(format!("{} mounted at /var", dev.display()));
-                    return Outcome::Ok;
-                }
-                Err(e) => d.push(e),
-            }
+            mount_ext4(&dev).map(|()| dev).map_err(|e| e.to_string())
         }
     } else if let Some((dev, kind)) = blank_target(root, only) {
         if kind == "partition" {
-            grow_last_partition(root, &dev, d);
+            grow_last_partition(sys, root, &dev, d);
         }
         d.push(format!(
             "formatting blank {kind} {} as ext4 ({DATA_LABEL})",
             dev.display()
         ));
-        let out = crate::command("mkfs.ext4")
-            .args([
-                "-q",
-                "-F",
-                "-L",
-                DATA_LABEL,
-                "-E",
-                "lazy_itable_init=1,lazy_journal_init=1",
-            ])
-            .arg(&dev)
-            .output();
-        match out {
-            Ok(o) if o.status.success() => match mount_ext4(&dev) {
-                Ok(()) => {
-                    d.push(format!("{} mounted at /var", dev.display()));
-                    return Outcome::Ok;
-                }
-                Err(e) => d.push(e),
-            },
-            Ok(o) => d.push(format!(
-                "mkfs.ext4 failed: {}",
-                String::from_utf8_lossy(&o.stderr).trim()
-            )),
-            Err(e) => d.push(format!("mkfs.ext4: {e}")),
-        }
+        let mut mkfs = crate::command("mkfs.ext4");
+        mkfs.args(["-q", "-F", "-L", DATA_LABEL])
+            .args(["-E", "lazy_itable_init=1,lazy_journal_init=1"])
+            .arg(&dev);
+        check("mkfs.ext4", sys.run(&mut mkfs, None))
+            .map_err(SystemError::from)
+            .and_then(|_| mount_ext4(&dev))
+            .map(|()| dev)
+            .map_err(|e| e.to_string())
     } else {
-        d.push(format!(
+        Err(format!(
             "no disk labelled {DATA_LABEL}, no blank disk and no blank {DATA_PARTITION} partition"
-        ));
+        ))
+    };
+    match mounted {
+        Ok(dev) => {
+            d.push(format!("{} mounted at /var", dev.display()));
+            return Outcome::Ok;
+        }
+        Err(e) => d.push(e),
     }
-    let _ = nix::mount::mount(Some("var"), &var, Some("tmpfs"), flags, Some("mode=0755"));
+    let _ = sys.mount(
+        Some(Path::new("var")),
+        &var,
+        Some("tmpfs"),
+        flags,
+        Some("mode=0755"),
+    );
     d.push("NO DATA DISK: /var is a tmpfs and everything in it is lost at power-off".into());
     Outcome::Degraded
 }
@@ -129,11 +161,11 @@ pub fn store_volume_size(total: u64, avail: u64) -> Option<u64> {
 
 /// Makes (once) and mounts the store's file system at `/var/lib/shoal`, moving what an older
 /// node kept there onto it.
-fn store_volume(root: &Path, d: &mut Vec<String>) -> Outcome {
+fn store_volume(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
     let img = root.join(STORE_IMAGE);
     let dir = root.join(STORE_DIR);
     if !img.exists() {
-        match make_store_image(root, &img) {
+        match make_store_image(sys, root, &img) {
             Ok(size) => d.push(format!(
                 "made the store's file system: {} MiB, reserved on the data disk",
                 size / MIB
@@ -146,25 +178,25 @@ fn store_volume(root: &Path, d: &mut Vec<String>) -> Outcome {
             }
         }
     }
-    match fsck(&img) {
-        Ok(msg) => d.push(format!("store fsck: {msg}")),
+    match fsck(sys, &img) {
+        Ok(said) => d.push(format!("store fsck: {said}")),
         Err(e) => d.push(format!("store fsck: {e}")),
     }
     // What an older node kept on the data disk itself moves in first (copied, then removed).
     let has_old = std::fs::read_dir(&dir).is_ok_and(|mut e| e.next().is_some());
     if has_old && !crate::mounts::is_mount_point(&dir) {
         let staging = root.join("var/lib/.shoal-store-new");
-        let moved = (|| -> Result<(), String> {
+        let moved = (|| -> Result<(), SystemError> {
             let _ = std::fs::create_dir_all(&staging);
-            loop_mount(&img, &staging)?;
-            let copied = copy_tree(&dir, &staging).map_err(|e| format!("copying: {e}"));
+            loop_mount(sys, &img, &staging)?;
+            let copied = copy_tree(&dir, &staging).map_err(io("copying"));
             let synced = std::fs::File::open(&staging)
                 .and_then(|f| f.sync_all())
-                .map_err(|e| format!("sync: {e}"));
-            let _ = nix::mount::umount(&staging);
+                .map_err(io("sync"));
+            let _ = sys.umount(&staging, MntFlags::empty());
             copied.and(synced)?;
             let old = root.join("var/lib/.shoal-before-volume");
-            std::fs::rename(&dir, &old).map_err(|e| format!("moving the old directory: {e}"))?;
+            std::fs::rename(&dir, &old).map_err(io("moving the old directory"))?;
             let _ = std::fs::remove_dir_all(&old);
             Ok(())
         })();
@@ -183,7 +215,7 @@ fn store_volume(root: &Path, d: &mut Vec<String>) -> Outcome {
         return Outcome::Ok;
     }
     let _ = std::fs::create_dir_all(&dir);
-    match loop_mount(&img, &dir) {
+    match loop_mount(sys, &img, &dir) {
         Ok(()) => {
             d.push(format!("{} mounted at /{STORE_DIR}", img.display()));
             Outcome::Ok
@@ -195,68 +227,42 @@ fn store_volume(root: &Path, d: &mut Vec<String>) -> Outcome {
     }
 }
 
-fn make_store_image(root: &Path, img: &Path) -> Result<u64, String> {
-    let vfs = nix::sys::statvfs::statvfs(&root.join("var")).map_err(|e| format!("statvfs: {e}"))?;
+fn make_store_image(sys: &dyn Sys, root: &Path, img: &Path) -> Result<u64, SystemError> {
+    let vfs = nix::sys::statvfs::statvfs(&root.join("var")).map_err(kernel("statvfs"))?;
     let frag = vfs.fragment_size();
     let total = vfs.blocks() * frag;
     let avail = vfs.blocks_available() * frag;
-    let size = store_volume_size(total, avail).ok_or_else(|| {
-        format!(
-            "{} MiB free on a {} MiB disk is too little to reserve",
-            avail / MIB,
-            total / MIB
-        )
+    let size = store_volume_size(total, avail).ok_or(SystemError::NoRoom {
+        avail_mib: avail / MIB,
+        total_mib: total / MIB,
     })?;
     let _ = std::fs::create_dir_all(img.parent().unwrap_or(root));
     let tmp = img.with_extension("img.tmp");
-    let made = (|| -> Result<(), String> {
+    let made = (|| -> Result<(), SystemError> {
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(true)
             .write(true)
             .open(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+            .map_err(io(tmp.display()))?;
         // Written, not just allocated: fallocate's extents are "unwritten", and the first
         // write to one can need a new block of the data disk's — which a full disk does not
         // have (the store then fails with ENOSPC, as a test showed). Zeros written once (and
         // never punched out again) make every later write an overwrite in place.
-        zero_fill(&f, size).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        zero_fill(&f, size).map_err(io(tmp.display()))?;
         drop(f);
-        let out = crate::command("mkfs.ext4")
-            // No discard: on a file, mke2fs's discard punches holes, and the image would be
-            // sparse again.
-            .args(["-q", "-F", "-m", "0", "-E", "nodiscard", "-L", STORE_LABEL])
-            .arg(&tmp)
-            .output()
-            .map_err(|e| format!("mkfs.ext4: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "mkfs.ext4: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
-        }
-        std::fs::rename(&tmp, img).map_err(|e| format!("{}: {e}", img.display()))
+        let mut mkfs = crate::command("mkfs.ext4");
+        // No discard: on a file, mke2fs's discard punches holes, and the image would be
+        // sparse again.
+        mkfs.args(["-q", "-F", "-m", "0", "-E", "nodiscard", "-L", STORE_LABEL])
+            .arg(&tmp);
+        check("mkfs.ext4", sys.run(&mut mkfs, None))?;
+        std::fs::rename(&tmp, img).map_err(io(img.display()))
     })();
     if made.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
     made.map(|()| size)
-}
-
-fn fsck(dev: &Path) -> Result<String, String> {
-    let o = crate::command("fsck.ext4")
-        .arg("-p")
-        .arg(dev)
-        .output()
-        .map_err(|e| format!("fsck.ext4: {e}"))?;
-    match o.status.code() {
-        Some(0) => Ok("clean".into()),
-        Some(1) => Ok("errors corrected".into()),
-        c => Err(format!(
-            "exit {c:?}: {}",
-            String::from_utf8_lossy(&o.stdout).trim()
-        )),
-    }
 }
 
 /// Writes `size` bytes of zeros to `f` and makes them durable.
@@ -274,22 +280,14 @@ fn zero_fill(f: &std::fs::File, size: u64) -> std::io::Result<()> {
 
 /// Mounts an ext4 image through a loop device that goes away with the mount
 /// (util-linux `mount -o loop` sets autoclear).
-fn loop_mount(img: &Path, target: &Path) -> Result<(), String> {
-    let out = crate::command("mount")
+fn loop_mount(sys: &dyn Sys, img: &Path, target: &Path) -> Result<(), SystemError> {
+    let mut mount = crate::command("mount");
+    mount
         .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
         .arg(img)
-        .arg(target)
-        .output()
-        .map_err(|e| format!("mount: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "mount -o loop {}: {}",
-            img.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
+        .arg(target);
+    check("mount -o loop", sys.run(&mut mount, None))?;
+    Ok(())
 }
 
 /// Copies a directory tree (files, directories, symbolic links) with its modes.
@@ -389,7 +387,7 @@ pub fn growth(sys_block: &Path, name: &str) -> Option<(String, u32, u64)> {
 /// Grows the blank data partition over the rest of the disk before it is formatted: moves
 /// the backup GPT to the disk's end, extends the partition, and tells the kernel (the disk is
 /// in use: the root slot is on it, so only this partition is updated).
-fn grow_last_partition(root: &Path, dev: &Path, d: &mut Vec<String>) {
+fn grow_last_partition(sys: &dyn Sys, root: &Path, dev: &Path, d: &mut Vec<String>) {
     let Some(name) = dev.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return;
     };
@@ -397,38 +395,17 @@ fn grow_last_partition(root: &Path, dev: &Path, d: &mut Vec<String>) {
         return;
     };
     let disk_dev = root.join("dev").join(&disk);
-    let run = |args: &[&str], input: Option<&str>| -> Result<(), String> {
+    let run = |args: &[&str], input: Option<&[u8]>| -> Result<(), RunError> {
         let mut c = crate::command(args[0]);
         c.args(&args[1..]).arg(&disk_dev);
-        c.stdin(if input.is_some() {
-            std::process::Stdio::piped()
-        } else {
-            std::process::Stdio::null()
-        });
-        c.stdout(std::process::Stdio::null());
-        c.stderr(std::process::Stdio::piped());
-        let mut child = c.spawn().map_err(|e| format!("{}: {e}", args[0]))?;
-        if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
-            use std::io::Write;
-            let _ = stdin.write_all(text.as_bytes());
-        }
-        let out = child.wait_with_output().map_err(|e| e.to_string())?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{}: {}",
-                args.join(" "),
-                String::from_utf8_lossy(&out.stderr).trim()
-            ))
-        }
+        check(&args.join(" "), sys.run(&mut c, input)).map(drop)
     };
     let n = number.to_string();
-    let grow = || -> Result<(), String> {
+    let grow = || -> Result<(), RunError> {
         run(&["sfdisk", "-q", "--relocate", "gpt-bak-std"], None)?;
         run(
             &["sfdisk", "-q", "--no-reread", "--no-tell-kernel", "-N", &n],
-            Some(", +\n"),
+            Some(b", +\n"),
         )?;
         run(&["partx", "-u", "--nr", &n], None)
     };
@@ -444,7 +421,7 @@ fn grow_last_partition(root: &Path, dev: &Path, d: &mut Vec<String>) {
 
 /// Directories under `/etc` that programs write at run time, kept on the data disk and bound
 /// over the read-only image's (dockerd 20.10 writes its engine key to /etc/docker).
-pub fn writable_etc(root: &Path, d: &mut Vec<String>) {
+pub fn writable_etc(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) {
     for name in ["docker"] {
         let target = root.join("etc").join(name);
         if !target.is_dir() {
@@ -464,13 +441,7 @@ pub fn writable_etc(root: &Path, d: &mut Vec<String>) {
                 }
             }
         }
-        match nix::mount::mount(
-            Some(&kept),
-            &target,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        ) {
+        match sys.mount(Some(&kept), &target, None, MsFlags::MS_BIND, None) {
             Ok(()) => d.push(format!("/etc/{name} kept on the data disk")),
             Err(e) => d.push(format!("/etc/{name}: bind mount: {e}")),
         }
@@ -479,7 +450,7 @@ pub fn writable_etc(root: &Path, d: &mut Vec<String>) {
 
 /// The machine id: kept on the data disk, generated once, exposed at `/run/machine-id` and
 /// bind-mounted over `/etc/machine-id` when the image has that file.
-pub fn machine_id(root: &Path, d: &mut Vec<String>) -> Outcome {
+pub fn machine_id(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
     let kept = root.join("var/lib/shoal/machine-id");
     let id = match std::fs::read_to_string(&kept) {
         Ok(s) if s.trim().len() == 32 => s.trim().to_string(),
@@ -503,13 +474,7 @@ pub fn machine_id(root: &Path, d: &mut Vec<String>) -> Outcome {
     let _ = std::fs::write(&run, format!("{id}\n"));
     let etc = root.join("etc/machine-id");
     if etc.is_file() {
-        if let Err(e) = nix::mount::mount(
-            Some(&run),
-            &etc,
-            None::<&str>,
-            nix::mount::MsFlags::MS_BIND,
-            None::<&str>,
-        ) {
+        if let Err(e) = sys.mount(Some(&run), &etc, None, MsFlags::MS_BIND, None) {
             d.push(format!("bind /etc/machine-id: {e}"));
             return Outcome::Degraded;
         }
@@ -518,11 +483,13 @@ pub fn machine_id(root: &Path, d: &mut Vec<String>) -> Outcome {
     Outcome::Ok
 }
 
-/// What Docker needs from the kernel.
-pub const MODULES: [&str; 10] = [
+/// What the boot itself needs beyond the hardware's drivers: the store's file system is an
+/// image on the data disk (`store_volume`, the next stage).
+pub const BOOT_MODULES: [&str; 1] = ["loop"];
+
+/// What Docker needs from the kernel; loaded beside the later stages (`docker_modules`).
+pub const DOCKER_MODULES: [&str; 9] = [
     "overlay",
-    // The store's own file system is an image on the data disk (`store_volume`).
-    "loop",
     "br_netfilter",
     "nf_nat",
     "nf_conntrack",
@@ -560,8 +527,8 @@ fn modaliases(dir: &Path, depth: usize, out: &mut std::collections::BTreeSet<Str
 }
 
 /// Loads drivers for the hardware present (coldplug, in passes: a bus driver makes new
-/// devices appear), then what Docker needs.
-pub fn modules(root: &Path, d: &mut Vec<String>) -> Outcome {
+/// devices appear), then `BOOT_MODULES`.
+pub fn modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..4 {
         let mut now = std::collections::BTreeSet::new();
@@ -571,25 +538,36 @@ pub fn modules(root: &Path, d: &mut Vec<String>) -> Outcome {
             break;
         }
         for chunk in new.chunks(256) {
-            let _ = crate::command("modprobe")
-                .args(["-q", "-a", "-b"])
-                .args(chunk)
-                .status();
+            // An alias nothing matches is not an error (-b: the blacklist is honoured).
+            let _ = sys.run(
+                crate::command("modprobe")
+                    .args(["-q", "-a", "-b"])
+                    .args(chunk),
+                None,
+            );
         }
         seen.extend(new);
     }
     d.push(format!("{} device aliases", seen.len()));
-    let mut outcome = Outcome::Ok;
-    // One modprobe for all of them (each process costs ~100 ms under emulation), then a
-    // look at /sys/module for what did not load.
-    if let Err(e) = crate::command("modprobe")
-        .args(["-q", "-a"])
-        .args(MODULES)
-        .status()
-    {
-        d.push(format!("modprobe: {e}"));
-        return Outcome::Degraded;
+    load(sys, root, &BOOT_MODULES, d)
+}
+
+/// Loads Docker's modules, then sets the sysctls that exist only once they are loaded
+/// (bridge netfilter). Runs on its own thread while the network and metadata stages run;
+/// joined before the services start.
+pub fn docker_modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
+    let loaded = load(sys, root, &DOCKER_MODULES, d);
+    let set = sysctls(root, &BRIDGE_SYSCTLS, d);
+    if loaded == Outcome::Ok {
+        set
+    } else {
+        loaded
     }
+}
+
+/// Loads `names` with one modprobe (each process costs ~100 ms under emulation), then looks
+/// in /sys/module (and the kernel's built-in list) for what did not load.
+fn load(sys: &dyn Sys, root: &Path, names: &[&str], d: &mut Vec<String>) -> Outcome {
     let builtin = nix::sys::utsname::uname()
         .ok()
         .and_then(|u| {
@@ -601,10 +579,20 @@ pub fn modules(root: &Path, d: &mut Vec<String>) -> Outcome {
             .ok()
         })
         .unwrap_or_default();
-    for m in MODULES {
-        let loaded =
-            root.join("sys/module").join(m).exists() || builtin.contains(&format!("/{m}.ko"));
-        if !loaded {
+    let loaded =
+        |m: &str| root.join("sys/module").join(m).exists() || builtin.contains(&format!("/{m}.ko"));
+    let missing: Vec<&str> = names.iter().copied().filter(|m| !loaded(m)).collect();
+    if missing.is_empty() {
+        return Outcome::Ok;
+    }
+    let mut modprobe = crate::command("modprobe");
+    modprobe.args(["-q", "-a"]).args(&missing);
+    if let Err(e) = check("modprobe", sys.run(&mut modprobe, None)) {
+        d.push(e.to_string());
+    }
+    let mut outcome = Outcome::Ok;
+    for m in missing {
+        if !loaded(m) {
             d.push(format!("{m}: not loaded"));
             outcome = Outcome::Degraded;
         }
@@ -612,20 +600,22 @@ pub fn modules(root: &Path, d: &mut Vec<String>) -> Outcome {
     outcome
 }
 
-pub const SYSCTLS: [(&str, &str); 5] = [
+pub const SYSCTLS: [(&str, &str); 3] = [
     ("net/ipv4/ip_forward", "1"),
     ("net/ipv6/conf/all/forwarding", "1"),
-    ("net/bridge/bridge-nf-call-iptables", "1"),
-    ("net/bridge/bridge-nf-call-ip6tables", "1"),
     ("fs/inotify/max_user_instances", "8192"),
 ];
 
-pub fn sysctls(root: &Path, net_only: bool, d: &mut Vec<String>) -> Outcome {
+/// These exist once `br_netfilter` is loaded (`docker_modules`).
+pub const BRIDGE_SYSCTLS: [(&str, &str); 2] = [
+    ("net/bridge/bridge-nf-call-iptables", "1"),
+    ("net/bridge/bridge-nf-call-ip6tables", "1"),
+];
+
+/// Writes `which` under `root`'s /proc/sys.
+pub fn sysctls(root: &Path, which: &[(&str, &str)], d: &mut Vec<String>) -> Outcome {
     let mut outcome = Outcome::Ok;
-    for (k, v) in SYSCTLS {
-        if net_only && !k.starts_with("net/") {
-            continue;
-        }
+    for (k, v) in which {
         if let Err(e) = std::fs::write(root.join("proc/sys").join(k), v) {
             d.push(format!("{k}: {e}"));
             outcome = Outcome::Degraded;

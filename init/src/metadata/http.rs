@@ -8,6 +8,31 @@ use std::time::Duration;
 
 const MAX_BODY: usize = 16 << 20;
 
+/// Why a metadata request got no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("{0}: only http:// is supported")]
+    Scheme(String),
+    #[error("{host}: no address")]
+    NoAddress { host: String },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{url}: no complete answer within {timeout:?}")]
+    Timeout { url: String, timeout: Duration },
+    #[error("{0}: the answer is too large")]
+    TooLarge(String),
+    #[error("{0}: malformed HTTP response")]
+    Malformed(String),
+}
+
+fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> HttpError {
+    let what = what.to_string();
+    move |source| HttpError::Io { what, source }
+}
+
 #[derive(Debug)]
 pub struct Response {
     pub status: u16,
@@ -31,10 +56,10 @@ pub fn request(
     url: &str,
     headers: &[(&str, &str)],
     timeout: Duration,
-) -> Result<Response, String> {
+) -> Result<Response, HttpError> {
     let rest = url
         .strip_prefix("http://")
-        .ok_or_else(|| format!("{url}: only http:// is supported"))?;
+        .ok_or_else(|| HttpError::Scheme(url.into()))?;
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -46,19 +71,23 @@ pub fn request(
     };
     let addr: SocketAddr = with_port
         .to_socket_addrs()
-        .map_err(|e| format!("{hostport}: {e}"))?
+        .map_err(io(hostport))?
         .next()
-        .ok_or_else(|| format!("{hostport}: no address"))?;
+        .ok_or_else(|| HttpError::NoAddress {
+            host: hostport.into(),
+        })?;
     let deadline = std::time::Instant::now() + timeout;
     let left = || {
         let l = deadline.saturating_duration_since(std::time::Instant::now());
         (!l.is_zero())
             .then_some(l)
-            .ok_or_else(|| format!("{url}: no complete answer within {timeout:?}"))
+            .ok_or_else(|| HttpError::Timeout {
+                url: url.into(),
+                timeout,
+            })
     };
-    let mut s = TcpStream::connect_timeout(&addr, left()?).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_write_timeout(Some(left()?))
-        .map_err(|e| e.to_string())?;
+    let mut s = TcpStream::connect_timeout(&addr, left()?).map_err(io(addr))?;
+    s.set_write_timeout(Some(left()?)).map_err(io(addr))?;
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nUser-Agent: shoal-init\r\n"
     );
@@ -69,25 +98,24 @@ pub fn request(
         req.push_str("Content-Length: 0\r\n");
     }
     req.push_str("\r\n");
-    s.write_all(req.as_bytes()).map_err(|e| e.to_string())?;
+    s.write_all(req.as_bytes()).map_err(io(url))?;
     let mut raw = Vec::new();
     let mut buf = [0u8; 16 * 1024];
     loop {
-        s.set_read_timeout(Some(left()?))
-            .map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(left()?)).map_err(io(url))?;
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 raw.extend_from_slice(&buf[..n]);
                 if raw.len() > MAX_BODY + 65536 {
-                    return Err(format!("{url}: the answer is too large"));
+                    return Err(HttpError::TooLarge(url.into()));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(format!("{url}: {e}")),
+            Err(e) => return Err(io(url)(e)),
         }
     }
-    parse(&raw).ok_or_else(|| format!("{url}: malformed HTTP response"))
+    parse(&raw).ok_or_else(|| HttpError::Malformed(url.into()))
 }
 
 /// Parses a whole HTTP/1.x response (Content-Length, chunked, or until close).

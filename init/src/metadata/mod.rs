@@ -93,12 +93,39 @@ pub fn nocloud_dir(dir: &Path, source: &str) -> Option<Metadata> {
     nocloud_files(&files, source)
 }
 
-fn get(url: &str, headers: &[(&str, &str)], timeout: Duration) -> Result<http::Response, String> {
-    http::request("GET", url, headers, timeout)
+/// Why a metadata service gave no metadata.
+#[derive(Debug, thiserror::Error)]
+pub enum MetadataError {
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("{what}: HTTP {status}")]
+    Status { what: String, status: u16 },
+    #[error("{what}: {source}")]
+    Json {
+        what: &'static str,
+        source: serde_json::Error,
+    },
+    #[error("{0} answered without an instance id")]
+    NoInstanceId(&'static str),
+    #[error("not a GCE metadata server (no Metadata-Flavor: Google)")]
+    NotGce,
+}
+
+type Result<T> = std::result::Result<T, MetadataError>;
+
+fn status(what: impl Into<String>, status: u16) -> MetadataError {
+    MetadataError::Status {
+        what: what.into(),
+        status,
+    }
+}
+
+fn get(url: &str, headers: &[(&str, &str)], timeout: Duration) -> Result<http::Response> {
+    Ok(http::request("GET", url, headers, timeout)?)
 }
 
 /// A NoCloud seed over HTTP.
-pub fn nocloud_http(seed: &str, timeout: Duration) -> Result<Metadata, String> {
+pub fn nocloud_http(seed: &str, timeout: Duration) -> Result<Metadata> {
     let base = if seed.ends_with('/') {
         seed.to_string()
     } else {
@@ -106,7 +133,7 @@ pub fn nocloud_http(seed: &str, timeout: Duration) -> Result<Metadata, String> {
     };
     let md = get(&format!("{base}meta-data"), &[], timeout)?;
     if md.status != 200 {
-        return Err(format!("{base}meta-data: HTTP {}", md.status));
+        return Err(status(format!("{base}meta-data"), md.status));
     }
     let (instance_id, hostname) = meta_data(&String::from_utf8_lossy(&md.body));
     let fetch = |name: &str| {
@@ -125,7 +152,7 @@ pub fn nocloud_http(seed: &str, timeout: Duration) -> Result<Metadata, String> {
 }
 
 /// EC2 with IMDSv2: every read carries a session token obtained by PUT.
-pub fn ec2(host: &str, timeout: Duration) -> Result<Metadata, String> {
+pub fn ec2(host: &str, timeout: Duration) -> Result<Metadata> {
     let base = format!("http://{host}");
     let t = http::request(
         "PUT",
@@ -134,22 +161,22 @@ pub fn ec2(host: &str, timeout: Duration) -> Result<Metadata, String> {
         timeout,
     )?;
     if t.status != 200 {
-        return Err(format!("IMDSv2 token: HTTP {}", t.status));
+        return Err(status("IMDSv2 token", t.status));
     }
     let token = String::from_utf8_lossy(&t.body).trim().to_string();
     let h = [("X-aws-ec2-metadata-token", token.as_str())];
-    let read = |path: &str| -> Result<Option<Vec<u8>>, String> {
+    let read = |path: &str| -> Result<Option<Vec<u8>>> {
         let r = get(&format!("{base}{path}"), &h, timeout)?;
         match r.status {
             200 => Ok(Some(r.body)),
             404 => Ok(None),
-            s => Err(format!("{path}: HTTP {s}")),
+            s => Err(status(path, s)),
         }
     };
     let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).trim().to_string());
     let instance_id = text(read("/latest/meta-data/instance-id")?);
     if instance_id.is_none() {
-        return Err("IMDS answered without an instance id".into());
+        return Err(MetadataError::NoInstanceId("IMDS"));
     }
     Ok(Metadata {
         source: "ec2 (IMDSv2)".into(),
@@ -161,24 +188,24 @@ pub fn ec2(host: &str, timeout: Duration) -> Result<Metadata, String> {
 }
 
 /// GCE: reads need `Metadata-Flavor: Google`, and answers carry it back.
-pub fn gce(host: &str, timeout: Duration) -> Result<Metadata, String> {
+pub fn gce(host: &str, timeout: Duration) -> Result<Metadata> {
     let base = format!("http://{host}/computeMetadata/v1/instance");
     let h = [("Metadata-Flavor", "Google")];
-    let read = |path: &str| -> Result<Option<Vec<u8>>, String> {
+    let read = |path: &str| -> Result<Option<Vec<u8>>> {
         let r = get(&format!("{base}{path}"), &h, timeout)?;
         if r.header("metadata-flavor") != Some("Google") {
-            return Err("not a GCE metadata server (no Metadata-Flavor: Google)".into());
+            return Err(MetadataError::NotGce);
         }
         match r.status {
             200 => Ok(Some(r.body)),
             404 => Ok(None),
-            s => Err(format!("{path}: HTTP {s}")),
+            s => Err(status(path, s)),
         }
     };
     let text = |b: Option<Vec<u8>>| b.map(|b| String::from_utf8_lossy(&b).trim().to_string());
     let instance_id = text(read("/id")?);
     if instance_id.is_none() {
-        return Err("GCE metadata without an instance id".into());
+        return Err(MetadataError::NoInstanceId("the GCE metadata server"));
     }
     Ok(Metadata {
         source: "gce".into(),
@@ -191,14 +218,17 @@ pub fn gce(host: &str, timeout: Duration) -> Result<Metadata, String> {
 }
 
 /// OpenStack's metadata service (JSON meta_data plus user_data).
-pub fn openstack(host: &str, timeout: Duration) -> Result<Metadata, String> {
+pub fn openstack(host: &str, timeout: Duration) -> Result<Metadata> {
     let base = format!("http://{host}/openstack/latest");
     let md = get(&format!("{base}/meta_data.json"), &[], timeout)?;
     if md.status != 200 {
-        return Err(format!("meta_data.json: HTTP {}", md.status));
+        return Err(status("meta_data.json", md.status));
     }
     let v: serde_json::Value =
-        serde_json::from_slice(&md.body).map_err(|e| format!("meta_data.json: {e}"))?;
+        serde_json::from_slice(&md.body).map_err(|source| MetadataError::Json {
+            what: "meta_data.json",
+            source,
+        })?;
     let ud = get(&format!("{base}/user_data"), &[], timeout)?;
     Ok(Metadata {
         source: "openstack".into(),
@@ -302,7 +332,7 @@ pub fn remote(
             }
         }
     }
-    type Probe = fn(&str, Duration) -> Result<Metadata, String>;
+    type Probe = fn(&str, Duration) -> Result<Metadata>;
     let probes: [(&str, Probe); 3] = [("ec2", ec2), ("gce", gce), ("openstack", openstack)];
     if allowed.is_empty() {
         detail.push(

@@ -9,10 +9,27 @@ use std::path::Path;
 const SECTOR: u64 = 2048;
 const MAX_FILE: u64 = 16 << 20;
 
-fn read_at(f: &mut std::fs::File, off: u64, len: usize) -> Result<Vec<u8>, String> {
-    f.seek(SeekFrom::Start(off)).map_err(|e| e.to_string())?;
+/// Why a seed volume's files could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum SeedError {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("no Joliet directory tree on this ISO 9660 volume")]
+    NoJoliet,
+    #[error("the FAT volume's boot sector is malformed")]
+    FatBootSector,
+    #[error("the FAT volume is malformed (its reader gave up)")]
+    FatPanicked,
+    #[error("{0}: not a seed file system")]
+    NotASeed(String),
+}
+
+type Files = Result<BTreeMap<String, Vec<u8>>, SeedError>;
+
+fn read_at(f: &mut std::fs::File, off: u64, len: usize) -> Result<Vec<u8>, SeedError> {
+    f.seek(SeekFrom::Start(off))?;
     let mut b = vec![0u8; len];
-    f.read_exact(&mut b).map_err(|e| e.to_string())?;
+    f.read_exact(&mut b)?;
     Ok(b)
 }
 
@@ -66,8 +83,8 @@ fn parse_dir(data: &[u8]) -> Vec<Entry> {
 
 /// Reads `wanted` paths (e.g. `user-data`, `openstack/latest/meta_data.json`) from an ISO 9660
 /// image with Joliet names.
-pub fn iso_files(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let mut f = std::fs::File::open(dev).map_err(|e| e.to_string())?;
+pub fn iso_files(dev: &Path, wanted: &[&str]) -> Files {
+    let mut f = std::fs::File::open(dev)?;
     let mut root = None;
     for s in 16..64 {
         let vd = read_at(&mut f, s * SECTOR, SECTOR as usize)?;
@@ -84,7 +101,7 @@ pub fn iso_files(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>
             break;
         }
     }
-    let (lba, size) = root.ok_or("no Joliet directory tree on this ISO 9660 volume")?;
+    let (lba, size) = root.ok_or(SeedError::NoJoliet)?;
     let mut out = BTreeMap::new();
     for path in wanted {
         let (mut l, mut s) = (lba, size);
@@ -158,9 +175,8 @@ impl<R: Seek> Seek for Budgeted<R> {
 /// Reads `wanted` paths from a FAT volume, within `FAT_READ_BUDGET`. The FAT crate is not
 /// ours and meets hostile volumes here: a panic inside it (its arithmetic overflows on some
 /// malformed boot sectors, found by fuzzing) is an unreadable seed, not a failed boot stage.
-pub fn fat_files(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    std::panic::catch_unwind(|| fat_files_inner(dev, wanted))
-        .unwrap_or_else(|_| Err("the FAT volume is malformed (its reader gave up)".into()))
+pub fn fat_files(dev: &Path, wanted: &[&str]) -> Files {
+    std::panic::catch_unwind(|| fat_files_inner(dev, wanted)).unwrap_or(Err(SeedError::FatPanicked))
 }
 
 /// Whether the boot sector's FAT geometry is one the reader computes with without
@@ -182,20 +198,19 @@ pub fn fat_geometry_sane(boot: &[u8]) -> bool {
     spf > 0 && spf * bps * 8 <= u64::from(u32::MAX)
 }
 
-fn fat_files_inner(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u8>>, String> {
-    let mut f = std::fs::File::open(dev).map_err(|e| e.to_string())?;
+fn fat_files_inner(dev: &Path, wanted: &[&str]) -> Files {
+    let mut f = std::fs::File::open(dev)?;
     let mut boot = [0u8; 512];
-    f.read_exact(&mut boot).map_err(|e| e.to_string())?;
+    f.read_exact(&mut boot)?;
     if !fat_geometry_sane(&boot) {
-        return Err("the FAT volume's boot sector is malformed".into());
+        return Err(SeedError::FatBootSector);
     }
-    f.seek(std::io::SeekFrom::Start(0))
-        .map_err(|e| e.to_string())?;
+    f.seek(std::io::SeekFrom::Start(0))?;
     let f = Budgeted {
         inner: f,
         left: FAT_READ_BUDGET,
     };
-    let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new()).map_err(|e| e.to_string())?;
+    let fs = fatfs::FileSystem::new(f, fatfs::FsOptions::new())?;
     let root = fs.root_dir();
     let mut out = BTreeMap::new();
     for path in wanted {
@@ -209,15 +224,11 @@ fn fat_files_inner(dev: &Path, wanted: &[&str]) -> Result<BTreeMap<String, Vec<u
     Ok(out)
 }
 
-pub fn files(
-    dev: &Path,
-    fstype: &str,
-    wanted: &[&str],
-) -> Result<BTreeMap<String, Vec<u8>>, String> {
+pub fn files(dev: &Path, fstype: &str, wanted: &[&str]) -> Files {
     match fstype {
         "iso9660" => iso_files(dev, wanted),
         "vfat" => fat_files(dev, wanted),
-        other => Err(format!("{other}: not a seed file system")),
+        other => Err(SeedError::NotASeed(other.into())),
     }
 }
 

@@ -36,15 +36,45 @@ fn fingerprint(b: &[u8]) -> String {
 }
 
 /// Un-gzips when the data starts with the gzip magic.
-pub fn decompress(raw: &[u8]) -> Result<Vec<u8>, String> {
+/// Why user-data was not applied at all (what is refused key by key goes in `Applied::refused`).
+#[derive(Debug, thiserror::Error)]
+pub enum UserDataError {
+    #[error("gzip user-data: {0}")]
+    Gzip(#[source] std::io::Error),
+    #[error("user-data is larger than 16 MiB")]
+    TooLarge,
+    #[error("user-data is not UTF-8")]
+    NotUtf8,
+    #[error("user-data is a script: shoal does not run scripts from user-data; use #cloud-config with a shoal: key")]
+    Script,
+    #[error("user-data must start with #cloud-config")]
+    NotCloudConfig,
+    #[error("user-data YAML: {0}")]
+    Yaml(#[from] serde_yaml_ng::Error),
+    #[error("user-data must be a YAML mapping")]
+    NotMapping,
+}
+
+/// Why one `write_files` entry was refused.
+#[derive(Debug, thiserror::Error)]
+enum WriteError {
+    #[error("it resolves (through links) outside /var and /run, or into /run/shoal")]
+    Outside,
+    #[error("it is a link: write_files follows none")]
+    Link,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+pub fn decompress(raw: &[u8]) -> Result<Vec<u8>, UserDataError> {
     if raw.starts_with(&[0x1f, 0x8b]) {
         let mut out = Vec::new();
         flate2::read::GzDecoder::new(raw)
             .take(MAX_USER_DATA + 1)
             .read_to_end(&mut out)
-            .map_err(|e| format!("gzip user-data: {e}"))?;
+            .map_err(UserDataError::Gzip)?;
         if out.len() as u64 > MAX_USER_DATA {
-            return Err("user-data is larger than 16 MiB".into());
+            return Err(UserDataError::TooLarge);
         }
         return Ok(out);
     }
@@ -99,11 +129,15 @@ fn write_file(root: &Path, item: &serde_yaml_ng::Value, out: &mut Applied) {
             }
         }
         "gzip+b64" | "gz+b64" | "gzip+base64" | "gz+base64" => {
-            match base64::engine::general_purpose::STANDARD
-                .decode(content.trim())
-                .map_err(|e| e.to_string())
-                .and_then(|b| decompress(&b))
-            {
+            let gz = match base64::engine::general_purpose::STANDARD.decode(content.trim()) {
+                Ok(b) => b,
+                Err(e) => {
+                    out.refused
+                        .push(format!("write_files {path}: bad base64: {e}"));
+                    return;
+                }
+            };
+            match decompress(&gz) {
                 Ok(b) => b,
                 Err(e) => {
                     out.refused.push(format!("write_files {path}: {e}"));
@@ -156,14 +190,12 @@ fn resolved(p: &Path) -> std::io::Result<std::path::PathBuf> {
 /// Writes `target` (under `root`) only where it really lands under `/var` or `/run` and not
 /// under `/run/shoal`, following no link at the last step: `/var/run` is a link to `/run`, so
 /// `/var/run/shoal/node.json` must be refused like `/run/shoal/node.json`.
-fn write_resolved(root: &Path, target: &Path, bytes: &[u8], mode: u32) -> Result<(), String> {
+fn write_resolved(root: &Path, target: &Path, bytes: &[u8], mode: u32) -> Result<(), WriteError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let outside =
-        || "it resolves (through links) outside /var and /run, or into /run/shoal".to_string();
-    let dir = target.parent().ok_or_else(outside)?;
+    let dir = target.parent().ok_or(WriteError::Outside)?;
     let allowed = [resolved(&root.join("var")), resolved(&root.join("run"))];
-    let forbidden = resolved(&root.join("run/shoal")).map_err(|e| e.to_string())?;
+    let forbidden = resolved(&root.join("run/shoal"))?;
     let ok = |real: &Path| {
         allowed
             .iter()
@@ -173,15 +205,15 @@ fn write_resolved(root: &Path, target: &Path, bytes: &[u8], mode: u32) -> Result
     };
     // Before anything is made (a link among the existing directories), and after (none can
     // have appeared: PID 1 is the only writer at this stage, but check what was made).
-    let real = resolved(dir).map_err(|e| e.to_string())?;
+    let real = resolved(dir)?;
     if !ok(&real.join("x")) {
-        return Err(outside());
+        return Err(WriteError::Outside);
     }
-    std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
-    let real = dir.canonicalize().map_err(|e| e.to_string())?;
-    let file = real.join(target.file_name().ok_or_else(outside)?);
+    std::fs::create_dir_all(dir)?;
+    let real = dir.canonicalize()?;
+    let file = real.join(target.file_name().ok_or(WriteError::Outside)?);
     if !ok(&file) {
-        return Err(outside());
+        return Err(WriteError::Outside);
     }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -191,31 +223,28 @@ fn write_resolved(root: &Path, target: &Path, bytes: &[u8], mode: u32) -> Result
         .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(&file)
         .map_err(|e| match e.raw_os_error() {
-            Some(code) if code == nix::errno::Errno::ELOOP as i32 => {
-                "it is a link: write_files follows none".to_string()
-            }
-            _ => e.to_string(),
+            Some(code) if code == nix::errno::Errno::ELOOP as i32 => WriteError::Link,
+            _ => e.into(),
         })?;
-    f.write_all(bytes).map_err(|e| e.to_string())?;
-    f.set_permissions(std::fs::Permissions::from_mode(mode))
-        .map_err(|e| e.to_string())
+    f.write_all(bytes)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    Ok(())
 }
 
 /// Processes user-data; `root` is where `write_files` lands.
-pub fn process(root: &Path, raw: &[u8]) -> Result<Applied, String> {
+pub fn process(root: &Path, raw: &[u8]) -> Result<Applied, UserDataError> {
     let data = decompress(raw)?;
-    let text = String::from_utf8(data).map_err(|_| "user-data is not UTF-8".to_string())?;
+    let text = String::from_utf8(data).map_err(|_| UserDataError::NotUtf8)?;
     let first = text.lines().next().unwrap_or("").trim_end();
     if first.starts_with("#!") {
-        return Err("user-data is a script: shoal does not run scripts from user-data; use #cloud-config with a shoal: key".into());
+        return Err(UserDataError::Script);
     }
     if first != "#cloud-config" {
-        return Err("user-data must start with #cloud-config".into());
+        return Err(UserDataError::NotCloudConfig);
     }
-    let doc: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(&text).map_err(|e| format!("user-data YAML: {e}"))?;
+    let doc: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text)?;
     let Some(map) = doc.as_mapping() else {
-        return Err("user-data must be a YAML mapping".into());
+        return Err(UserDataError::NotMapping);
     };
     let mut out = Applied::default();
     for (k, v) in map {
@@ -370,9 +399,10 @@ mod tests {
         gz.write_all(UD.as_bytes()).unwrap();
         let z = process(dir.path(), &gz.finish().unwrap()).unwrap();
         assert_eq!(z.hostname, a.hostname);
-        assert!(process(dir.path(), b"#!/bin/sh\necho hi\n")
-            .unwrap_err()
-            .contains("script"));
+        assert!(matches!(
+            process(dir.path(), b"#!/bin/sh\necho hi\n"),
+            Err(UserDataError::Script)
+        ));
         assert!(process(dir.path(), b"hostname: x\n").is_err());
 
         // The same user-data gives the same fingerprints; a changed key is named.

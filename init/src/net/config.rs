@@ -6,6 +6,49 @@ use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
 
+/// What a network description got wrong, naming where it came from (`ip=`, `shoal.net=`,
+/// `network-config`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0:?} is not an address")]
+    NotAnAddress(String),
+    #[error("{0} is not a netmask")]
+    NotANetmask(Ipv4Addr),
+    #[error("{0:?}: bad prefix")]
+    BadPrefix(String),
+    #[error("{origin}: {what} {value:?} is not an IPv4 address")]
+    NotIpv4 {
+        origin: &'static str,
+        what: &'static str,
+        value: String,
+    },
+    #[error("{origin}: bad {what} {value:?}")]
+    BadValue {
+        origin: &'static str,
+        what: &'static str,
+        value: String,
+    },
+    #[error("shoal.net=: unknown key {0:?}")]
+    UnknownKey(String),
+    #[error("shoal.net=: name an interface first")]
+    NoInterface,
+    #[error("ip=: neither a client address nor autoconfiguration")]
+    NoAddress,
+    #[error("network-config v1: static subnet without address")]
+    StaticWithoutAddress,
+    #[error("{origin}: {source}")]
+    Yaml {
+        origin: &'static str,
+        source: serde_yaml_ng::Error,
+    },
+    #[error("{0} not supported")]
+    Unsupported(String),
+    #[error("network-config: version {0} not supported (1 or 2)")]
+    Version(u64),
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Iface {
     /// Interface name; `None` with a `mac` matches by address.
@@ -30,16 +73,16 @@ pub struct NetConfig {
     pub off: bool,
 }
 
-fn prefix_of_mask(mask: Ipv4Addr) -> Result<u8, String> {
+fn prefix_of_mask(mask: Ipv4Addr) -> Result<u8> {
     let m = u32::from(mask);
     if m.leading_ones() + m.trailing_zeros() != 32 {
-        return Err(format!("{mask} is not a netmask"));
+        return Err(ConfigError::NotANetmask(mask));
     }
     Ok(m.leading_ones() as u8)
 }
 
 /// `10.0.0.5/24` (or a bare address, /32 for v4, /128 for v6).
-pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
+pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8)> {
     let (a, p) = match s.split_once('/') {
         Some((a, p)) => (a, Some(p)),
         None => (s, None),
@@ -47,14 +90,14 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
     let ip: IpAddr = a
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not an address"))?;
+        .map_err(|_| ConfigError::NotAnAddress(s.into()))?;
     let max = if ip.is_ipv4() { 32 } else { 128 };
     let prefix = match p {
         Some(p) => match p.parse::<u8>() {
             Ok(n) if n <= max => n,
             _ => match (ip, p.parse::<Ipv4Addr>()) {
                 (IpAddr::V4(_), Ok(mask)) => prefix_of_mask(mask)?,
-                _ => return Err(format!("{s:?}: bad prefix")),
+                _ => return Err(ConfigError::BadPrefix(s.into())),
             },
         },
         None => max,
@@ -65,7 +108,7 @@ pub fn parse_cidr(s: &str) -> Result<(IpAddr, u8), String> {
 /// The kernel's `ip=` (Documentation/admin-guide/nfs/nfsroot.rst):
 /// `<client-ip>:<server-ip>:<gw-ip>:<netmask>:<hostname>:<device>:<autoconf>:<dns0>:<dns1>:<ntp0>`,
 /// or one of `off|none|on|any|dhcp|bootp|rarp|both`, or dracut's `<device>:dhcp`.
-pub fn parse_kernel_ip(s: &str) -> Result<NetConfig, String> {
+pub fn parse_kernel_ip(s: &str) -> Result<NetConfig> {
     let mut cfg = NetConfig::default();
     match s {
         "off" | "none" => {
@@ -91,13 +134,10 @@ pub fn parse_kernel_ip(s: &str) -> Result<NetConfig, String> {
         return Ok(cfg);
     }
     let get = |i: usize| f.get(i).copied().unwrap_or("").trim();
-    let ip4 = |i: usize, what: &str| -> Result<Option<Ipv4Addr>, String> {
+    let ip4 = |i: usize, what: &'static str| -> Result<Option<Ipv4Addr>> {
         match get(i) {
             "" => Ok(None),
-            v => v
-                .parse()
-                .map(Some)
-                .map_err(|_| format!("ip=: {what} {v:?} is not an IPv4 address")),
+            v => ipv4("ip=", what, v).map(Some),
         }
     };
     let client = ip4(0, "client address")?;
@@ -119,7 +159,7 @@ pub fn parse_kernel_ip(s: &str) -> Result<NetConfig, String> {
         }
         None => {
             if matches!(autoconf, "" | "off" | "none") {
-                return Err("ip=: neither a client address nor autoconfiguration".into());
+                return Err(ConfigError::NoAddress);
             }
         }
     }
@@ -141,7 +181,7 @@ pub fn parse_kernel_ip(s: &str) -> Result<NetConfig, String> {
 }
 
 /// `shoal.net=`: `dhcp`, `off`, or `<iface>,<addr>/<prefix>[,gw=<ip>][,dns=<ip>]...[,mtu=<n>]`.
-pub fn parse_shoal_net(s: &str) -> Result<NetConfig, String> {
+pub fn parse_shoal_net(s: &str) -> Result<NetConfig> {
     let mut cfg = NetConfig::default();
     match s {
         "off" => {
@@ -160,24 +200,23 @@ pub fn parse_shoal_net(s: &str) -> Result<NetConfig, String> {
     let mut parts = s.split(',');
     let name = parts.next().unwrap_or("").trim();
     if name.is_empty() {
-        return Err("shoal.net=: name an interface first".into());
+        return Err(ConfigError::NoInterface);
     }
     let mut iface = Iface {
         name: Some(name.into()),
         ..Default::default()
     };
+    let bad = |what: &'static str, v: &str| ConfigError::BadValue {
+        origin: "shoal.net=",
+        what,
+        value: v.into(),
+    };
     for p in parts {
         match p.split_once('=') {
-            Some(("gw", v)) => {
-                iface.gateway = Some(v.parse().map_err(|_| format!("shoal.net=: gw {v:?}"))?)
-            }
-            Some(("dns", v)) => cfg
-                .dns
-                .push(v.parse().map_err(|_| format!("shoal.net=: dns {v:?}"))?),
-            Some(("mtu", v)) => {
-                iface.mtu = Some(v.parse().map_err(|_| format!("shoal.net=: mtu {v:?}"))?)
-            }
-            Some((k, _)) => return Err(format!("shoal.net=: unknown key {k:?}")),
+            Some(("gw", v)) => iface.gateway = Some(v.parse().map_err(|_| bad("gw", v))?),
+            Some(("dns", v)) => cfg.dns.push(v.parse().map_err(|_| bad("dns", v))?),
+            Some(("mtu", v)) => iface.mtu = Some(v.parse().map_err(|_| bad("mtu", v))?),
+            Some((k, _)) => return Err(ConfigError::UnknownKey(k.into())),
             None if p == "dhcp" => iface.dhcp = true,
             None => iface.addrs.push(parse_cidr(p)?),
         }
@@ -284,157 +323,176 @@ fn truthy(v: &Option<serde_yaml_ng::Value>) -> bool {
     }
 }
 
-fn v4(s: &str, what: &str) -> Result<Ipv4Addr, String> {
-    s.trim()
-        .parse()
-        .map_err(|_| format!("network-config: {what} {s:?} is not an IPv4 address"))
+fn ipv4(origin: &'static str, what: &'static str, s: &str) -> Result<Ipv4Addr> {
+    s.trim().parse().map_err(|_| ConfigError::NotIpv4 {
+        origin,
+        what,
+        value: s.into(),
+    })
 }
 
-fn route_dest(to: &str) -> Result<(Ipv4Addr, u8), String> {
+fn v4(s: &str, what: &'static str) -> Result<Ipv4Addr> {
+    ipv4("network-config", what, s)
+}
+
+fn dns(d: &str) -> Result<IpAddr> {
+    d.parse().map_err(|_| ConfigError::BadValue {
+        origin: "network-config",
+        what: "DNS server",
+        value: d.into(),
+    })
+}
+
+fn yaml<T: serde::de::DeserializeOwned>(
+    origin: &'static str,
+    doc: serde_yaml_ng::Value,
+) -> Result<T> {
+    serde_yaml_ng::from_value(doc).map_err(|source| ConfigError::Yaml { origin, source })
+}
+
+fn route_dest(to: &str) -> Result<(Ipv4Addr, u8)> {
     if matches!(to, "default" | "0.0.0.0/0") {
         return Ok((Ipv4Addr::UNSPECIFIED, 0));
     }
     match parse_cidr(to)? {
         (IpAddr::V4(a), p) => Ok((a, p)),
-        _ => Err(format!("network-config: IPv6 route {to:?} not supported")),
+        _ => Err(ConfigError::Unsupported(format!(
+            "network-config: IPv6 route {to:?}"
+        ))),
     }
 }
 
 /// A NoCloud `network-config` document (v1 or v2; top-level or under `network:`).
-pub fn parse_network_config(text: &str) -> Result<NetConfig, String> {
+pub fn parse_network_config(text: &str) -> Result<NetConfig> {
     let mut doc: serde_yaml_ng::Value =
-        serde_yaml_ng::from_str(text).map_err(|e| format!("network-config: {e}"))?;
+        serde_yaml_ng::from_str(text).map_err(|source| ConfigError::Yaml {
+            origin: "network-config",
+            source,
+        })?;
     if let Ok(w) = serde_yaml_ng::from_value::<Wrapped>(doc.clone()) {
         doc = w.network;
     }
-    let version = doc.get("version").and_then(|v| v.as_u64()).unwrap_or(0);
+    match doc.get("version").and_then(|v| v.as_u64()).unwrap_or(0) {
+        2 => network_config_v2(yaml("network-config v2", doc)?),
+        1 => network_config_v1(yaml("network-config v1", doc)?),
+        other => Err(ConfigError::Version(other)),
+    }
+}
+
+fn network_config_v2(v: V2) -> Result<NetConfig> {
+    debug_assert_eq!(v.version, 2);
     let mut cfg = NetConfig::default();
-    match version {
-        2 => {
-            let v: V2 =
-                serde_yaml_ng::from_value(doc).map_err(|e| format!("network-config v2: {e}"))?;
-            debug_assert_eq!(v.version, 2);
-            for (id, e) in v.ethernets {
+    for (id, e) in v.ethernets {
+        let mut i = Iface {
+            name: e
+                .set_name
+                .or(e.matches.name)
+                .or_else(|| e.matches.macaddress.is_none().then(|| id.clone())),
+            mac: e.matches.macaddress.map(|m| m.to_ascii_lowercase()),
+            dhcp: truthy(&e.dhcp4),
+            mtu: e.mtu,
+            ..Default::default()
+        };
+        for a in &e.addresses {
+            i.addrs.push(parse_cidr(a)?);
+        }
+        if let Some(g) = &e.gateway4 {
+            i.gateway = Some(v4(g, "gateway4")?);
+        }
+        for r in &e.routes {
+            let (dst, p) = route_dest(&r.to)?;
+            let via = v4(&r.via, "route via")?;
+            if p == 0 {
+                i.gateway = Some(via);
+            } else {
+                i.routes.push((dst, p, via));
+            }
+        }
+        for d in &e.nameservers.addresses {
+            cfg.dns.push(dns(d)?);
+        }
+        cfg.search.extend(e.nameservers.search.iter().cloned());
+        cfg.ifaces.push(i);
+    }
+    Ok(cfg)
+}
+
+fn network_config_v1(v: V1) -> Result<NetConfig> {
+    let mut cfg = NetConfig::default();
+    for item in v.config {
+        match item.kind.as_str() {
+            "physical" => {
                 let mut i = Iface {
-                    name: e
-                        .set_name
-                        .or(e.matches.name)
-                        .or_else(|| e.matches.macaddress.is_none().then(|| id.clone())),
-                    mac: e.matches.macaddress.map(|m| m.to_ascii_lowercase()),
-                    dhcp: truthy(&e.dhcp4),
-                    mtu: e.mtu,
+                    name: item.name.clone(),
+                    mac: item.mac_address.map(|m| m.to_ascii_lowercase()),
+                    mtu: item.mtu,
                     ..Default::default()
                 };
-                for a in &e.addresses {
-                    i.addrs.push(parse_cidr(a)?);
+                for s in item.subnets {
+                    v1_subnet(s, &mut i, &mut cfg)?;
                 }
-                if let Some(g) = &e.gateway4 {
-                    i.gateway = Some(v4(g, "gateway4")?);
-                }
-                for r in &e.routes {
-                    let (dst, p) = route_dest(&r.to)?;
-                    let via = v4(&r.via, "route via")?;
-                    if p == 0 {
-                        i.gateway = Some(via);
-                    } else {
-                        i.routes.push((dst, p, via));
-                    }
-                }
-                for d in &e.nameservers.addresses {
-                    cfg.dns.push(
-                        d.parse()
-                            .map_err(|_| format!("network-config: DNS {d:?}"))?,
-                    );
-                }
-                cfg.search.extend(e.nameservers.search.iter().cloned());
                 cfg.ifaces.push(i);
             }
-        }
-        1 => {
-            let v: V1 =
-                serde_yaml_ng::from_value(doc).map_err(|e| format!("network-config v1: {e}"))?;
-            for item in v.config {
-                match item.kind.as_str() {
-                    "physical" => {
-                        let mut i = Iface {
-                            name: item.name.clone(),
-                            mac: item.mac_address.map(|m| m.to_ascii_lowercase()),
-                            mtu: item.mtu,
-                            ..Default::default()
-                        };
-                        for s in item.subnets {
-                            match s.kind.as_str() {
-                                "dhcp" | "dhcp4" => i.dhcp = true,
-                                "static" | "static4" => {
-                                    let a = s.address.as_deref().ok_or(
-                                        "network-config v1: static subnet without address",
-                                    )?;
-                                    let (ip, mut p) = parse_cidr(a)?;
-                                    if let Some(m) = &s.netmask {
-                                        p = prefix_of_mask(v4(m, "netmask")?)?;
-                                    }
-                                    i.addrs.push((ip, p));
-                                    if let Some(g) = &s.gateway {
-                                        i.gateway = Some(v4(g, "gateway")?);
-                                    }
-                                    for d in &s.dns_nameservers {
-                                        cfg.dns.push(
-                                            d.parse().map_err(|_| {
-                                                format!("network-config: DNS {d:?}")
-                                            })?,
-                                        );
-                                    }
-                                    for r in &s.routes {
-                                        let dst = v4(&r.network, "route network")?;
-                                        let p = match (r.prefix, &r.netmask) {
-                                            (Some(p), _) => p,
-                                            (None, Some(m)) => {
-                                                prefix_of_mask(v4(m, "route netmask")?)?
-                                            }
-                                            (None, None) => 32,
-                                        };
-                                        i.routes.push((dst, p, v4(&r.gateway, "route gateway")?));
-                                    }
-                                }
-                                other => {
-                                    return Err(format!(
-                                        "network-config v1: subnet type {other:?} not supported"
-                                    ))
-                                }
-                            }
-                        }
-                        cfg.ifaces.push(i);
-                    }
-                    "nameserver" => {
-                        let addrs: Vec<String> = match &item.address {
-                            serde_yaml_ng::Value::String(s) => vec![s.clone()],
-                            serde_yaml_ng::Value::Sequence(v) => v
-                                .iter()
-                                .filter_map(|x| x.as_str().map(String::from))
-                                .collect(),
-                            _ => vec![],
-                        };
-                        for d in addrs {
-                            cfg.dns.push(
-                                d.parse()
-                                    .map_err(|_| format!("network-config: DNS {d:?}"))?,
-                            );
-                        }
-                        cfg.search.extend(item.search);
-                    }
-                    other => {
-                        return Err(format!("network-config v1: type {other:?} not supported"))
-                    }
+            "nameserver" => {
+                let addrs: Vec<String> = match &item.address {
+                    serde_yaml_ng::Value::String(s) => vec![s.clone()],
+                    serde_yaml_ng::Value::Sequence(v) => v
+                        .iter()
+                        .filter_map(|x| x.as_str().map(String::from))
+                        .collect(),
+                    _ => vec![],
+                };
+                for d in addrs {
+                    cfg.dns.push(dns(&d)?);
                 }
+                cfg.search.extend(item.search);
             }
-        }
-        other => {
-            return Err(format!(
-                "network-config: version {other} not supported (1 or 2)"
-            ))
+            other => {
+                return Err(ConfigError::Unsupported(format!(
+                    "network-config v1: type {other:?}"
+                )))
+            }
         }
     }
     Ok(cfg)
+}
+
+fn v1_subnet(s: V1Subnet, i: &mut Iface, cfg: &mut NetConfig) -> Result<()> {
+    match s.kind.as_str() {
+        "dhcp" | "dhcp4" => i.dhcp = true,
+        "static" | "static4" => {
+            let a = s
+                .address
+                .as_deref()
+                .ok_or(ConfigError::StaticWithoutAddress)?;
+            let (ip, mut p) = parse_cidr(a)?;
+            if let Some(m) = &s.netmask {
+                p = prefix_of_mask(v4(m, "netmask")?)?;
+            }
+            i.addrs.push((ip, p));
+            if let Some(g) = &s.gateway {
+                i.gateway = Some(v4(g, "gateway")?);
+            }
+            for d in &s.dns_nameservers {
+                cfg.dns.push(dns(d)?);
+            }
+            for r in &s.routes {
+                let dst = v4(&r.network, "route network")?;
+                let p = match (r.prefix, &r.netmask) {
+                    (Some(p), _) => p,
+                    (None, Some(m)) => prefix_of_mask(v4(m, "route netmask")?)?,
+                    (None, None) => 32,
+                };
+                i.routes.push((dst, p, v4(&r.gateway, "route gateway")?));
+            }
+        }
+        other => {
+            return Err(ConfigError::Unsupported(format!(
+                "network-config v1: subnet type {other:?}"
+            )))
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -468,6 +526,7 @@ mod tests {
         assert!(parse_kernel_ip("10.0.0.5::::n:eth0:off:1.2.3").is_err());
         assert!(parse_kernel_ip("10.0.0.5:::255.0.255.0")
             .unwrap_err()
+            .to_string()
             .contains("netmask"));
     }
 
@@ -482,6 +541,7 @@ mod tests {
         );
         assert!(parse_shoal_net("eth0,bogus=1")
             .unwrap_err()
+            .to_string()
             .contains("bogus"));
         assert!(parse_shoal_net("").is_err());
     }
@@ -517,10 +577,12 @@ mod tests {
         assert_eq!(c.dns.len(), 2);
         assert!(parse_network_config("version: 3\n")
             .unwrap_err()
+            .to_string()
             .contains("version 3"));
         assert!(
             parse_network_config("version: 1\nconfig:\n  - type: bond\n")
                 .unwrap_err()
+                .to_string()
                 .contains("bond")
         );
         assert!(parse_network_config(": : :").is_err());

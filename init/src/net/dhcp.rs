@@ -9,6 +9,41 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, Sockadd
 use std::net::{Ipv4Addr, SocketAddrV4, UdpSocket};
 use std::time::{Duration, Instant};
 
+/// Why no lease came (or a reply could not be one).
+#[derive(Debug, thiserror::Error)]
+pub enum DhcpError {
+    #[error("offered address {0} is not usable")]
+    Unusable(Ipv4Addr),
+    #[error("no server identifier")]
+    NoServerId,
+    #[error("bad subnet mask {0}")]
+    BadMask(Ipv4Addr),
+    #[error("{what}: {source}")]
+    Socket {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("encoding a request: {0}")]
+    Encode(#[from] dhcproto::error::EncodeError),
+    #[error("no answer")]
+    NoAnswer,
+    #[error("no DHCP lease on {ifname} within {secs} s")]
+    NoLease { ifname: String, secs: u64 },
+    #[error("server answered {0:?}")]
+    Refused(Option<MessageType>),
+}
+
+impl DhcpError {
+    fn socket(what: impl Into<String>, e: impl Into<std::io::Error>) -> DhcpError {
+        DhcpError::Socket {
+            what: what.into(),
+            source: e.into(),
+        }
+    }
+}
+
+type Result<T> = std::result::Result<T, DhcpError>;
+
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Lease {
     pub addr: Ipv4Addr,
@@ -26,21 +61,21 @@ pub struct Lease {
 }
 
 /// Reads a lease out of an OFFER or ACK. Rejects what cannot be a usable lease.
-pub fn lease_from(msg: &Message) -> Result<Lease, String> {
+pub fn lease_from(msg: &Message) -> Result<Lease> {
     let o = msg.opts();
     let addr = msg.yiaddr();
     if addr.is_unspecified() || addr.is_broadcast() || addr.is_multicast() {
-        return Err(format!("offered address {addr} is not usable"));
+        return Err(DhcpError::Unusable(addr));
     }
     let server = match o.get(OptionCode::ServerIdentifier) {
         Some(DhcpOption::ServerIdentifier(s)) => *s,
-        _ => return Err("no server identifier".into()),
+        _ => return Err(DhcpError::NoServerId),
     };
     let prefix = match o.get(OptionCode::SubnetMask) {
         Some(DhcpOption::SubnetMask(m)) => {
             let m = u32::from(*m);
             if m.leading_ones() + m.trailing_zeros() != 32 {
-                return Err(format!("bad subnet mask {}", Ipv4Addr::from(m)));
+                return Err(DhcpError::BadMask(Ipv4Addr::from(m)));
             }
             m.leading_ones() as u8
         }
@@ -144,27 +179,29 @@ pub fn fixed_lengths_hold(buf: &[u8]) -> bool {
         && (152..=155).all(|c| ok(c, |l| l == 4))
 }
 
-fn socket_on(ifname: &str) -> Result<UdpSocket, String> {
+fn socket_on(ifname: &str) -> Result<UdpSocket> {
     let fd = socket::socket(
         AddressFamily::Inet,
         SockType::Datagram,
         SockFlag::SOCK_CLOEXEC,
         None,
     )
-    .map_err(|e| format!("socket: {e}"))?;
-    socket::setsockopt(&fd, sockopt::ReuseAddr, &true).map_err(|e| e.to_string())?;
-    socket::setsockopt(&fd, sockopt::Broadcast, &true).map_err(|e| e.to_string())?;
+    .map_err(|e| DhcpError::socket("socket", e))?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)
+        .map_err(|e| DhcpError::socket("SO_REUSEADDR", e))?;
+    socket::setsockopt(&fd, sockopt::Broadcast, &true)
+        .map_err(|e| DhcpError::socket("SO_BROADCAST", e))?;
     socket::setsockopt(
         &fd,
         sockopt::BindToDevice,
         &std::ffi::OsString::from(ifname),
     )
-    .map_err(|e| format!("bind to {ifname}: {e}"))?;
+    .map_err(|e| DhcpError::socket(format!("bind to {ifname}"), e))?;
     socket::bind(
         std::os::fd::AsRawFd::as_raw_fd(&fd),
         &SockaddrIn::from(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 68)),
     )
-    .map_err(|e| format!("bind :68: {e}"))?;
+    .map_err(|e| DhcpError::socket("bind :68", e))?;
     Ok(UdpSocket::from(fd))
 }
 
@@ -199,12 +236,11 @@ fn base(mac: &[u8; 6], xid: u32, kind: MessageType, broadcast: bool) -> Message 
     m
 }
 
-fn send(sock: &UdpSocket, m: &Message, to: SocketAddrV4) -> Result<(), String> {
+fn send(sock: &UdpSocket, m: &Message, to: SocketAddrV4) -> Result<()> {
     let mut buf = Vec::new();
-    m.encode(&mut Encoder::new(&mut buf))
-        .map_err(|e| e.to_string())?;
+    m.encode(&mut Encoder::new(&mut buf))?;
     sock.send_to(&buf, to)
-        .map_err(|e| format!("send to {to}: {e}"))?;
+        .map_err(|e| DhcpError::socket(format!("send to {to}"), e))?;
     Ok(())
 }
 
@@ -225,20 +261,15 @@ fn ours(m: &Message, xid: u32, mac: &[u8; 6]) -> bool {
 }
 
 /// Waits for a reply to `xid` for `mac` until `deadline`.
-fn receive(
-    sock: &UdpSocket,
-    xid: u32,
-    mac: &[u8; 6],
-    deadline: Instant,
-) -> Result<Message, String> {
+fn receive(sock: &UdpSocket, xid: u32, mac: &[u8; 6], deadline: Instant) -> Result<Message> {
     let mut buf = [0u8; 1500];
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err("no answer".into());
+            return Err(DhcpError::NoAnswer);
         }
         sock.set_read_timeout(Some(left))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| DhcpError::socket("SO_RCVTIMEO", e))?;
         let n = match sock.recv(&mut buf) {
             Ok(n) => n,
             Err(e)
@@ -247,9 +278,9 @@ fn receive(
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err("no answer".into())
+                return Err(DhcpError::NoAnswer)
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(DhcpError::socket("receive", e)),
         };
         let Some(m) = decode(&buf[..n]) else {
             continue;
@@ -261,7 +292,7 @@ fn receive(
 }
 
 /// Acquires a lease on `ifname`, retrying DISCOVER with backoff until `limit`.
-pub fn acquire(ifname: &str, mac: &[u8; 6], limit: Duration) -> Result<Lease, String> {
+pub fn acquire(ifname: &str, mac: &[u8; 6], limit: Duration) -> Result<Lease> {
     let sock = socket_on(ifname)?;
     let end = Instant::now() + limit;
     let bcast = SocketAddrV4::new(Ipv4Addr::BROADCAST, 67);
@@ -297,14 +328,14 @@ pub fn acquire(ifname: &str, mac: &[u8; 6], limit: Duration) -> Result<Lease, St
             _ => continue,
         }
     }
-    Err(format!(
-        "no DHCP lease on {ifname} within {} s",
-        limit.as_secs()
-    ))
+    Err(DhcpError::NoLease {
+        ifname: ifname.into(),
+        secs: limit.as_secs(),
+    })
 }
 
 /// Renews `lease` by unicast to its server (RENEWING state of RFC 2131).
-pub fn renew(ifname: &str, mac: &[u8; 6], lease: &Lease) -> Result<Lease, String> {
+pub fn renew(ifname: &str, mac: &[u8; 6], lease: &Lease) -> Result<Lease> {
     let sock = socket_on(ifname)?;
     let xid = random_xid();
     let mut req = base(mac, xid, MessageType::Request, false);
@@ -312,7 +343,7 @@ pub fn renew(ifname: &str, mac: &[u8; 6], lease: &Lease) -> Result<Lease, String
     send(&sock, &req, SocketAddrV4::new(lease.server, 67))?;
     match receive(&sock, xid, mac, Instant::now() + Duration::from_secs(5))? {
         m if m.opts().msg_type() == Some(MessageType::Ack) => lease_from(&m),
-        m => Err(format!("server answered {:?}", m.opts().msg_type())),
+        m => Err(DhcpError::Refused(m.opts().msg_type())),
     }
 }
 

@@ -9,8 +9,9 @@ pub mod netlink;
 
 use crate::cmdline::Cmdline;
 use crate::report::Outcome;
+use crate::sys::Sys;
 use config::{Iface, NetConfig};
-use netlink::{Link, Netlink};
+use netlink::{Link, Links};
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
@@ -19,6 +20,17 @@ use std::time::Duration;
 
 /// How long DHCP may take before the stage reports the network as degraded.
 const DHCP_LIMIT: Duration = Duration::from_secs(10);
+
+/// What went wrong configuring an interface.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error(transparent)]
+    Netlink(#[from] netlink::NetlinkError),
+    #[error(transparent)]
+    Dhcp(#[from] dhcp::DhcpError),
+    #[error("no MAC address")]
+    NoMac,
+}
 
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct IfState {
@@ -55,7 +67,7 @@ pub fn choose(
         }],
         ..Default::default()
     };
-    let sources: [(&str, Option<Result<NetConfig, String>>); 3] = [
+    let sources: [(&str, Option<Result<NetConfig, config::ConfigError>>); 3] = [
         ("kernel ip=", cmdline.get("ip").map(config::parse_kernel_ip)),
         (
             "shoal.net=",
@@ -118,7 +130,12 @@ fn write_resolv(root: &Path, dns: &[String], search: &[String]) {
     let _ = std::fs::write(path, text);
 }
 
-fn apply_lease(nl: &Netlink, index: u32, l: &dhcp::Lease, st: &mut IfState) -> Result<(), String> {
+fn apply_lease(
+    nl: &dyn Links,
+    index: u32,
+    l: &dhcp::Lease,
+    st: &mut IfState,
+) -> Result<(), NetError> {
     nl.up(index, l.mtu.map(u32::from))?;
     nl.add_addr(index, IpAddr::V4(l.addr), l.prefix)?;
     // RFC 3442: classless routes, when given, replace the router option.
@@ -144,6 +161,7 @@ fn apply_lease(nl: &Netlink, index: u32, l: &dhcp::Lease, st: &mut IfState) -> R
 /// Keeps a lease: renews at T1 by unicast, falls back to a new DISCOVER at T2.
 #[allow(clippy::too_many_arguments)]
 fn renew_forever(
+    sys: &dyn Sys,
     root: std::path::PathBuf,
     search: Vec<String>,
     ifname: String,
@@ -163,10 +181,10 @@ fn renew_forever(
             let Ok(l) = dhcp::acquire(&ifname, &mac, Duration::from_secs(20)) else {
                 continue;
             };
-            let applied = Netlink::open().and_then(|nl| {
+            let applied = sys.netlink().map_err(NetError::from).and_then(|nl| {
                 let mut s = state.lock().unwrap_or_else(|p| p.into_inner());
                 let st = &mut s.interfaces[slot];
-                apply_lease(&nl, index, &l, st)?;
+                apply_lease(&*nl, index, &l, st)?;
                 st.error = None;
                 for d in &l.dns {
                     if !s.dns.contains(&d.to_string()) {
@@ -207,8 +225,8 @@ fn renew_forever(
                     let st = &mut s.interfaces[slot];
                     st.renewals += 1;
                     if l.addr != lease.addr {
-                        if let Ok(nl) = Netlink::open() {
-                            let _ = apply_lease(&nl, index, &l, st);
+                        if let Ok(nl) = sys.netlink() {
+                            let _ = apply_lease(&*nl, index, &l, st);
                         }
                     } else {
                         st.lease = Some(l.clone());
@@ -223,6 +241,7 @@ fn renew_forever(
 
 /// Applies `cfg`; fills `state`; returns the stage outcome.
 pub fn apply(
+    sys: &Arc<dyn Sys>,
     root: &Path,
     only: Option<&[String]>,
     cfg: &NetConfig,
@@ -230,7 +249,7 @@ pub fn apply(
     state: &Arc<Mutex<NetState>>,
     detail: &mut Vec<String>,
 ) -> Outcome {
-    let nl = match Netlink::open() {
+    let nl = match sys.netlink() {
         Ok(n) => n,
         Err(e) => {
             detail.push(format!("netlink: {e}"));
@@ -262,14 +281,15 @@ pub fn apply(
         *state.lock().unwrap_or_else(|p| p.into_inner()) = ns;
         return Outcome::Ok;
     }
-    let (mut outcome, dhcp_jobs) = configure(&nl, &links, root, only, cfg, &mut ns, detail);
-    let (dhcp_outcome, renewals) = dhcp_all(&nl, dhcp_jobs, &mut ns, detail);
+    let (mut outcome, dhcp_jobs) = configure(&*nl, &links, root, only, cfg, &mut ns, detail);
+    let (dhcp_outcome, renewals) = dhcp_all(&*nl, dhcp_jobs, &mut ns, detail);
     if dhcp_outcome != Outcome::Ok {
         outcome = dhcp_outcome;
     }
     write_resolv(root, &ns.dns, &cfg.search);
     *state.lock().unwrap_or_else(|p| p.into_inner()) = ns;
-    keep_leases(root, &cfg.search, renewals, state);
+    drop(nl);
+    keep_leases(sys, root, &cfg.search, renewals, state);
     outcome
 }
 
@@ -280,7 +300,7 @@ type Renewal = (String, u32, [u8; 6], Option<dhcp::Lease>, usize);
 /// Brings up and addresses the interfaces `cfg` names; the outcome and the interfaces that
 /// want DHCP (with their slot in `ns.interfaces`).
 fn configure(
-    nl: &Netlink,
+    nl: &dyn Links,
     links: &[Link],
     root: &Path,
     only: Option<&[String]>,
@@ -319,7 +339,7 @@ fn configure(
                 .into(),
                 ..Default::default()
             };
-            let r = (|| -> Result<(), String> {
+            let r = (|| -> Result<(), NetError> {
                 nl.up(l.index, want.mtu)?;
                 for (ip, p) in &want.addrs {
                     nl.add_addr(l.index, *ip, *p)?;
@@ -337,7 +357,7 @@ fn configure(
             })();
             if let Err(e) = r {
                 detail.push(format!("{}: {e}", l.name));
-                st.error = Some(e);
+                st.error = Some(e.to_string());
                 outcome = Outcome::Degraded;
             }
             if want.dhcp && want.addrs.is_empty() {
@@ -351,20 +371,22 @@ fn configure(
 
 /// DHCP on every interface at once, bounded; the outcome and the leases to keep renewing.
 fn dhcp_all(
-    nl: &Netlink,
+    nl: &dyn Links,
     dhcp_jobs: Vec<(Link, usize)>,
     ns: &mut NetState,
     detail: &mut Vec<String>,
 ) -> (Outcome, Vec<Renewal>) {
     let mut outcome = Outcome::Ok;
-    let results: Vec<(Link, usize, Result<dhcp::Lease, String>)> = std::thread::scope(|s| {
+    let results: Vec<(Link, usize, Result<dhcp::Lease, NetError>)> = std::thread::scope(|s| {
         let handles: Vec<_> = dhcp_jobs
             .into_iter()
             .map(|(l, slot)| {
                 s.spawn(move || {
                     let r = match mac_bytes(&l.mac) {
-                        Some(mac) => dhcp::acquire(&l.name, &mac, DHCP_LIMIT),
-                        None => Err("no MAC address".into()),
+                        Some(mac) => {
+                            dhcp::acquire(&l.name, &mac, DHCP_LIMIT).map_err(NetError::from)
+                        }
+                        None => Err(NetError::NoMac),
                     };
                     (l, slot, r)
                 })
@@ -398,7 +420,7 @@ fn dhcp_all(
                     "{}: DHCP: {e}; still trying in the background",
                     l.name
                 ));
-                st.error = Some(e);
+                st.error = Some(e.to_string());
                 outcome = Outcome::Degraded;
                 if let Some(mac) = mac_bytes(&l.mac) {
                     renewals.push((l.name.clone(), l.index, mac, None, slot));
@@ -411,6 +433,7 @@ fn dhcp_all(
 
 /// One thread per interface keeps its lease: renews it, rebinds, and asks again after a loss.
 fn keep_leases(
+    sys: &Arc<dyn Sys>,
     root: &Path,
     search: &[String],
     renewals: Vec<Renewal>,
@@ -418,6 +441,7 @@ fn keep_leases(
 ) {
     for (name, index, mac, lease, slot) in renewals {
         let st = state.clone();
+        let sys = sys.clone();
         let _ = std::thread::Builder::new()
             .name(format!("dhcp-{name}"))
             .spawn({
@@ -439,7 +463,9 @@ fn keep_leases(
                         st.clone(),
                     );
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        renew_forever(args.0, args.1, args.2, index, mac, args.3, args.4, slot)
+                        renew_forever(
+                            &*sys, args.0, args.1, args.2, index, mac, args.3, args.4, slot,
+                        )
                     }));
                     if r.is_err() {
                         crate::console(&format!(

@@ -14,34 +14,53 @@ pub struct Link {
     pub loopback: bool,
 }
 
+/// What the network stage does with links: `Netlink` on the machine, a recording fake in
+/// tests (`sys::fake`).
+pub trait Links {
+    fn links(&self) -> Result<Vec<Link>>;
+    fn up(&self, index: u32, mtu: Option<u32>) -> Result<()>;
+    /// Adds an address; one already there is fine.
+    fn add_addr(&self, index: u32, ip: IpAddr, prefix: u8) -> Result<()>;
+    /// Adds (or replaces) an IPv4 route through `gw` on `index`; `prefix` 0 is the default route.
+    fn add_route(&self, index: u32, dst: Ipv4Addr, prefix: u8, gw: Ipv4Addr) -> Result<()>;
+}
+
 pub struct Netlink {
     rt: tokio::runtime::Runtime,
     handle: Handle,
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
+/// A netlink call that failed: the socket or its runtime, or the kernel's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum NetlinkError {
+    #[error("netlink socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Kernel(#[from] rtnetlink::Error),
 }
 
+type Result<T> = std::result::Result<T, NetlinkError>;
+
 impl Netlink {
-    pub fn open() -> Result<Netlink, String> {
+    pub fn open() -> Result<Netlink> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
-            .build()
-            .map_err(err)?;
+            .build()?;
         let handle = rt.block_on(async {
-            let (conn, handle, _) = rtnetlink::new_connection().map_err(err)?;
+            let (conn, handle, _) = rtnetlink::new_connection()?;
             tokio::spawn(conn);
-            Ok::<_, String>(handle)
+            Ok::<_, NetlinkError>(handle)
         })?;
         Ok(Netlink { rt, handle })
     }
+}
 
-    pub fn links(&self) -> Result<Vec<Link>, String> {
+impl Links for Netlink {
+    fn links(&self) -> Result<Vec<Link>> {
         self.rt.block_on(async {
             let mut out = Vec::new();
             let mut s = self.handle.link().get().execute();
-            while let Some(m) = s.try_next().await.map_err(err)? {
+            while let Some(m) = s.try_next().await? {
                 let mut l = Link {
                     index: m.header.index,
                     name: String::new(),
@@ -68,7 +87,7 @@ impl Netlink {
         })
     }
 
-    pub fn up(&self, index: u32, mtu: Option<u32>) -> Result<(), String> {
+    fn up(&self, index: u32, mtu: Option<u32>) -> Result<()> {
         self.rt.block_on(async {
             let mut b = LinkUnspec::new_with_index(index).up();
             if let Some(m) = mtu {
@@ -79,29 +98,21 @@ impl Netlink {
                 .set(b.build())
                 .execute()
                 .await
-                .map_err(err)
+                .map_err(NetlinkError::from)
         })
     }
 
-    /// Adds an address; one already there is fine.
-    pub fn add_addr(&self, index: u32, ip: IpAddr, prefix: u8) -> Result<(), String> {
+    fn add_addr(&self, index: u32, ip: IpAddr, prefix: u8) -> Result<()> {
         self.rt.block_on(async {
             match self.handle.address().add(index, ip, prefix).execute().await {
                 Ok(()) => Ok(()),
                 Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc_eexist() => Ok(()),
-                Err(e) => Err(err(e)),
+                Err(e) => Err(e.into()),
             }
         })
     }
 
-    /// Adds (or replaces) an IPv4 route through `gw` on `index`; `prefix` 0 is the default route.
-    pub fn add_route(
-        &self,
-        index: u32,
-        dst: Ipv4Addr,
-        prefix: u8,
-        gw: Ipv4Addr,
-    ) -> Result<(), String> {
+    fn add_route(&self, index: u32, dst: Ipv4Addr, prefix: u8, gw: Ipv4Addr) -> Result<()> {
         self.rt.block_on(async {
             let msg = RouteMessageBuilder::<Ipv4Addr>::new()
                 .destination_prefix(dst, prefix)
@@ -114,7 +125,7 @@ impl Netlink {
                 .replace()
                 .execute()
                 .await
-                .map_err(err)
+                .map_err(NetlinkError::from)
         })
     }
 }
