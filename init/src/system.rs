@@ -526,17 +526,45 @@ fn modaliases(dir: &Path, depth: usize, out: &mut std::collections::BTreeSet<Str
     }
 }
 
-/// Loads drivers for the hardware present (coldplug, in passes: a bus driver makes new
-/// devices appear), then `BOOT_MODULES`.
+/// Loads drivers for the devices present (coldplug), then `BOOT_MODULES`. The CPU's own
+/// aliases (`cpu:…`: crypto and checksum acceleration, whose self-tests are slow under
+/// emulation) wait for `docker_modules`: nothing at boot needs them.
 pub fn modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
+    coldplug(sys, root, |a| !a.starts_with("cpu:"), d);
+    load(sys, root, &BOOT_MODULES, d)
+}
+
+/// Loads Docker's modules, sets the sysctls that exist only once they are loaded (bridge
+/// netfilter), then the CPU's drivers. Runs on its own thread beside the disk, network and
+/// metadata stages; joined before the services start.
+pub fn docker_modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
+    let loaded = load(sys, root, &DOCKER_MODULES, d);
+    let set = sysctls(root, &BRIDGE_SYSCTLS, d);
+    coldplug(sys, root, |a| a.starts_with("cpu:"), d);
+    if loaded == Outcome::Ok {
+        set
+    } else {
+        loaded
+    }
+}
+
+/// Coldplug of the aliases `wanted` picks, in passes (a bus driver makes new devices
+/// appear), one modprobe per pass; how many aliases and how long, in `d`.
+fn coldplug(sys: &dyn Sys, root: &Path, wanted: impl Fn(&str) -> bool, d: &mut Vec<String>) {
     let mut seen = std::collections::BTreeSet::new();
+    let mut passes = Vec::new();
     for _ in 0..4 {
         let mut now = std::collections::BTreeSet::new();
         modaliases(&root.join("sys/devices"), 0, &mut now);
-        let new: Vec<String> = now.difference(&seen).cloned().collect();
+        let new: Vec<String> = now
+            .difference(&seen)
+            .filter(|a| wanted(a))
+            .cloned()
+            .collect();
         if new.is_empty() {
             break;
         }
+        let t = sys.now();
         for chunk in new.chunks(256) {
             // An alias nothing matches is not an error (-b: the blacklist is honoured).
             let _ = sys.run(
@@ -546,23 +574,15 @@ pub fn modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
                 None,
             );
         }
+        let took = sys.now().saturating_duration_since(t);
+        passes.push(format!("{} in {} ms", new.len(), took.as_millis()));
         seen.extend(new);
     }
-    d.push(format!("{} device aliases", seen.len()));
-    load(sys, root, &BOOT_MODULES, d)
-}
-
-/// Loads Docker's modules, then sets the sysctls that exist only once they are loaded
-/// (bridge netfilter). Runs on its own thread while the network and metadata stages run;
-/// joined before the services start.
-pub fn docker_modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
-    let loaded = load(sys, root, &DOCKER_MODULES, d);
-    let set = sysctls(root, &BRIDGE_SYSCTLS, d);
-    if loaded == Outcome::Ok {
-        set
-    } else {
-        loaded
-    }
+    d.push(format!(
+        "{} device aliases ({})",
+        seen.len(),
+        passes.join(", ")
+    ));
 }
 
 /// Loads `names` with one modprobe (each process costs ~100 ms under emulation), then looks
@@ -587,8 +607,14 @@ fn load(sys: &dyn Sys, root: &Path, names: &[&str], d: &mut Vec<String>) -> Outc
     }
     let mut modprobe = crate::command("modprobe");
     modprobe.args(["-q", "-a"]).args(&missing);
-    if let Err(e) = check("modprobe", sys.run(&mut modprobe, None)) {
-        d.push(e.to_string());
+    let t = sys.now();
+    match check("modprobe", sys.run(&mut modprobe, None)) {
+        Ok(_) => d.push(format!(
+            "{} in {} ms",
+            missing.join(" "),
+            sys.now().saturating_duration_since(t).as_millis()
+        )),
+        Err(e) => d.push(e.to_string()),
     }
     let mut outcome = Outcome::Ok;
     for m in missing {
