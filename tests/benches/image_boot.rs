@@ -15,7 +15,9 @@
 //!   /healthz through the forwarded port; stock: multi-user.target reached).
 //!
 //! Needs root, build/image (image/build) and build/stock (image/build-stock; built here when
-//! missing). `cargo bench -p shoal-e2e --bench image_boot` (SHOAL_BENCH_RUNS, default 3).
+//! missing). `cargo bench -p shoal-e2e --bench image_boot` (SHOAL_BENCH_RUNS, default 3;
+//! SHOAL_BENCH_KINDS=shoal boots shoal only). Each shoal boot also prints shoal-init's stages
+//! from the boot report on /v1/status.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -37,6 +39,10 @@ struct Run {
     kernel: f64,
     docker: f64,
     ready: f64,
+    /// shoal-init's own stages (the boot report): first start to the services stage's end,
+    /// and each stage's time.
+    init_ms: u64,
+    stages: Vec<(String, u64)>,
 }
 
 fn repo() -> PathBuf {
@@ -169,6 +175,10 @@ fn boot(kind: Kind, seed: &Path, scratch: &Path) -> Run {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let (init_ms, stages) = match kind {
+        Kind::Shoal => init_stages(port),
+        Kind::Stock => (0, vec![]),
+    };
     let _ = qemu.kill();
     let _ = qemu.wait();
     let firmware = seen("Linux version").unwrap_or(0.0);
@@ -188,7 +198,42 @@ fn boot(kind: Kind, seed: &Path, scratch: &Path) -> Run {
         kernel,
         docker: seen(docker_mark).unwrap() - firmware - kernel,
         ready: ready.unwrap() - firmware - kernel,
+        init_ms,
+        stages,
     }
+}
+
+/// shoal-init's stages from the boot report the agent serves on /v1/status.
+fn init_stages(port: u16) -> (u64, Vec<(String, u64)>) {
+    let status: serde_json::Value = shoal_e2e::get(port, "/v1/status")
+        .ok()
+        .and_then(|r| serde_json::from_slice(&r.body).ok())
+        .unwrap_or_default();
+    let stages = status["boot"]["stages"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let ms = |s: &serde_json::Value, k: &str| s[k].as_u64().unwrap_or(0);
+    let first = stages
+        .iter()
+        .map(|s| ms(s, "started_ms"))
+        .min()
+        .unwrap_or(0);
+    let last = stages
+        .iter()
+        .find(|s| s["name"] == "services")
+        .map(|s| ms(s, "ended_ms"))
+        .unwrap_or(first);
+    let each = stages
+        .iter()
+        .map(|s| {
+            (
+                s["name"].as_str().unwrap_or("?").to_string(),
+                ms(s, "ended_ms") - ms(s, "started_ms"),
+            )
+        })
+        .collect();
+    (last - first, each)
 }
 
 /// The line without terminal escapes (systemd colours its unit names).
@@ -215,6 +260,9 @@ fn strip_ansi(l: &str) -> String {
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let n = v.len();
+    if n == 0 {
+        return f64::NAN;
+    }
     if n % 2 == 1 {
         v[n / 2]
     } else {
@@ -228,7 +276,12 @@ fn main() {
     sh(Command::new(r.join("qemu/run"))
         .arg("build")
         .current_dir(&r));
-    if !r.join("build/stock/root.ext4").exists() {
+    // SHOAL_BENCH_KINDS=shoal boots only shoal (no stock image needed).
+    let kinds: Vec<Kind> = match std::env::var("SHOAL_BENCH_KINDS").as_deref() {
+        Ok("shoal") => vec![Kind::Shoal],
+        _ => vec![Kind::Shoal, Kind::Stock],
+    };
+    if kinds.contains(&Kind::Stock) && !r.join("build/stock/root.ext4").exists() {
         sh(Command::new(r.join("image/build-stock")).current_dir(&r));
     }
     let scratch = tempfile::tempdir().unwrap();
@@ -253,7 +306,7 @@ fn main() {
         .unwrap_or(3);
     let mut results: Vec<(Kind, Run)> = Vec::new();
     for i in 0..runs {
-        for kind in [Kind::Shoal, Kind::Stock] {
+        for &kind in &kinds {
             let run = boot(kind, &seed, scratch.path());
             println!(
                 "run {i} {:5}: firmware {:.1} s, kernel {:.1} s, userspace to Docker {:.1} s, to ready {:.1} s",
@@ -263,6 +316,18 @@ fn main() {
                 run.docker,
                 run.ready
             );
+            if kind == Kind::Shoal {
+                let each: Vec<String> = run
+                    .stages
+                    .iter()
+                    .map(|(n, ms)| format!("{n} {ms}"))
+                    .collect();
+                println!(
+                    "      shoal-init's stages: {} ms to the services ({} ms each)",
+                    run.init_ms,
+                    each.join(", ")
+                );
+            }
             results.push((kind, run));
         }
     }
@@ -282,6 +347,7 @@ fn main() {
         ("kernel", |r: &Run| r.kernel),
         ("userspace to Docker", |r: &Run| r.docker),
         ("userspace to ready", |r: &Run| r.ready),
+        ("init's stages", |r: &Run| r.init_ms as f64 / 1000.0),
     ] {
         let (a, b) = (pick(Kind::Shoal, f), pick(Kind::Stock, f));
         println!("  {name:20} {a:6.1} s {b:10.1} s {:14.1}x", b / a);
