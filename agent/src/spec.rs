@@ -149,6 +149,14 @@ impl AppSpec {
         if self.source.git.is_some() && self.source.image.is_some() {
             return bad("source: give git or image, not both".into());
         }
+        self.validate_scale()?;
+        self.validate_run()?;
+        self.validate_sizes()
+    }
+
+    /// `[scale]`: bounds and the placements there are.
+    fn validate_scale(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::Invalid(m));
         if let (Some(min), Some(max)) = (self.scale.min, self.scale.max) {
             if min > max {
                 return bad(format!("scale: min {min} is above max {max}"));
@@ -172,6 +180,19 @@ impl AppSpec {
                 "scale.target_rps must be above 0 and at most {MAX_TARGET_RPS}"
             ));
         }
+        if let Some(p) = &self.scale.placement {
+            if p != "every-node" {
+                return bad(format!(
+                    "scale.placement {p:?}: the only placement is \"every-node\""
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// `[run]` and `[build] test`: what reaches the container runtime.
+    fn validate_run(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::Invalid(m));
         if self.run.port == Some(0) {
             return bad("run.port: 0 is not a port".into());
         }
@@ -199,6 +220,23 @@ impl AppSpec {
         if self.run.secrets.len() > MAX_SECRETS {
             return bad(format!("run.secrets: at most {MAX_SECRETS}"));
         }
+        if self.run.command.iter().any(|a| a.contains('\0')) {
+            return bad("run.command: arguments cannot hold NUL bytes".into());
+        }
+        if let Some(k) = self
+            .run
+            .env
+            .keys()
+            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
+        {
+            return bad(format!("run.env: {k:?} is not a variable name"));
+        }
+        Ok(())
+    }
+
+    /// Everything else with a size: hosts, volumes, resources, the image reference.
+    fn validate_sizes(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::Invalid(m));
         if self.expose.hosts.len() > MAX_HOSTS || self.expose.hosts.iter().any(|h| h.len() > 253) {
             return bad(format!(
                 "expose.hosts: at most {MAX_HOSTS} names of at most 253 bytes"
@@ -206,13 +244,6 @@ impl AppSpec {
         }
         if self.volumes.len() > MAX_VOLUMES {
             return bad(format!("volumes: at most {MAX_VOLUMES}"));
-        }
-        if let Some(p) = &self.scale.placement {
-            if p != "every-node" {
-                return bad(format!(
-                    "scale.placement {p:?}: the only placement is \"every-node\""
-                ));
-            }
         }
         if self
             .resources
@@ -228,17 +259,6 @@ impl AppSpec {
             if img.is_empty() || img.len() > 255 || img.bytes().any(|b| b.is_ascii_whitespace()) {
                 return bad(format!("source.image {img:?} is not an image reference"));
             }
-        }
-        if self.run.command.iter().any(|a| a.contains('\0')) {
-            return bad("run.command: arguments cannot hold NUL bytes".into());
-        }
-        if let Some(k) = self
-            .run
-            .env
-            .keys()
-            .find(|k| k.is_empty() || k.contains('=') || k.contains('\0'))
-        {
-            return bad(format!("run.env: {k:?} is not a variable name"));
         }
         Ok(())
     }

@@ -415,38 +415,22 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     }
 
     let tracker = TaskTracker::new();
-    let status_h = h.clone();
-    let limits = api::Limits {
-        max_conns: cfg.listen.max_connections.max(1),
-        idle: Duration::from_millis(cfg.listen.idle_timeout_ms.max(100)),
-    };
-    tracker.spawn(api::serve(
-        status_listener,
-        None,
-        limits,
-        counters.status_conns.clone(),
-        move |req, conn| api::status::handle(req, conn, status_h.clone()),
-        shutdown.clone(),
-        tracker.clone(),
-    ));
     let api_ctx = api::control::Api {
         h: h.clone(),
         images: runtime
             .clone()
             .map(|r| r as Arc<dyn crate::executor::images::Images>),
     };
-    tracker.spawn(api::serve(
-        api_listener,
-        Some(api::TlsListener {
-            acceptor,
-            counters: counters.clone(),
-        }),
-        limits,
-        counters.api_conns.clone(),
-        move |req, conn| api::control::handle(req, conn, api_ctx.clone()),
-        shutdown.clone(),
-        tracker.clone(),
-    ));
+    let endpoints = Endpoints {
+        status: status_listener,
+        api: api_listener,
+        acceptor,
+        limits: api::Limits {
+            max_conns: cfg.listen.max_connections.max(1),
+            idle: Duration::from_millis(cfg.listen.idle_timeout_ms.max(100)),
+        },
+    };
+    endpoints.serve(api_ctx, &counters, &tracker, &shutdown);
     tracker.spawn(watch_clock(h.clone(), shutdown.clone()));
     discover(&h, &cfg, mdns.as_ref(), &advertise, &tracker, &shutdown);
 
@@ -461,8 +445,61 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     }
 
     shutdown.cancelled().await;
+    stop(mdns.as_deref(), tracker, core_stop, core).await;
+    Ok(())
+}
+
+/// The two HTTP endpoints: status (plain, read-only) and API (mutual TLS).
+struct Endpoints {
+    status: tokio::net::TcpListener,
+    api: tokio::net::TcpListener,
+    acceptor: TlsAcceptor,
+    limits: api::Limits,
+}
+
+impl Endpoints {
+    fn serve(
+        self,
+        api_ctx: api::control::Api,
+        counters: &Arc<Counters>,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        let status_h = api_ctx.h.clone();
+        tracker.spawn(api::serve(
+            self.status,
+            None,
+            self.limits,
+            counters.status_conns.clone(),
+            move |req, conn| api::status::handle(req, conn, status_h.clone()),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+        tracker.spawn(api::serve(
+            self.api,
+            Some(api::TlsListener {
+                acceptor: self.acceptor,
+                counters: counters.clone(),
+            }),
+            self.limits,
+            counters.api_conns.clone(),
+            move |req, conn| api::control::handle(req, conn, api_ctx.clone()),
+            shutdown.clone(),
+            tracker.clone(),
+        ));
+    }
+}
+
+/// Stops mDNS and the endpoints (5 s at most), then the core, which announces our departure
+/// and flushes the store.
+async fn stop(
+    mdns: Option<&Mdns>,
+    tracker: TaskTracker,
+    core_stop: CancellationToken,
+    core: super::Core,
+) {
     let t0 = wall_ms();
-    if let Some(m) = &mdns {
+    if let Some(m) = mdns {
         m.stop().await;
     }
     tracker.close();
@@ -472,9 +509,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     {
         tracing::warn!("endpoints did not stop within 5 s");
     }
-    // The core goes last: it announces our departure and flushes the store.
     core_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), core.task).await;
     tracing::info!(took_ms = wall_ms() - t0, "agent stopped");
-    Ok(())
 }

@@ -15,13 +15,21 @@ pub mod message;
 use crate::membership::Member;
 use crate::store::replica::check_bound;
 use crate::store::{
-    Applied, Backend, Change, Digest, Hlc, Key, NodeId, Replica, StoreError, Unvouched, Version,
-    Written,
+    Applied, Backend, Change, Digest, Entry, Hlc, Key, NodeId, Replica, StoreError, Unvouched,
+    Version, Written,
 };
 use message::{Message, Range, Rumor};
 use rand::RngExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+
+/// A `Message::ReconcileReply`'s fields, handed on whole.
+struct ReconcilePage {
+    digest: Digest,
+    after: Option<Key>,
+    entries: Vec<Entry>,
+    next: Option<Key>,
+}
 
 /// Keys one reconcile may name as deleted before it stops listing them (and drops none of
 /// them): bounds the memory a lying peer can make us hold.
@@ -378,49 +386,10 @@ impl SyncEngine {
             Message::Swim(_) => Ok(()),
             Message::Push(rumors) => self.on_push(replica, now_ms, from, rumors, peers, rng, out),
             Message::SyncRequest(digest) => {
-                self.check_digest(from, &digest, now_ms)?;
-                let reply = self.reply_to(replica, &digest)?;
-                let behind = replica.digest().behind_horizon_of(&digest);
-                self.digests.insert(from.id.clone(), digest);
-                out.push(SyncEffect::Send(from.clone(), reply));
-                if behind {
-                    self.start_reconcile(from, now_ms, None, out);
-                }
-                Ok(())
+                self.on_sync_request(replica, now_ms, from, digest, out)
             }
             Message::SyncReply { digest, range } => {
-                self.check_digest(from, &digest, now_ms)?;
-                let behind = replica.digest().behind_horizon_of(&digest);
-                if behind {
-                    self.digests.insert(from.id.clone(), digest);
-                    self.start_reconcile(from, now_ms, None, out);
-                    return Ok(());
-                }
-                let complete = range.complete;
-                self.apply_range(replica, now_ms, from, range, out)?;
-                if !digest.behind_horizon_of(replica.digest()) {
-                    let delta =
-                        replica.delta_for(&digest, self.cfg.max_entries, self.cfg.max_bytes)?;
-                    if !delta.entries.is_empty() || !delta.through.is_empty() {
-                        out.push(SyncEffect::Send(
-                            from.clone(),
-                            Message::SyncPush(Range {
-                                entries: delta.entries,
-                                through: delta.through,
-                                complete: delta.complete,
-                            }),
-                        ));
-                    }
-                }
-                self.digests.insert(from.id.clone(), digest);
-                if !complete {
-                    // A large catch-up streams on at once instead of waiting a round.
-                    out.push(SyncEffect::Send(
-                        from.clone(),
-                        Message::SyncRequest(replica.digest().clone()),
-                    ));
-                }
-                Ok(())
+                self.on_sync_reply(replica, now_ms, from, digest, range, out)
             }
             Message::SyncPush(range) => self.apply_range(replica, now_ms, from, range, out),
             Message::ReconcileRequest { after } => {
@@ -443,52 +412,144 @@ impl SyncEngine {
                 entries,
                 next,
             } => {
-                if self.reconciling_with() != Some(&from.id) {
-                    return Ok(());
-                }
-                if let Err(e) = self.check_digest(from, &digest, now_ms) {
-                    self.abandon(ReconcileOutcome::RefusedImplausible, out);
-                    return Err(e);
-                }
-                let (applied, named) = match replica.reconcile_page(
-                    now_ms,
-                    &digest,
-                    after.as_ref(),
-                    &entries,
-                    next.as_ref(),
-                ) {
-                    Ok(r) => r,
-                    Err(source) => {
-                        self.abandon(ReconcileOutcome::RefusedImplausible, out);
-                        return Err(self.refused(from, source));
-                    }
+                let page = ReconcilePage {
+                    digest,
+                    after,
+                    entries,
+                    next,
                 };
-                let changes = self.note_unvouched(from, applied, out);
-                self.stats.entries_repaired += changes.len() as u64;
-                if let Some(r) = self.reconciling.as_mut() {
-                    r.merged += changes.len();
-                    for (k, v) in named {
-                        if r.named.len() >= MAX_CANDIDATES {
-                            r.overflow = true;
-                            break;
-                        }
-                        r.named.insert(k, v);
-                    }
-                }
-                out.extend(changes.into_iter().map(SyncEffect::Changed));
-                match next {
-                    Some(after) => out.push(SyncEffect::Send(
-                        from.clone(),
-                        Message::ReconcileRequest { after: Some(after) },
-                    )),
-                    None => {
-                        self.digests.insert(from.id.clone(), digest);
-                        self.finish_reconcile(replica, now_ms, peers, rng, out)?;
-                    }
-                }
-                Ok(())
+                self.on_reconcile_reply(replica, now_ms, from, page, peers, rng, out)
             }
         }
+    }
+
+    /// A peer's digest: answer with what it lacks; reconcile when it is past our horizon.
+    fn on_sync_request<B: Backend>(
+        &mut self,
+        replica: &mut Replica<B>,
+        now_ms: u64,
+        from: &Member,
+        digest: Digest,
+        out: &mut Vec<SyncEffect>,
+    ) -> Result<(), SyncError> {
+        self.check_digest(from, &digest, now_ms)?;
+        let reply = self.reply_to(replica, &digest)?;
+        let behind = replica.digest().behind_horizon_of(&digest);
+        self.digests.insert(from.id.clone(), digest);
+        out.push(SyncEffect::Send(from.clone(), reply));
+        if behind {
+            self.start_reconcile(from, now_ms, None, out);
+        }
+        Ok(())
+    }
+
+    /// The answer to our digest: merge it, push back what the peer lacks, and ask again at
+    /// once while the range is incomplete.
+    fn on_sync_reply<B: Backend>(
+        &mut self,
+        replica: &mut Replica<B>,
+        now_ms: u64,
+        from: &Member,
+        digest: Digest,
+        range: Range,
+        out: &mut Vec<SyncEffect>,
+    ) -> Result<(), SyncError> {
+        self.check_digest(from, &digest, now_ms)?;
+        let behind = replica.digest().behind_horizon_of(&digest);
+        if behind {
+            self.digests.insert(from.id.clone(), digest);
+            self.start_reconcile(from, now_ms, None, out);
+            return Ok(());
+        }
+        let complete = range.complete;
+        self.apply_range(replica, now_ms, from, range, out)?;
+        if !digest.behind_horizon_of(replica.digest()) {
+            let delta = replica.delta_for(&digest, self.cfg.max_entries, self.cfg.max_bytes)?;
+            if !delta.entries.is_empty() || !delta.through.is_empty() {
+                out.push(SyncEffect::Send(
+                    from.clone(),
+                    Message::SyncPush(Range {
+                        entries: delta.entries,
+                        through: delta.through,
+                        complete: delta.complete,
+                    }),
+                ));
+            }
+        }
+        self.digests.insert(from.id.clone(), digest);
+        if !complete {
+            // A large catch-up streams on at once instead of waiting a round.
+            out.push(SyncEffect::Send(
+                from.clone(),
+                Message::SyncRequest(replica.digest().clone()),
+            ));
+        }
+        Ok(())
+    }
+
+    /// One page of the peer we reconcile with: merge it, remember what it named, then ask
+    /// for the next page or finish.
+    #[allow(clippy::too_many_arguments)]
+    fn on_reconcile_reply<B: Backend, R: RngExt>(
+        &mut self,
+        replica: &mut Replica<B>,
+        now_ms: u64,
+        from: &Member,
+        page: ReconcilePage,
+        peers: &[Member],
+        rng: &mut R,
+        out: &mut Vec<SyncEffect>,
+    ) -> Result<(), SyncError> {
+        let ReconcilePage {
+            digest,
+            after,
+            entries,
+            next,
+        } = page;
+        if self.reconciling_with() != Some(&from.id) {
+            return Ok(());
+        }
+        if let Err(e) = self.check_digest(from, &digest, now_ms) {
+            self.abandon(ReconcileOutcome::RefusedImplausible, out);
+            return Err(e);
+        }
+        let (applied, named) = match replica.reconcile_page(
+            now_ms,
+            &digest,
+            after.as_ref(),
+            &entries,
+            next.as_ref(),
+        ) {
+            Ok(r) => r,
+            Err(source) => {
+                self.abandon(ReconcileOutcome::RefusedImplausible, out);
+                return Err(self.refused(from, source));
+            }
+        };
+        let changes = self.note_unvouched(from, applied, out);
+        self.stats.entries_repaired += changes.len() as u64;
+        if let Some(r) = self.reconciling.as_mut() {
+            r.merged += changes.len();
+            for (k, v) in named {
+                if r.named.len() >= MAX_CANDIDATES {
+                    r.overflow = true;
+                    break;
+                }
+                r.named.insert(k, v);
+            }
+        }
+        out.extend(changes.into_iter().map(SyncEffect::Changed));
+        match next {
+            Some(after) => out.push(SyncEffect::Send(
+                from.clone(),
+                Message::ReconcileRequest { after: Some(after) },
+            )),
+            None => {
+                self.digests.insert(from.id.clone(), digest);
+                self.finish_reconcile(replica, now_ms, peers, rng, out)?;
+            }
+        }
+        Ok(())
     }
 
     /// Counts and reports the entries a merge left out for want of a proof; returns the changes.
