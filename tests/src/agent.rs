@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::{curl, free_port, get, netns, shoal_bin, wait_for, ClientCert, Resp};
+use shoal::config::{AgentConfig, BundleSource};
 
 /// The id of the cluster whose bundle is in `bundle` (its `cluster.json`).
 pub fn cluster_id(bundle: &Path) -> String {
@@ -53,6 +54,135 @@ pub fn bundle(dir: &Path, name: &str) -> PathBuf {
 }
 
 /// A `shoal agent` process with its own state directory and ports.
+/// An agent's configuration, built as the agent's own `AgentConfig` and written as TOML: a
+/// setting a test gets wrong (a typo, a wrong type) fails here and says which, instead of an
+/// agent that exits at start. Defaults for tests: loopback listeners on free ports, no mDNS,
+/// static peers retried every 500 ms, no containers (agents share the host's dockerd), the
+/// bundle in `root/bundle` (made on first use). `extra` is TOML merged over all of that.
+pub struct AgentBuilder {
+    root: PathBuf,
+    id: String,
+    bundle: Option<PathBuf>,
+    cfg: AgentConfig,
+    ports: (u16, u16),
+    netns: Option<String>,
+    extra: Vec<String>,
+}
+
+impl AgentBuilder {
+    pub fn new(root: &Path, id: &str) -> AgentBuilder {
+        let (status, api) = (free_port(), free_port());
+        let mut cfg = AgentConfig {
+            node_id: Some(id.into()),
+            state_dir: root.join(id),
+            ..AgentConfig::default()
+        };
+        cfg.listen.status = ([127, 0, 0, 1], status).into();
+        cfg.listen.api = ([127, 0, 0, 1], api).into();
+        cfg.discovery.mdns = false;
+        cfg.discovery.retry_join_ms = 500;
+        cfg.docker.enabled = false;
+        AgentBuilder {
+            root: root.to_path_buf(),
+            id: id.into(),
+            bundle: None,
+            cfg,
+            ports: (status, api),
+            netns: None,
+            extra: Vec::new(),
+        }
+    }
+
+    /// Peers by the API ports of agents on loopback.
+    pub fn peers(self, ports: &[u16]) -> AgentBuilder {
+        let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        self.peer_addrs(&addrs)
+    }
+
+    pub fn peer_addrs(mut self, addrs: &[String]) -> AgentBuilder {
+        self.cfg.peers = addrs.to_vec();
+        self
+    }
+
+    pub fn bundle(mut self, dir: &Path) -> AgentBuilder {
+        self.bundle = Some(dir.to_path_buf());
+        self
+    }
+
+    /// In network namespace `host.ns`: every address, the standard ports, mDNS on.
+    pub fn in_netns(mut self, host: &netns::Host) -> AgentBuilder {
+        self.cfg.listen.status = ([0, 0, 0, 0], 7070).into();
+        self.cfg.listen.api = ([0, 0, 0, 0], 7443).into();
+        self.ports = (7070, 7443);
+        self.cfg.discovery.mdns = true;
+        self.cfg.discovery.retry_join_ms = 1000;
+        self.netns = Some(host.ns.clone());
+        self
+    }
+
+    /// TOML merged over the configuration (tables merge key by key).
+    pub fn extra(mut self, toml_text: &str) -> AgentBuilder {
+        if !toml_text.trim().is_empty() {
+            self.extra.push(toml_text.to_string());
+        }
+        self
+    }
+
+    /// Writes `root/id/agent.toml`; the agent is not started.
+    pub fn build(mut self) -> Agent {
+        let bundle = self
+            .bundle
+            .clone()
+            .unwrap_or_else(|| crate::agent::bundle(&self.root.join("bundle"), "test"));
+        self.cfg.bundle = Some(BundleSource::Dir(bundle.clone()));
+        let mut value = toml::Value::try_from(&self.cfg).expect("the config serializes");
+        for e in &self.extra {
+            let over: toml::Value = toml::from_str(e)
+                .unwrap_or_else(|err| panic!("agent {}: extra settings {e:?}: {err}", self.id));
+            merge(&mut value, over);
+        }
+        let cfg: AgentConfig = value
+            .try_into()
+            .unwrap_or_else(|err| panic!("agent {}: not a valid agent config: {err}", self.id));
+        let dir = self.root.join(&self.id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let config = dir.join("agent.toml");
+        std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
+        let token = std::fs::read_to_string(bundle.join("admin.token"))
+            .map(|t| t.trim().to_string())
+            .unwrap_or_default();
+        Agent {
+            id: self.id,
+            dir,
+            status_port: cfg.listen.status.port(),
+            api_port: cfg.listen.api.port(),
+            token,
+            bundle,
+            netns: self.netns,
+            config,
+            child: None,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// `over` into `base`, table by table.
+fn merge(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(existing) => merge(existing, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (b, o) => *b = o,
+    }
+}
+
 pub struct Agent {
     pub id: String,
     pub dir: PathBuf,
@@ -79,8 +209,10 @@ impl Agent {
     /// Writes the config without starting the agent; the agent uses the cluster bundle in
     /// `root/bundle`, made on first use.
     pub fn configure(root: &Path, id: &str, peers: &[u16], extra: &str) -> Agent {
-        let b = bundle(&root.join("bundle"), "test");
-        Agent::configure_with_bundle(root, id, peers, &b, extra)
+        AgentBuilder::new(root, id)
+            .peers(peers)
+            .extra(extra)
+            .build()
     }
 
     /// Like `configure`, with the bundle directory given (a bundle, or a join secret alone).
@@ -91,7 +223,11 @@ impl Agent {
         bundle: &Path,
         extra: &str,
     ) -> Agent {
-        Agent::configure_listen(root, id, peers, bundle, extra, "")
+        AgentBuilder::new(root, id)
+            .peers(peers)
+            .bundle(bundle)
+            .extra(extra)
+            .build()
     }
 
     /// Like `configure_with_bundle`, with `listen` lines added to the `[listen]` table.
@@ -103,20 +239,12 @@ impl Agent {
         extra: &str,
         listen: &str,
     ) -> Agent {
-        let (status_port, api_port) = (free_port(), free_port());
-        let peers: Vec<String> = peers.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        let settings = format!(
-            "{extra}\n[listen]\nstatus = \"127.0.0.1:{status_port}\"\napi = \"127.0.0.1:{api_port}\"\n{listen}\n[discovery]\nmdns = false\nretry_join_ms = 500\n"
-        );
-        Agent::write(
-            root,
-            id,
-            bundle,
-            &peers,
-            &settings,
-            (status_port, api_port),
-            None,
-        )
+        AgentBuilder::new(root, id)
+            .peers(peers)
+            .bundle(bundle)
+            .extra(extra)
+            .extra(&format!("[listen]\n{listen}"))
+            .build()
     }
 
     /// An agent in network namespace `host.ns`, listening on every address with the standard
@@ -128,63 +256,11 @@ impl Agent {
         bundle: &Path,
         peers: &[String],
     ) -> Agent {
-        let settings = "[listen]\nstatus = \"0.0.0.0:7070\"\napi = \"0.0.0.0:7443\"\n[discovery]\nmdns = true\nretry_join_ms = 1000\n";
-        Agent::write(
-            root,
-            id,
-            bundle,
-            peers,
-            settings,
-            (7070, 7443),
-            Some(host.ns.clone()),
-        )
-    }
-
-    /// Writes `root/id/agent.toml` (node id, state dir, bundle, peers, then `settings`).
-    fn write(
-        root: &Path,
-        id: &str,
-        bundle: &Path,
-        peers: &[String],
-        settings: &str,
-        (status_port, api_port): (u16, u16),
-        netns: Option<String>,
-    ) -> Agent {
-        let dir = root.join(id);
-        std::fs::create_dir_all(&dir).unwrap();
-        let token = std::fs::read_to_string(bundle.join("admin.token"))
-            .map(|t| t.trim().to_string())
-            .unwrap_or_default();
-        let peers: Vec<String> = peers.iter().map(|p| format!("\"{p}\"")).collect();
-        // Agents run no containers unless a test says so: they share the host's dockerd.
-        let settings = if settings.contains("[docker]") {
-            settings.to_string()
-        } else {
-            format!("{settings}[docker]\nenabled = false\n")
-        };
-        let config = dir.join("agent.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "node_id = \"{id}\"\nstate_dir = \"{}\"\nbundle = \"{}\"\npeers = [{}]\n{settings}",
-                dir.display(),
-                bundle.display(),
-                peers.join(", "),
-            ),
-        )
-        .unwrap();
-        Agent {
-            id: id.into(),
-            dir,
-            status_port,
-            api_port,
-            token,
-            bundle: bundle.to_path_buf(),
-            netns,
-            config,
-            child: None,
-            env: Vec::new(),
-        }
+        AgentBuilder::new(root, id)
+            .bundle(bundle)
+            .peer_addrs(peers)
+            .in_netns(host)
+            .build()
     }
 
     /// Ids of the members this agent sees alive.
