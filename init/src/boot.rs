@@ -24,6 +24,29 @@ pub struct Boot<'a> {
     pub table: Table,
     /// The kernel's uptime once `/proc` is there (right after the mounts stage).
     pub uptime_at_start_ms: u64,
+    /// Stages still running on their own threads, recorded as they end (`pid1`).
+    pub background: Vec<Background>,
+}
+
+/// A stage running on its own thread.
+pub struct Background {
+    pub name: &'static str,
+    pub thread: std::thread::JoinHandle<Stage>,
+}
+
+impl Background {
+    /// Waits for the stage; a thread that died (`run_stage` catches panics, so it should not)
+    /// is a failed stage.
+    pub fn join(self) -> Stage {
+        let name = self.name;
+        self.thread.join().unwrap_or_else(|_| Stage {
+            name: name.into(),
+            started_ms: 0,
+            ended_ms: 0,
+            outcome: Outcome::Failed,
+            detail: vec!["its thread died".into()],
+        })
+    }
 }
 
 type Run = fn(&mut Boot<'_>, &mut Vec<String>) -> Outcome;
@@ -36,19 +59,23 @@ type Job = Box<dyn FnOnce(&mut Vec<String>) -> Outcome + Send>;
 pub enum Step {
     /// A stage, in order.
     Run(&'static str, Run),
-    /// A stage started on its own thread, beside the stages after it.
+    /// A stage started on its own thread, beside the stages after it; it is recorded when it
+    /// ends, and a service that `needs` it waits for it.
     Spawn(&'static str, Spawn),
-    /// Waits for a spawned stage and records it.
-    Join(&'static str),
 }
 
 /// The boot, in order. Docker's modules (~100 ms a modprobe under emulation, and their
-/// sysctls) are needed by nothing before dockerd, so they load while the disk, network and
-/// metadata stages run.
+/// sysctls) are needed by dockerd alone, and the CPU's drivers (crypto self-tests: seconds
+/// under emulation) by nothing at boot: both load beside the other stages and the services.
 pub const STEPS: [Step; 16] = [
     Step::Run("mounts", stage_mounts),
     Step::Run("modules", stage_modules),
-    Step::Spawn("docker-modules", spawn_docker_modules),
+    Step::Spawn("docker-modules", |b| {
+        background(b, |sys, root, d| system::docker_modules(sys, root, d))
+    }),
+    Step::Spawn("cpu-modules", |b| {
+        background(b, |sys, root, d| system::cpu_modules(sys, root, d))
+    }),
     Step::Run("data-disk", stage_data_disk),
     Step::Run("machine-id", |b, d| {
         system::machine_id(&*b.sys, &b.env.root, d)
@@ -66,7 +93,6 @@ pub const STEPS: [Step; 16] = [
         b.buttons = Some(power::Buttons::open(&e.root, e.input.as_deref(), e.test, d));
         Outcome::Ok
     }),
-    Step::Join("docker-modules"),
     Step::Run("services", |b, d| {
         let (t, o) = load_table(b.env, d);
         b.table = t;
@@ -74,7 +100,7 @@ pub const STEPS: [Step; 16] = [
     }),
 ];
 
-/// Runs every step into `report`; what the stages found.
+/// Runs every step into `report`; what the stages found, and the stages still running.
 pub fn run<'a>(env: &'a InitEnv, sys: Arc<dyn Sys>, report: &mut Report) -> Boot<'a> {
     let mut boot = Boot {
         env,
@@ -87,8 +113,8 @@ pub fn run<'a>(env: &'a InitEnv, sys: Arc<dyn Sys>, report: &mut Report) -> Boot
         buttons: None,
         table: Table { service: vec![] },
         uptime_at_start_ms: 0,
+        background: Vec::new(),
     };
-    let mut running: Vec<(&str, std::thread::JoinHandle<Stage>)> = Vec::new();
     for step in STEPS {
         match step {
             Step::Run(name, stage) => report.stage(name, |d| stage(&mut boot, d)),
@@ -98,25 +124,12 @@ pub fn run<'a>(env: &'a InitEnv, sys: Arc<dyn Sys>, report: &mut Report) -> Boot
                     .name(name.into())
                     .spawn(move || run_stage(name, job))
                 {
-                    Ok(h) => running.push((name, h)),
+                    Ok(thread) => boot.background.push(Background { name, thread }),
                     // No thread: in line, then (the job went with the failed spawn).
                     Err(e) => report.stage(name, |d| {
                         d.push(format!("run in line: no thread ({e})"));
                         spawn(&boot)(d)
                     }),
-                }
-            }
-            Step::Join(name) => {
-                if let Some(i) = running.iter().position(|(n, _)| *n == name) {
-                    let (_, h) = running.remove(i);
-                    // run_stage catches the stage's panics; a join error is not expected.
-                    report.stages.push(h.join().unwrap_or_else(|_| Stage {
-                        name: name.into(),
-                        started_ms: 0,
-                        ended_ms: 0,
-                        outcome: Outcome::Failed,
-                        detail: vec!["its thread died".into()],
-                    }));
                 }
             }
         }
@@ -145,6 +158,19 @@ pub fn run<'a>(env: &'a InitEnv, sys: Arc<dyn Sys>, report: &mut Report) -> Boot
     boot
 }
 
+/// A job for a background stage over the machine: skipped in test mode (modules belong to the
+/// host).
+fn background(b: &Boot<'_>, f: fn(&dyn Sys, &std::path::Path, &mut Vec<String>) -> Outcome) -> Job {
+    let (sys, root, test) = (b.sys.clone(), b.env.root.clone(), b.env.test);
+    Box::new(move |d| {
+        if test {
+            d.push("skipped in test mode".into());
+            return Outcome::Ok;
+        }
+        f(&*sys, &root, d)
+    })
+}
+
 fn stage_mounts(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
     let ok = mounts::mount_all(&*b.sys, &b.env.root, d);
     if !b.env.test {
@@ -169,17 +195,6 @@ fn stage_modules(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
         return Outcome::Ok;
     }
     system::modules(&*b.sys, &b.env.root, d)
-}
-
-fn spawn_docker_modules(b: &Boot<'_>) -> Job {
-    let (sys, root, test) = (b.sys.clone(), b.env.root.clone(), b.env.test);
-    Box::new(move |d| {
-        if test {
-            d.push("skipped in test mode".into());
-            return Outcome::Ok;
-        }
-        system::docker_modules(&*sys, &root, d)
-    })
 }
 
 fn stage_data_disk(b: &mut Boot<'_>, d: &mut Vec<String>) -> Outcome {
@@ -563,10 +578,14 @@ mod tests {
         (dir, env)
     }
 
+    /// Boots, then waits for the background stages (recorded after the others).
     fn boot(env: &InitEnv, sys: &Arc<Recording>) -> (Report, Vec<String>) {
         let mut report = Report::default();
         let b = run(env, sys.clone(), &mut report);
         let services = b.table.service.iter().map(|s| s.name.clone()).collect();
+        for bg in b.background {
+            report.stages.push(bg.join());
+        }
         (report, services)
     }
 
@@ -595,15 +614,16 @@ mod tests {
         let sys = Arc::new(Recording::new(dir.path()));
         let (report, services) = boot(&env, &sys);
 
-        // Every stage, in the table's order (a spawned stage where it is joined).
+        // Every stage in the table's order; the background ones once they end.
         let names: Vec<&str> = report.stages.iter().map(|s| s.name.as_str()).collect();
-        let expected: Vec<&str> = STEPS
+        let mut expected: Vec<&str> = STEPS
             .iter()
             .filter_map(|s| match s {
-                Step::Run(n, _) | Step::Join(n) => Some(*n),
+                Step::Run(n, _) => Some(*n),
                 Step::Spawn(..) => None,
             })
             .collect();
+        expected.extend(["docker-modules", "cpu-modules"]);
         assert_eq!(names, expected);
 
         // The pseudo file systems first, in order; the data disk's stand-in after them; the

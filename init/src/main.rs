@@ -59,7 +59,7 @@ fn main() {
         test_mode: env.test,
         ..Default::default()
     };
-    let sys: Arc<dyn Sys> = Arc::new(Real);
+    let sys: Arc<dyn Sys> = Arc::new(Real::default());
     let boot = boot::run(&env, sys.clone(), &mut report);
     let mut init = Init {
         sys,
@@ -72,6 +72,7 @@ fn main() {
         written: String::new(),
         net: boot.net,
         buttons: boot.buttons.unwrap_or_else(power::Buttons::none),
+        background: boot.background,
     };
     loop {
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init.run()));

@@ -50,6 +50,8 @@ pub struct Init {
     pub written: String,
     pub net: Arc<Mutex<net::NetState>>,
     pub buttons: power::Buttons,
+    /// Boot stages still running; the services that need them wait (`Supervisor::hold`).
+    pub background: Vec<crate::boot::Background>,
 }
 
 impl Init {
@@ -149,11 +151,33 @@ impl Init {
         shutdown
     }
 
+    /// Records the background stages that ended and lets what needed them start.
+    fn finish_background(&mut self) {
+        for b in &self.background {
+            self.sup.hold(b.name);
+        }
+        let (done, running): (Vec<_>, Vec<_>) = std::mem::take(&mut self.background)
+            .into_iter()
+            .partition(|b| b.thread.is_finished());
+        self.background = running;
+        for b in done {
+            let name = b.name;
+            self.report.stages.push(b.join());
+            self.sup.release(name);
+        }
+    }
+
     /// Supervises until a shutdown is asked for.
     pub fn run(&mut self) -> Action {
         loop {
+            self.finish_background();
             let now = Instant::now();
-            let next = self.sup.tick(now);
+            let mut next = self.sup.tick(now);
+            if !self.background.is_empty() {
+                // Look again soon for the stages' ends.
+                let soon = now + Duration::from_millis(20);
+                next = Some(next.map_or(soon, |n| n.min(soon)));
+            }
             self.write_report();
             let timeout = next
                 .map(|t| t.saturating_duration_since(now))
@@ -251,6 +275,7 @@ mod tests {
             written: String::new(),
             net: Default::default(),
             buttons: power::Buttons::none(),
+            background: Vec::new(),
         }
     }
 

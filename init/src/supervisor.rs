@@ -32,6 +32,10 @@ pub struct ServiceSpec {
     pub after: Option<String>,
     #[serde(default)]
     pub ready: Option<PathBuf>,
+    /// Boot stages still running in the background that must end before this starts (Docker's
+    /// modules for dockerd). A name no stage holds is no wait.
+    #[serde(default)]
+    pub needs: Vec<String>,
     #[serde(default = "default_stop_ms")]
     pub stop_timeout_ms: u64,
     #[serde(default)]
@@ -61,6 +65,11 @@ impl Table {
                 command: command.iter().map(|c| c.to_string()).collect(),
                 after: after.map(String::from),
                 ready: ready.map(PathBuf::from),
+                needs: if name == "dockerd" {
+                    vec!["docker-modules".into()]
+                } else {
+                    vec![]
+                },
                 // The agent leaves the cluster and flushes; dockerd stops its containers.
                 stop_timeout_ms: if name == "containerd" {
                     default_stop_ms()
@@ -150,6 +159,8 @@ pub struct Supervisor {
     services: Vec<Service>,
     seed: u64,
     pub stopping: bool,
+    /// Boot stages still running (`ServiceSpec::needs`).
+    held: std::collections::BTreeSet<String>,
 }
 
 fn exit_text(status: nix::sys::wait::WaitStatus) -> String {
@@ -192,7 +203,18 @@ impl Supervisor {
             services,
             seed: crate::report::now_ms() ^ u64::from(std::process::id()),
             stopping: false,
+            held: Default::default(),
         }
+    }
+
+    /// A boot stage is running: services that need it wait.
+    pub fn hold(&mut self, stage: &str) {
+        self.held.insert(stage.into());
+    }
+
+    /// The stage ended: what needed it may start at the next tick.
+    pub fn release(&mut self, stage: &str) {
+        self.held.remove(stage);
     }
 
     fn jitter(&mut self, d: Duration) -> Duration {
@@ -236,13 +258,12 @@ impl Supervisor {
                 }
                 continue;
             }
-            if let Some(dep) = s.spec.after.clone() {
-                if !self.is_ready(&dep) {
-                    // Readiness is a path appearing: look again shortly.
-                    let t = now + Duration::from_millis(10);
-                    next = Some(next.map_or(t, |n| n.min(t)));
-                    continue;
-                }
+            let held = s.spec.needs.iter().any(|n| self.held.contains(n));
+            if held || s.spec.after.as_ref().is_some_and(|dep| !self.is_ready(dep)) {
+                // Readiness is a path appearing (or a stage ending): look again shortly.
+                let t = now + Duration::from_millis(10);
+                next = Some(next.map_or(t, |n| n.min(t)));
+                continue;
             }
             self.spawn(i);
             if self.services[i].state != State::Running {
@@ -483,6 +504,37 @@ mod tests {
             Table::parse("[[service]]\nname = \"a\"\ncommand = [\"x\"]\nrestart = 1\n").is_err()
         );
         assert_eq!(Table::default_table().service.len(), 3);
+    }
+
+    #[test]
+    fn a_service_waits_for_the_boot_stage_it_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = Supervisor::new(
+            dir.path(),
+            Table::parse(
+                "[[service]]\nname = \"d\"\ncommand = [\"/bin/sleep\", \"5\"]\nneeds = [\"mods\"]\n[[service]]\nname = \"free\"\ncommand = [\"/bin/sleep\", \"5\"]\nneeds = [\"nobody-holds-this\"]\n",
+            )
+            .unwrap(),
+        );
+        s.hold("mods");
+        let now = Instant::now();
+        let next = s.tick(now);
+        assert_eq!(s.services[0].state, State::Waiting, "started while held");
+        assert_eq!(s.services[1].state, State::Running);
+        assert!(next.is_some_and(|t| t <= now + Duration::from_millis(10)));
+        s.release("mods");
+        s.tick(now);
+        assert_eq!(s.services[0].state, State::Running);
+        for svc in &s.services {
+            if let Some(pid) = svc.pid {
+                let _ = kill(pid, Signal::SIGKILL);
+                let _ = nix::sys::wait::waitpid(pid, None);
+            }
+        }
+        assert_eq!(
+            Table::default_table().service[1].needs,
+            vec!["docker-modules".to_string()]
+        );
     }
 
     #[test]

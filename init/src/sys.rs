@@ -47,7 +47,50 @@ pub trait Sys: Send + Sync {
 }
 
 /// The machine itself.
-pub struct Real;
+///
+/// PID 1 reaps every child (`waitpid(-1)`), and a background boot stage may be running a
+/// helper at that moment: `Real` remembers its helpers' pids, so the reaper keeps a helper's
+/// exit for `run` instead of taking it as an orphan's.
+#[derive(Default)]
+pub struct Real {
+    /// Helpers running, with their exit once the reaper took it.
+    helpers: std::sync::Mutex<std::collections::HashMap<i32, Option<WaitStatus>>>,
+}
+
+impl Real {
+    fn helpers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<i32, Option<WaitStatus>>> {
+        self.helpers.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for helper `pid`, whoever reaps it.
+    fn wait_helper(&self, pid: i32) -> std::io::Result<std::process::ExitStatus> {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let status = loop {
+            if let Some(Some(st)) = self.helpers().get(&pid) {
+                break *st;
+            }
+            match nix::sys::wait::waitpid(Pid::from_raw(pid), None) {
+                Ok(st) => break st,
+                Err(Errno::EINTR) => continue,
+                // ECHILD: the reaper took it; its record follows at once.
+                Err(e) if Instant::now() > deadline => {
+                    self.helpers().remove(&pid);
+                    return Err(e.into());
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(1)),
+            }
+        };
+        self.helpers().remove(&pid);
+        Ok(std::process::ExitStatus::from_raw(match status {
+            WaitStatus::Exited(_, code) => (code & 0xff) << 8,
+            WaitStatus::Signaled(_, sig, core) => sig as i32 | if core { 0x80 } else { 0 },
+            _ => 0,
+        }))
+    }
+}
 
 impl Sys for Real {
     fn mount(
@@ -70,7 +113,16 @@ impl Sys for Real {
         nix::sys::signal::kill(pid, sig)
     }
     fn waitpid(&self, pid: Pid, flags: Option<WaitPidFlag>) -> Result<WaitStatus, Errno> {
-        nix::sys::wait::waitpid(pid, flags)
+        loop {
+            let st = nix::sys::wait::waitpid(pid, flags)?;
+            let Some(p) = st.pid() else { return Ok(st) };
+            let mut helpers = self.helpers();
+            match helpers.get_mut(&p.as_raw()) {
+                // A helper's exit is `run`'s to take; look for the next one.
+                Some(slot) => *slot = Some(st),
+                None => return Ok(st),
+            }
+        }
     }
     fn sync(&self) {
         nix::unistd::sync()
@@ -97,13 +149,40 @@ impl Sys for Real {
         })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+        // Registered before it can exit, so the reaper never takes it for an orphan.
+        let mut helpers = self.helpers();
         let mut child = cmd.spawn()?;
+        let pid = child.id() as i32;
+        helpers.insert(pid, None);
+        drop(helpers);
         if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
             use std::io::Write;
             // A helper that exits without reading all of it answers through its status.
             let _ = stdin.write_all(text);
         }
-        child.wait_with_output()
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let stderr = child.stderr.take();
+        let reader = std::thread::spawn(move || {
+            let mut e = Vec::new();
+            if let Some(mut s) = stderr {
+                use std::io::Read;
+                let _ = s.read_to_end(&mut e);
+            }
+            e
+        });
+        if let Some(mut s) = child.stdout.take() {
+            use std::io::Read;
+            let _ = s.read_to_end(&mut out);
+        }
+        if let Ok(e) = reader.join() {
+            err = e;
+        }
+        let status = self.wait_helper(pid)?;
+        Ok(Output {
+            status,
+            stdout: out,
+            stderr: err,
+        })
     }
     fn netlink(&self) -> Result<Box<dyn Links + '_>, NetlinkError> {
         Ok(Box::new(Netlink::open()?))

@@ -527,25 +527,29 @@ fn modaliases(dir: &Path, depth: usize, out: &mut std::collections::BTreeSet<Str
 }
 
 /// Loads drivers for the devices present (coldplug), then `BOOT_MODULES`. The CPU's own
-/// aliases (`cpu:…`: crypto and checksum acceleration, whose self-tests are slow under
-/// emulation) wait for `docker_modules`: nothing at boot needs them.
+/// aliases (`cpu:…`: crypto and checksum acceleration, whose self-tests take seconds under
+/// emulation) are `cpu_modules`'s: nothing at boot needs them.
 pub fn modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
     coldplug(sys, root, |a| !a.starts_with("cpu:"), d);
     load(sys, root, &BOOT_MODULES, d)
 }
 
-/// Loads Docker's modules, sets the sysctls that exist only once they are loaded (bridge
-/// netfilter), then the CPU's drivers. Runs on its own thread beside the disk, network and
-/// metadata stages; joined before the services start.
+/// Loads Docker's modules, then sets the sysctls that exist only once they are loaded (bridge
+/// netfilter). A background stage: dockerd waits for it, nothing else does.
 pub fn docker_modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
     let loaded = load(sys, root, &DOCKER_MODULES, d);
     let set = sysctls(root, &BRIDGE_SYSCTLS, d);
-    coldplug(sys, root, |a| a.starts_with("cpu:"), d);
     if loaded == Outcome::Ok {
         set
     } else {
         loaded
     }
+}
+
+/// The CPU's own drivers (`cpu:…` aliases). A background stage nothing waits for.
+pub fn cpu_modules(sys: &dyn Sys, root: &Path, d: &mut Vec<String>) -> Outcome {
+    coldplug(sys, root, |a| a.starts_with("cpu:"), d);
+    Outcome::Ok
 }
 
 /// Coldplug of the aliases `wanted` picks, in passes (a bus driver makes new devices

@@ -285,9 +285,10 @@ fn main() {
         sh(Command::new(r.join("image/build-stock")).current_dir(&r));
     }
     let scratch = tempfile::tempdir().unwrap();
-    // One seed for both: the cluster bundle's user-data (cloud-init ignores the shoal key).
+    // One seed for both: the cluster bundle's user-data (cloud-init ignores the shoal key);
+    // the signer's, which starts the cluster alone (a member's would wait for one to join).
     let bundle = r.join("build/qemu/bundle");
-    if !bundle.join("user-data.yaml").exists() {
+    if !bundle.join("user-data-signer.yaml").exists() {
         sh(Command::new(shoal_e2e::shoal_bin())
             .args(["gen", "cluster", "--name", "qemu", "--out"])
             .arg(&bundle));
@@ -297,7 +298,7 @@ fn main() {
     let seed = scratch.path().join("seed.img");
     sh(Command::new("cloud-localds")
         .arg(&seed)
-        .arg(bundle.join("user-data.yaml"))
+        .arg(bundle.join("user-data-signer.yaml"))
         .arg(&md));
 
     let runs: usize = std::env::var("SHOAL_BENCH_RUNS")
