@@ -16,8 +16,9 @@
 //!
 //! Needs root, build/image (image/build) and build/stock (image/build-stock; built here when
 //! missing). `cargo bench -p shoal-e2e --bench image_boot` (SHOAL_BENCH_RUNS, default 3;
-//! SHOAL_BENCH_KINDS=shoal boots shoal only). Each shoal boot also prints shoal-init's stages
-//! from the boot report on /v1/status.
+//! SHOAL_BENCH_KINDS=shoal boots shoal only; SHOAL_BENCH_WARM=1 keeps shoal's data disk from
+//! one boot to the next, so every boot after the first is a reboot). Each shoal boot also
+//! prints shoal-init's stages from the boot report on /v1/status.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -95,9 +96,14 @@ fn boot(kind: Kind, seed: &Path, scratch: &Path) -> Run {
         |file: &Path, extra: &str| format!("file={},if=virtio,format=raw{extra}", file.display());
     match kind {
         Kind::Shoal => {
+            // A blank data disk every boot (the first boot formats it), unless
+            // SHOAL_BENCH_WARM=1: then the later boots find it made, as a rebooted node does.
             let data = scratch.join("data.img");
-            let _ = std::fs::remove_file(&data);
-            sh(Command::new("truncate").args(["-s", "4G"]).arg(&data));
+            let warm = std::env::var("SHOAL_BENCH_WARM").is_ok_and(|v| v == "1");
+            if !(warm && data.exists()) {
+                let _ = std::fs::remove_file(&data);
+                sh(Command::new("truncate").args(["-s", "4G"]).arg(&data));
+            }
             args.extend([
                 "-append".into(),
                 "console=ttyS0 panic=-1 shoal.root=PARTLABEL=shoal-a".into(),
