@@ -501,27 +501,26 @@ pub const DOCKER_MODULES: [&str; 9] = [
 ];
 
 /// Every device's `modalias`, through `/sys/bus/*/devices/*` (what udev's coldplug
-/// reads): one directory a bus, no walk of the whole device tree (which costs ~100 ms a pass
-/// under emulation).
+/// reads), and the CPU's (`/sys/devices/system/cpu/modalias`, on no bus): one directory a
+/// bus, no walk of the whole device tree (which costs ~100 ms a pass under emulation).
 fn modaliases(root: &Path) -> std::collections::BTreeSet<String> {
-    let mut out = std::collections::BTreeSet::new();
-    let Ok(buses) = std::fs::read_dir(root.join("sys/bus")) else {
-        return out;
-    };
-    for bus in buses.flatten() {
-        let Ok(devices) = std::fs::read_dir(bus.path().join("devices")) else {
-            continue;
-        };
-        for dev in devices.flatten() {
-            if let Ok(a) = std::fs::read_to_string(dev.path().join("modalias")) {
-                let a = a.trim();
-                if !a.is_empty() {
-                    out.insert(a.to_string());
-                }
-            }
+    let mut files = vec![root.join("sys/devices/system/cpu/modalias")];
+    for bus in std::fs::read_dir(root.join("sys/bus"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let devices = std::fs::read_dir(bus.path().join("devices"));
+        for dev in devices.into_iter().flatten().flatten() {
+            files.push(dev.path().join("modalias"));
         }
     }
-    out
+    files
+        .into_iter()
+        .filter_map(|f| std::fs::read_to_string(f).ok())
+        .map(|a| a.trim().to_string())
+        .filter(|a| !a.is_empty())
+        .collect()
 }
 
 /// Loads drivers for the devices present (coldplug), then `BOOT_MODULES`. The CPU's own
