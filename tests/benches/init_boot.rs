@@ -9,9 +9,10 @@
 //! Needs root. `cargo bench -p shoal-e2e --bench init_boot`
 
 use shoal_e2e::netns::Lan;
+use shoal_e2e::pid1::{Loop, Pid1};
 use shoal_e2e::wait_for;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::Duration;
 
 const SERVICES: &str = r#"
@@ -32,18 +33,6 @@ command = ["/bin/sleep", "1000"]
 
 fn build_init() -> PathBuf {
     shoal_e2e::workspace_bin("shoal-init", "shoal-init", "pid1")
-}
-
-fn losetup(file: &Path) -> String {
-    let out = Command::new("losetup")
-        .args(["-f", "--show"])
-        .arg(file)
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .trim_start_matches("/dev/")
-        .to_string()
 }
 
 fn main() {
@@ -72,7 +61,8 @@ fn main() {
         .unwrap()
         .set_len(64 << 20)
         .unwrap();
-    let (seed_dev, data_dev) = (losetup(&seed), losetup(&data));
+    let (seed_dev, data_dev) = (Loop::new(&seed), Loop::new(&data));
+    let disks = format!("{},{}", seed_dev.0, data_dev.0);
     let table = dir.path().join("services.toml");
     std::fs::write(&table, SERVICES).unwrap();
 
@@ -85,32 +75,21 @@ fn main() {
     for run in 0..6 {
         let root = dir.path().join(format!("root{run}"));
         std::fs::create_dir_all(&root).unwrap();
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns, "unshare"])
-            .args(shoal_e2e::UNSHARE_PID1)
-            .arg(&init)
-            .env("SHOAL_INIT_ROOT", &root)
-            .env("SHOAL_INIT_SERVICES", &table)
-            .env("SHOAL_INIT_NET_IFACES", "eth0")
-            .env("SHOAL_INIT_DISKS", format!("{seed_dev},{data_dev}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let pid: u32 = wait_for(Duration::from_secs(30), "init", || {
-            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", child.id()))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()
-        });
-        let report_path = PathBuf::from(format!("/proc/{pid}/root"))
-            .join(root.join("run/shoal/init.json").strip_prefix("/").unwrap());
+        let mut pid1 = Pid1::spawn(
+            &init,
+            Some(&ns),
+            &root,
+            &table,
+            &[
+                ("SHOAL_INIT_NET_IFACES", "eth0"),
+                ("SHOAL_INIT_DISKS", &disks),
+            ],
+            None,
+        );
+        let pid = pid1.pid();
         let report: serde_json::Value =
             wait_for(Duration::from_secs(30), "the agent started", || {
-                let r: serde_json::Value =
-                    serde_json::from_slice(&std::fs::read(&report_path).ok()?).ok()?;
+                let r = pid1.report();
                 let agent = r["services"]
                     .as_array()?
                     .iter()
@@ -160,7 +139,7 @@ fn main() {
         let _ = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status();
-        let _ = child.wait();
+        let _ = pid1.unshare.wait();
     }
     let median = |v: &mut Vec<u64>| {
         v.sort();
@@ -181,9 +160,4 @@ fn main() {
         println!("  stage {name}: median {} ms", median(&mut v));
     }
     println!("init RSS after boot: {rss} KiB ({rollup})");
-    for d in [seed_dev, data_dev] {
-        let _ = Command::new("losetup")
-            .args(["-d", &format!("/dev/{d}")])
-            .status();
-    }
 }

@@ -10,6 +10,7 @@ pub mod bins;
 pub mod http;
 pub mod images;
 pub mod netns;
+pub mod pid1;
 
 pub use agent::*;
 pub use bins::*;

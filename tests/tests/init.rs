@@ -4,6 +4,7 @@
 //! grandchildren, and on SIGTERM stops services in reverse order and leaves the namespace the
 //! way reboot(2) does there (the namespace's init is killed by SIGHUP).
 
+use shoal_e2e::pid1::Loop;
 use shoal_e2e::{init_bin, netns::require_root, wait_for};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
@@ -36,8 +37,9 @@ after = "base"
 command = ["/bin/sh", "-c", "echo crashing; exit 3"]
 "#;
 
+/// shoal-init over a scratch root of its own, with its console kept.
 struct Pid1 {
-    unshare: Child,
+    p: shoal_e2e::pid1::Pid1,
     root: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -55,57 +57,22 @@ impl Pid1 {
         std::fs::create_dir_all(root.join("var")).unwrap();
         let table = dir.path().join("services.toml");
         std::fs::write(&table, services).unwrap();
-        let console = std::fs::File::create(dir.path().join("console.log")).unwrap();
-        let mut cmd = match netns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, "unshare"]);
-                c
-            }
-            None => Command::new("unshare"),
-        };
-        if env.iter().any(|(k, _)| *k == "SHOAL_INIT_UTS") {
-            cmd.arg("--uts");
-        }
-        let unshare = cmd
-            .args(shoal_e2e::UNSHARE_PID1)
-            .arg(init_bin())
-            .envs(env.iter().copied())
-            .env("SHOAL_INIT_ROOT", &root)
-            .env("SHOAL_INIT_SERVICES", &table)
-            .stdout(console.try_clone().unwrap())
-            .stderr(console)
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap();
-        Pid1 {
-            unshare,
-            root,
-            _dir: dir,
-        }
+        let console = dir.path().join("console.log");
+        let p =
+            shoal_e2e::pid1::Pid1::spawn(&init_bin(), netns, &root, &table, env, Some(&console));
+        Pid1 { p, root, _dir: dir }
     }
 
-    /// shoal-init's pid as seen from here (unshare's only child).
     fn pid(&self) -> u32 {
-        wait_for(T, "shoal-init to start", || {
-            let kids =
-                std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.unshare.id()))
-                    .ok()?;
-            kids.split_whitespace().next()?.parse().ok()
-        })
+        self.p.pid()
     }
 
-    /// A path inside init's mount namespace.
     fn inside(&self, p: &str) -> PathBuf {
-        Path::new(&format!("/proc/{}/root", self.pid()))
-            .join(self.root.join(p).strip_prefix("/").unwrap())
+        self.p.inside(p)
     }
 
     fn report(&self) -> serde_json::Value {
-        std::fs::read(self.inside("run/shoal/init.json"))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .unwrap_or(serde_json::Value::Null)
+        self.p.report()
     }
 
     fn service(&self, name: &str) -> serde_json::Value {
@@ -117,13 +84,6 @@ impl Pid1 {
 
     fn console(&self) -> String {
         std::fs::read_to_string(self._dir.path().join("console.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Pid1 {
-    fn drop(&mut self) {
-        let _ = self.unshare.kill();
-        let _ = self.unshare.wait();
     }
 }
 
@@ -234,7 +194,7 @@ fn init_mounts_supervises_reaps_and_shuts_down_in_order() {
         .status()
         .unwrap();
     let status = wait_for(T, "the namespace to end", || {
-        init.unshare.try_wait().ok().flatten()
+        init.p.unshare.try_wait().ok().flatten()
     });
     assert_eq!(status.signal(), Some(1), "{status:?}: {}", init.console());
     let order = std::fs::read_to_string(init.root.join("var/order")).unwrap();
@@ -267,7 +227,7 @@ fn sigusr2_and_sigpwr_power_off_and_sigint_reboots() {
             .status()
             .unwrap();
         let status = wait_for(T, "the namespace to end", || {
-            init.unshare.try_wait().ok().flatten()
+            init.p.unshare.try_wait().ok().flatten()
         });
         assert_eq!(status.signal(), Some(ends_with), "SIG{sig}: {status:?}");
     }
@@ -662,38 +622,6 @@ fn without_metadata_the_machine_boots_in_dev_mode_quickly() {
         .any(|l| l.contains(&format!("{}/var ", init.root.display())) && l.contains(" - tmpfs ")));
 }
 
-/// A loop device over a file, detached on drop.
-struct Loop(String);
-
-impl Loop {
-    fn new(file: &Path) -> Loop {
-        let out = Command::new("losetup")
-            .args(["-f", "--show"])
-            .arg(file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Loop(
-            String::from_utf8_lossy(&out.stdout)
-                .trim()
-                .trim_start_matches("/dev/")
-                .to_string(),
-        )
-    }
-}
-
-impl Drop for Loop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup")
-            .args(["-d", &format!("/dev/{}", self.0)])
-            .status();
-    }
-}
-
 /// A NoCloud seed made by `cloud-localds`, as ISO 9660 (`iso`) or FAT (`vfat`).
 fn seed_image(dir: &Path, name: &str, ud: &Path, hostname: &str, fs: &str) -> PathBuf {
     let md = dir.join(format!("{name}.meta-data"));
@@ -812,7 +740,7 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
         .status()
         .unwrap();
     wait_for(T, "the first boot to end", || {
-        init.unshare.try_wait().ok().flatten()
+        init.p.unshare.try_wait().ok().flatten()
     });
     drop(init);
 
@@ -853,7 +781,7 @@ fn nocloud_seed_network_config_and_data_disk_across_boots() {
         .status()
         .unwrap();
     wait_for(T, "the second boot to end", || {
-        init.unshare.try_wait().ok().flatten()
+        init.p.unshare.try_wait().ok().flatten()
     });
     drop(init);
     drop(seed);
