@@ -55,10 +55,75 @@ pub struct Run {
     pub secrets: Vec<String>,
 }
 
+/// `[health]`: how the node that runs a replica knows it is ready for traffic, and when it
+/// is so unwell it must be restarted. One of `http` (a path, GET on the replica's port: any
+/// 2xx or 3xx is healthy), `tcp` (a port that accepts a connection) or `exec` (a command in
+/// the container that exits 0). Without one, a replica with a `run.port` is probed by TCP on
+/// it, and one without is ready once it runs.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Health {
     pub http: Option<String>,
+    pub tcp: Option<u16>,
+    pub exec: Option<Vec<String>>,
+    /// The port `http` asks on (default `run.port`).
+    pub port: Option<u16>,
+    /// Between probes once ready (default "2s"; until then at most every 250 ms).
+    pub interval: Option<String>,
+    /// One probe's time limit (default "1s").
+    pub timeout: Option<String>,
+    /// Failures in this time after a start count for nothing (default "0s").
+    pub start_period: Option<String>,
+    /// Consecutive successes that make a replica ready (default 1).
+    pub success_threshold: Option<u32>,
+    /// Consecutive failures that make it unready (default 3).
+    pub failure_threshold: Option<u32>,
+    /// Consecutive failures that restart it, with the executor's backoff (default 10; 0:
+    /// never).
+    pub restart_threshold: Option<u32>,
+}
+
+/// What a probe asks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeKind {
+    Http {
+        port: u16,
+        path: String,
+    },
+    Tcp {
+        port: u16,
+    },
+    Exec(Vec<String>),
+    /// Ready once running.
+    None,
+}
+
+/// `[health]` resolved: the probe and its timing, every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    pub kind: ProbeKind,
+    pub interval: std::time::Duration,
+    pub timeout: std::time::Duration,
+    pub start_period: std::time::Duration,
+    pub success_threshold: u32,
+    pub failure_threshold: u32,
+    pub restart_threshold: u32,
+}
+
+/// `"250ms"`, `"2s"`, `"1m"`, `"1h"` (a whole number and a unit).
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    let ms = match unit {
+        "ms" => n,
+        "s" => n.checked_mul(1000)?,
+        "m" => n.checked_mul(60_000)?,
+        "h" => n.checked_mul(3_600_000)?,
+        _ => return None,
+    };
+    Some(std::time::Duration::from_millis(ms))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -151,6 +216,7 @@ impl AppSpec {
         }
         self.validate_scale()?;
         self.validate_run()?;
+        self.validate_health()?;
         self.validate_sizes()
     }
 
@@ -185,6 +251,109 @@ impl AppSpec {
                 return bad(format!(
                     "scale.placement {p:?}: the only placement is \"every-node\""
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The probe `[health]` describes, defaults filled in. `validate` has checked it.
+    pub fn probe(&self) -> Probe {
+        let h = &self.health;
+        let d = |v: &Option<String>, default: u64| {
+            v.as_deref()
+                .and_then(parse_duration)
+                .unwrap_or(std::time::Duration::from_millis(default))
+        };
+        let kind = if let Some(path) = &h.http {
+            match h.port.or(self.run.port) {
+                Some(port) => ProbeKind::Http {
+                    port,
+                    path: path.clone(),
+                },
+                None => ProbeKind::None,
+            }
+        } else if let Some(port) = h.tcp {
+            ProbeKind::Tcp { port }
+        } else if let Some(cmd) = &h.exec {
+            ProbeKind::Exec(cmd.clone())
+        } else if let Some(port) = self.run.port {
+            ProbeKind::Tcp { port }
+        } else {
+            ProbeKind::None
+        };
+        Probe {
+            kind,
+            interval: d(&h.interval, 2000),
+            timeout: d(&h.timeout, 1000),
+            start_period: d(&h.start_period, 0),
+            success_threshold: h.success_threshold.unwrap_or(1),
+            failure_threshold: h.failure_threshold.unwrap_or(3),
+            restart_threshold: h.restart_threshold.unwrap_or(10),
+        }
+    }
+
+    /// `[health]`: one probe, a port to ask on, durations and thresholds in bounds.
+    fn validate_health(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::Invalid(m));
+        let h = &self.health;
+        let kinds = [h.http.is_some(), h.tcp.is_some(), h.exec.is_some()];
+        if kinds.iter().filter(|k| **k).count() > 1 {
+            return bad("health: give one of http, tcp or exec".into());
+        }
+        if let Some(path) = &h.http {
+            if !path.starts_with('/')
+                || path.len() > 1024
+                || path
+                    .bytes()
+                    .any(|b| b.is_ascii_whitespace() || b.is_ascii_control())
+            {
+                return bad(format!(
+                    "health.http {path:?}: a path starting with '/', without spaces, at most 1024 bytes"
+                ));
+            }
+            if h.port.or(self.run.port).is_none() {
+                return bad("health.http: give health.port or run.port to ask on".into());
+            }
+        }
+        if h.tcp == Some(0) || h.port == Some(0) {
+            return bad("health: 0 is not a port".into());
+        }
+        if let Some(cmd) = &h.exec {
+            if cmd.is_empty()
+                || cmd.len() > MAX_ARGS
+                || cmd
+                    .iter()
+                    .any(|a| a.len() > MAX_ARG_BYTES || a.contains('\0'))
+            {
+                return bad(format!(
+                    "health.exec: a command of 1 to {MAX_ARGS} arguments of at most {MAX_ARG_BYTES} bytes, without NUL"
+                ));
+            }
+        }
+        let ms = std::time::Duration::from_millis;
+        for (what, v, min, max) in [
+            ("interval", &h.interval, ms(50), ms(3_600_000)),
+            ("timeout", &h.timeout, ms(10), ms(60_000)),
+            ("start_period", &h.start_period, ms(0), ms(3_600_000)),
+        ] {
+            if let Some(v) = v {
+                match parse_duration(v) {
+                    Some(d) if d >= min && d <= max => {}
+                    _ => {
+                        return bad(format!(
+                            "health.{what} {v:?}: a duration like \"500ms\", \"2s\" or \"1m\", from {min:?} to {max:?}"
+                        ))
+                    }
+                }
+            }
+        }
+        for (what, v, min) in [
+            ("success_threshold", h.success_threshold, 1),
+            ("failure_threshold", h.failure_threshold, 1),
+            ("restart_threshold", h.restart_threshold, 0),
+        ] {
+            if v.is_some_and(|n| n < min || n > 1000) {
+                return bad(format!("health.{what}: from {min} to 1000"));
             }
         }
         Ok(())
@@ -309,6 +478,61 @@ impl Resources {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn health_resolves_to_one_probe_with_defaults() {
+        let p = |extra: &str| AppSpec::parse(&format!("name = \"a\"\n{extra}")).map(|s| s.probe());
+        let http = p("[run]\nport = 8080\n[health]\nhttp = \"/ready\"\ninterval = \"500ms\"\nfailure_threshold = 2\n").unwrap();
+        assert_eq!(
+            http.kind,
+            ProbeKind::Http {
+                port: 8080,
+                path: "/ready".into()
+            }
+        );
+        assert_eq!(http.interval, std::time::Duration::from_millis(500));
+        assert_eq!(
+            (
+                http.success_threshold,
+                http.failure_threshold,
+                http.restart_threshold
+            ),
+            (1, 2, 10)
+        );
+        // A port and no [health]: TCP on it. Nothing: ready once running.
+        assert_eq!(
+            p("[run]\nport = 80\n").unwrap().kind,
+            ProbeKind::Tcp { port: 80 }
+        );
+        assert_eq!(p("").unwrap().kind, ProbeKind::None);
+        assert_eq!(
+            p("[health]\nexec = [\"test\", \"-f\", \"/ok\"]\n")
+                .unwrap()
+                .kind,
+            ProbeKind::Exec(vec!["test".into(), "-f".into(), "/ok".into()])
+        );
+        for bad in [
+            "[health]\nhttp = \"/x\"\n",                 // no port to ask on
+            "[run]\nport = 1\n[health]\nhttp = \"x\"\n", // not a path
+            "[health]\ntcp = 1\nexec = [\"x\"]\n",       // two probes
+            "[health]\ntcp = 0\n",
+            "[health]\nexec = []\n",
+            "[health]\ntcp = 1\ninterval = \"2 s\"\n",
+            "[health]\ntcp = 1\ninterval = \"1ms\"\n",
+            "[health]\ntcp = 1\ntimeout = \"2h\"\n",
+            "[health]\ntcp = 1\nsuccess_threshold = 0\n",
+            "[health]\ntcp = 1\nfailure_threshold = 1001\n",
+            "[health]\ntcp = 1\nbogus = 1\n",
+        ] {
+            assert!(p(bad).is_err(), "accepted: {bad}");
+        }
+        assert_eq!(
+            parse_duration("1m"),
+            Some(std::time::Duration::from_secs(60))
+        );
+        assert_eq!(parse_duration("18446744073709551615h"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
 
     #[test]
     fn every_number_and_list_in_a_spec_is_bounded() {

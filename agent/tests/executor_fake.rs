@@ -246,3 +246,100 @@ async fn a_missing_image_is_said_and_the_replica_starts_once_it_is_there() {
     w.rt.add_image("absent");
     w.running_container("web", None).await;
 }
+
+/// `web` at `image`, probed by TCP on its port.
+fn web_at(image: &str, health: &str) -> String {
+    format!("name = \"web\"\n[source]\nimage = \"{image}\"\n[run]\nport = 8080\n[health]\ntcp = 8080\n{health}")
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_update_keeps_the_old_version_until_the_new_one_is_ready() {
+    let w = World::new();
+    for i in ["img:1", "img:2", "img:3"] {
+        w.rt.add_image(i);
+    }
+    w.rt.set_healthy("img:2", false);
+    w.start_executor().await;
+    w.put_app(&web_at("img:1", "")).await;
+    let t = w
+        .until("v1 ready", Duration::from_secs(10), || {
+            w.task("web", 0).filter(|t| t.ready)
+        })
+        .await;
+    assert_eq!(t.state, TaskState::Running);
+    let old = t.container.unwrap();
+
+    // A version that never gets ready: started (and restarted after 10 failed probes), never
+    // in the old one's place.
+    w.put_app(&web_at("img:2", "")).await;
+    let t = w
+        .until("v2 probed", Duration::from_secs(10), || {
+            w.task("web", 0)
+                .filter(|t| t.image == "img:2" && t.reason.contains("unhealthy"))
+        })
+        .await;
+    assert_eq!(t.state, TaskState::Starting, "{t:?}");
+    assert!(!t.ready && t.reason.contains("unhealthy"), "{t:?}");
+    let end = shoal::clock::now() + Duration::from_secs(30);
+    while shoal::clock::now() < end {
+        assert!(
+            w.rt.running().iter().any(|(id, _, _)| *id == old),
+            "the old version was stopped for one that is not ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let restarted = w.rt.starts().iter().filter(|s| s.ok).count();
+    assert!(
+        restarted >= 3,
+        "v2 was not restarted for failing its probes: {restarted} starts"
+    );
+
+    // A good version replaces the old one once it is ready.
+    w.put_app(&web_at("img:3", "")).await;
+    w.until("v1 removed", Duration::from_secs(10), || {
+        w.rt.removed().contains(&old).then_some(())
+    })
+    .await;
+    let t = w.task("web", 0).unwrap();
+    assert!(t.ready && t.image == "img:3", "{t:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_replica_that_stops_answering_is_unready_then_restarted() {
+    let w = World::new();
+    w.rt.add_image("img:1");
+    w.start_executor().await;
+    w.put_app(&web_at(
+        "img:1",
+        "interval = \"1s\"\nfailure_threshold = 2\nrestart_threshold = 5\n",
+    ))
+    .await;
+    let first = w
+        .until("ready", Duration::from_secs(10), || {
+            w.task("web", 0).filter(|t| t.ready)
+        })
+        .await
+        .container
+        .unwrap();
+    w.rt.set_healthy("img:1", false);
+    let t = w
+        .until("unready", Duration::from_secs(10), || {
+            w.task("web", 0).filter(|t| !t.ready)
+        })
+        .await;
+    assert_eq!(t.state, TaskState::Running, "{t:?}");
+    assert!(t.reason.starts_with("unready"), "{t:?}");
+    // Two failures (2 s) made it unready; five (5 s) restart it.
+    w.until("restarted", Duration::from_secs(10), || {
+        w.rt.removed().contains(&first).then_some(())
+    })
+    .await;
+    w.rt.set_healthy("img:1", true);
+    let t = w
+        .until("ready again", Duration::from_secs(10), || {
+            w.task("web", 0)
+                .filter(|t| t.ready && t.container.as_deref() != Some(&first))
+        })
+        .await;
+    assert_eq!(t.restarts, 1, "{t:?}");
+}

@@ -288,7 +288,121 @@ impl Docker {
     }
 }
 
+/// At most this much of a probe's answer is read (its status line is all that counts).
+const PROBE_READ_LIMIT: usize = 64 * 1024;
+
+/// `GET path` on `ip:port`: any 2xx or 3xx answer is healthy.
+async fn probe_http(ip: &str, port: u16, path: &str) -> Result<(), String> {
+    use http_body_util::{BodyExt, Empty};
+    let addr = format!("{ip}:{port}");
+    let stream = tokio::net::TcpStream::connect(&addr)
+        .await
+        .map_err(|e| format!("{addr}: {e}"))?;
+    let (mut send, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let req = hyper::Request::get(path)
+        .header(hyper::header::HOST, &addr)
+        .header(hyper::header::USER_AGENT, "shoal-probe")
+        .body(Empty::<bytes::Bytes>::new())
+        .map_err(|e| e.to_string())?;
+    let answer = send.send_request(req).await;
+    let out = match answer {
+        Ok(resp) => {
+            let status = resp.status();
+            // Drain a little of the body so the app sees a clean close, no more.
+            let _ = http_body_util::Limited::new(resp.into_body(), PROBE_READ_LIMIT)
+                .collect()
+                .await;
+            if status.is_success() || status.is_redirection() {
+                Ok(())
+            } else {
+                Err(format!("GET {path}: HTTP {}", status.as_u16()))
+            }
+        }
+        Err(e) => Err(format!("GET {path}: {e}")),
+    };
+    conn.abort();
+    out
+}
+
+impl Docker {
+    /// Runs `cmd` in container `id`; its exit code.
+    async fn exec(&self, id: &str, cmd: &[String]) -> Result<i64, String> {
+        use bollard::exec::{CreateExecOptions, StartExecOptions, StartExecResults};
+        use futures_util::StreamExt;
+        let c = self.client().await.map_err(|e| e.to_string())?;
+        let created = c
+            .create_exec(
+                id,
+                CreateExecOptions {
+                    cmd: Some(cmd.to_vec()),
+                    attach_stdout: Some(true),
+                    attach_stderr: Some(true),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("exec: {e}"))?;
+        let started = c
+            .start_exec(
+                &created.id,
+                Some(StartExecOptions {
+                    detach: false,
+                    tty: false,
+                    output_capacity: Some(PROBE_READ_LIMIT),
+                }),
+            )
+            .await
+            .map_err(|e| format!("exec: {e}"))?;
+        if let StartExecResults::Attached { mut output, .. } = started {
+            // Its output is not kept; reading it to the end is waiting for the command.
+            let mut read = 0usize;
+            while let Some(chunk) = output.next().await {
+                read += chunk.map(|c| c.into_bytes().len()).unwrap_or(0);
+                if read > PROBE_READ_LIMIT {
+                    break;
+                }
+            }
+        }
+        let inspected = c
+            .inspect_exec(&created.id)
+            .await
+            .map_err(|e| format!("exec: {e}"))?;
+        inspected
+            .exit_code
+            .ok_or_else(|| "exec: no exit code".to_string())
+    }
+}
+
 impl ContainerRuntime for Docker {
+    async fn probe(
+        &self,
+        id: &str,
+        ip: Option<&str>,
+        kind: &crate::spec::ProbeKind,
+    ) -> Result<(), String> {
+        use crate::spec::ProbeKind;
+        let need_ip = || ip.ok_or_else(|| "the container has no address".to_string());
+        match kind {
+            ProbeKind::None => Ok(()),
+            ProbeKind::Tcp { port } => {
+                let addr = format!("{}:{port}", need_ip()?);
+                tokio::net::TcpStream::connect(&addr)
+                    .await
+                    .map(drop)
+                    .map_err(|e| format!("{addr}: {e}"))
+            }
+            ProbeKind::Http { port, path } => probe_http(need_ip()?, *port, path).await,
+            ProbeKind::Exec(cmd) => match self.exec(id, cmd).await? {
+                0 => Ok(()),
+                code => Err(format!("{} exited with {code}", cmd[0])),
+            },
+        }
+    }
+
     async fn guard_host(
         &self,
     ) -> Result<Option<super::firewall::Asserted>, super::firewall::FirewallError> {
@@ -371,6 +485,7 @@ impl ContainerRuntime for Docker {
                 running,
                 exit_code,
                 ip: if running { ip } else { None },
+                ready: false,
             });
         }
         Ok(out)

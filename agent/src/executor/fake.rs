@@ -39,6 +39,8 @@ struct Inner {
     next_id: u64,
     starts: Vec<Start>,
     removed: Vec<String>,
+    /// Images whose containers fail their probes.
+    unhealthy: BTreeSet<String>,
 }
 
 pub struct FakeRuntime {
@@ -71,6 +73,16 @@ impl FakeRuntime {
     /// While down, every call fails as an unreachable runtime's would.
     pub fn set_down(&self, down: bool) {
         self.lock().down = down;
+    }
+
+    /// Probes of the containers of `image` fail, or pass again.
+    pub fn set_healthy(&self, image: &str, healthy: bool) {
+        let mut inner = self.lock();
+        if healthy {
+            inner.unhealthy.remove(image);
+        } else {
+            inner.unhealthy.insert(image.to_string());
+        }
     }
 
     /// The next `n` starts fail.
@@ -208,6 +220,7 @@ impl ContainerRuntime for FakeRuntime {
                     running: c.running,
                     exit_code: c.exit_code,
                     ip: c.running.then(|| "10.0.0.2".to_string()),
+                    ready: false,
                 }
             })
             .collect())
@@ -284,5 +297,23 @@ impl ContainerRuntime for FakeRuntime {
 
     async fn guard_host(&self) -> Result<Option<Asserted>, FirewallError> {
         Ok(None)
+    }
+
+    async fn probe(
+        &self,
+        id: &str,
+        _ip: Option<&str>,
+        _kind: &crate::spec::ProbeKind,
+    ) -> Result<(), String> {
+        let inner = self.lock();
+        let c = inner
+            .containers
+            .get(id)
+            .filter(|c| c.running)
+            .ok_or_else(|| "no such container running".to_string())?;
+        match inner.unhealthy.contains(&c.spec.image) {
+            true => Err("the fake says unhealthy".into()),
+            false => Ok(()),
+        }
     }
 }

@@ -9,6 +9,7 @@
 pub mod docker;
 pub mod fake;
 pub mod firewall;
+pub mod health;
 pub mod images;
 pub mod plan;
 pub mod run;
@@ -74,6 +75,9 @@ pub struct Observed {
     pub exit_code: Option<i64>,
     /// Its address on the container network, while it runs.
     pub ip: Option<String>,
+    /// Whether its probes say it is ready for traffic (the executor fills this in from its
+    /// health trackers; a runtime reports false).
+    pub ready: bool,
 }
 
 /// The side effects the executor needs, owned by the executor, images included. The agent's
@@ -110,6 +114,14 @@ pub trait ContainerRuntime: images::Images {
     fn guard_host(
         &self,
     ) -> impl Future<Output = Result<Option<firewall::Asserted>, firewall::FirewallError>> + Send;
+    /// One health probe of container `id` (at `ip` on its network); why it failed. The caller
+    /// bounds its time.
+    fn probe(
+        &self,
+        id: &str,
+        ip: Option<&str>,
+        kind: &crate::spec::ProbeKind,
+    ) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 impl<T: images::Images + ?Sized> images::Images for std::sync::Arc<T> {
@@ -167,6 +179,14 @@ impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {
     }
     async fn guard_host(&self) -> Result<Option<firewall::Asserted>, firewall::FirewallError> {
         (**self).guard_host().await
+    }
+    async fn probe(
+        &self,
+        id: &str,
+        ip: Option<&str>,
+        kind: &crate::spec::ProbeKind,
+    ) -> Result<(), String> {
+        (**self).probe(id, ip, kind).await
     }
 }
 

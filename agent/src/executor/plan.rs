@@ -1,5 +1,5 @@
-//! What to do about this node's containers, decided from what should run and what does,
-//! with no IO: the executor's loop carries the plan out.
+//! What to do about this node's containers, decided from what should run and what does
+//! (and whether it is ready), with no IO: the executor's loop carries the plan out.
 
 use super::{ContainerSpec, Observed};
 
@@ -10,6 +10,8 @@ pub struct Desired {
     pub replica: u32,
     pub version: String,
     pub spec: ContainerSpec,
+    /// How its readiness is known (`[health]`).
+    pub probe: crate::spec::Probe,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -49,10 +51,11 @@ pub fn plan(desired: &[Desired], observed: &[Observed], waiting: &[(String, u32)
             None => p.missing.push(i),
         }
     }
+    // Replaced only once the replacement is ready: never stop what serves for what does not.
     let replaced = |o: &Observed| {
-        p.running
-            .iter()
-            .any(|(i, _)| desired[*i].app == o.app && desired[*i].replica == o.replica)
+        p.running.iter().any(|(i, new)| {
+            desired[*i].app == o.app && desired[*i].replica == o.replica && new.ready
+        })
     };
     let wanted = |o: &Observed| {
         desired
@@ -64,7 +67,7 @@ pub fn plan(desired: &[Desired], observed: &[Observed], waiting: &[(String, u32)
         if claimed[j] {
             continue;
         }
-        // An older version keeps serving until its replacement runs.
+        // An older version keeps serving until its replacement is ready.
         if o.running && wanted(o) && !replaced(o) {
             continue;
         }
@@ -93,6 +96,7 @@ mod tests {
                 port: None,
                 network: "net".into(),
             },
+            probe: crate::spec::AppSpec::parse("name = \"a\"").unwrap().probe(),
         }
     }
 
@@ -105,6 +109,7 @@ mod tests {
             running,
             exit_code: (!running).then_some(1),
             ip: None,
+            ready: running,
         }
     }
 
@@ -149,8 +154,21 @@ mod tests {
                 &[1],
                 &["a", "c"],
             ),
-            // An old version serves until its replacement runs, then goes.
+            // An old version serves until its replacement is ready, then goes.
             (&[seen("o", "web", 0, "v1", true)], &[], &[], &[0, 1], &[]),
+            (
+                &[
+                    seen("o", "web", 0, "v1", true),
+                    Observed {
+                        ready: false,
+                        ..seen("n", "web", 0, "v2", true)
+                    },
+                ],
+                &["n"],
+                &[],
+                &[1],
+                &[],
+            ),
             (
                 &[
                     seen("o", "web", 0, "v1", true),

@@ -2,6 +2,7 @@
 //! (membership changes, crashed containers, images loaded since), it places the replicas,
 //! plans against what the runtime reports, carries the plan out and records the tasks.
 
+use super::health::{Tracker, Verdict};
 use super::plan::{plan, Desired};
 use super::{container_name, ContainerRuntime, ContainerSpec, Observed, Task, TaskState};
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
@@ -34,6 +35,8 @@ struct Restarts {
     started: Option<Instant>,
     /// How its last container ended.
     last_exit: Option<i64>,
+    /// The version these failures are of: a new version starts without the old one's backoff.
+    version: String,
 }
 
 impl Restarts {
@@ -57,6 +60,32 @@ impl Restarts {
 /// A replica's memory limit when its spec sets none.
 pub const DEFAULT_MEMORY_BYTES: i64 = 512 << 20;
 
+/// Until a container is first ready it is probed at least this often, whatever its interval:
+/// a rollout waits on it.
+const PROBE_UNTIL_READY: Duration = Duration::from_millis(250);
+
+/// A running container the executor probes: its tracker, and the task that probes it
+/// (stopped when this goes).
+struct Watched {
+    tracker: Tracker,
+    prober: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        if let Some(p) = &self.prober {
+            p.abort();
+        }
+    }
+}
+
+/// One probe's result, from a container's prober to the executor's loop.
+pub struct ProbeResult {
+    container: String,
+    at: Instant,
+    result: Result<(), String>,
+}
+
 pub struct Executor<R> {
     rt: R,
     h: Handle,
@@ -66,6 +95,11 @@ pub struct Executor<R> {
     written: HashMap<ReplicaId, Task>,
     restarts: HashMap<ReplicaId, Restarts>,
     runtime_down: bool,
+    /// Running containers of desired replicas, by container id.
+    watched: HashMap<String, Watched>,
+    probes: tokio::sync::mpsc::Sender<ProbeResult>,
+    /// Times for the trackers are counted from here.
+    epoch: Instant,
 }
 
 /// What should run here, or why a placed replica cannot.
@@ -74,9 +108,11 @@ enum Resolved {
     Wait(Task),
 }
 
-impl<R: ContainerRuntime> Executor<R> {
-    pub fn new(rt: R, h: Handle) -> Executor<R> {
-        Executor {
+impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
+    /// The executor, and where its probes' results arrive (for `on_probe`).
+    pub fn new(rt: R, h: Handle) -> (Executor<R>, tokio::sync::mpsc::Receiver<ProbeResult>) {
+        let (probes, results) = tokio::sync::mpsc::channel(256);
+        let ex = Executor {
             me: h.me.id.to_string(),
             cluster: h.trust.cluster.id.clone(),
             rt,
@@ -84,6 +120,99 @@ impl<R: ContainerRuntime> Executor<R> {
             written: HashMap::new(),
             restarts: HashMap::new(),
             runtime_down: false,
+            watched: HashMap::new(),
+            probes,
+            epoch: crate::clock::now(),
+        };
+        (ex, results)
+    }
+
+    /// The restart record of a desired replica; a new version starts with no backoff (the
+    /// count of restarts is kept).
+    fn restarts_of(&mut self, d: &Desired) -> &mut Restarts {
+        let r = self.restarts.entry((d.app.clone(), d.replica)).or_default();
+        if r.version != d.version {
+            *r = Restarts {
+                count: r.count,
+                version: d.version.clone(),
+                ..Restarts::default()
+            };
+        }
+        r
+    }
+
+    fn ms(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
+    }
+
+    /// Starts probing a running container of a desired replica, once.
+    fn watch(&mut self, o: &Observed, d: &Desired) {
+        if self.watched.contains_key(&o.id) {
+            return;
+        }
+        let tracker = Tracker::new(&d.probe, self.ms(crate::clock::now()));
+        let prober = (d.probe.kind != crate::spec::ProbeKind::None).then(|| {
+            let (rt, tx, probe) = (self.rt.clone(), self.probes.clone(), d.probe.clone());
+            let (id, ip) = (o.id.clone(), o.ip.clone());
+            tokio::spawn(async move {
+                let mut seen_ok = false;
+                loop {
+                    let result = tokio::time::timeout(
+                        probe.timeout,
+                        rt.probe(&id, ip.as_deref(), &probe.kind),
+                    )
+                    .await
+                    .unwrap_or_else(|_| Err(format!("no answer within {:?}", probe.timeout)));
+                    seen_ok |= result.is_ok();
+                    let at = crate::clock::now();
+                    let r = ProbeResult {
+                        container: id.clone(),
+                        at,
+                        result,
+                    };
+                    if tx.send(r).await.is_err() {
+                        return;
+                    }
+                    let wait = if seen_ok {
+                        probe.interval
+                    } else {
+                        probe.interval.min(PROBE_UNTIL_READY)
+                    };
+                    tokio::time::sleep(wait).await;
+                }
+            })
+            .abort_handle()
+        });
+        self.watched
+            .insert(o.id.clone(), Watched { tracker, prober });
+    }
+
+    /// A probe's result: whether the executor should pass again (readiness changed, or the
+    /// container was restarted for failing its probes).
+    pub async fn on_probe(&mut self, r: ProbeResult) -> bool {
+        let at = self.ms(r.at);
+        let Some(w) = self.watched.get_mut(&r.container) else {
+            return false;
+        };
+        match w.tracker.observe(at, r.result) {
+            Verdict::Unchanged => false,
+            Verdict::Changed => true,
+            Verdict::Restart => {
+                let said = w.tracker.said().unwrap_or_default().to_string();
+                self.watched.remove(&r.container);
+                let Ok(observed) = self.rt.list(&self.cluster, &self.me).await else {
+                    return true;
+                };
+                if let Some(o) = observed.iter().find(|o| o.id == r.container) {
+                    tracing::warn!(app = %o.app, replica = o.replica, container = %o.id, last = %said, "failing its health checks: restarting it");
+                    if let Err(e) = self.rt.remove(&o.id).await {
+                        tracing::warn!(container = %o.id, err = %e, "cannot remove container");
+                    }
+                    let restarts = self.restarts.entry((o.app.clone(), o.replica)).or_default();
+                    restarts.failed(crate::clock::now());
+                }
+                true
+            }
         }
     }
 
@@ -108,6 +237,7 @@ impl<R: ContainerRuntime> Executor<R> {
                 .restarts
                 .get(&(app.into(), replica))
                 .and_then(|r| r.last_exit),
+            ready: false,
             agent_started_ms: self.h.started_ms,
         }
     }
@@ -130,9 +260,10 @@ impl<R: ContainerRuntime> Executor<R> {
             .map(|n| (n.id, n.started_at_ms))
             .collect();
         let node_refs: Vec<&str> = nodes.keys().map(String::as_str).collect();
+        // A replica starting (not yet ready) stays where it is, as a running one does.
         let running: Vec<Running> = tasks
             .iter()
-            .filter(|t| t.state == TaskState::Running)
+            .filter(|t| matches!(t.state, TaskState::Running | TaskState::Starting))
             .filter(|t| nodes.get(&t.node) == Some(&t.agent_started_ms))
             .map(|t| Running {
                 app: &t.app,
@@ -219,6 +350,7 @@ impl<R: ContainerRuntime> Executor<R> {
             (LABEL_NODE.to_string(), self.me.clone()),
         ]);
         Resolved::Run(Desired {
+            probe: spec.probe(),
             app: spec.name.clone(),
             replica,
             version: version.to_string(),
@@ -299,15 +431,46 @@ impl<R: ContainerRuntime> Executor<R> {
         tasks: &mut BTreeMap<ReplicaId, Task>,
     ) {
         let waiting: Vec<ReplicaId> = tasks.keys().cloned().collect();
-        let p = plan(desired, observed, &waiting);
+        // Probe what runs as desired; forget what no longer runs. Readiness goes into the plan:
+        // an old version stays until its replacement is ready.
+        for o in observed.iter().filter(|o| o.running) {
+            let d = desired
+                .iter()
+                .find(|d| d.app == o.app && d.replica == o.replica && d.version == o.version);
+            if let Some(d) = d {
+                self.watch(o, d);
+            }
+        }
+        self.watched
+            .retain(|id, _| observed.iter().any(|o| o.running && o.id == *id));
+        let observed: Vec<Observed> = observed
+            .iter()
+            .map(|o| Observed {
+                ready: self.watched.get(&o.id).is_some_and(|w| w.tracker.ready()),
+                ..o.clone()
+            })
+            .collect();
+        let p = plan(desired, &observed, &waiting);
         for (i, o) in &p.running {
             let d = &desired[*i];
-            let r = self.restarts.entry((d.app.clone(), d.replica)).or_default();
+            let r = self.restarts_of(d);
             if r.started.is_none_or(|s| now.duration_since(s) >= STABLE) {
                 r.streak = 0;
             }
             let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
-            t.state = TaskState::Running;
+            let w = self.watched.get(&o.id);
+            let said = w
+                .and_then(|w| w.tracker.said())
+                .map(|s| format!(": {s}"))
+                .unwrap_or_default();
+            t.ready = o.ready;
+            (t.state, t.reason) = if o.ready {
+                (TaskState::Running, String::new())
+            } else if w.is_some_and(|w| w.tracker.ever_ready()) {
+                (TaskState::Running, format!("unready{said}"))
+            } else {
+                (TaskState::Starting, format!("waiting until ready{said}"))
+            };
             t.container = Some(o.id.clone());
             t.ip = o.ip.clone();
             t.port = d.spec.port;
@@ -321,7 +484,7 @@ impl<R: ContainerRuntime> Executor<R> {
             if let Err(e) = self.rt.remove(&o.id).await {
                 tracing::warn!(container = %o.id, err = %e, "cannot remove a stopped container");
             }
-            let r = self.restarts.entry((d.app.clone(), d.replica)).or_default();
+            let r = self.restarts_of(d);
             r.failed(now);
             r.last_exit = o.exit_code;
             let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
@@ -333,7 +496,7 @@ impl<R: ContainerRuntime> Executor<R> {
         for i in starts {
             let d = &desired[i];
             let id = (d.app.clone(), d.replica);
-            if !self.restarts.get(&id).is_none_or(|r| r.may_start(now)) {
+            if !self.restarts_of(d).may_start(now) {
                 // Still backing off: keep saying why it failed.
                 let t = self.written.get(&id).cloned().unwrap_or_else(|| {
                     let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
@@ -379,8 +542,9 @@ impl<R: ContainerRuntime> Executor<R> {
                 return t;
             }
         }
-        let r = self.restarts.entry((d.app.clone(), d.replica)).or_default();
-        match self.rt.start(&d.spec).await {
+        let started = self.rt.start(&d.spec).await;
+        let r = self.restarts_of(d);
+        match started {
             Ok(id) => {
                 r.started = Some(now);
                 tracing::info!(app = %d.app, replica = d.replica, container = %id, "container started");
@@ -506,7 +670,7 @@ impl Firewall {
 
 /// Runs the executor until `shutdown`. Containers keep running when the agent stops: a
 /// restarted agent adopts them by their labels.
-pub async fn run<R: ContainerRuntime>(
+pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
     rt: R,
     h: Handle,
     every: Duration,
@@ -516,7 +680,7 @@ pub async fn run<R: ContainerRuntime>(
     let mut changes = h.subscribe();
     let me = h.me.id.to_string();
     let cluster = h.trust.cluster.id.clone();
-    let mut ex = Executor::new(rt, h);
+    let (mut ex, mut probed) = Executor::new(rt, h);
     let mut firewall = Firewall::default();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -539,6 +703,12 @@ pub async fn run<R: ContainerRuntime>(
             }
             e = next_stop => if e.is_none() {
                 stops = None;
+            },
+            r = probed.recv() => match r {
+                Some(r) => if !ex.on_probe(r).await {
+                    continue;
+                },
+                None => continue,
             },
             c = changes.recv() => match c {
                 Ok(c) if !relevant(&c, &me) => continue,

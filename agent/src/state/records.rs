@@ -59,6 +59,9 @@ pub struct Task {
     pub restarts: u32,
     /// How the replica's last container ended, if one did.
     pub exit_code: Option<i64>,
+    /// Whether its probes say it is ready for traffic (`[health]`).
+    #[serde(default)]
+    pub ready: bool,
     /// When the agent that wrote this started (its node record's `started_at_ms`): a record
     /// from an earlier run of the node says nothing about what runs now.
     pub agent_started_ms: u64,
