@@ -4,7 +4,7 @@ use crate::metadata::volume;
 use crate::report::Outcome;
 use crate::sys::{check, MntFlags, MsFlags, RunError, Sys};
 use nix::errno::Errno;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Why a disk step did not happen.
 #[derive(Debug, thiserror::Error)]
@@ -500,20 +500,25 @@ pub const DOCKER_MODULES: [&str; 9] = [
     "iptable_filter",
 ];
 
-/// Every device's `modalias`, through `/sys/bus/*/devices/*` (what udev's coldplug
-/// reads), and the CPU's (`/sys/devices/system/cpu/modalias`, on no bus): one directory a
-/// bus, no walk of the whole device tree (which costs ~100 ms a pass under emulation).
+/// Every device's `modalias`, through `/sys/bus/*/devices/*` and `/sys/class/*/*` (the
+/// devices udev's coldplug triggers: class devices such as the power button's input device,
+/// whose alias loads `evdev`, are on no bus), and the CPU's
+/// (`/sys/devices/system/cpu/modalias`): one directory a bus or class, no walk of the whole
+/// device tree (which costs ~100 ms a pass under emulation).
 fn modaliases(root: &Path) -> std::collections::BTreeSet<String> {
     let mut files = vec![root.join("sys/devices/system/cpu/modalias")];
-    for bus in std::fs::read_dir(root.join("sys/bus"))
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let devices = std::fs::read_dir(bus.path().join("devices"));
-        for dev in devices.into_iter().flatten().flatten() {
-            files.push(dev.path().join("modalias"));
-        }
+    let dirs = |p: PathBuf| {
+        std::fs::read_dir(p)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+    };
+    for bus in dirs(root.join("sys/bus")) {
+        files.extend(dirs(bus.join("devices")).map(|d| d.join("modalias")));
+    }
+    for class in dirs(root.join("sys/class")) {
+        files.extend(dirs(class).map(|d| d.join("modalias")));
     }
     files
         .into_iter()
@@ -769,6 +774,14 @@ mod coldplug_tests {
             "cpu0",
             "cpu:type:x86,ven0000fam0006mod003F:feature:,0000,0001",
         );
+        // The power button's input device: a class device, on no bus (its alias loads evdev).
+        let input = r.join("sys/class/input/input0");
+        std::fs::create_dir_all(&input).unwrap();
+        std::fs::write(
+            input.join("modalias"),
+            "input:b0019v0000p0001e0000-e0,1,k74,ramlsfw\n",
+        )
+        .unwrap();
         // A device without a modalias, and a bus without devices.
         std::fs::create_dir_all(r.join("sys/bus/pci/devices/0000:00:00.0")).unwrap();
         std::fs::create_dir_all(r.join("sys/bus/empty")).unwrap();
@@ -783,8 +796,12 @@ mod coldplug_tests {
         assert_eq!(&args[..4], ["-q", "-a", "-b", "loop"]);
         assert!(args.iter().any(|a| a.starts_with("pci:v00001AF4")));
         assert!(args.iter().any(|a| a.starts_with("virtio:")));
+        assert!(
+            args.iter().any(|a| a.starts_with("input:b0019")),
+            "{args:?}"
+        );
         assert!(!args.iter().any(|a| a.starts_with("cpu:")), "{args:?}");
-        assert!(d[0].starts_with("2 device aliases"), "{d:?}");
+        assert!(d[0].starts_with("3 device aliases"), "{d:?}");
 
         let sys = Recording::new(r);
         let mut d = Vec::new();
