@@ -15,6 +15,7 @@ pub mod identity;
 pub mod membership;
 pub mod node;
 pub mod peer;
+pub mod rollout;
 pub mod scheduler;
 pub mod sim;
 pub mod spec;

@@ -19,6 +19,8 @@ pub struct AppSpec {
     #[serde(default)]
     pub scale: Scale,
     #[serde(default)]
+    pub update: Update,
+    #[serde(default)]
     pub resources: Resources,
     #[serde(default)]
     pub expose: Expose,
@@ -126,6 +128,36 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis(ms))
 }
 
+/// `[update]`: how a new version replaces the running one (`rollout`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Update {
+    /// Replicas of the new version started beyond the count asked for (default 1).
+    pub surge: Option<u32>,
+    /// Replicas that may be short of ready while they are replaced (default 0).
+    pub unavailable: Option<u32>,
+    /// How long a replica of the new version may take to be ready (default "5m").
+    pub deadline: Option<String>,
+    /// Failures of one replica of the new version that fail the rollout (default 3).
+    pub max_failures: Option<u32>,
+    /// How long every new replica must have been ready before the rollout is complete: a
+    /// failure until then fails it (default "5s").
+    pub monitor: Option<String>,
+    /// Whether a failed rollout restores the previous version (default true).
+    pub rollback: Option<bool>,
+}
+
+/// `[update]` resolved, every default filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpdatePolicy {
+    pub surge: u32,
+    pub unavailable: u32,
+    pub deadline: std::time::Duration,
+    pub max_failures: u32,
+    pub monitor: std::time::Duration,
+    pub rollback: bool,
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Scale {
@@ -135,6 +167,56 @@ pub struct Scale {
     pub target_rps: Option<f64>,
     /// `"every-node"` runs one replica per node.
     pub placement: Option<String>,
+    /// Node labels a node must have to run a replica: `"zone=a"`, `"disk!=hdd"`, `"gpu"`
+    /// (present), `"!spot"` (absent).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraints: Vec<String>,
+    /// A node label to spread replicas over: no value holds two before every value holds one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spread: Option<String>,
+}
+
+/// One of `[scale] constraints`, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Constraint {
+    Equals(String, String),
+    Differs(String, String),
+    Present(String),
+    Absent(String),
+}
+
+impl Constraint {
+    pub fn parse(s: &str) -> Option<Constraint> {
+        let label = |l: &str| {
+            (!l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b)))
+            .then(|| l.to_string())
+        };
+        let value = |v: &str| {
+            (v.len() <= 63 && v.bytes().all(|b| b.is_ascii_graphic())).then(|| v.to_string())
+        };
+        if let Some((k, v)) = s.split_once("!=") {
+            return Some(Constraint::Differs(label(k)?, value(v)?));
+        }
+        if let Some((k, v)) = s.split_once('=') {
+            return Some(Constraint::Equals(label(k)?, value(v)?));
+        }
+        if let Some(k) = s.strip_prefix('!') {
+            return Some(Constraint::Absent(label(k)?));
+        }
+        Some(Constraint::Present(label(s)?))
+    }
+
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        match self {
+            Constraint::Equals(k, v) => labels.get(k) == Some(v),
+            Constraint::Differs(k, v) => labels.get(k) != Some(v),
+            Constraint::Present(k) => labels.contains_key(k),
+            Constraint::Absent(k) => !labels.contains_key(k),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -217,7 +299,77 @@ impl AppSpec {
         self.validate_scale()?;
         self.validate_run()?;
         self.validate_health()?;
+        self.validate_update()?;
         self.validate_sizes()
+    }
+
+    /// `[update]`: something may move (surge or unavailable), a deadline in bounds.
+    fn validate_update(&self) -> Result<(), SpecError> {
+        let bad = |m: String| Err(SpecError::Invalid(m));
+        let u = &self.update;
+        for (what, v) in [("surge", u.surge), ("unavailable", u.unavailable)] {
+            if v.is_some_and(|n| n > MAX_REPLICAS) {
+                return bad(format!("update.{what}: at most {MAX_REPLICAS}"));
+            }
+        }
+        if u.surge == Some(0) && u.unavailable.unwrap_or(0) == 0 {
+            return bad(
+                "update: surge 0 needs unavailable of 1 or more, or no replica could ever be replaced"
+                    .into(),
+            );
+        }
+        let secs = std::time::Duration::from_secs;
+        for (what, v, min) in [
+            ("deadline", &u.deadline, secs(1)),
+            ("monitor", &u.monitor, secs(0)),
+        ] {
+            let Some(v) = v else { continue };
+            if !parse_duration(v).is_some_and(|d| d >= min && d <= secs(86_400)) {
+                return bad(format!(
+                    "update.{what} {v:?}: a duration like \"90s\" or \"10m\", from {min:?} to 24h"
+                ));
+            }
+        }
+        if u.max_failures.is_some_and(|n| n == 0 || n > 1000) {
+            return bad("update.max_failures: from 1 to 1000".into());
+        }
+        Ok(())
+    }
+
+    /// `[update]` with its defaults: surge 1, unavailable 0, 5 minutes to be ready, 3
+    /// failures, 5 s of watching, rollback on. `validate` has checked it.
+    pub fn update_policy(&self) -> UpdatePolicy {
+        let u = &self.update;
+        UpdatePolicy {
+            surge: u.surge.unwrap_or(1),
+            unavailable: u.unavailable.unwrap_or(0),
+            deadline: u
+                .deadline
+                .as_deref()
+                .and_then(parse_duration)
+                .unwrap_or(std::time::Duration::from_secs(300)),
+            max_failures: u.max_failures.unwrap_or(3),
+            monitor: u
+                .monitor
+                .as_deref()
+                .and_then(parse_duration)
+                .unwrap_or(std::time::Duration::from_secs(5)),
+            rollback: u.rollback.unwrap_or(true),
+        }
+    }
+
+    /// The revision of what the app's containers run: a hash of the spec without the parts
+    /// that change no container (`[scale]`, `[update]`, `[expose]`). Containers are labelled
+    /// with it, so scaling or re-applying the same spec restarts nothing, and a rollback to
+    /// an earlier spec finds that spec's containers still running.
+    pub fn revision(&self) -> String {
+        let mut s = self.clone();
+        s.scale = Scale::default();
+        s.update = Update::default();
+        s.expose = Expose::default();
+        let bytes = serde_json::to_vec(&s).unwrap_or_default();
+        let d = ring::digest::digest(&ring::digest::SHA256, &bytes);
+        d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
     }
 
     /// `[scale]`: bounds and the placements there are.
@@ -245,6 +397,24 @@ impl AppSpec {
             return bad(format!(
                 "scale.target_rps must be above 0 and at most {MAX_TARGET_RPS}"
             ));
+        }
+        if self.scale.constraints.len() > 32 {
+            return bad("scale.constraints: at most 32".into());
+        }
+        if let Some(c) = self
+            .scale
+            .constraints
+            .iter()
+            .find(|c| Constraint::parse(c).is_none())
+        {
+            return bad(format!(
+                "scale.constraints {c:?}: use \"label=value\", \"label!=value\", \"label\" or \"!label\""
+            ));
+        }
+        if let Some(l) = &self.scale.spread {
+            if Constraint::parse(l) != Some(Constraint::Present(l.clone())) {
+                return bad(format!("scale.spread {l:?}: a node label name"));
+            }
         }
         if let Some(p) = &self.scale.placement {
             if p != "every-node" {
@@ -437,6 +607,15 @@ impl AppSpec {
         self.scale.replicas.or(self.scale.min).unwrap_or(1)
     }
 
+    /// `[scale] constraints`, parsed (`validate` has checked them).
+    pub fn constraints(&self) -> Vec<Constraint> {
+        self.scale
+            .constraints
+            .iter()
+            .filter_map(|c| Constraint::parse(c))
+            .collect()
+    }
+
     pub fn every_node(&self) -> bool {
         self.scale.placement.as_deref() == Some("every-node")
     }
@@ -557,10 +736,10 @@ mod tests {
 
     #[test]
     fn a_thousand_replicas_on_a_hundred_nodes_place_evenly() {
-        use crate::scheduler::{place, App};
+        use crate::scheduler::{place, App, Node};
         let s = AppSpec::parse("name = \"a\"\n[scale]\nreplicas = 1000\n").unwrap();
         let names: Vec<String> = (0..100).map(|i| format!("n{i}")).collect();
-        let nodes: Vec<&str> = names.iter().map(String::as_str).collect();
+        let nodes: Vec<Node> = names.iter().map(|n| Node::bare(n)).collect();
         let p = place(
             &[App {
                 name: "a",
@@ -568,9 +747,10 @@ mod tests {
             }],
             &nodes,
             &[],
-        );
+        )
+        .placements;
         assert_eq!(p.len(), 1000);
-        for n in &nodes {
+        for n in &names {
             assert_eq!(p.iter().filter(|p| p.node == *n).count(), 10);
         }
     }

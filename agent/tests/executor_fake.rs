@@ -37,7 +37,7 @@ impl World {
     /// Publishes the node's record (a node that runs containers) and starts the executor.
     async fn start_executor(&self) {
         let h = &self.node.core.handle;
-        records::NodeRecord::publish(h, Default::default(), true)
+        records::NodeRecord::publish(h, Default::default(), true, None)
             .await
             .unwrap();
         tokio::spawn(shoal::executor::run::run(
@@ -48,19 +48,19 @@ impl World {
         ));
     }
 
-    /// Writes an app as an operator would; its version.
+    /// Writes an app as an operator would; its revision (what its containers are labelled
+    /// with).
     async fn put_app(&self, toml: &str) -> String {
         let spec = AppSpec::parse(toml).unwrap();
         let key = keys::app(&spec.name).unwrap();
         let value = Bytes::from(serde_json::to_vec(&spec).unwrap());
-        let v = self
-            .node
+        self.node
             .core
             .handle
             .write_as(vec![(key, Some(value))], self.node.operator.clone())
             .await
             .unwrap();
-        v[0].to_string()
+        spec.revision()
     }
 
     fn task(&self, app: &str, replica: u32) -> Option<Task> {

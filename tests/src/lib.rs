@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 pub mod agent;
 pub mod bins;
+pub mod docker;
 pub mod http;
 pub mod images;
 pub mod netns;

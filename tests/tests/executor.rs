@@ -3,144 +3,9 @@
 //! env and secrets, a killed container comes back, scaling, updates and deletes converge, and
 //! a restarted agent adopts the containers it finds instead of starting new ones.
 
-use serde_json::Value;
-use shoal_e2e::{busybox_image, run, Agent, Resp, BUSYBOX};
+use shoal_e2e::docker::*;
+use shoal_e2e::{busybox_image, run, Agent, BUSYBOX};
 use std::process::Command;
-use std::time::Duration;
-
-const CONVERGE: Duration = Duration::from_secs(60);
-
-fn docker(args: &[&str]) -> String {
-    run(Command::new("docker").args(args))
-}
-
-/// Ids of the containers carrying every label of `labels` (stopped ones too when `all`),
-/// sorted.
-fn labelled(labels: &[String], all: bool) -> Vec<String> {
-    let mut args = vec!["ps".to_string(), "-q".into(), "--no-trunc".into()];
-    for l in labels {
-        args.extend(["--filter".to_string(), format!("label={l}")]);
-    }
-    if all {
-        args.push("-a".into());
-    }
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut ids: Vec<String> = docker(&args).lines().map(String::from).collect();
-    ids.sort();
-    ids
-}
-
-/// Ids of the containers of `cluster` for `app`.
-fn containers(cluster: &str, app: &str, all: bool) -> Vec<String> {
-    labelled(
-        &[
-            format!("shoal.cluster={cluster}"),
-            format!("shoal.app={app}"),
-        ],
-        all,
-    )
-}
-
-fn inspect(id: &str) -> Value {
-    let v: Value = serde_json::from_str(&docker(&["inspect", id])).unwrap();
-    v[0].clone()
-}
-
-fn tasks(a: &Agent, app: &str) -> Vec<Value> {
-    a.list("/v1/tasks")
-        .into_iter()
-        .filter(|t| t["app"] == app)
-        .collect()
-}
-
-/// Writes app `name`'s spec; the write must be accepted.
-fn deploy(a: &Agent, name: &str, spec: &str) {
-    let r = a.put_app(name, spec).unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
-/// `wait_for` that, on a timeout, shows what the agents report and log.
-fn converge<T>(agents: &[&Agent], what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let end = std::time::Instant::now() + CONVERGE;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if std::time::Instant::now() > end {
-            let mut report = String::new();
-            for a in agents {
-                let log = a.log();
-                let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                report += &format!(
-                    "\n== {} tasks: {}\n== {} log (last lines, newest first):\n{}",
-                    a.id,
-                    a.get("/v1/tasks").map(|r| r.text()).unwrap_or_default(),
-                    a.id,
-                    tail.join("\n")
-                );
-            }
-            panic!("timed out after {CONVERGE:?} waiting for {what}{report}");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn running(a: &Agent, app: &str, n: usize) -> Vec<Value> {
-    converge(&[a], &format!("{n} running task(s) of {app}"), || {
-        let t = tasks(a, app);
-        (t.len() == n
-            && t.iter()
-                .all(|t| t["state"] == "running" && t["ip"].is_string()))
-        .then_some(t)
-    })
-}
-
-fn write(a: &Agent, method: &str, path: &str, body: &[u8]) -> Resp {
-    let auth = format!("Bearer {}", a.token);
-    a.api(method, path, &[("Authorization", &auth)], body, None)
-        .unwrap()
-}
-
-/// Removes the cluster's containers when the test ends. Made before the agents, so it is
-/// dropped after them: a live executor would recreate what it removes.
-struct Cleanup(String);
-
-impl Cleanup {
-    /// The bundle `Agent::configure` uses under `root`, made now, and its guard.
-    fn for_agents_in(root: &std::path::Path) -> Cleanup {
-        Cleanup(shoal_e2e::cluster_id(&shoal_e2e::bundle(
-            &root.join("bundle"),
-            "test",
-        )))
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let ids = Command::new("docker")
-            .args([
-                "ps",
-                "-aq",
-                "--filter",
-                &format!("label=shoal.cluster={}", self.0),
-            ])
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-            .unwrap_or_default();
-        for id in ids.lines() {
-            let _ = Command::new("docker").args(["rm", "-f", id]).output();
-        }
-        let _ = Command::new("docker")
-            .args([
-                "network",
-                "prune",
-                "-f",
-                "--filter",
-                &format!("label=shoal.cluster={}", self.0),
-            ])
-            .output();
-    }
-}
 
 fn web_spec(replicas: u32, greeting: &str) -> String {
     format!(
@@ -365,9 +230,18 @@ fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
     }
     let cluster_id = nodes[0].cluster_id();
     assert_eq!(cluster_id, cleanup.0);
-    converge(&[&nodes[0], &nodes[1]], "two members", || {
-        nodes.iter().all(|a| a.alive_members() == 1).then_some(())
-    });
+    // Members, and each node's record (what placement reads) known to both: placed before
+    // that, both replicas would go to the one node known, and stay there.
+    converge(
+        &[&nodes[0], &nodes[1]],
+        "two members and their records",
+        || {
+            nodes
+                .iter()
+                .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
+                .then_some(())
+        },
+    );
     // Both nodes share this machine's Docker: one load serves both.
     let r = write(
         &nodes[0],

@@ -8,7 +8,7 @@ use crate::identity::cert::sign_request;
 use crate::identity::join::{JoinReply, JoinRequest, JOIN_PATH};
 use crate::identity::vouch::OperatorKey;
 use crate::peer::{CONTENT_TYPE, IDENTITY_PATH, MSG_PATH};
-use crate::spec::{valid_name, AppSpec};
+use crate::spec::valid_name;
 use crate::state::{Counters, Handle};
 use crate::store::replica::read_entry;
 use crate::store::NodeId;
@@ -18,8 +18,6 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json as j;
 use std::sync::Arc;
-
-const MAX_SPEC_BYTES: usize = 1 << 20;
 
 const MAX_SECRET_BYTES: usize = 64 * 1024;
 
@@ -84,16 +82,29 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Bo
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            put_app(req, &name, h, op).await
+            super::apps::put(req, &name, h, op).await
         }
         (Method::DELETE, ["v1", "apps", name]) => {
             let op = match authorize(&req, h) {
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            delete_app(name, h, op).await
+            super::apps::delete(name, h, op).await
         }
         (_, ["v1", "apps", _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE"),
+        (Method::POST, ["v1", "apps", name, "rollback"]) => {
+            let op = match authorize(&req, h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            super::apps::rollback(name, req.uri().query(), h, op).await
+        }
+        (_, ["v1", "apps", _, "rollback"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
+        (Method::GET, ["v1", "apps", name, "history"]) => match authorize(&req, h) {
+            Ok(_) => super::apps::history(name, h),
+            Err(r) => r,
+        },
+        (_, ["v1", "apps", _, "history"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (Method::POST, ["v1", "images"]) => {
             if let Err(r) = authorize(&req, h) {
                 return drain_then(req, r).await;
@@ -107,6 +118,20 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Bo
                 Err(r) => return drain_then(req, r).await,
             };
             evict(id, h, op).await
+        }
+        (Method::POST, ["v1", "nodes", id, verb @ ("drain" | "uncordon")]) => {
+            let op = match authorize(&req, h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            if *verb == "drain" {
+                super::nodes::drain(id, h, op).await
+            } else {
+                super::nodes::uncordon(id, h, op).await
+            }
+        }
+        (_, ["v1", "nodes", _, "drain" | "uncordon"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
         }
         (Method::PUT, ["v1", "cluster", "join-secret"]) => {
             let op = match authorize(&req, h) {
@@ -505,66 +530,6 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<Arc<OperatorKey>, Re
             Err(r)
         }
     }
-}
-
-async fn put_app(
-    req: Request<Incoming>,
-    name: &str,
-    h: &Handle,
-    op: Arc<OperatorKey>,
-) -> Response<Body> {
-    // The body is read first: refusing with it unread resets HTTP/2 streams.
-    let body = match super::read_body(req, MAX_SPEC_BYTES).await {
-        Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("cannot read the spec: {e}"),
-            )
-        }
-    };
-    if !valid_name(name) {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("app name {name:?}: use 1-63 lowercase letters, digits and '-'"),
-        );
-    }
-    let Ok(text) = std::str::from_utf8(&body) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "the app spec must be UTF-8 TOML or JSON",
-        );
-    };
-    let spec = match AppSpec::parse(text) {
-        Ok(s) => s,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    if spec.name != name {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("the spec names {:?} but the path names {name:?}", spec.name),
-        );
-    }
-    let Ok(key) = keys::app(name) else {
-        return error(StatusCode::BAD_REQUEST, "bad app name");
-    };
-    let value = Bytes::from(serde_json::to_vec(&spec).unwrap_or_default());
-    write_one(h, op, key, Some(value), j!({ "name": name })).await
-}
-
-async fn delete_app(name: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
-    let key = match keys::app(name) {
-        Ok(k) => k,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    delete_one(
-        h,
-        op,
-        key,
-        format!("no app named {name:?}"),
-        j!({ "name": name }),
-    )
-    .await
 }
 
 /// Loads a `docker save` archive into this node's runtime, streamed as it arrives: no

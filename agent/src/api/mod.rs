@@ -6,8 +6,10 @@
 //! byte for `Limits::idle` while no request is being handled (idle keep-alive, a client that
 //! never sends its first byte or never finishes its TLS handshake or headers), and counts both.
 
+pub mod apps;
 pub mod control;
 pub mod metrics;
+pub mod nodes;
 pub mod status;
 
 use crate::state::{ConnCounters, Counters};

@@ -2,8 +2,9 @@
 //! secret: secret values stay out of every listing and event.
 
 use super::{error, full, json, text, Body};
+use crate::rollout::View;
 use crate::state::{Handle, Snapshot};
-use crate::store::replica::{changes_since, read_entry, scan_keyspace};
+use crate::store::replica::{changes_since, scan_keyspace};
 use crate::store::{keys, Change, Keyspace, NodeId};
 use bytes::Bytes;
 use futures_util::stream;
@@ -50,22 +51,27 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
             Ok(s) => json(StatusCode::OK, &nodes(h, &s)),
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         },
-        ["v1", "apps"] => match scan_keyspace(&h.store, Keyspace::Apps, "", 100_000) {
-            Ok(es) => json(
-                StatusCode::OK,
-                &es.iter()
-                    .map(|e| public_app(value_of(&e.value)))
-                    .collect::<Vec<_>>(),
-            ),
-            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        ["v1", "apps"] => match h.snapshot().await {
+            Ok(s) => {
+                let view = view(h, &s);
+                let apps: Vec<Value> = view.apps.iter().map(|a| app(&view, a)).collect();
+                json(StatusCode::OK, &apps)
+            }
+            Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         },
         ["v1", "apps", name] => {
-            match keys::app(name).and_then(|k| read_entry(&h.store, k.as_str())) {
-                Ok(Some((e, _))) if !e.is_tombstone() => {
-                    json(StatusCode::OK, &public_app(value_of(&e.value)))
+            if let Err(e) = keys::app(name) {
+                return error(StatusCode::BAD_REQUEST, e);
+            }
+            match h.snapshot().await {
+                Ok(s) => {
+                    let view = view(h, &s);
+                    match view.apps.iter().find(|a| a.spec.name == *name) {
+                        Some(a) => json(StatusCode::OK, &app(&view, a)),
+                        None => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
+                    }
                 }
-                Ok(_) => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
-                Err(e) => error(StatusCode::BAD_REQUEST, e),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
             }
         }
         ["v1", "tasks"] => match h.snapshot().await {
@@ -76,6 +82,25 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
         ["metrics"] => metrics(h).await,
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
+}
+
+/// The replicated state as this node's executor reads it.
+fn view(h: &Handle, s: &Snapshot) -> View {
+    View::read_as(&h.store, s.me.id.as_str(), |id| {
+        s.members
+            .iter()
+            .any(|m| m.id.as_str() == id && m.state.is_live())
+    })
+}
+
+/// An app as the status port shows it: its spec (`public_app`), with its state (`status`)
+/// beside.
+fn app(view: &View, a: &crate::state::records::AppRecord) -> Value {
+    let mut v = public_app(serde_json::to_value(&a.spec).unwrap_or(Value::Null));
+    if let Value::Object(o) = &mut v {
+        o.insert("status".into(), j!(view.status(a)));
+    }
+    v
 }
 
 /// An app spec as the status port shows it: `run.env` lists the variables' names only. The
@@ -168,6 +193,7 @@ fn status(h: &Handle, s: &Snapshot) -> Value {
 /// Live keys per keyspace.
 fn nodes(h: &Handle, s: &Snapshot) -> Value {
     let records = scan_keyspace(&h.store, Keyspace::Nodes, "", 100_000).unwrap_or_default();
+    let view = view(h, s);
     let mut out = Vec::new();
     for e in records {
         let id = e.key.name().to_string();
@@ -176,6 +202,11 @@ fn nodes(h: &Handle, s: &Snapshot) -> Value {
         let mut v = value_of(&e.value);
         if let Value::Object(o) = &mut v {
             o.insert("state".into(), j!(if evicted { "evicted" } else { state }));
+            // Drained: `draining` while replicas still run there, then `drained`.
+            let drain = view.draining(&id).map(|left| {
+                j!({ "state": if left == 0 { "drained" } else { "draining" }, "replicas_left": left })
+            });
+            o.insert("drain".into(), j!(drain));
         }
         out.push(v);
     }

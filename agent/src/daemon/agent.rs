@@ -410,7 +410,8 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     );
 
     // Our own record is durable before anything answers, so "healthy" implies "announced".
-    if let Err(e) = NodeRecord::publish(&h, cfg.labels.clone(), runtime.is_some()).await {
+    let capacity = machine_capacity();
+    if let Err(e) = NodeRecord::publish(&h, cfg.labels.clone(), runtime.is_some(), capacity).await {
         tracing::error!(err = %e, "cannot publish this node's record");
     }
 
@@ -512,4 +513,22 @@ async fn stop(
     core_stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(5), core.task).await;
     tracing::info!(took_ms = wall_ms() - t0, "agent stopped");
+}
+
+/// This machine's CPUs and memory, from the kernel: what the scheduler may place here.
+fn machine_capacity() -> Option<crate::scheduler::Capacity> {
+    let cpus = std::thread::available_parallelism().ok()?.get() as u64;
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(crate::scheduler::Capacity {
+        cpu_milli: cpus * 1000,
+        memory_bytes: kib * 1024,
+    })
 }

@@ -12,6 +12,9 @@ pub struct Desired {
     pub spec: ContainerSpec,
     /// How its readiness is known (`[health]`).
     pub probe: crate::spec::Probe,
+    /// Stop a container of another version of this replica now, not once this one is ready
+    /// (a rollout's `unavailable`).
+    pub replace_at_once: bool,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -57,6 +60,11 @@ pub fn plan(desired: &[Desired], observed: &[Observed], waiting: &[(String, u32)
             desired[*i].app == o.app && desired[*i].replica == o.replica && new.ready
         })
     };
+    let at_once = |o: &Observed| {
+        desired
+            .iter()
+            .any(|d| d.app == o.app && d.replica == o.replica && d.replace_at_once)
+    };
     let wanted = |o: &Observed| {
         desired
             .iter()
@@ -68,7 +76,7 @@ pub fn plan(desired: &[Desired], observed: &[Observed], waiting: &[(String, u32)
             continue;
         }
         // An older version keeps serving until its replacement is ready.
-        if o.running && wanted(o) && !replaced(o) {
+        if o.running && wanted(o) && !replaced(o) && !at_once(o) {
             continue;
         }
         p.extra.push(o.clone());
@@ -97,6 +105,7 @@ mod tests {
                 network: "net".into(),
             },
             probe: crate::spec::AppSpec::parse("name = \"a\"").unwrap().probe(),
+            replace_at_once: false,
         }
     }
 
@@ -201,6 +210,12 @@ mod tests {
             assert_eq!(p.missing, *missing, "case {i}");
             assert_eq!(ids(&p.extra), *extra, "case {i}");
         }
+        // Told to replace at once, the old version goes before the new one is ready.
+        let mut at_once = d.clone();
+        at_once[0].replace_at_once = true;
+        let obs = [seen("o", "web", 0, "v1", true)];
+        assert_eq!(ids(&plan(&at_once, &obs, &[]).extra), ["o"]);
+        assert!(plan(&d, &obs, &[]).extra.is_empty());
         // A replica waiting for its secret keeps its old version running.
         let old = [seen("o", "web", 0, "v1", true)];
         assert!(plan(&[], &old, &[("web".into(), 0)]).extra.is_empty());

@@ -8,9 +8,10 @@ use super::{container_name, ContainerRuntime, ContainerSpec, Observed, Task, Tas
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
 use crate::clock::wall_ms;
 use crate::membership::MemberState;
-use crate::scheduler::{self, App, Running};
+use crate::rollout::View;
 use crate::spec::AppSpec;
-use crate::state::{records, Handle};
+use crate::state::records::Outcome;
+use crate::state::Handle;
 use crate::store::replica::{read_entry, scan_keyspace};
 use crate::store::{keys, Bytes, Change, Keyspace};
 use std::collections::{BTreeMap, HashMap};
@@ -37,11 +38,16 @@ struct Restarts {
     last_exit: Option<i64>,
     /// The version these failures are of: a new version starts without the old one's backoff.
     version: String,
+    /// Failures at this version: a rollout fails at `[update] max_failures`.
+    failures: u32,
+    /// When the first container at this version started (wall ms).
+    first_started_ms: Option<u64>,
 }
 
 impl Restarts {
     fn failed(&mut self, now: Instant) {
         self.count += 1;
+        self.failures += 1;
         self.streak += 1;
         // A first failure is retried at once, then after 1, 2, 4 ... 60 s.
         let delay = match self.streak {
@@ -100,6 +106,8 @@ pub struct Executor<R> {
     probes: tokio::sync::mpsc::Sender<ProbeResult>,
     /// Times for the trackers are counted from here.
     epoch: Instant,
+    /// While this node is drained: the replicas it still runs.
+    drain_left: Option<usize>,
 }
 
 /// What should run here, or why a placed replica cannot.
@@ -123,6 +131,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             watched: HashMap::new(),
             probes,
             epoch: crate::clock::now(),
+            drain_left: None,
         };
         (ex, results)
     }
@@ -238,57 +247,75 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 .get(&(app.into(), replica))
                 .and_then(|r| r.last_exit),
             ready: false,
+            failures: self
+                .restarts
+                .get(&(app.into(), replica))
+                .filter(|r| r.version == version)
+                .map_or(0, |r| r.failures),
+            version_since_ms: self
+                .restarts
+                .get(&(app.into(), replica))
+                .filter(|r| r.version == version)
+                .and_then(|r| r.first_started_ms)
+                .unwrap_or(0),
             agent_started_ms: self.h.started_ms,
         }
     }
 
-    /// The apps (with their spec versions), the nodes that may run them, and where replicas
-    /// run now: the scheduler's inputs, all from the replicated store.
-    fn my_placements(&self, members: &[(String, MemberState)]) -> Vec<(AppSpec, String, u32)> {
-        let apps = records::apps(&self.h.store);
-        let tasks = records::tasks(&self.h.store, "");
-        // Eligible nodes, with the start time of the agent run each last announced.
-        let nodes: BTreeMap<String, u64> = records::nodes(&self.h.store)
-            .into_iter()
-            .filter(|n| {
-                n.containers
-                    && (n.id == self.me
-                        || members
-                            .iter()
-                            .any(|(m, state)| *m == n.id && state.is_live()))
-            })
-            .map(|n| (n.id, n.started_at_ms))
-            .collect();
-        let node_refs: Vec<&str> = nodes.keys().map(String::as_str).collect();
-        // A replica starting (not yet ready) stays where it is, as a running one does.
-        let running: Vec<Running> = tasks
-            .iter()
-            .filter(|t| matches!(t.state, TaskState::Running | TaskState::Starting))
-            .filter(|t| nodes.get(&t.node) == Some(&t.agent_started_ms))
-            .map(|t| Running {
-                app: &t.app,
-                replica: t.replica,
-                node: &t.node,
-                since_ms: t.since_ms,
-            })
-            .collect();
-        let app_refs: Vec<App> = apps
-            .iter()
-            .map(|(s, _)| App {
-                name: &s.name,
-                spec: s,
-            })
-            .collect();
-        let versions: BTreeMap<&str, &(AppSpec, String)> =
-            apps.iter().map(|a| (a.0.name.as_str(), a)).collect();
-        scheduler::place(&app_refs, &node_refs, &running)
-            .into_iter()
-            .filter(|p| p.node == self.me)
-            .filter_map(|p| {
-                let (spec, version) = versions.get(p.app.as_str())?;
-                Some((spec.clone(), version.clone(), p.replica))
-            })
-            .collect()
+    /// The replicated state placement and rollouts read: the nodes that may run replicas
+    /// are this one and the live members that run containers.
+    fn view(&self, members: &[(String, MemberState)]) -> View {
+        View::read_as(&self.h.store, &self.me, |id| {
+            members.iter().any(|(m, state)| m == id && state.is_live())
+        })
+    }
+
+    /// The app owner's duty: records how the rollouts of the apps this node owns ended, and
+    /// forgets the rollouts of revisions that are gone.
+    async fn judge(&self, view: &View) {
+        let mut ops = Vec::new();
+        for app in &view.apps {
+            if view.owner(&app.spec.name) != Some(self.me.as_str()) {
+                continue;
+            }
+            let Some(verdict) = view.judge(app, wall_ms(), &self.me) else {
+                continue;
+            };
+            match verdict.outcome {
+                Outcome::Complete => {
+                    tracing::info!(app = %app.spec.name, revision = %verdict.revision, "rollout complete")
+                }
+                Outcome::Failed => {
+                    tracing::warn!(app = %app.spec.name, revision = %verdict.revision, reason = %verdict.reason, rollback = app.spec.update_policy().rollback, "rollout failed")
+                }
+            }
+            if let Ok(key) = keys::rollout(&app.spec.name, &verdict.revision) {
+                let value = serde_json::to_vec(&verdict).unwrap_or_default();
+                ops.push((key, Some(Bytes::from(value))));
+            }
+        }
+        // Records of revisions neither the app nor its history holds any more.
+        for (name, revision) in view.outcomes.keys() {
+            let known = view.apps.iter().any(|a| {
+                a.spec.name == *name
+                    && (a.revision == *revision
+                        || view
+                            .history
+                            .get(name)
+                            .is_some_and(|h| h.iter().any(|p| p.revision == *revision)))
+            });
+            if !known && view.owner(name) == Some(self.me.as_str()) {
+                if let Ok(key) = keys::rollout(name, revision) {
+                    ops.push((key, None));
+                }
+            }
+        }
+        if ops.is_empty() {
+            return;
+        }
+        if let Err(e) = self.h.write(ops).await {
+            tracing::warn!(err = %e, "cannot record rollouts");
+        }
     }
 
     /// Turns a placed replica into a container spec: image, command, env with its secrets
@@ -350,6 +377,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             (LABEL_NODE.to_string(), self.me.clone()),
         ]);
         Resolved::Run(Desired {
+            replace_at_once: false,
             probe: spec.probe(),
             app: spec.name.clone(),
             replica,
@@ -391,14 +419,32 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             // The agent is stopping.
             Err(_) => return,
         };
-        for (spec, version, replica) in self.my_placements(&members) {
-            match self.resolve(&spec, &version, replica) {
-                Resolved::Run(d) => desired.push(d),
+        let view = self.view(&members);
+        self.judge(&view).await;
+        for slot in view.slots().into_iter().filter(|s| s.node == self.me) {
+            match self.resolve(&slot.spec, &slot.revision, slot.replica) {
+                Resolved::Run(d) => desired.push(Desired {
+                    replace_at_once: slot.replace_at_once,
+                    ..d
+                }),
                 Resolved::Wait(t) => {
                     tasks.insert((t.app.clone(), t.replica), t);
                 }
             }
         }
+        // Replicas placed elsewhere now keep serving here until their replacement is ready.
+        for hand in view.handoffs(&self.me) {
+            let id = (hand.app.clone(), hand.replica);
+            if let Some(mut t) = self.written.get(&id).cloned() {
+                t.reason = format!("moving to {}: stopped here once it is ready there", hand.to);
+                tasks.entry(id).or_insert(t);
+            }
+        }
+        let left = view.draining(&self.me);
+        if left == Some(0) && self.drain_left.is_some_and(|n| n > 0) {
+            tracing::info!("drained: no replica runs here any more");
+        }
+        self.drain_left = left;
         match self.rt.list(&self.cluster, &self.me).await {
             Ok(observed) => {
                 if self.runtime_down {
@@ -547,6 +593,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         match started {
             Ok(id) => {
                 r.started = Some(now);
+                r.first_started_ms.get_or_insert_with(wall_ms);
                 tracing::info!(app = %d.app, replica = d.replica, container = %id, "container started");
                 t.state = TaskState::Starting;
                 t.reason = "started".into();
@@ -561,6 +608,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             }
         }
         t.restarts = r.count;
+        t.version_since_ms = r.first_started_ms.unwrap_or(0);
         t
     }
 
@@ -616,7 +664,12 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
 fn relevant(c: &Change, me: &str) -> bool {
     let k = &c.entry.key;
     match k.keyspace() {
-        Keyspace::Apps | Keyspace::Nodes | Keyspace::Secrets => true,
+        Keyspace::Apps
+        | Keyspace::Nodes
+        | Keyspace::Secrets
+        | Keyspace::History
+        | Keyspace::Rollouts
+        | Keyspace::Cluster => true,
         // Other nodes' tasks move placements (a replica running elsewhere stays there).
         Keyspace::Tasks => k.owner() != Some(me),
         _ => false,

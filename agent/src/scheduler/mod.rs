@@ -2,9 +2,18 @@
 //! node computes it from the same inputs and gets the same answer, so there is no leader and
 //! nothing to elect; a node then starts and stops only its own tasks.
 //!
-//! A replica that is running stays where it is. Every other replica goes to the eligible node
-//! that ranks highest for (app, replica, node) by rendezvous hash, preferring nodes that hold
-//! no replica of the app yet, so replicas spread and a node leaving moves only its own.
+//! A replica that is running stays where it is, as long as its node still matches the app's
+//! constraints. Every other replica goes to an eligible node: one that matches the app's
+//! `constraints` on node labels and has the declared cpu and memory free (what replicas
+//! placed there declare counts as taken; a node of unknown capacity takes anything). Among
+//! those it prefers, in order, the spread domain (`spread = "zone"`: the value of that label)
+//! holding the fewest of the app's replicas, the node holding the fewest, and the node
+//! ranking highest for (app, replica, node) by rendezvous hash, so replicas spread and a node
+//! leaving moves only its own. `every-node` apps are placed first, on every eligible node.
+//! A replica that fits nowhere is left unplaced with the reason.
+//!
+//! Work is O(replicas × nodes) cheap steps (a hash mix and a few comparisons per candidate),
+//! plus one SHA-256 per node and per replica.
 
 use crate::spec::AppSpec;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -16,6 +25,110 @@ pub struct App<'a> {
     pub spec: &'a AppSpec,
 }
 
+/// A node as the scheduler sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Node<'a> {
+    pub id: &'a str,
+    /// What it can hold; `None`: unknown, anything fits.
+    pub capacity: Option<Capacity>,
+    pub labels: &'a BTreeMap<String, String>,
+}
+
+static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
+
+impl<'a> Node<'a> {
+    /// A node with no labels and unknown capacity.
+    pub fn bare(id: &'a str) -> Node<'a> {
+        Node {
+            id,
+            capacity: None,
+            labels: &NO_LABELS,
+        }
+    }
+}
+
+/// CPU (in thousandths of a core) and memory: what a node has, or a replica declares.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    PartialOrd,
+    Ord,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+pub struct Capacity {
+    pub cpu_milli: u64,
+    pub memory_bytes: u64,
+}
+
+impl Capacity {
+    /// What one replica of `spec` declares (`[resources]`; nothing declared takes nothing).
+    pub fn of(spec: &AppSpec) -> Capacity {
+        Capacity {
+            cpu_milli: spec
+                .resources
+                .cpu
+                .map_or(0, |c| (c * 1000.0).round().max(0.0) as u64),
+            memory_bytes: spec
+                .resources
+                .memory_bytes()
+                .ok()
+                .flatten()
+                .map_or(0, |m| m.max(0) as u64),
+        }
+    }
+
+    fn fits(&self, free: &Free) -> bool {
+        (self.cpu_milli as i128) <= free.cpu && (self.memory_bytes as i128) <= free.memory
+    }
+}
+
+impl std::fmt::Display for Capacity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} CPU and {}",
+            self.cpu_milli as f64 / 1000.0,
+            bytes(self.memory_bytes as i128)
+        )
+    }
+}
+
+/// `1.5 GiB`, `256 MiB`, `512 KiB`.
+fn bytes(b: i128) -> String {
+    let b = b.max(0) as f64;
+    for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+        if b >= size as f64 {
+            let v = b / size as f64;
+            return if v.fract() == 0.0 {
+                format!("{v} {unit}")
+            } else {
+                format!("{v:.1} {unit}")
+            };
+        }
+    }
+    format!("{b} B")
+}
+
+/// What is left on a node (may go below zero: running replicas stay even when a node is
+/// over-committed).
+#[derive(Debug, Clone, Copy)]
+struct Free {
+    cpu: i128,
+    memory: i128,
+}
+
+impl Free {
+    fn take(&mut self, c: Capacity) {
+        self.cpu -= c.cpu_milli as i128;
+        self.memory -= c.memory_bytes as i128;
+    }
+}
+
 /// A replica some node reports running (from the `tasks/` records of its current run).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Running<'a> {
@@ -24,6 +137,8 @@ pub struct Running<'a> {
     pub node: &'a str,
     /// When it started running (ms since the epoch).
     pub since_ms: u64,
+    /// Whether it is ready for traffic.
+    pub ready: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -33,11 +148,26 @@ pub struct Placement {
     pub node: String,
 }
 
-/// The rendezvous weight of `node` for one replica: the first 8 bytes of a SHA-256, the same
-/// on every machine and every build.
-fn rank(app: &str, replica: u32, node: &str) -> u64 {
+/// A replica no node can take now, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    pub app: String,
+    pub replica: u32,
+    pub reason: String,
+}
+
+/// Placements, sorted by (app, replica, node), and the replicas left unplaced.
+#[derive(Debug, Default, PartialEq)]
+pub struct Placed {
+    pub placements: Vec<Placement>,
+    pub unplaced: Vec<Unplaced>,
+}
+
+/// The first 8 bytes of a SHA-256 over length-prefixed parts: the same on every machine and
+/// every build.
+fn h64(parts: &[&[u8]]) -> u64 {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    for part in [app.as_bytes(), &replica.to_be_bytes(), node.as_bytes()] {
+    for part in parts {
         ctx.update(&(part.len() as u32).to_be_bytes());
         ctx.update(part);
     }
@@ -47,76 +177,227 @@ fn rank(app: &str, replica: u32, node: &str) -> u64 {
     u64::from_be_bytes(b)
 }
 
-/// The node of `among` that ranks highest for one replica.
-fn best<'n>(app: &str, replica: u32, among: impl Iterator<Item = &'n str>) -> Option<&'n str> {
-    among.max_by_key(|n| (rank(app, replica, n), *n))
+/// splitmix64's finalizer: a bijection that spreads every input bit over the output.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+fn replica_hash(app: &str, replica: u32) -> u64 {
+    h64(&[app.as_bytes(), &replica.to_be_bytes()])
+}
+
+fn node_hash(node: &str) -> u64 {
+    h64(&[node.as_bytes()])
+}
+
+/// The rendezvous weight of `node` for one replica.
+pub(crate) fn rank(app: &str, replica: u32, node: &str) -> u64 {
+    mix(replica_hash(app, replica) ^ node_hash(node))
 }
 
 /// Places every replica of every app on one of `nodes` (the live nodes that run containers
-/// and are not drained). Sorted by (app, replica); empty when there is no node. Work is
-/// O(replicas × nodes) per app (a rendezvous hash per candidate), plus the running list once.
-pub fn place(apps: &[App<'_>], nodes: &[&str], running: &[Running<'_>]) -> Vec<Placement> {
-    let nodes: BTreeSet<&str> = nodes.iter().copied().collect();
-    if nodes.is_empty() {
-        return Vec::new();
-    }
+/// and are not drained). Two apps of one name: the first wins.
+pub fn place(apps: &[App<'_>], nodes: &[Node<'_>], running: &[Running<'_>]) -> Placed {
+    let mut nodes: Vec<Node> = nodes.to_vec();
+    nodes.sort_by_key(|n| n.id);
+    nodes.dedup_by_key(|n| n.id);
+    let index: HashMap<&str, usize> = nodes.iter().enumerate().map(|(i, n)| (n.id, i)).collect();
+    let hashes: Vec<u64> = nodes.iter().map(|n| node_hash(n.id)).collect();
+    let mut free: Vec<Free> = nodes
+        .iter()
+        .map(|n| {
+            let c = n.capacity.unwrap_or(Capacity {
+                cpu_milli: u64::MAX,
+                memory_bytes: u64::MAX,
+            });
+            Free {
+                cpu: c.cpu_milli as i128,
+                memory: c.memory_bytes as i128,
+            }
+        })
+        .collect();
     let mut holders: HashMap<(&str, u32), Vec<&Running<'_>>> = HashMap::new();
-    for r in running.iter().filter(|r| nodes.contains(r.node)) {
+    for r in running.iter().filter(|r| index.contains_key(r.node)) {
         holders.entry((r.app, r.replica)).or_default().push(r);
     }
-    let mut out = Vec::new();
     let mut seen = BTreeSet::new();
-    for app in apps {
-        // Two records for one app name cannot both be placed: the first wins.
-        if !seen.insert(app.name) {
-            continue;
+    let apps: Vec<&App> = apps.iter().filter(|a| seen.insert(a.name)).collect();
+    let mut out = Placed::default();
+    let eligible = |app: &App| -> Vec<bool> {
+        let cs = app.spec.constraints();
+        nodes
+            .iter()
+            .map(|n| cs.iter().all(|c| c.matches(n.labels)))
+            .collect()
+    };
+    // `every-node` apps first: one replica on each eligible node that holds it or has room.
+    for app in apps.iter().filter(|a| a.spec.every_node()) {
+        let demand = Capacity::of(app.spec);
+        for (i, ok) in eligible(app).into_iter().enumerate() {
+            if !ok {
+                continue;
+            }
+            let holds = holders
+                .get(&(app.name, 0))
+                .is_some_and(|rs| rs.iter().any(|r| r.node == nodes[i].id));
+            if holds || demand.fits(&free[i]) {
+                free[i].take(demand);
+                out.placements.push(Placement {
+                    app: app.name.to_string(),
+                    replica: 0,
+                    node: nodes[i].id.to_string(),
+                });
+            }
         }
-        if app.spec.every_node() {
-            out.extend(nodes.iter().map(|n| Placement {
-                app: app.name.to_string(),
-                replica: 0,
-                node: n.to_string(),
-            }));
-            continue;
-        }
-        let count = app.spec.replicas();
-        let mut chosen: BTreeMap<u32, &str> = BTreeMap::new();
-        let mut load: BTreeMap<&str, usize> = nodes.iter().map(|n| (*n, 0)).collect();
-        // Running replicas first: they stay (the best-ranked copy when several nodes run one).
-        for replica in 0..count {
+    }
+    let apps: Vec<&App> = apps.into_iter().filter(|a| !a.spec.every_node()).collect();
+    // Running replicas stay (the best copy when several nodes run one): they take their room
+    // before anything new is placed.
+    let mut chosen: Vec<BTreeMap<u32, usize>> = vec![BTreeMap::new(); apps.len()];
+    let mut eligibility: Vec<Vec<bool>> = Vec::with_capacity(apps.len());
+    for (k, app) in apps.iter().enumerate() {
+        let ok = eligible(app);
+        let demand = Capacity::of(app.spec);
+        for replica in 0..app.spec.replicas() {
             // Two nodes run it only while their views differed (or one has not yet said it
-            // stopped): the later start is the one that reacted to the newer view.
+            // stopped): a ready copy wins over one that is not (a node cut off and back keeps
+            // serving until the replacement made meanwhile is ready), then the later start,
+            // the one that reacted to the newer view.
             let holder = holders.get(&(app.name, replica)).and_then(|rs| {
                 rs.iter()
-                    .max_by_key(|r| (r.since_ms, rank(app.name, replica, r.node), r.node))
+                    .filter(|r| ok[index[r.node]])
+                    .max_by_key(|r| (r.ready, r.since_ms, rank(app.name, replica, r.node), r.node))
             });
             if let Some(r) = holder {
-                chosen.insert(replica, r.node);
-                *load.entry(r.node).or_default() += 1;
+                let i = index[r.node];
+                chosen[k].insert(replica, i);
+                free[i].take(demand);
             }
         }
-        for replica in 0..count {
-            if chosen.contains_key(&replica) {
-                continue;
-            }
-            // Nodes without a replica of the app first; with more replicas than nodes, the
-            // least loaded nodes take the extra ones.
-            let least = load.values().copied().min().unwrap_or(0);
-            let light = load.iter().filter(|(_, l)| **l == least).map(|(n, _)| *n);
-            let Some(n) = best(app.name, replica, light) else {
-                continue;
-            };
-            chosen.insert(replica, n);
-            *load.entry(n).or_default() += 1;
-        }
-        out.extend(chosen.into_iter().map(|(replica, node)| Placement {
-            app: app.name.to_string(),
-            replica,
-            node: node.to_string(),
-        }));
+        eligibility.push(ok);
     }
-    out.sort();
+    for (k, app) in apps.iter().enumerate() {
+        place_new(
+            app,
+            &nodes,
+            &hashes,
+            &eligibility[k],
+            &mut free,
+            &mut chosen[k],
+            &mut out,
+        );
+        out.placements
+            .extend(chosen[k].iter().map(|(replica, i)| Placement {
+                app: app.name.to_string(),
+                replica: *replica,
+                node: nodes[*i].id.to_string(),
+            }));
+    }
+    out.placements.sort();
     out
+}
+
+/// Places one app's replicas that no node holds yet, in replica order.
+fn place_new(
+    app: &App,
+    nodes: &[Node],
+    hashes: &[u64],
+    eligible: &[bool],
+    free: &mut [Free],
+    chosen: &mut BTreeMap<u32, usize>,
+    out: &mut Placed,
+) {
+    let demand = Capacity::of(app.spec);
+    // Each node's spread domain as a small number (nodes without the label share one).
+    let mut names: HashMap<Option<&str>, usize> = HashMap::new();
+    let domain: Vec<usize> = match app.spec.scale.spread.as_deref() {
+        Some(label) => nodes
+            .iter()
+            .map(|n| {
+                let next = names.len();
+                *names
+                    .entry(n.labels.get(label).map(String::as_str))
+                    .or_insert(next)
+            })
+            .collect(),
+        None => vec![0; nodes.len()],
+    };
+    let mut in_domain = vec![0u32; names.len().max(1)];
+    let mut load = vec![0u32; nodes.len()];
+    for i in chosen.values() {
+        load[*i] += 1;
+        in_domain[domain[*i]] += 1;
+    }
+    for replica in 0..app.spec.replicas() {
+        if chosen.contains_key(&replica) {
+            continue;
+        }
+        let h = replica_hash(app.name, replica);
+        let mut best: Option<(u32, u32, u64, usize)> = None;
+        for i in 0..nodes.len() {
+            if !eligible[i] || !demand.fits(&free[i]) {
+                continue;
+            }
+            // Fewest in the domain, fewest on the node, then the highest rank.
+            let key = (
+                in_domain[domain[i]],
+                load[i],
+                u64::MAX - mix(h ^ hashes[i]),
+                i,
+            );
+            if best.is_none_or(|b| key < b) {
+                best = Some(key);
+            }
+        }
+        match best {
+            Some((_, _, _, i)) => {
+                chosen.insert(replica, i);
+                free[i].take(demand);
+                load[i] += 1;
+                in_domain[domain[i]] += 1;
+            }
+            None => out.unplaced.push(Unplaced {
+                app: app.name.to_string(),
+                replica,
+                reason: why_unplaced(app, demand, nodes, eligible, free),
+            }),
+        }
+    }
+}
+
+/// Why nothing could take a replica: no node, no node matching the constraints, or no room.
+fn why_unplaced(
+    app: &App,
+    demand: Capacity,
+    nodes: &[Node],
+    eligible: &[bool],
+    free: &[Free],
+) -> String {
+    if nodes.is_empty() {
+        return "no live node runs containers".into();
+    }
+    let roomiest = (0..nodes.len()).filter(|i| eligible[*i]).max_by_key(|i| {
+        (
+            free[*i].memory,
+            free[*i].cpu,
+            std::cmp::Reverse(nodes[*i].id),
+        )
+    });
+    let Some(i) = roomiest else {
+        return format!(
+            "no live node matches its constraints ({})",
+            app.spec.scale.constraints.join(", ")
+        );
+    };
+    let f = &free[i];
+    format!(
+        "needs {demand}, the largest free is {} CPU and {} on {}",
+        f.cpu.max(0) as f64 / 1000.0,
+        bytes(f.memory),
+        nodes[i].id
+    )
 }
 
 #[cfg(test)]
@@ -126,6 +407,12 @@ mod tests {
 
     fn spec(replicas: u32) -> AppSpec {
         AppSpec::parse(&format!("name = \"a\"\n[scale]\nreplicas = {replicas}")).unwrap()
+    }
+
+    /// Placements over nodes with no labels and unknown capacity.
+    fn pl(apps: &[App], ids: &[&str], running: &[Running]) -> Vec<Placement> {
+        let nodes: Vec<Node> = ids.iter().map(|i| Node::bare(i)).collect();
+        place(apps, &nodes, running).placements
     }
 
     fn on(p: &[Placement], node: &str) -> usize {
@@ -139,21 +426,21 @@ mod tests {
             name: "web",
             spec: &s,
         }];
-        let p = place(&apps, &["n1", "n2", "n3"], &[]);
+        let p = pl(&apps, &["n1", "n2", "n3"], &[]);
         assert_eq!(p.len(), 3);
         for n in ["n1", "n2", "n3"] {
             assert_eq!(on(&p, n), 1, "{p:?}");
         }
-        let p = place(&apps, &["n1", "n2"], &[]);
+        let p = pl(&apps, &["n1", "n2"], &[]);
         assert_eq!(p.len(), 3);
         assert!(on(&p, "n1") >= 1 && on(&p, "n2") >= 1, "{p:?}");
-        assert!(place(&apps, &[], &[]).is_empty());
+        assert!(pl(&apps, &[], &[]).is_empty());
     }
 
     #[test]
     fn every_node_runs_one_replica_per_node() {
         let s = AppSpec::parse("name = \"a\"\n[scale]\nplacement = \"every-node\"").unwrap();
-        let p = place(
+        let p = pl(
             &[App {
                 name: "agent",
                 spec: &s,
@@ -172,7 +459,7 @@ mod tests {
             name: "web",
             spec: &s,
         }];
-        let fresh = place(&apps, &["n1", "n2", "n3"], &[]);
+        let fresh = pl(&apps, &["n1", "n2", "n3"], &[]);
         let other = ["n1", "n2", "n3"]
             .into_iter()
             .find(|n| *n != fresh[0].node)
@@ -182,14 +469,15 @@ mod tests {
             replica: 0,
             node: other,
             since_ms: 5,
+            ready: true,
         }];
-        assert_eq!(place(&apps, &["n1", "n2", "n3"], &running)[0].node, other);
+        assert_eq!(pl(&apps, &["n1", "n2", "n3"], &running)[0].node, other);
         // Running on a node that is no longer eligible does not count.
         let without: Vec<&str> = ["n1", "n2", "n3"]
             .into_iter()
             .filter(|n| *n != other)
             .collect();
-        assert_ne!(place(&apps, &without, &running)[0].node, other);
+        assert_ne!(pl(&apps, &without, &running)[0].node, other);
         // Reported by two nodes: the later start stays.
         let both = [
             running[0],
@@ -199,10 +487,7 @@ mod tests {
                 ..running[0]
             },
         ];
-        assert_eq!(
-            place(&apps, &["n1", "n2", "n3"], &both)[0].node,
-            fresh[0].node
-        );
+        assert_eq!(pl(&apps, &["n1", "n2", "n3"], &both)[0].node, fresh[0].node);
         let both = [
             both[0],
             Running {
@@ -210,7 +495,173 @@ mod tests {
                 ..both[1]
             },
         ];
-        assert_eq!(place(&apps, &["n1", "n2", "n3"], &both)[0].node, other);
+        assert_eq!(pl(&apps, &["n1", "n2", "n3"], &both)[0].node, other);
+        // A later start that is not ready yet does not displace a ready copy.
+        let both = [
+            both[0],
+            Running {
+                since_ms: 9,
+                ready: false,
+                ..both[1]
+            },
+        ];
+        assert_eq!(pl(&apps, &["n1", "n2", "n3"], &both)[0].node, other);
+    }
+
+    fn labelled<'a>(id: &'a str, labels: &'a BTreeMap<String, String>, gib: u64) -> Node<'a> {
+        Node {
+            id,
+            capacity: Some(Capacity {
+                cpu_milli: 2000,
+                memory_bytes: gib << 30,
+            }),
+            labels,
+        }
+    }
+
+    fn zone(z: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([("zone".to_string(), z.to_string())])
+    }
+
+    #[test]
+    fn replicas_fit_the_room_nodes_have() {
+        let s = AppSpec::parse(
+            "name = \"db\"\n[scale]\nreplicas = 3\n[resources]\nmemory = \"1Gi\"\ncpu = 1\n",
+        )
+        .unwrap();
+        let apps = [App {
+            name: "db",
+            spec: &s,
+        }];
+        let none = BTreeMap::new();
+        let nodes = [labelled("big", &none, 2), labelled("small", &none, 1)];
+        let p = place(&apps, &nodes, &[]);
+        assert_eq!(on(&p.placements, "big"), 2, "{p:?}");
+        assert_eq!(on(&p.placements, "small"), 1, "{p:?}");
+        // A fourth does not fit anywhere, and says why.
+        let s4 = AppSpec::parse(
+            "name = \"db\"\n[scale]\nreplicas = 4\n[resources]\nmemory = \"1Gi\"\ncpu = 0.5\n",
+        )
+        .unwrap();
+        let p = place(
+            &[App {
+                name: "db",
+                spec: &s4,
+            }],
+            &nodes,
+            &[],
+        );
+        assert_eq!(p.placements.len(), 3);
+        assert_eq!(p.unplaced.len(), 1, "{p:?}");
+        assert_eq!(
+            p.unplaced[0].reason,
+            "needs 0.5 CPU and 1 GiB, the largest free is 1.5 CPU and 0 B on small"
+        );
+        // Too big for any node.
+        let huge = AppSpec::parse("name = \"huge\"\n[resources]\nmemory = \"2Gi\"\n").unwrap();
+        let p = place(
+            &[App {
+                name: "huge",
+                spec: &huge,
+            }],
+            &[nodes[1]],
+            &[],
+        );
+        assert_eq!(
+            p.unplaced[0].reason,
+            "needs 0 CPU and 2 GiB, the largest free is 2 CPU and 1 GiB on small"
+        );
+        // Running replicas stay even when they over-commit, and leave no room.
+        let running = [Running {
+            app: "huge",
+            replica: 0,
+            node: "small",
+            since_ms: 1,
+            ready: true,
+        }];
+        let p = place(
+            &[
+                App {
+                    name: "huge",
+                    spec: &huge,
+                },
+                App {
+                    name: "db",
+                    spec: &s,
+                },
+            ],
+            &[nodes[1]],
+            &running,
+        );
+        assert_eq!(p.placements.len(), 1, "{p:?}");
+        assert_eq!(p.unplaced.len(), 3);
+    }
+
+    #[test]
+    fn constraints_choose_nodes_and_spread_fills_every_zone_first() {
+        let (a, b) = (zone("a"), zone("b"));
+        let nodes = [
+            labelled("a1", &a, 8),
+            labelled("a2", &a, 8),
+            labelled("a3", &a, 8),
+            labelled("b1", &b, 8),
+        ];
+        let only_b =
+            AppSpec::parse("name = \"x\"\n[scale]\nreplicas = 2\nconstraints = [\"zone=b\"]\n")
+                .unwrap();
+        let p = place(
+            &[App {
+                name: "x",
+                spec: &only_b,
+            }],
+            &nodes,
+            &[],
+        );
+        assert_eq!(on(&p.placements, "b1"), 2, "{p:?}");
+        let not_b =
+            AppSpec::parse("name = \"x\"\n[scale]\nreplicas = 3\nconstraints = [\"zone!=b\"]\n")
+                .unwrap();
+        let p = place(
+            &[App {
+                name: "x",
+                spec: &not_b,
+            }],
+            &nodes,
+            &[],
+        );
+        assert_eq!(on(&p.placements, "b1"), 0, "{p:?}");
+        let nowhere =
+            AppSpec::parse("name = \"x\"\n[scale]\nconstraints = [\"gpu\", \"zone=a\"]\n").unwrap();
+        let p = place(
+            &[App {
+                name: "x",
+                spec: &nowhere,
+            }],
+            &nodes,
+            &[],
+        );
+        assert_eq!(
+            p.unplaced[0].reason,
+            "no live node matches its constraints (gpu, zone=a)"
+        );
+        // Without spread, four replicas go one per node; with it, zone b gets one of the
+        // first two whatever the ranks say, and two of four.
+        for n in 2..=4 {
+            let spread = AppSpec::parse(&format!(
+                "name = \"x\"\n[scale]\nreplicas = {n}\nspread = \"zone\"\n"
+            ))
+            .unwrap();
+            let p = place(
+                &[App {
+                    name: "x",
+                    spec: &spread,
+                }],
+                &nodes,
+                &[],
+            );
+            let in_b = on(&p.placements, "b1");
+            assert_eq!(in_b, n / 2, "{n}: {p:?}");
+        }
     }
 
     proptest! {
@@ -224,8 +675,8 @@ mod tests {
             let list: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
             let mut reversed = list.clone();
             reversed.reverse();
-            let p = place(&apps, &list, &[]);
-            prop_assert_eq!(&p, &place(&apps, &reversed, &[]));
+            let p = pl(&apps, &list, &[]);
+            prop_assert_eq!(&p, &pl(&apps, &reversed, &[]));
             let indices: Vec<u32> = p.iter().map(|p| p.replica).collect();
             prop_assert_eq!(indices, (0..replicas).collect::<Vec<_>>());
             let per_node = replicas.div_ceil(list.len() as u32) as usize;
@@ -243,14 +694,14 @@ mod tests {
             let s = spec(replicas);
             let apps = [App { name: "web", spec: &s }];
             let list: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
-            let before = place(&apps, &list, &[]);
+            let before = pl(&apps, &list, &[]);
             let gone = list[gone % list.len()];
             let running: Vec<Running> = before
                 .iter()
-                .map(|p| Running { app: "web", replica: p.replica, node: &p.node, since_ms: 1 })
+                .map(|p| Running { app: "web", replica: p.replica, node: &p.node, since_ms: 1, ready: true })
                 .collect();
             let rest: Vec<&str> = list.iter().copied().filter(|n| *n != gone).collect();
-            let after = place(&apps, &rest, &running);
+            let after = pl(&apps, &rest, &running);
             for (b, a) in before.iter().zip(&after) {
                 if b.node != gone {
                     prop_assert_eq!(b, a);

@@ -24,6 +24,9 @@ pub struct NodeRecord {
     /// Whether it runs containers: the scheduler places replicas only on nodes that do.
     #[serde(default)]
     pub containers: bool,
+    /// What it can hold (cpu and memory, from the kernel); unknown: anything fits.
+    #[serde(default)]
+    pub capacity: Option<crate::scheduler::Capacity>,
 }
 
 /// A task's lifecycle (ARCHITECTURE.md): `pending → scheduled → starting → running →
@@ -62,6 +65,14 @@ pub struct Task {
     /// Whether its probes say it is ready for traffic (`[health]`).
     #[serde(default)]
     pub ready: bool,
+    /// Containers of this replica at this version that failed (crashed, or restarted for
+    /// failing their probes): a rollout fails at `[update] max_failures`.
+    #[serde(default)]
+    pub failures: u32,
+    /// When this replica's first container at this version started (ms since the epoch; 0
+    /// before one has): a rollout's readiness deadline counts from here, through restarts.
+    #[serde(default)]
+    pub version_since_ms: u64,
     /// When the agent that wrote this started (its node record's `started_at_ms`): a record
     /// from an earlier run of the node says nothing about what runs now.
     pub agent_started_ms: u64,
@@ -82,6 +93,7 @@ impl NodeRecord {
         h: &super::Handle,
         labels: BTreeMap<String, String>,
         containers: bool,
+        capacity: Option<crate::scheduler::Capacity>,
     ) -> Result<(), super::StateError> {
         let key = crate::store::keys::node(&h.me.id).map_err(super::StateError::Write)?;
         let record = NodeRecord {
@@ -91,6 +103,7 @@ impl NodeRecord {
             started_at_ms: h.started_ms,
             labels,
             containers,
+            capacity,
         };
         let value = serde_json::to_vec(&record).unwrap_or_default();
         h.write(vec![(key, Some(value.into()))]).await.map(|_| ())
@@ -107,14 +120,127 @@ pub fn tasks(store: &DiskBackend, prefix: &str) -> Vec<Task> {
     values(store, Keyspace::Tasks, prefix)
 }
 
-/// Every app spec, with the version of its record (what its containers are labelled with).
-pub fn apps(store: &DiskBackend) -> Vec<(AppSpec, String)> {
+/// An app as its record says: the spec, the revision its containers run
+/// (`AppSpec::revision`), and the store version of the record: a newer record is a new
+/// rollout, even of the same revision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppRecord {
+    pub spec: AppSpec,
+    pub revision: String,
+    pub record: String,
+}
+
+impl AppRecord {
+    pub fn new(spec: AppSpec, record: String) -> AppRecord {
+        AppRecord {
+            revision: spec.revision(),
+            spec,
+            record,
+        }
+    }
+}
+
+/// Every app, by its record.
+pub fn apps(store: &DiskBackend) -> Vec<AppRecord> {
     scan_keyspace(store, Keyspace::Apps, "", usize::MAX)
         .unwrap_or_default()
         .into_iter()
         .filter_map(|e| {
             let spec = serde_json::from_slice::<AppSpec>(e.value.as_deref()?).ok()?;
-            Some((spec, e.version.to_string()))
+            Some(AppRecord::new(spec, e.version.to_string()))
+        })
+        .collect()
+}
+
+/// One app, by its record.
+pub fn app(store: &DiskBackend, name: &str) -> Option<AppRecord> {
+    let key = crate::store::keys::app(name).ok()?;
+    let (e, _) = crate::store::replica::read_entry(store, key.as_str()).ok()??;
+    let spec = serde_json::from_slice::<AppSpec>(e.value.as_deref()?).ok()?;
+    Some(AppRecord::new(spec, e.version.to_string()))
+}
+
+/// How many earlier specs `history/<app>` keeps.
+pub const HISTORY_LEN: usize = 10;
+
+/// One earlier spec of an app, in `history/<app>` (a list, newest first): written by the
+/// operator's request that replaced it, in the same batch as the new spec.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Previous {
+    pub revision: String,
+    pub spec: AppSpec,
+    /// When it was replaced (ms since the epoch).
+    pub replaced_ms: u64,
+}
+
+/// An app's earlier specs, newest first (empty when none are recorded).
+pub fn history(store: &DiskBackend, app: &str) -> Vec<Previous> {
+    crate::store::keys::history(app)
+        .ok()
+        .and_then(|k| {
+            crate::store::replica::read_entry(store, k.as_str())
+                .ok()
+                .flatten()
+        })
+        .and_then(|(e, _)| serde_json::from_slice(e.value.as_deref()?).ok())
+        .unwrap_or_default()
+}
+
+/// Every app's history, by app.
+pub fn histories(store: &DiskBackend) -> BTreeMap<String, Vec<Previous>> {
+    keyed(store, Keyspace::History)
+}
+
+/// How a rollout ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Every replica of the new revision was ready.
+    Complete,
+    /// A replica of the new revision failed or was not ready in time: with `[update]
+    /// rollback`, the previous revision is restored.
+    Failed,
+}
+
+/// `rollouts/<app>/<revision>`: how the rollout of one app record ended, written once by the
+/// member that watched it (the app's rendezvous owner). As an outcome it speaks only of that
+/// record (a newer record of the app is a new rollout); that the revision failed is kept,
+/// so a rollback does not return to it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RolloutRecord {
+    /// The store version of the app record it judged.
+    pub record: String,
+    pub revision: String,
+    pub outcome: Outcome,
+    pub reason: String,
+    pub at_ms: u64,
+    /// The node that wrote it.
+    pub by: String,
+}
+
+/// Every rollout record, by (app, revision).
+pub fn rollouts(store: &DiskBackend) -> BTreeMap<(String, String), RolloutRecord> {
+    keyed::<RolloutRecord>(store, Keyspace::Rollouts)
+        .into_iter()
+        .filter_map(|(name, r)| {
+            // The key names the revision; a record that says another is not believed.
+            let (app, revision) = name.split_once('/')?;
+            (revision == r.revision).then(|| ((app.to_string(), r.revision.clone()), r))
+        })
+        .collect()
+}
+
+/// Every readable value of a keyspace whose keys are `<space>/<app>`, by app.
+fn keyed<T: serde::de::DeserializeOwned>(
+    store: &DiskBackend,
+    space: Keyspace,
+) -> BTreeMap<String, T> {
+    scan_keyspace(store, space, "", usize::MAX)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let v = serde_json::from_slice(e.value.as_deref()?).ok()?;
+            Some((e.key.name().to_string(), v))
         })
         .collect()
 }
@@ -129,4 +255,32 @@ fn values<T: serde::de::DeserializeOwned>(
         .into_iter()
         .filter_map(|e| serde_json::from_slice(e.value.as_deref()?).ok())
         .collect()
+}
+
+/// An operator's drain mark on a node, `cluster/drain/<id>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DrainMark {
+    /// When it was drained (ms since the epoch).
+    pub at_ms: u64,
+}
+
+/// The drained nodes, by id.
+pub fn drained(store: &DiskBackend) -> BTreeMap<String, DrainMark> {
+    scan_keyspace(
+        store,
+        Keyspace::Cluster,
+        crate::store::keys::DRAIN_PREFIX,
+        usize::MAX,
+    )
+    .unwrap_or_default()
+    .into_iter()
+    .filter_map(|e| {
+        let id = e
+            .key
+            .name()
+            .strip_prefix(crate::store::keys::DRAIN_PREFIX)?;
+        let mark = serde_json::from_slice(e.value.as_deref()?).ok()?;
+        Some((id.to_string(), mark))
+    })
+    .collect()
 }

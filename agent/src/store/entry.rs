@@ -79,10 +79,16 @@ pub enum Keyspace {
     Revoked,
     /// Cluster-wide settings written by operators (`cluster/join`: the join secret in force).
     Cluster,
+    /// An app's earlier specs (`history/<app>`), written by operators with each new spec.
+    History,
+    /// How the latest rollout of each of an app's revisions ended (`rollouts/<app>/<rev>`):
+    /// complete, or failed and why.
+    /// Written by the member that watched it (the app's rendezvous owner), as builds are.
+    Rollouts,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 8] = [
+    pub const ALL: [Keyspace; 10] = [
         Keyspace::Nodes,
         Keyspace::Apps,
         Keyspace::Tasks,
@@ -91,6 +97,8 @@ impl Keyspace {
         Keyspace::Metrics,
         Keyspace::Revoked,
         Keyspace::Cluster,
+        Keyspace::History,
+        Keyspace::Rollouts,
     ];
 
     pub fn name(self) -> &'static str {
@@ -103,6 +111,8 @@ impl Keyspace {
             Keyspace::Metrics => "metrics",
             Keyspace::Revoked => "revoked",
             Keyspace::Cluster => "cluster",
+            Keyspace::History => "history",
+            Keyspace::Rollouts => "rollouts",
         }
     }
 

@@ -1,6 +1,6 @@
 //! Every key the agent writes, built in one place (ARCHITECTURE.md's state model):
 //! `nodes/<id>`, `tasks/<node>/<app>/<replica>`, `apps/<name>`, `secrets/<app>/<NAME>`,
-//! `revoked/<id>`, `cluster/join`. Each builder validates like `Key::parse`.
+//! `revoked/<id>`, `cluster/join`, `cluster/drain/<id>`, `history/<app>`, `rollouts/<app>/<revision>`. Each builder validates like `Key::parse`.
 
 use super::{Key, Keyspace, NodeId, StoreError};
 
@@ -24,6 +24,16 @@ pub fn app(name: &str) -> Result<Key, StoreError> {
     Key::join(Keyspace::Apps, &[name])
 }
 
+/// An app's earlier specs, newest first.
+pub fn history(app: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::History, &[app])
+}
+
+/// How the latest rollout of one of an app's revisions ended.
+pub fn rollout(app: &str, revision: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Rollouts, &[app, revision])
+}
+
 /// One of an app's secrets, sealed.
 pub fn secret(app: &str, name: &str) -> Result<Key, StoreError> {
     Key::join(Keyspace::Secrets, &[app, name])
@@ -33,6 +43,14 @@ pub fn secret(app: &str, name: &str) -> Result<Key, StoreError> {
 pub fn revoked(id: &NodeId) -> Result<Key, StoreError> {
     Key::join(Keyspace::Revoked, &[id.as_str()])
 }
+
+/// A node's drain mark: nothing new is placed on it, and its replicas move off.
+pub fn drain(id: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Cluster, &["drain", id])
+}
+
+/// The prefix (within `cluster/`) of the drain marks.
+pub const DRAIN_PREFIX: &str = "drain/";
 
 /// The join secret in force after a rotation.
 pub const JOIN_SECRET: &str = "cluster/join";
@@ -53,6 +71,12 @@ mod tests {
         assert_eq!(app("web").unwrap().as_str(), "apps/web");
         assert_eq!(secret("web", "K").unwrap().as_str(), "secrets/web/K");
         assert_eq!(revoked(&n).unwrap().as_str(), "revoked/n1");
+        assert_eq!(history("web").unwrap().as_str(), "history/web");
+        assert_eq!(drain("n1").unwrap().as_str(), "cluster/drain/n1");
+        assert_eq!(
+            rollout("web", "ab12").unwrap().as_str(),
+            "rollouts/web/ab12"
+        );
         assert_eq!(join_secret().unwrap().keyspace(), Keyspace::Cluster);
         assert!(app("").is_err());
         assert!(task("bad id", "web", 0).is_err());

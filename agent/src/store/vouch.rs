@@ -34,10 +34,11 @@ impl std::fmt::Debug for Proof {
 /// Whose signature an entry needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Writer {
-    /// The node the key describes (`nodes/`, `tasks/`, `metrics/`), or that made it (`builds/`).
+    /// The node the key describes (`nodes/`, `tasks/`, `metrics/`), or that made it (`builds/`,
+    /// `rollouts/`).
     Node(NodeId),
-    /// An operator: desired state (`apps/`, `secrets/`), evictions (`revoked/`) and cluster
-    /// settings (`cluster/`).
+    /// An operator: desired state (`apps/`, `history/`, `secrets/`), evictions (`revoked/`)
+    /// and cluster settings (`cluster/`).
     Operator,
 }
 
@@ -45,10 +46,12 @@ impl Key {
     /// The writer whose proof an entry at this key must carry, given the entry's origin.
     pub fn writer(&self, origin: &NodeId) -> Writer {
         match self.keyspace() {
-            Keyspace::Apps | Keyspace::Secrets | Keyspace::Revoked | Keyspace::Cluster => {
-                Writer::Operator
-            }
-            Keyspace::Builds => Writer::Node(origin.clone()),
+            Keyspace::Apps
+            | Keyspace::Secrets
+            | Keyspace::Revoked
+            | Keyspace::Cluster
+            | Keyspace::History => Writer::Operator,
+            Keyspace::Builds | Keyspace::Rollouts => Writer::Node(origin.clone()),
             // Owner-only keys: `check_write` already holds the origin to the owner.
             Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics => Writer::Node(origin.clone()),
         }
