@@ -8,6 +8,11 @@ use std::collections::BTreeMap;
 #[serde(deny_unknown_fields)]
 pub struct AppSpec {
     pub name: String,
+    /// `"service"` (the default: kept running) or `"job"` (run to completion, `[job]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<Job>,
     #[serde(default)]
     pub source: Source,
     #[serde(default)]
@@ -126,6 +131,14 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
         _ => return None,
     };
     Some(std::time::Duration::from_millis(ms))
+}
+
+/// `[job]`: a replica of a job runs once to completion.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Runs again after a non-zero exit, with the restart backoff (default 3).
+    pub retries: Option<u32>,
 }
 
 /// `[update]`: how a new version replaces the running one (`rollout`).
@@ -292,6 +305,21 @@ impl AppSpec {
                 "name {:?}: use 1-63 lowercase letters, digits and '-'",
                 self.name
             ));
+        }
+        match self.kind.as_deref() {
+            None | Some("service") | Some("job") => {}
+            Some(k) => return bad(format!("kind {k:?}: \"service\" or \"job\"")),
+        }
+        if self.job.is_some() && !self.is_job() {
+            return bad("[job] is for kind = \"job\"".into());
+        }
+        if self
+            .job
+            .as_ref()
+            .and_then(|j| j.retries)
+            .is_some_and(|r| r > 100)
+        {
+            return bad("job.retries: at most 100".into());
         }
         if self.source.git.is_some() && self.source.image.is_some() {
             return bad("source: give git or image, not both".into());
@@ -605,6 +633,17 @@ impl AppSpec {
     /// How many replicas run when nothing scales the app: `replicas`, else `min`, else 1.
     pub fn replicas(&self) -> u32 {
         self.scale.replicas.or(self.scale.min).unwrap_or(1)
+    }
+
+    /// Whether replicas run once to completion (`kind = "job"`).
+    pub fn is_job(&self) -> bool {
+        self.kind.as_deref() == Some("job")
+    }
+
+    /// A job's retries after a failed run (default 3); `None` for a service.
+    pub fn job_retries(&self) -> Option<u32> {
+        self.is_job()
+            .then(|| self.job.as_ref().and_then(|j| j.retries).unwrap_or(3))
     }
 
     /// `[scale] constraints`, parsed (`validate` has checked them).

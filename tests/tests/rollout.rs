@@ -386,3 +386,62 @@ fn a_drained_node_hands_its_replicas_over_once_their_replacements_are_ready() {
     );
     assert_eq!(write(n1, "GET", "/v1/nodes/n1/drain", b"").status, 405);
 }
+
+#[test]
+fn a_job_runs_to_completion_once_and_a_failing_one_stops_retrying() {
+    let (_root, cleanup, mut a) = start();
+    let job = |name: &str, script: &str, extra: &str| {
+        format!(
+            "name = \"{name}\"\nkind = \"job\"\n{extra}[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"{script}\"]\n[scale]\nreplicas = 2\n[resources]\nmemory = \"16Mi\"\n"
+        )
+    };
+    let rev = put(&a, "once", &job("once", "echo ran", ""));
+    converge(&[&a], "both replicas completed", || {
+        let t = tasks(&a, "once");
+        (t.len() == 2
+            && t.iter().all(|t| {
+                t["state"] == "completed" && t["exit_code"] == 0 && t["version"] == rev.as_str()
+            }))
+        .then_some(())
+    });
+    converge(&[&a], "the job completed", || {
+        (status(&a, "once")["state"] == "completed").then_some(())
+    });
+    assert!(containers(&cleanup.0, "once", true).is_empty());
+    let runs = |a: &Agent| a.log().matches("job completed").count();
+    assert_eq!(runs(&a), 2);
+
+    // A restarted agent does not run it again.
+    a.stop();
+    a.spawn();
+    converge(&[&a], "the tasks recorded by the new run", || {
+        let t = tasks(&a, "once");
+        (t.len() == 2 && t.iter().all(|t| t["state"] == "completed")).then_some(())
+    });
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < end {
+        assert!(containers(&cleanup.0, "once", true).is_empty(), "ran again");
+    }
+
+    // Exit 3 every time, one retry: two runs, then failed with the reason.
+    put(&a, "flaky", &job("flaky", "exit 3", "[job]\nretries = 1\n"));
+    let s = converge(&[&a], "the flaky job failed", || {
+        let s = status(&a, "flaky");
+        (s["state"] == "failed").then_some(s)
+    });
+    assert!(
+        s["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with code 3 after 2 runs: no retries left"),
+        "{s}"
+    );
+    let r = a
+        .put_app(
+            "bad",
+            "name = \"bad\"\nkind = \"cron\"\n[source]\nimage = \"x\"\n",
+        )
+        .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("kind \\\"cron\\\""), "{}", r.text());
+}

@@ -15,6 +15,9 @@ pub struct Desired {
     /// Stop a container of another version of this replica now, not once this one is ready
     /// (a rollout's `unavailable`).
     pub replace_at_once: bool,
+    /// For a job (`kind = "job"`): its retries after a failed run. A job's replica that
+    /// exited is not restarted once it succeeded or ran out of retries.
+    pub job: Option<u32>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -106,6 +109,7 @@ mod tests {
             },
             probe: crate::spec::AppSpec::parse("name = \"a\"").unwrap().probe(),
             replace_at_once: false,
+            job: None,
         }
     }
 

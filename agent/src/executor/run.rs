@@ -42,6 +42,8 @@ struct Restarts {
     failures: u32,
     /// When the first container at this version started (wall ms).
     first_started_ms: Option<u64>,
+    /// A job's replica that is done at this version: the task it ended with.
+    done: Option<Task>,
 }
 
 impl Restarts {
@@ -378,6 +380,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         ]);
         Resolved::Run(Desired {
             replace_at_once: false,
+            job: spec.job_retries(),
             probe: spec.probe(),
             app: spec.name.clone(),
             replica,
@@ -526,22 +529,35 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         for (i, o) in &p.stopped {
             let d = &desired[*i];
             let code = o.exit_code.unwrap_or(-1);
-            tracing::warn!(app = %d.app, replica = d.replica, exit_code = code, "container stopped: replacing it");
             if let Err(e) = self.rt.remove(&o.id).await {
                 tracing::warn!(container = %o.id, err = %e, "cannot remove a stopped container");
             }
+            if let Some(t) = self.job_ended(now, d, code) {
+                tasks.insert((d.app.clone(), d.replica), t);
+                continue;
+            }
+            tracing::warn!(app = %d.app, replica = d.replica, exit_code = code, "container stopped: replacing it");
             let r = self.restarts_of(d);
             r.failed(now);
             r.last_exit = o.exit_code;
             let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
             t.state = TaskState::Failed;
-            t.reason = format!("exited with code {code}: restarting");
+            t.reason = match d.job {
+                Some(retries) => {
+                    format!("exited with code {code}: retry {} of {retries}", t.failures)
+                }
+                None => format!("exited with code {code}: restarting"),
+            };
             tasks.insert((d.app.clone(), d.replica), t);
             starts.push(*i);
         }
         for i in starts {
             let d = &desired[i];
             let id = (d.app.clone(), d.replica);
+            if let Some(t) = self.done(d) {
+                tasks.insert(id, t);
+                continue;
+            }
             if !self.restarts_of(d).may_start(now) {
                 // Still backing off: keep saying why it failed.
                 let t = self.written.get(&id).cloned().unwrap_or_else(|| {
@@ -567,6 +583,57 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 tracing::warn!(err = %e, "cannot remove unused app networks");
             }
         }
+    }
+
+    /// A job's replica whose container exited: done when it succeeded or has no retries
+    /// left (the task it ends with), `None` when it runs again.
+    fn job_ended(&mut self, now: Instant, d: &Desired, code: i64) -> Option<Task> {
+        let retries = d.job?;
+        let failures = self.restarts_of(d).failures;
+        if code != 0 && failures < retries {
+            return None;
+        }
+        let r = self.restarts_of(d);
+        r.last_exit = Some(code);
+        if code != 0 {
+            r.failed(now);
+        }
+        let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
+        (t.state, t.reason) = if code == 0 {
+            tracing::info!(app = %d.app, replica = d.replica, "job completed");
+            (TaskState::Completed, "completed".to_string())
+        } else {
+            tracing::warn!(app = %d.app, replica = d.replica, exit_code = code, "job failed: no retries left");
+            (
+                TaskState::Failed,
+                format!(
+                    "exited with code {code} after {} runs: no retries left",
+                    t.failures
+                ),
+            )
+        };
+        self.restarts_of(d).done = Some(t.clone());
+        Some(t)
+    }
+
+    /// The task a job's replica ended with at this version, if it did: kept by this run of
+    /// the agent, or recorded by an earlier one (so a restarted agent does not run it again).
+    fn done(&mut self, d: &Desired) -> Option<Task> {
+        let retries = d.job?;
+        if let Some(t) = &self.restarts_of(d).done {
+            return Some(t.clone());
+        }
+        let key = keys::task(&self.me, &d.app, d.replica).ok()?;
+        let (e, _) = read_entry(&self.h.store, key.as_str()).ok()??;
+        let mut t: Task = serde_json::from_slice(e.value.as_deref()?).ok()?;
+        let ended = t.state == TaskState::Completed
+            || (t.state == TaskState::Failed && t.failures > retries);
+        if t.version != d.version || !ended {
+            return None;
+        }
+        t.agent_started_ms = self.h.started_ms;
+        self.restarts_of(d).done = Some(t.clone());
+        Some(t)
     }
 
     async fn start(&mut self, now: Instant, d: &Desired) -> Task {

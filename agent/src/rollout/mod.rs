@@ -77,8 +77,11 @@ pub enum AppState {
     Degraded,
     /// The rollout failed and the previous revision is being restored.
     RollingBack,
-    /// The rollout failed and there is nothing to go back to (or rollback is off).
+    /// The rollout failed and there is nothing to go back to (or rollback is off); for a
+    /// job, a replica failed with no retries left.
     Failed,
+    /// A job whose every replica ran to completion.
+    Completed,
 }
 
 /// What `/v1/apps` shows of an app beside its spec.
@@ -187,12 +190,20 @@ impl View {
             .find(|t| t.app == app && t.replica == replica && t.node == node)
     }
 
-    /// Where every replica runs now (running or starting, on an eligible node): the
-    /// scheduler's stickiness input.
+    /// Where every replica runs now (running or starting, on an eligible node; a job's in
+    /// any state): the scheduler's stickiness input.
     pub fn running(&self) -> Vec<crate::scheduler::Running<'_>> {
+        let jobs: std::collections::BTreeSet<&str> = self
+            .apps
+            .iter()
+            .filter(|a| a.spec.is_job())
+            .map(|a| a.spec.name.as_str())
+            .collect();
+        // A job's replica stays where it ran, whatever its state: it is not run again
+        // elsewhere while that node lives.
         self.tasks
             .iter()
-            .filter(|t| matches!(t.state, TaskState::Running | TaskState::Starting))
+            .filter(|t| live(t) || jobs.contains(t.app.as_str()))
             .map(|t| crate::scheduler::Running {
                 app: &t.app,
                 replica: t.replica,
@@ -308,7 +319,12 @@ impl View {
                 _ => {}
             }
         }
-        let window = policy.surge.saturating_add(policy.unavailable);
+        // A job does not roll: each replica runs the target once.
+        let window = if app.spec.is_job() {
+            u32::MAX
+        } else {
+            policy.surge.saturating_add(policy.unavailable)
+        };
         let budget = window.saturating_sub(in_progress) as usize;
         // Of the advanced slots, those beyond the surge still left stop their old replica first.
         let keep_old = policy.surge.saturating_sub(in_progress) as usize;
@@ -352,7 +368,7 @@ impl View {
     /// slot runs the record's revision ready; failed when a replica of it failed too often or
     /// was not ready in time. `None` while it goes on, or once an outcome is recorded.
     pub fn judge(&self, app: &AppRecord, now_ms: u64, by: &str) -> Option<RolloutRecord> {
-        if self.outcome(app).is_some() {
+        if self.outcome(app).is_some() || app.spec.is_job() {
             return None;
         }
         let placements = self.placements();
@@ -418,6 +434,9 @@ impl View {
 
     /// An app's state: its target, how many of its slots run it ready, and the rollout's.
     pub fn status(&self, app: &AppRecord) -> AppStatus {
+        if app.spec.is_job() {
+            return self.job_status(app);
+        }
         let (target, _, rolling_back) = self.target(app);
         let placed = self.place();
         let unplaced: Vec<&crate::scheduler::Unplaced> = placed
@@ -475,6 +494,52 @@ impl View {
             revision: target.to_string(),
             latest: app.revision.clone(),
             ready,
+            replicas,
+        }
+    }
+}
+
+impl View {
+    /// A job's state: running until every replica completed, failed once one has no retries
+    /// left.
+    fn job_status(&self, app: &AppRecord) -> AppStatus {
+        let placed = self.placements();
+        let mut replicas = 0;
+        let mut completed = 0;
+        let mut failed = None;
+        for p in placed.iter().filter(|p| p.app == app.spec.name) {
+            replicas += 1;
+            let t = self.task(&p.app, p.replica, &p.node);
+            let t = t.filter(|t| t.version == app.revision);
+            match t.map(|t| t.state) {
+                Some(TaskState::Completed) => completed += 1,
+                Some(TaskState::Failed) if t.is_some_and(|t| t.reason.contains("no retries")) => {
+                    let t = t.expect("matched");
+                    failed.get_or_insert(format!(
+                        "replica {} on {}: {}",
+                        t.replica, t.node, t.reason
+                    ));
+                }
+                _ => {}
+            }
+        }
+        let (state, message) = match failed {
+            Some(why) => (AppState::Failed, why),
+            None if replicas > 0 && completed == replicas => (
+                AppState::Completed,
+                format!("{completed} of {replicas} completed"),
+            ),
+            None => (
+                AppState::Running,
+                format!("{completed} of {replicas} completed"),
+            ),
+        };
+        AppStatus {
+            state,
+            message,
+            revision: app.revision.clone(),
+            latest: app.revision.clone(),
+            ready: completed,
             replicas,
         }
     }
