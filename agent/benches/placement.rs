@@ -53,6 +53,7 @@ fn bench(c: &mut Criterion) {
                 memory_bytes: 16 << 30,
             }),
             labels,
+            takes_new: true,
         })
         .collect();
     let placed = place(&apps, &nodes, &[]);
@@ -67,6 +68,7 @@ fn bench(c: &mut Criterion) {
             node: &p.node,
             since_ms: 1,
             ready: true,
+            pinned: false,
         })
         .collect();
 

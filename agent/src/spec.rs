@@ -612,6 +612,33 @@ impl AppSpec {
         if self.volumes.len() > MAX_VOLUMES {
             return bad(format!("volumes: at most {MAX_VOLUMES}"));
         }
+        let mut names = std::collections::BTreeSet::new();
+        let mut paths = std::collections::BTreeSet::new();
+        for v in &self.volumes {
+            if !valid_name(&v.name) || v.name.len() > 32 {
+                return bad(format!(
+                    "volumes: name {:?}: 1-32 lowercase letters, digits and '-'",
+                    v.name
+                ));
+            }
+            let path_ok = v.path.starts_with('/')
+                && v.path != "/"
+                && v.path.len() <= 256
+                && !v.path.split('/').any(|c| c == ".." || c == ".")
+                && v.path.bytes().all(|b| b.is_ascii_graphic());
+            if !path_ok {
+                return bad(format!(
+                    "volumes: path {:?}: an absolute path in the container, not /, without '..'",
+                    v.path
+                ));
+            }
+            if !names.insert(&v.name) || !paths.insert(&v.path) {
+                return bad(format!(
+                    "volumes: {:?} at {:?} repeats a name or a path",
+                    v.name, v.path
+                ));
+            }
+        }
         if self
             .resources
             .cpu
@@ -844,6 +871,59 @@ path = "/data"
             .to_string();
         assert!(e.contains("resources.memory"), "{e}");
         assert!(AppSpec::parse("name = \"a\"\n[source]\nimage = \"a b\"").is_err());
+    }
+
+    #[test]
+    fn update_placement_jobs_and_volumes_are_checked() {
+        let refused = |extra: &str, says: &str| {
+            let e = AppSpec::parse(&format!("name = \"a\"\n{extra}"))
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {extra}"))
+                .to_string();
+            assert!(e.contains(says), "{extra}: {e}");
+        };
+        refused("[update]\nsurge = 0\n", "surge 0 needs unavailable");
+        refused("[update]\ndeadline = \"0s\"\n", "update.deadline");
+        refused("[update]\nmonitor = \"soon\"\n", "update.monitor");
+        refused("[update]\nmax_failures = 0\n", "update.max_failures");
+        refused("[scale]\nconstraints = [\"=a\"]\n", "scale.constraints");
+        refused("[scale]\nspread = \"zone=a\"\n", "scale.spread");
+        refused("kind = \"cron\"\n", "kind \"cron\"");
+        refused("[job]\nretries = 1\n", "[job] is for kind");
+        refused("kind = \"job\"\n[job]\nretries = 101\n", "job.retries");
+        refused(
+            "[[volumes]]\nname = \"d\"\npath = \"data\"\n",
+            "volumes: path",
+        );
+        refused(
+            "[[volumes]]\nname = \"d\"\npath = \"/a/../etc\"\n",
+            "volumes: path",
+        );
+        refused(
+            "[[volumes]]\nname = \"D\"\npath = \"/d\"\n",
+            "volumes: name",
+        );
+        refused(
+            "[[volumes]]\nname = \"d\"\npath = \"/d\"\n[[volumes]]\nname = \"d\"\npath = \"/e\"\n",
+            "repeats",
+        );
+        let s = AppSpec::parse(
+            "name = \"a\"\nkind = \"job\"\n[update]\nsurge = 0\nunavailable = 2\n[scale]\nconstraints = [\"zone=a\", \"!spot\", \"gpu\", \"disk!=hdd\"]\nspread = \"zone\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.job_retries(), Some(3));
+        assert_eq!(s.update_policy().unavailable, 2);
+        assert_eq!(s.constraints().len(), 4);
+        // The revision follows what reaches the container, not scale or update.
+        let base = AppSpec::parse("name = \"a\"\n[run]\ncommand = [\"x\"]\n").unwrap();
+        let scaled = AppSpec::parse(
+            "name = \"a\"\n[run]\ncommand = [\"x\"]\n[scale]\nreplicas = 5\n[update]\nsurge = 2\n",
+        )
+        .unwrap();
+        let changed = AppSpec::parse("name = \"a\"\n[run]\ncommand = [\"y\"]\n").unwrap();
+        assert_eq!(base.revision(), scaled.revision());
+        assert_ne!(base.revision(), changed.revision());
+        assert_eq!(base.revision().len(), 16);
     }
 
     #[test]

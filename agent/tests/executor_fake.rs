@@ -188,6 +188,7 @@ async fn a_container_from_an_earlier_run_is_adopted_not_restarted() {
             nano_cpus: None,
             port: None,
             network: "n".into(),
+            volumes: vec![],
         },
     );
     w.start_executor().await;

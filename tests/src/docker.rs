@@ -129,6 +129,16 @@ impl Drop for Cleanup {
         for id in ids.lines() {
             let _ = Command::new("docker").args(["rm", "-f", id]).output();
         }
+        // Volumes are labelled like their containers, and unused once those are gone.
+        let _ = Command::new("docker")
+            .args([
+                "volume",
+                "prune",
+                "-f",
+                "--filter",
+                &format!("label=shoal.cluster={}", self.0),
+            ])
+            .output();
         let _ = Command::new("docker")
             .args([
                 "network",

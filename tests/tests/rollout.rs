@@ -305,26 +305,8 @@ fn a_drained_node_hands_its_replicas_over_once_their_replacements_are_ready() {
     shoal_e2e::netns::require_root();
     let root = tempfile::tempdir().unwrap();
     let cleanup = Cleanup::for_agents_in(root.path());
-    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
-    let mut nodes: Vec<Agent> = ["n1", "n2"]
-        .iter()
-        .map(|id| Agent::configure(root.path(), id, &[], docker_on))
-        .collect();
-    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
-    for a in &mut nodes {
-        a.set_peers(&ports);
-        a.spawn();
-    }
+    let nodes = two_nodes(root.path());
     let (n1, n2) = (&nodes[0], &nodes[1]);
-    converge(&[n1, n2], "two members and their records", || {
-        nodes
-            .iter()
-            .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
-            .then_some(())
-    });
-    // Both nodes share this machine's Docker: one load serves both.
-    let tar = std::fs::read(busybox_image()).unwrap();
-    assert_eq!(write(n1, "POST", "/v1/images", &tar).status, 200);
     let spec = web("one", "sleep 1; touch /www/ready", "").replace("replicas = 3", "replicas = 2");
     let rev = put(n1, "web", &spec);
     all_ready(n1, "web", &rev, 2);
@@ -444,4 +426,115 @@ fn a_job_runs_to_completion_once_and_a_failing_one_stops_retrying() {
         .unwrap();
     assert_eq!(r.status, 400);
     assert!(r.text().contains("kind \\\"cron\\\""), "{}", r.text());
+}
+
+/// Two agents on this machine's Docker, each knowing the other's record, the test image
+/// loaded.
+fn two_nodes(root: &std::path::Path) -> Vec<Agent> {
+    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
+    let mut nodes: Vec<Agent> = ["n1", "n2"]
+        .iter()
+        .map(|id| Agent::configure(root, id, &[], docker_on))
+        .collect();
+    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
+    for a in &mut nodes {
+        a.set_peers(&ports);
+        a.spawn();
+    }
+    converge(
+        &[&nodes[0], &nodes[1]],
+        "two members and their records",
+        || {
+            nodes
+                .iter()
+                .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
+                .then_some(())
+        },
+    );
+    let tar = std::fs::read(busybox_image()).unwrap();
+    assert_eq!(write(&nodes[0], "POST", "/v1/images", &tar).status, 200);
+    nodes
+}
+
+#[test]
+fn a_volume_outlives_crashes_and_updates_and_a_drain_leaves_it_where_its_data_is() {
+    shoal_e2e::netns::require_root();
+    let root = tempfile::tempdir().unwrap();
+    let cleanup = Cleanup::for_agents_in(root.path());
+    let nodes = two_nodes(root.path());
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    let spec = |greeting: &str| {
+        format!(
+            r#"name = "notes"
+[source]
+image = "{BUSYBOX}"
+[run]
+command = ["sh", "-c", "echo {greeting} >> /data/log; exec httpd -f -p 8080 -h /data"]
+port = 8080
+[resources]
+memory = "16Mi"
+[[volumes]]
+name = "data"
+path = "/data"
+"#
+        )
+    };
+    let log = |a: &Agent| -> Option<(String, String, String)> {
+        let t = tasks(a, "notes")
+            .into_iter()
+            .find(|t| t["state"] == "running" && t["ready"] == true)?;
+        let page = get_at(t["ip"].as_str()?, 8080, "/log").ok()?;
+        Some((
+            t["node"].as_str()?.to_string(),
+            t["container"].as_str()?.to_string(),
+            page.text(),
+        ))
+    };
+    put(n1, "notes", &spec("one"));
+    let (node, first, text) = converge(&[n1, n2], "notes serving", || log(n1));
+    assert_eq!(text, "one\n");
+    // Killed: the replacement on the same node finds the data.
+    docker(&["kill", &first]);
+    let (node2, _, text) = converge(&[n1, n2], "notes back", || {
+        log(n1).filter(|(_, c, _)| *c != first)
+    });
+    assert_eq!(
+        (node2.as_str(), text.as_str()),
+        (node.as_str(), "one\none\n")
+    );
+    // Updated: the new revision's container mounts the same volume.
+    put(n1, "notes", &spec("two"));
+    let (node3, _, text) = converge(&[n1, n2], "notes updated", || {
+        log(n1).filter(|(_, _, t)| t.contains("two"))
+    });
+    assert_eq!(
+        (node3.as_str(), text.as_str()),
+        (node.as_str(), "one\none\ntwo\n")
+    );
+    let v: Value = serde_json::from_str(&docker(&[
+        "volume",
+        "inspect",
+        &format!("shoal-{}-notes-0-data", &cleanup.0[..12]),
+    ]))
+    .unwrap();
+    assert_eq!(v[0]["Labels"]["shoal.app"], "notes", "{v}");
+
+    // Drained, its node keeps it (the data is there) and says so.
+    let r = write(n2, "POST", &format!("/v1/nodes/{node}/drain"), b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let t = converge(&[n1, n2], "the reason on the task", || {
+        tasks(n2, "notes").into_iter().find(|t| {
+            t["reason"]
+                .as_str()
+                .unwrap_or("")
+                .contains("the drain leaves it here")
+        })
+    });
+    assert_eq!(t["node"], node.as_str());
+    let drained = n2
+        .list("/v1/nodes")
+        .into_iter()
+        .find(|n| n["id"] == node.as_str())
+        .unwrap();
+    assert_eq!(drained["drain"]["state"], "draining", "{drained}");
 }

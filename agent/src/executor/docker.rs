@@ -5,8 +5,8 @@
 use super::{ContainerRuntime, ContainerSpec, ExecutorError, Observed};
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
 use bollard::models::{
-    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, HostConfigLogConfig, RestartPolicy,
-    RestartPolicyNameEnum,
+    ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, HostConfigLogConfig, Mount,
+    MountType, MountVolumeOptions, RestartPolicy, RestartPolicyNameEnum,
 };
 use bollard::query_parameters::{
     CreateContainerOptions, EventsOptions, ImportImageOptions, InspectContainerOptions,
@@ -49,6 +49,12 @@ pub const CAPABILITIES: [&str; 8] = [
 pub fn network_name(cluster: &str, node: &str, app: &str) -> String {
     let c: String = cluster.chars().take(12).collect();
     format!("shoal-{c}-{node}-{app}")
+}
+
+/// A replica's named volume: one per (cluster, app, replica, volume name) on an engine.
+pub fn volume_name(cluster: &str, app: &str, replica: u32, name: &str) -> String {
+    let c: String = cluster.chars().take(12).collect();
+    format!("shoal-{c}-{app}-{replica}-{name}")
 }
 
 pub struct Docker {
@@ -517,6 +523,31 @@ impl ContainerRuntime for Docker {
             cap_drop: Some(vec!["ALL".into()]),
             cap_add: Some(CAPABILITIES.iter().map(|c| c.to_string()).collect()),
             network_mode: Some(spec.network.clone()),
+            // Named volumes, made by the mount when missing, labelled like the container.
+            mounts: (!spec.volumes.is_empty()).then(|| {
+                spec.volumes
+                    .iter()
+                    .map(|(name, path)| Mount {
+                        target: Some(path.clone()),
+                        source: Some(name.clone()),
+                        typ: Some(MountType::VOLUME),
+                        read_only: Some(false),
+                        volume_options: Some(MountVolumeOptions {
+                            labels: Some(
+                                spec.labels
+                                    .iter()
+                                    .filter(|(k, _)| {
+                                        *k == super::LABEL_APP || *k == super::LABEL_CLUSTER
+                                    })
+                                    .map(|(k, v)| (k.clone(), v.clone()))
+                                    .collect(),
+                            ),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
             // The executor restarts failed replicas itself (with backoff, recorded in the task).
             restart_policy: Some(RestartPolicy {
                 name: Some(RestartPolicyNameEnum::NO),

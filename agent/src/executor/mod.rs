@@ -61,6 +61,9 @@ pub struct ContainerSpec {
     /// The app's own network (`docker::network_name`): its replicas reach each other, other
     /// apps' do not reach them.
     pub network: String,
+    /// Named volumes (`docker::volume_name`) and where they are mounted: they outlive the
+    /// container, so a replica restarted or updated on this node finds its data.
+    pub volumes: Vec<(String, String)>,
 }
 
 /// A container the runtime reports, identified by its labels.

@@ -106,6 +106,7 @@ mod tests {
                 nano_cpus: None,
                 port: None,
                 network: "net".into(),
+                volumes: vec![],
             },
             probe: crate::spec::AppSpec::parse("name = \"a\"").unwrap().probe(),
             replace_at_once: false,

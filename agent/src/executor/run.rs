@@ -403,6 +403,15 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 nano_cpus: spec.resources.cpu.map(|c| (c * 1e9) as i64),
                 port: spec.run.port,
                 network: super::docker::network_name(&self.cluster, &self.me, &spec.name),
+                volumes: spec
+                    .volumes
+                    .iter()
+                    .map(|v| {
+                        let name =
+                            super::docker::volume_name(&self.cluster, &spec.name, replica, &v.name);
+                        (name, v.path.clone())
+                    })
+                    .collect(),
             },
         })
     }
@@ -455,6 +464,18 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                     self.runtime_down = false;
                 }
                 self.act(now, &desired, &observed, &mut tasks).await;
+                if view.drained.contains(&self.me) {
+                    // Data does not move with a drain (that is the lifecycle's to do).
+                    for d in desired.iter().filter(|d| !d.spec.volumes.is_empty()) {
+                        if let Some(t) = tasks.get_mut(&(d.app.clone(), d.replica)) {
+                            if t.reason.is_empty() {
+                                t.reason =
+                                    "holds its volumes' data on this node: the drain leaves it here"
+                                        .into();
+                            }
+                        }
+                    }
+                }
             }
             Err(e) => {
                 if !self.runtime_down {

@@ -38,6 +38,8 @@ pub struct View {
     pub nodes: BTreeMap<String, crate::state::records::NodeRecord>,
     /// Task records of those nodes' current runs.
     pub tasks: Vec<Task>,
+    /// Task records those nodes' earlier runs left: where replicas with volumes have data.
+    pub earlier: Vec<Task>,
     /// Nodes an operator drained: nothing new is placed there, and their replicas move.
     pub drained: std::collections::BTreeSet<String>,
 }
@@ -110,14 +112,10 @@ impl View {
             .filter(|n| eligible(n))
             .map(|n| (n.id.clone(), n))
             .collect();
-        let tasks = records::tasks(store, "")
+        let (tasks, earlier): (Vec<Task>, Vec<Task>) = records::tasks(store, "")
             .into_iter()
-            .filter(|t| {
-                nodes
-                    .get(&t.node)
-                    .is_some_and(|n| n.started_at_ms == t.agent_started_ms)
-            })
-            .collect();
+            .filter(|t| nodes.contains_key(&t.node))
+            .partition(|t| nodes[&t.node].started_at_ms == t.agent_started_ms);
         View {
             apps: records::apps(store),
             history: records::histories(store),
@@ -125,6 +123,7 @@ impl View {
             drained: records::drained(store).into_keys().collect(),
             nodes,
             tasks,
+            earlier,
         }
     }
 
@@ -191,27 +190,46 @@ impl View {
     }
 
     /// Where every replica runs now (running or starting, on an eligible node; a job's in
-    /// any state): the scheduler's stickiness input.
+    /// any state): the scheduler's stickiness input. A replica with volumes is pinned to the
+    /// node that holds its data, in any state and whichever run of that node's agent said so.
     pub fn running(&self) -> Vec<crate::scheduler::Running<'_>> {
-        let jobs: std::collections::BTreeSet<&str> = self
-            .apps
-            .iter()
-            .filter(|a| a.spec.is_job())
-            .map(|a| a.spec.name.as_str())
-            .collect();
+        let kind = |app: &str| {
+            let a = self.apps.iter().find(|a| a.spec.name == app);
+            (
+                a.is_some_and(|a| a.spec.is_job()),
+                a.is_some_and(|a| !a.spec.volumes.is_empty()),
+            )
+        };
         // A job's replica stays where it ran, whatever its state: it is not run again
         // elsewhere while that node lives.
-        self.tasks
+        let mut out: Vec<crate::scheduler::Running> = self
+            .tasks
             .iter()
-            .filter(|t| live(t) || jobs.contains(t.app.as_str()))
-            .map(|t| crate::scheduler::Running {
-                app: &t.app,
-                replica: t.replica,
-                node: &t.node,
-                since_ms: t.since_ms,
-                ready: t.ready,
+            .filter_map(|t| {
+                let (job, volumes) = kind(&t.app);
+                (live(t) || job || volumes).then_some(crate::scheduler::Running {
+                    app: &t.app,
+                    replica: t.replica,
+                    node: &t.node,
+                    since_ms: t.since_ms,
+                    ready: t.ready,
+                    pinned: volumes,
+                })
             })
-            .collect()
+            .collect();
+        for t in &self.earlier {
+            if kind(&t.app).1 && self.task(&t.app, t.replica, &t.node).is_none() {
+                out.push(crate::scheduler::Running {
+                    app: &t.app,
+                    replica: t.replica,
+                    node: &t.node,
+                    since_ms: t.since_ms,
+                    ready: false,
+                    pinned: true,
+                });
+            }
+        }
+        out
     }
 
     /// Every app's placements (app, replica, node), cluster-wide.
@@ -232,11 +250,11 @@ impl View {
         let nodes: Vec<crate::scheduler::Node> = self
             .nodes
             .values()
-            .filter(|n| !self.drained.contains(&n.id))
             .map(|n| crate::scheduler::Node {
                 id: &n.id,
                 capacity: n.capacity,
                 labels: &n.labels,
+                takes_new: !self.drained.contains(&n.id),
             })
             .collect();
         crate::scheduler::place(&apps, &nodes, &self.running())

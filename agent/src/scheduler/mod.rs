@@ -32,6 +32,9 @@ pub struct Node<'a> {
     /// What it can hold; `None`: unknown, anything fits.
     pub capacity: Option<Capacity>,
     pub labels: &'a BTreeMap<String, String>,
+    /// False for a drained node: nothing new goes there; what runs there moves, but for
+    /// pinned replicas.
+    pub takes_new: bool,
 }
 
 static NO_LABELS: BTreeMap<String, String> = BTreeMap::new();
@@ -43,6 +46,7 @@ impl<'a> Node<'a> {
             id,
             capacity: None,
             labels: &NO_LABELS,
+            takes_new: true,
         }
     }
 }
@@ -139,6 +143,9 @@ pub struct Running<'a> {
     pub since_ms: u64,
     /// Whether it is ready for traffic.
     pub ready: bool,
+    /// It holds data on its node (a volume): it stays there while the node lives, drained
+    /// or not matching the constraints any more.
+    pub pinned: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -236,7 +243,7 @@ pub fn place(apps: &[App<'_>], nodes: &[Node<'_>], running: &[Running<'_>]) -> P
     for app in apps.iter().filter(|a| a.spec.every_node()) {
         let demand = Capacity::of(app.spec);
         for (i, ok) in eligible(app).into_iter().enumerate() {
-            if !ok {
+            if !ok || !nodes[i].takes_new {
                 continue;
             }
             let holds = holders
@@ -267,7 +274,7 @@ pub fn place(apps: &[App<'_>], nodes: &[Node<'_>], running: &[Running<'_>]) -> P
             // the one that reacted to the newer view.
             let holder = holders.get(&(app.name, replica)).and_then(|rs| {
                 rs.iter()
-                    .filter(|r| ok[index[r.node]])
+                    .filter(|r| r.pinned || (ok[index[r.node]] && nodes[index[r.node]].takes_new))
                     .max_by_key(|r| (r.ready, r.since_ms, rank(app.name, replica, r.node), r.node))
             });
             if let Some(r) = holder {
@@ -337,7 +344,7 @@ fn place_new(
         let h = replica_hash(app.name, replica);
         let mut best: Option<(u32, u32, u64, usize)> = None;
         for i in 0..nodes.len() {
-            if !eligible[i] || !demand.fits(&free[i]) {
+            if !eligible[i] || !nodes[i].takes_new || !demand.fits(&free[i]) {
                 continue;
             }
             // Fewest in the domain, fewest on the node, then the highest rank.
@@ -470,6 +477,7 @@ mod tests {
             node: other,
             since_ms: 5,
             ready: true,
+            pinned: false,
         }];
         assert_eq!(pl(&apps, &["n1", "n2", "n3"], &running)[0].node, other);
         // Running on a node that is no longer eligible does not count.
@@ -516,6 +524,7 @@ mod tests {
                 memory_bytes: gib << 30,
             }),
             labels,
+            takes_new: true,
         }
     }
 
@@ -578,6 +587,7 @@ mod tests {
             node: "small",
             since_ms: 1,
             ready: true,
+            pinned: false,
         }];
         let p = place(
             &[
@@ -664,6 +674,31 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_pinned_replica_stays_on_a_drained_node_others_move() {
+        let s = spec(2);
+        let apps = [App {
+            name: "web",
+            spec: &s,
+        }];
+        let mut nodes: Vec<Node> = ["n1", "n2"].iter().map(|n| Node::bare(n)).collect();
+        let running = |pinned| {
+            [0, 1].map(|replica| Running {
+                app: "web",
+                replica,
+                node: if replica == 0 { "n1" } else { "n2" },
+                since_ms: 1,
+                ready: true,
+                pinned,
+            })
+        };
+        nodes[0].takes_new = false;
+        let moved = place(&apps, &nodes, &running(false)).placements;
+        assert_eq!(on(&moved, "n2"), 2, "{moved:?}");
+        let kept = place(&apps, &nodes, &running(true)).placements;
+        assert_eq!((on(&kept, "n1"), on(&kept, "n2")), (1, 1), "{kept:?}");
+    }
+
     proptest! {
         #[test]
         fn placement_is_deterministic_complete_and_balanced(
@@ -698,7 +733,7 @@ mod tests {
             let gone = list[gone % list.len()];
             let running: Vec<Running> = before
                 .iter()
-                .map(|p| Running { app: "web", replica: p.replica, node: &p.node, since_ms: 1, ready: true })
+                .map(|p| Running { app: "web", replica: p.replica, node: &p.node, since_ms: 1, ready: true, pinned: false })
                 .collect();
             let rest: Vec<&str> = list.iter().copied().filter(|n| *n != gone).collect();
             let after = pl(&apps, &rest, &running);
