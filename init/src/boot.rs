@@ -65,16 +65,14 @@ pub enum Step {
 }
 
 /// The boot, in order. Docker's modules (~100 ms a modprobe under emulation, and their
-/// sysctls) are needed by dockerd alone, and the CPU's drivers (crypto self-tests: seconds
-/// under emulation) by nothing at boot: both load beside the other stages and the services.
+/// sysctls) are needed by dockerd alone: they load beside the stages after them. The CPU's
+/// drivers (crypto self-tests: seconds under emulation) are needed by nothing at boot: they
+/// load once the services start.
 pub const STEPS: [Step; 16] = [
     Step::Run("mounts", stage_mounts),
     Step::Run("modules", stage_modules),
     Step::Spawn("docker-modules", |b| {
         background(b, |sys, root, d| system::docker_modules(sys, root, d))
-    }),
-    Step::Spawn("cpu-modules", |b| {
-        background(b, |sys, root, d| system::cpu_modules(sys, root, d))
     }),
     Step::Run("data-disk", stage_data_disk),
     Step::Run("machine-id", |b, d| {
@@ -97,6 +95,11 @@ pub const STEPS: [Step; 16] = [
         let (t, o) = load_table(b.env, d);
         b.table = t;
         o
+    }),
+    // Last: its self-tests would take the CPU from the stages above (under emulation the
+    // data disk's fsck took twice as long beside them).
+    Step::Spawn("cpu-modules", |b| {
+        background(b, |sys, root, d| system::cpu_modules(sys, root, d))
     }),
 ];
 

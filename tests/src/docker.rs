@@ -2,7 +2,7 @@
 //! Docker and the agents report it, polled with deadlines, and a guard that removes a test
 //! cluster's containers.
 
-use crate::{run, Agent, Resp};
+use crate::{busybox_image, run, Agent, Resp};
 use serde_json::Value;
 use std::process::Command;
 use std::time::Duration;
@@ -149,4 +149,32 @@ impl Drop for Cleanup {
             ])
             .output();
     }
+}
+
+/// Two agents on this machine's Docker, each knowing the other's record, the test image
+/// loaded.
+pub fn two_nodes(root: &std::path::Path) -> Vec<Agent> {
+    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
+    let mut nodes: Vec<Agent> = ["n1", "n2"]
+        .iter()
+        .map(|id| Agent::configure(root, id, &[], docker_on))
+        .collect();
+    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
+    for a in &mut nodes {
+        a.set_peers(&ports);
+        a.spawn();
+    }
+    converge(
+        &[&nodes[0], &nodes[1]],
+        "two members and their records",
+        || {
+            nodes
+                .iter()
+                .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
+                .then_some(())
+        },
+    );
+    let tar = std::fs::read(busybox_image()).unwrap();
+    assert_eq!(write(&nodes[0], "POST", "/v1/images", &tar).status, 200);
+    nodes
 }

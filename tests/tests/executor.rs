@@ -215,41 +215,12 @@ fn running_on(a: &Agent, app: &str, node: &str) -> usize {
 #[test]
 fn replicas_spread_over_nodes_and_move_when_a_node_goes() {
     shoal_e2e::netns::require_root();
-    let archive = busybox_image();
     let root = tempfile::tempdir().unwrap();
-    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
     let cleanup = Cleanup::for_agents_in(root.path());
-    let mut nodes: Vec<Agent> = ["n1", "n2"]
-        .iter()
-        .map(|id| Agent::configure(root.path(), id, &[], docker_on))
-        .collect();
-    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
-    for a in &mut nodes {
-        a.set_peers(&ports);
-        a.spawn();
-    }
+    // Both nodes share this machine's Docker: one image load serves both.
+    let mut nodes = two_nodes(root.path());
     let cluster_id = nodes[0].cluster_id();
     assert_eq!(cluster_id, cleanup.0);
-    // Members, and each node's record (what placement reads) known to both: placed before
-    // that, both replicas would go to the one node known, and stay there.
-    converge(
-        &[&nodes[0], &nodes[1]],
-        "two members and their records",
-        || {
-            nodes
-                .iter()
-                .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
-                .then_some(())
-        },
-    );
-    // Both nodes share this machine's Docker: one load serves both.
-    let r = write(
-        &nodes[0],
-        "POST",
-        "/v1/images",
-        &std::fs::read(&archive).unwrap(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
     let spec = format!(
         "name = \"web\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\n[scale]\nreplicas = 2\n"
     );

@@ -428,34 +428,6 @@ fn a_job_runs_to_completion_once_and_a_failing_one_stops_retrying() {
     assert!(r.text().contains("kind \\\"cron\\\""), "{}", r.text());
 }
 
-/// Two agents on this machine's Docker, each knowing the other's record, the test image
-/// loaded.
-fn two_nodes(root: &std::path::Path) -> Vec<Agent> {
-    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
-    let mut nodes: Vec<Agent> = ["n1", "n2"]
-        .iter()
-        .map(|id| Agent::configure(root, id, &[], docker_on))
-        .collect();
-    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
-    for a in &mut nodes {
-        a.set_peers(&ports);
-        a.spawn();
-    }
-    converge(
-        &[&nodes[0], &nodes[1]],
-        "two members and their records",
-        || {
-            nodes
-                .iter()
-                .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
-                .then_some(())
-        },
-    );
-    let tar = std::fs::read(busybox_image()).unwrap();
-    assert_eq!(write(&nodes[0], "POST", "/v1/images", &tar).status, 200);
-    nodes
-}
-
 #[test]
 fn a_volume_outlives_crashes_and_updates_and_a_drain_leaves_it_where_its_data_is() {
     shoal_e2e::netns::require_root();
