@@ -232,7 +232,7 @@ fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
 }
 
 #[test]
-fn a_first_deploy_that_crashes_is_failed_with_the_reason() {
+fn a_first_deploy_that_crashes_is_failed_and_one_too_big_is_pending_with_the_reason() {
     let (_root, _cleanup, a) = start();
     put(
         &a,
@@ -252,6 +252,24 @@ fn a_first_deploy_that_crashes_is_failed_with_the_reason() {
             .contains("replica 0 on n1 failed 3 times (last exit code 7)"),
         "{s}"
     );
+    // Too big for any node: pending, with the reason, and nothing started.
+    put(
+        &a,
+        "huge",
+        &format!(
+            "name = \"huge\"\n[source]\nimage = \"{BUSYBOX}\"\n[resources]\nmemory = \"1000Gi\"\n"
+        ),
+    );
+    let s = converge(&[&a], "huge pending", || {
+        let s = status(&a, "huge");
+        (s["state"] == "pending").then_some(s)
+    });
+    let msg = s["message"].as_str().unwrap();
+    assert!(
+        msg.contains("replica 0 is pending: needs 0 CPU and 1000 GiB, the largest free is"),
+        "{msg}"
+    );
+    assert!(tasks(&a, "huge").is_empty());
 }
 
 #[test]
