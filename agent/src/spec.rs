@@ -40,6 +40,9 @@ pub struct Source {
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
     pub image: Option<String>,
+    /// The app secret holding the registry login for `image`, as `user:password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -275,6 +278,15 @@ const MAX_HOSTS: usize = 64;
 const MAX_VOLUMES: usize = 32;
 const MAX_TARGET_RPS: f64 = 10_000_000.0;
 
+/// Secret names are environment variable names: `API_KEY`.
+pub fn valid_secret_name(n: &str) -> bool {
+    !n.is_empty()
+        && n.len() <= 128
+        && !n.as_bytes()[0].is_ascii_digit()
+        && n.bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
+}
+
 /// App names are DNS labels: they become host names and container names.
 pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
@@ -320,6 +332,13 @@ impl AppSpec {
             .is_some_and(|r| r > 100)
         {
             return bad("job.retries: at most 100".into());
+        }
+        if let Some(c) = &self.source.credentials {
+            if !valid_secret_name(c) || self.source.image.is_none() {
+                return bad(format!(
+                    "source.credentials {c:?}: the name of one of the app's secrets (like REGISTRY_LOGIN), with source.image"
+                ));
+            }
         }
         if self.source.git.is_some() && self.source.image.is_some() {
             return bad("source: give git or image, not both".into());

@@ -235,13 +235,16 @@ async fn a_missing_image_is_said_and_the_replica_starts_once_it_is_there() {
         .await;
     let t = w
         .until("the task pending", Duration::from_secs(10), || {
-            w.task("web", 0).filter(|t| t.state == TaskState::Pending)
+            w.task("web", 0)
+                .filter(|t| t.state == TaskState::Pending && t.reason.contains("not on this node"))
         })
         .await;
+    // A pull was tried (no registry has it) and said why.
     assert!(
-        t.reason.contains("image absent is not on this node"),
+        t.reason.contains("image absent is not on this node and cannot be pulled (cannot pull absent: not found in the registry)"),
         "{t:?}"
     );
+    assert_eq!(w.rt.pulls(), ["absent"]);
     assert!(w.rt.starts().is_empty());
     // Loaded later (POST /v1/images): the periodic pass starts it.
     w.rt.add_image("absent");

@@ -8,7 +8,7 @@ use crate::identity::cert::sign_request;
 use crate::identity::join::{JoinReply, JoinRequest, JOIN_PATH};
 use crate::identity::vouch::OperatorKey;
 use crate::peer::{CONTENT_TYPE, IDENTITY_PATH, MSG_PATH};
-use crate::spec::valid_name;
+use crate::spec::{valid_name, valid_secret_name};
 use crate::state::{Counters, Handle};
 use crate::store::replica::read_entry;
 use crate::store::NodeId;
@@ -394,15 +394,6 @@ async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
     .await
 }
 
-/// Environment variable names: what a secret becomes inside the container.
-fn valid_secret_name(n: &str) -> bool {
-    !n.is_empty()
-        && n.len() <= 128
-        && !n.as_bytes()[0].is_ascii_digit()
-        && n.bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_')
-}
-
 #[allow(clippy::result_large_err)]
 fn secret_key(app: &str, name: &str) -> Result<Key, Response<Body>> {
     if !valid_name(app) {
@@ -642,10 +633,10 @@ mod tests {
     #[test]
     fn secret_names_are_environment_names() {
         for ok in ["API_KEY", "A", "_X1"] {
-            assert!(super::valid_secret_name(ok), "{ok}");
+            assert!(crate::spec::valid_secret_name(ok), "{ok}");
         }
         for bad in ["", "api_key", "1A", "A-B", "A B", "A/B"] {
-            assert!(!super::valid_secret_name(bad), "{bad}");
+            assert!(!crate::spec::valid_secret_name(bad), "{bad}");
         }
     }
 }

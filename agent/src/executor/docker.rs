@@ -505,6 +505,52 @@ impl ContainerRuntime for Docker {
         }
     }
 
+    async fn pull(
+        &self,
+        image: &str,
+        auth: Option<super::RegistryAuth>,
+    ) -> Result<(), ExecutorError> {
+        use futures_util::StreamExt;
+        let c = self.client().await?;
+        let reference = super::pinned_tag(image);
+        let options = bollard::query_parameters::CreateImageOptions {
+            from_image: Some(reference.clone()),
+            ..Default::default()
+        };
+        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username),
+            password: Some(a.password),
+            ..Default::default()
+        });
+        let fail = |why: String| ExecutorError::Pull {
+            image: reference.clone(),
+            why,
+        };
+        let mut progress = c.create_image(Some(options), None, credentials);
+        while let Some(item) = progress.next().await {
+            match item {
+                Ok(info) => {
+                    if let Some(e) = info.error_detail.and_then(|d| d.message) {
+                        return Err(fail(e));
+                    }
+                }
+                Err(bollard::errors::Error::DockerStreamError { error }) => {
+                    return Err(fail(error))
+                }
+                Err(bollard::errors::Error::DockerResponseServerError { message, .. }) => {
+                    return Err(fail(message))
+                }
+                Err(e) => return Err(fail(e.to_string())),
+            }
+        }
+        // A reference with a tag is found by that name; a bare one by `:latest`.
+        if self.has_image(&reference).await? {
+            Ok(())
+        } else {
+            Err(fail("the engine does not have it after the pull".into()))
+        }
+    }
+
     async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
         let c = self.client().await?;
         self.ensure_network(&c, spec).await?;

@@ -4,7 +4,7 @@
 
 use super::firewall::{Asserted, FirewallError};
 use super::images::{Archive, Images, InUse};
-use super::{ContainerRuntime, ContainerSpec, ExecutorError, Observed};
+use super::{ContainerRuntime, ContainerSpec, ExecutorError, Observed, RegistryAuth};
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
@@ -41,6 +41,10 @@ struct Inner {
     removed: Vec<String>,
     /// Images whose containers fail their probes.
     unhealthy: BTreeSet<String>,
+    /// Images a pull finds (`set_registry`), and the login it needs if any.
+    registry: BTreeMap<String, Option<RegistryAuth>>,
+    /// Every pull asked for.
+    pulls: Vec<String>,
 }
 
 pub struct FakeRuntime {
@@ -64,6 +68,16 @@ fn down() -> ExecutorError {
 impl FakeRuntime {
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// An image a pull can fetch, behind a login when `auth` is given.
+    pub fn set_registry(&self, image: &str, auth: Option<RegistryAuth>) {
+        self.lock().registry.insert(image.to_string(), auth);
+    }
+
+    /// Every pull asked for, in order.
+    pub fn pulls(&self) -> Vec<String> {
+        self.lock().pulls.clone()
     }
 
     pub fn add_image(&self, image: &str) {
@@ -232,6 +246,26 @@ impl ContainerRuntime for FakeRuntime {
             return Err(down());
         }
         Ok(inner.images.contains(image))
+    }
+
+    async fn pull(&self, image: &str, auth: Option<RegistryAuth>) -> Result<(), ExecutorError> {
+        let mut inner = self.lock();
+        if inner.down {
+            return Err(down());
+        }
+        inner.pulls.push(image.to_string());
+        let why = match inner.registry.get(image) {
+            None => "not found in the registry",
+            Some(Some(need)) if auth.as_ref() != Some(need) => "unauthorized",
+            Some(_) => {
+                inner.images.insert(image.to_string());
+                return Ok(());
+            }
+        };
+        Err(ExecutorError::Pull {
+            image: image.to_string(),
+            why: why.into(),
+        })
     }
 
     async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {

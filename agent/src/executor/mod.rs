@@ -42,6 +42,33 @@ pub enum ExecutorError {
     },
     #[error("docker did not load the image: {0}")]
     Load(String),
+    #[error("cannot pull {image}: {why}")]
+    Pull { image: String, why: String },
+}
+
+/// A registry login for a pull (`source.credentials` names the app secret that holds
+/// `user:password`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RegistryAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for RegistryAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RegistryAuth({}, password omitted)", self.username)
+    }
+}
+
+/// An image reference with a tag or digest (`:latest` added to one with neither): pulling a
+/// bare name would fetch every tag.
+pub fn pinned_tag(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last.contains(':') {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
 }
 
 /// A container to create: everything the runtime needs, already resolved (secrets opened,
@@ -93,6 +120,12 @@ pub trait ContainerRuntime: images::Images {
         node: &str,
     ) -> impl Future<Output = Result<Vec<Observed>, ExecutorError>> + Send;
     fn has_image(&self, image: &str) -> impl Future<Output = Result<bool, ExecutorError>> + Send;
+    /// Pulls an image from its registry, with a login when given; until it is done.
+    fn pull(
+        &self,
+        image: &str,
+        auth: Option<RegistryAuth>,
+    ) -> impl Future<Output = Result<(), ExecutorError>> + Send;
     /// Creates and starts; returns the container's id.
     fn start(
         &self,
@@ -164,6 +197,9 @@ impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {
     }
     async fn has_image(&self, image: &str) -> Result<bool, ExecutorError> {
         (**self).has_image(image).await
+    }
+    async fn pull(&self, image: &str, auth: Option<RegistryAuth>) -> Result<(), ExecutorError> {
+        (**self).pull(image, auth).await
     }
     async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
         (**self).start(spec).await

@@ -18,6 +18,8 @@ pub struct Desired {
     /// For a job (`kind = "job"`): its retries after a failed run. A job's replica that
     /// exited is not restarted once it succeeded or ran out of retries.
     pub job: Option<u32>,
+    /// The registry login for pulling its image (`source.credentials`).
+    pub pull_auth: Option<super::RegistryAuth>,
 }
 
 #[derive(Debug, Default, PartialEq)]
@@ -111,6 +113,7 @@ mod tests {
             probe: crate::spec::AppSpec::parse("name = \"a\"").unwrap().probe(),
             replace_at_once: false,
             job: None,
+            pull_auth: None,
         }
     }
 

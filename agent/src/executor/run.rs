@@ -110,7 +110,33 @@ pub struct Executor<R> {
     epoch: Instant,
     /// While this node is drained: the replicas it still runs.
     drain_left: Option<usize>,
+    /// Image pulls under way or failed, by image.
+    pulls: HashMap<String, Pull>,
+    pulled: tokio::sync::mpsc::Sender<Pulled>,
 }
+
+/// A pull of a missing image.
+enum Pull {
+    Running,
+    /// With the login it was tried with: a new login is tried at once.
+    Failed {
+        why: String,
+        at: Instant,
+        auth: Option<super::RegistryAuth>,
+    },
+}
+
+/// A failed pull is tried again after this.
+const PULL_RETRY: Duration = Duration::from_secs(30);
+
+/// Where the executor's own background work reports: probe results and ended pulls.
+pub struct Wakes {
+    pub probes: tokio::sync::mpsc::Receiver<ProbeResult>,
+    pub pulls: tokio::sync::mpsc::Receiver<Pulled>,
+}
+
+/// An ended pull: the image, how it went, the login it used.
+pub type Pulled = (String, Result<(), String>, Option<super::RegistryAuth>);
 
 /// What should run here, or why a placed replica cannot.
 enum Resolved {
@@ -119,9 +145,11 @@ enum Resolved {
 }
 
 impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
-    /// The executor, and where its probes' results arrive (for `on_probe`).
-    pub fn new(rt: R, h: Handle) -> (Executor<R>, tokio::sync::mpsc::Receiver<ProbeResult>) {
+    /// The executor, and where its probes' results and ended pulls arrive (for `on_probe`
+    /// and `on_pulled`).
+    pub fn new(rt: R, h: Handle) -> (Executor<R>, Wakes) {
         let (probes, results) = tokio::sync::mpsc::channel(256);
+        let (pulled, pulls) = tokio::sync::mpsc::channel(64);
         let ex = Executor {
             me: h.me.id.to_string(),
             cluster: h.trust.cluster.id.clone(),
@@ -134,8 +162,16 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             probes,
             epoch: crate::clock::now(),
             drain_left: None,
+            pulls: HashMap::new(),
+            pulled,
         };
-        (ex, results)
+        (
+            ex,
+            Wakes {
+                probes: results,
+                pulls,
+            },
+        )
     }
 
     /// The restart record of a desired replica; a new version starts with no backoff (the
@@ -320,6 +356,17 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         }
     }
 
+    /// One of an app's secrets, opened.
+    fn open_secret(&self, app: &str, name: &str) -> Option<Vec<u8>> {
+        let key = keys::secret(app, name).ok()?;
+        let (e, _) = read_entry(&self.h.store, key.as_str()).ok()??;
+        self.h
+            .trust
+            .secrets
+            .open(key.as_str(), e.value.as_ref()?)
+            .ok()
+    }
+
     /// Turns a placed replica into a container spec: image, command, env with its secrets
     /// opened, limits, labels.
     fn resolve(&self, spec: &AppSpec, version: &str, replica: u32) -> Resolved {
@@ -340,16 +387,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             env.entry("PORT".into()).or_insert(p.to_string());
         }
         for name in &spec.run.secrets {
-            let key = keys::secret(&spec.name, name);
-            let sealed = key
-                .as_ref()
-                .ok()
-                .and_then(|k| read_entry(&self.h.store, k.as_str()).ok().flatten())
-                .and_then(|(e, _)| e.value);
-            let opened = sealed.and_then(|s| {
-                let k = key.as_ref().ok()?;
-                self.h.trust.secrets.open(k.as_str(), &s).ok()
-            });
+            let opened = self.open_secret(&spec.name, name);
             match opened.map(String::from_utf8) {
                 Some(Ok(v)) => {
                     env.insert(name.clone(), v);
@@ -371,6 +409,25 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 }
             }
         }
+        let mut pull_auth = None;
+        if let Some(name) = &spec.source.credentials {
+            let login = self
+                .open_secret(&spec.name, name)
+                .and_then(|v| String::from_utf8(v).ok());
+            let Some(login) = login else {
+                t.state = TaskState::Pending;
+                t.reason = format!(
+                    "waiting for secret {name}, the registry login (PUT /v1/apps/{}/secrets/{name}, as user:password)",
+                    spec.name
+                );
+                return Resolved::Wait(t);
+            };
+            let (user, password) = login.split_once(':').unwrap_or((login.as_str(), ""));
+            pull_auth = Some(super::RegistryAuth {
+                username: user.to_string(),
+                password: password.to_string(),
+            });
+        }
         let labels = BTreeMap::from([
             (LABEL_APP.to_string(), spec.name.clone()),
             (LABEL_REPLICA.to_string(), replica.to_string()),
@@ -381,6 +438,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         Resolved::Run(Desired {
             replace_at_once: false,
             job: spec.job_retries(),
+            pull_auth,
             probe: spec.probe(),
             app: spec.name.clone(),
             replica,
@@ -657,6 +715,60 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         Some(t)
     }
 
+    /// Starts pulling a missing image (one pull per image at a time, a failed one tried
+    /// again after `PULL_RETRY`); what the replica waits for.
+    fn pull(&mut self, now: Instant, d: &Desired) -> String {
+        let image = d.spec.image.clone();
+        match self.pulls.get(&image) {
+            Some(Pull::Running) => return format!("pulling image {image}"),
+            Some(Pull::Failed { why, at, auth })
+                if now.duration_since(*at) < PULL_RETRY && *auth == d.pull_auth =>
+            {
+                return format!(
+                    "image {image} is not on this node and cannot be pulled ({why}): load it with POST /v1/images, or fix the reference or the registry login"
+                );
+            }
+            _ => {}
+        }
+        self.pulls.insert(image.clone(), Pull::Running);
+        let (rt, done, auth) = (self.rt.clone(), self.pulled.clone(), d.pull_auth.clone());
+        tracing::info!(image = %image, login = auth.is_some(), "pulling image");
+        tokio::spawn(async move {
+            let result = rt
+                .pull(&image, auth.clone())
+                .await
+                .map_err(|e| e.to_string());
+            let _ = done.send((image, result, auth)).await;
+        });
+        format!("pulling image {}", d.spec.image)
+    }
+
+    /// A pull ended: the replicas waiting for it start at the next pass.
+    pub fn on_pulled(
+        &mut self,
+        image: String,
+        result: Result<(), String>,
+        auth: Option<super::RegistryAuth>,
+    ) {
+        match result {
+            Ok(()) => {
+                tracing::info!(image = %image, "image pulled");
+                self.pulls.remove(&image);
+            }
+            Err(why) => {
+                tracing::warn!(image = %image, err = %why, "cannot pull image");
+                self.pulls.insert(
+                    image,
+                    Pull::Failed {
+                        why,
+                        at: crate::clock::now(),
+                        auth,
+                    },
+                );
+            }
+        }
+    }
+
     async fn start(&mut self, now: Instant, d: &Desired) -> Task {
         let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
         t.port = d.spec.port;
@@ -664,10 +776,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             Ok(true) => {}
             Ok(false) => {
                 t.state = TaskState::Pending;
-                t.reason = format!(
-                    "image {} is not on this node: load it with POST /v1/images",
-                    d.spec.image
-                );
+                t.reason = self.pull(now, d);
                 return t;
             }
             Err(e) => {
@@ -821,7 +930,7 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
     let mut changes = h.subscribe();
     let me = h.me.id.to_string();
     let cluster = h.trust.cluster.id.clone();
-    let (mut ex, mut probed) = Executor::new(rt, h);
+    let (mut ex, mut wakes) = Executor::new(rt, h);
     let mut firewall = Firewall::default();
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -845,7 +954,11 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
             e = next_stop => if e.is_none() {
                 stops = None;
             },
-            r = probed.recv() => match r {
+            p = wakes.pulls.recv() => match p {
+                Some((image, result, auth)) => ex.on_pulled(image, result, auth),
+                None => continue,
+            },
+            r = wakes.probes.recv() => match r {
                 Some(r) => if !ex.on_probe(r).await {
                     continue;
                 },
