@@ -1,7 +1,8 @@
 //! Deploy latency for BENCHMARKS.md, with the release `shoal` binary and the host's dockerd:
-//! from the `PUT /v1/apps/{name}` request to its container running (as Docker reports it),
-//! next to `docker run -d` of the same image and command in the same run; and the time from a
-//! `docker kill` to the replacement running.
+//! from the `PUT /v1/apps/{name}` request to its container running (as Docker reports it) and
+//! to its replica ready (the agent's TCP probe on its port passed, and the port answers this
+//! bench), next to `docker run -d` of the same image and command in the same run, returning and
+//! answering on its port; and the time from a `docker kill` to the replacement running.
 //!
 //! `cargo bench -p shoal-e2e --bench deploy` (root, dockerd running; SHOAL_BENCH_RUNS, default 20)
 
@@ -31,6 +32,34 @@ fn until(mut f: impl FnMut() -> bool) {
         assert!(Instant::now() < end, "timed out");
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// Whether something accepts a TCP connection at `ip:8080`.
+fn answers(ip: &str) -> bool {
+    let addr: std::net::SocketAddr = format!("{ip}:8080").parse().unwrap();
+    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(50)).is_ok()
+}
+
+/// The IP of a container on its (first) network.
+fn ip_of(id: &str) -> String {
+    run(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+        id,
+    ]))
+    .trim()
+    .to_string()
+}
+
+/// The IP of `app`'s replica once the agent reports it ready.
+fn ready_ip(a: &Agent, app: &str) -> Option<String> {
+    let tasks = a.get("/v1/tasks").ok()?.json();
+    tasks.as_array()?.iter().find_map(|t| {
+        (t["app"] == app && t["ready"] == true)
+            .then(|| t["ip"].as_str().map(String::from))
+            .flatten()
+    })
 }
 
 fn curl_write(a: &Agent, method: &str, path: &str, body: &[u8]) {
@@ -65,19 +94,27 @@ fn main() {
     let cluster = format!("shoal.cluster={}", a.cluster_id());
 
     let mut shoal_ms = Vec::new();
+    let mut shoal_ready_ms = Vec::new();
     let mut docker_ms = Vec::new();
+    let mut docker_answers_ms = Vec::new();
     let mut restart_ms = Vec::new();
     for i in 0..runs {
         // shoal: PUT → the container runs.
         let name = format!("bench{i}");
         let spec = format!(
-            "name = \"{name}\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = {CMD:?}\n"
+            "name = \"{name}\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = {CMD:?}\nport = 8080\n"
         );
         let label = format!("shoal.app={name}");
         let t0 = Instant::now();
         curl_write(&a, "PUT", &format!("/v1/apps/{name}"), spec.as_bytes());
         until(|| !running_ids(&label).is_empty());
         shoal_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let mut ip = None;
+        until(|| {
+            ip = ready_ip(&a, &name);
+            ip.as_deref().is_some_and(answers)
+        });
+        shoal_ready_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
 
         // The replacement of a killed container.
         let id = running_ids(&label).remove(0);
@@ -106,11 +143,19 @@ fn main() {
             .args(["--label", "shoal.bench=1", BUSYBOX])
             .args(CMD));
         docker_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let ip = ip_of(&format!("bench-docker-{i}"));
+        until(|| answers(&ip));
+        docker_answers_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
         run(Command::new("docker").args(["rm", "-f", &format!("bench-docker-{i}")]));
         until(|| running_ids(&cluster).is_empty());
     }
     println!("deploy latency, {runs} runs (host dockerd, busybox httpd)");
     report("shoal: PUT /v1/apps → container running", &mut shoal_ms);
+    report(
+        "shoal: PUT /v1/apps → ready, port answers",
+        &mut shoal_ready_ms,
+    );
     report("docker run -d (returns when started)", &mut docker_ms);
+    report("docker run -d → port answers", &mut docker_answers_ms);
     report("shoal: docker kill → replacement running", &mut restart_ms);
 }
