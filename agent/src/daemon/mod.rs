@@ -82,6 +82,8 @@ struct Effects {
     timers: DelayQueue<Timer>,
     peers: peer::PeerClient,
     changes: broadcast::Sender<Change>,
+    /// Bumped when a member comes up or goes down (`Handle::members`).
+    members: tokio::sync::watch::Sender<u64>,
 }
 
 impl Effects {
@@ -96,9 +98,13 @@ impl Effects {
                     // Nobody listening is fine.
                     let _ = self.changes.send(c);
                 }
-                Effect::MemberUp(m) => tracing::info!(member = %m.id, addr = %m.addr, "member up"),
+                Effect::MemberUp(m) => {
+                    tracing::info!(member = %m.id, addr = %m.addr, "member up");
+                    self.members.send_modify(|g| *g += 1);
+                }
                 Effect::MemberDown(m) => {
-                    tracing::warn!(member = %m.id, addr = %m.addr, "member down")
+                    tracing::warn!(member = %m.id, addr = %m.addr, "member down");
+                    self.members.send_modify(|g| *g += 1);
                 }
                 Effect::Unvouched { peer, entries } => {
                     for (key, version, why) in entries {
@@ -151,7 +157,9 @@ pub fn start(
     let (cmd, rx) = mpsc::channel(4096);
     let (changes, _) = broadcast::channel(4096);
     let clock = Arc::new(ClockWatch::default());
+    let (members, members_rx) = tokio::sync::watch::channel(0u64);
     let effects = Effects {
+        members,
         timers: DelayQueue::new(),
         peers: peer::PeerClient::new(me.clone(), counters.clone(), &security.tls, clock.clone()),
         changes: changes.clone(),
@@ -166,6 +174,7 @@ pub fn start(
         security.tls,
         security.trust,
         clock,
+        members_rx,
     );
     let task = tokio::spawn(core_loop(node, rx, effects, shutdown));
     Ok(Core { handle, task })

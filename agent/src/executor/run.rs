@@ -1,5 +1,5 @@
-//! The executor's loop: on every relevant store change, and every `every` in any case
-//! (membership changes, crashed containers, images loaded since), it places the replicas,
+//! The executor's loop: on every relevant store change and membership change, and every
+//! `every` in any case (crashed containers, images loaded since), it places the replicas,
 //! plans against what the runtime reports, carries the plan out and records the tasks.
 
 use super::health::{Tracker, Verdict};
@@ -928,6 +928,7 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
 ) {
     use futures_util::StreamExt;
     let mut changes = h.subscribe();
+    let mut members = h.members.clone();
     let me = h.me.id.to_string();
     let cluster = h.trust.cluster.id.clone();
     let (mut ex, mut wakes) = Executor::new(rt, h);
@@ -953,6 +954,10 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
             }
             e = next_stop => if e.is_none() {
                 stops = None;
+            },
+            // A member up or down moves placements: act now, not at the next tick.
+            m = members.changed() => if m.is_err() {
+                return;
             },
             p = wakes.pulls.recv() => match p {
                 Some((image, result, auth)) => ex.on_pulled(image, result, auth),

@@ -121,6 +121,8 @@ pub struct Handle {
     pub trust: Arc<Trust>,
     /// How this node's clock compares with its peers'.
     pub clock: Arc<ClockWatch>,
+    /// Changes whenever a member comes up or goes down: placement depends on who is live.
+    pub members: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Handle {
@@ -136,6 +138,7 @@ impl Handle {
         tls: Tls,
         trust: Arc<Trust>,
         clock: Arc<ClockWatch>,
+        members: tokio::sync::watch::Receiver<u64>,
     ) -> Handle {
         Handle {
             cmd,
@@ -148,6 +151,7 @@ impl Handle {
             tls,
             trust,
             clock,
+            members,
         }
     }
 
