@@ -494,11 +494,19 @@ fn an_evicted_node_is_cut_off_everywhere() {
                 );
                 break;
             }
-            assert!(
-                std::time::Instant::now() < end,
-                "{}: n3 not cut off within {T:?} (evicted in /v1/nodes: {evicted}); members: {members}",
-                a.id
-            );
+            if std::time::Instant::now() >= end {
+                let tail = |x: &Agent| {
+                    let log = x.log();
+                    let lines: Vec<&str> = log.lines().rev().take(60).collect();
+                    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+                };
+                panic!(
+                    "{}: n3 not cut off within {T:?} (evicted in /v1/nodes: {evicted}); members: {members}\n== n1's log:\n{}\n== n2's log:\n{}",
+                    a.id,
+                    tail(n1),
+                    tail(n2)
+                );
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
         wait_for(T, "n3's messages refused", || {
