@@ -37,12 +37,15 @@ fn tasks(a: &Agent) -> Vec<Value> {
         .collect()
 }
 
-/// Replicas ready on live nodes other than `gone`.
+/// Replicas (by index: a replica briefly run twice counts once) ready on live nodes other
+/// than `gone`.
 fn ready_without(a: &Agent, gone: &str) -> usize {
     tasks(a)
         .iter()
         .filter(|t| t["ready"] == true && t["node_state"] == "alive" && t["node"] != gone)
-        .count()
+        .filter_map(|t| t["replica"].as_u64())
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
 }
 
 fn main() {
@@ -97,7 +100,10 @@ fn main() {
         // A node that runs a replica, watched from another.
         let t = tasks(&nodes[0]);
         let victim = (0..n)
-            .filter(|i| t.iter().any(|t| t["node"] == ids[*i].as_str()))
+            .filter(|i| {
+                t.iter()
+                    .any(|t| t["node"] == ids[*i].as_str() && t["ready"] == true)
+            })
             .max_by_key(|i| (*i + round) % n)
             .unwrap();
         let watcher = (victim + 1) % n;

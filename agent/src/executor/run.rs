@@ -112,6 +112,8 @@ pub struct Executor<R> {
     drain_left: Option<usize>,
     /// Image pulls under way or failed, by image.
     pulls: HashMap<String, Pull>,
+    /// A container was started: pass again shortly (`LOOK_AGAIN`) to start probing it.
+    look_again: bool,
     pulled: tokio::sync::mpsc::Sender<Pulled>,
 }
 
@@ -125,6 +127,9 @@ enum Pull {
         auth: Option<super::RegistryAuth>,
     },
 }
+
+/// How soon after starting containers the executor looks at them again, to probe them.
+const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
 /// A failed pull is tried again after this.
 const PULL_RETRY: Duration = Duration::from_secs(30);
@@ -163,6 +168,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             epoch: crate::clock::now(),
             drain_left: None,
             pulls: HashMap::new(),
+            look_again: false,
             pulled,
         };
         (
@@ -648,7 +654,10 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 tasks.entry(id).or_insert(t);
                 continue;
             }
-            tasks.insert(id.clone(), self.start(now, d).await);
+            let t = self.start(now, d).await;
+            // Probing starts at the pass that sees it running: make that pass soon.
+            self.look_again |= t.container.is_some();
+            tasks.insert(id.clone(), t);
         }
         for o in &p.extra {
             tracing::info!(app = %o.app, replica = o.replica, version = %o.version, container = %o.id, "removing a container this node should no longer run");
@@ -946,6 +955,7 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(LOOK_AGAIN), if ex.look_again => {}
             _ = tick.tick() => {
                 if stops.is_none() {
                     stops = ex.rt.stops(&cluster).await.ok();
@@ -978,6 +988,7 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
                 Err(RecvError::Closed) => return,
             },
         }
+        ex.look_again = false;
         ex.pass().await;
     }
 }
