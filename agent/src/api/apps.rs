@@ -95,7 +95,13 @@ async fn write_spec(
             },
         );
         history.truncate(HISTORY_LEN);
-        let value = serde_json::to_vec(&history).unwrap_or_default();
+        // Large specs keep fewer earlier ones: the list is one store value, and values are
+        // capped.
+        let mut value = serde_json::to_vec(&history).unwrap_or_default();
+        while value.len() > crate::store::entry::MAX_VALUE_LEN && history.len() > 1 {
+            history.pop();
+            value = serde_json::to_vec(&history).unwrap_or_default();
+        }
         ops.push((history_key, Some(Bytes::from(value))));
     }
     match h.write_as(ops, op).await {

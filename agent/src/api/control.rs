@@ -352,22 +352,15 @@ async fn join(req: Request<Incoming>, conn: &Conn, h: &Handle) -> Response<Body>
 /// Evicts a node: `revoked/<id>`, signed by the operator, tells every node to refuse its
 /// connections, its entries and its id at the join door. Ids are not reused after eviction.
 async fn evict(id: &str, h: &Handle, op: Arc<OperatorKey>) -> Response<Body> {
-    let id = match NodeId::new(id) {
+    let id = match super::nodes::known(id, h) {
         Ok(id) => id,
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
+        Err(r) => return r,
     };
     if id == h.me.id {
         return error(
             StatusCode::CONFLICT,
             format!("node {id} is the node answering: evict it through another node"),
         );
-    }
-    let record = keys::node(&id);
-    match record.as_ref().map(|k| read_entry(&h.store, k.as_str())) {
-        Ok(Ok(Some((e, _)))) if !e.is_tombstone() => {}
-        Ok(Ok(_)) => return error(StatusCode::NOT_FOUND, format!("no node {id} is known here")),
-        Ok(Err(e)) => return error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Err(e) => return error(StatusCode::BAD_REQUEST, e),
     }
     if h.is_revoked(&id) {
         return json(

@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 /// The node's id, if it is a node this cluster knows.
 #[allow(clippy::result_large_err)]
-fn known(id: &str, h: &Handle) -> Result<NodeId, Response<Body>> {
+pub(super) fn known(id: &str, h: &Handle) -> Result<NodeId, Response<Body>> {
     let id = NodeId::new(id).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     let key = keys::node(&id).map_err(|e| error(StatusCode::BAD_REQUEST, e))?;
     match read_entry(&h.store, key.as_str()) {

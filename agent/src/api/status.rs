@@ -54,7 +54,8 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
         ["v1", "apps"] => match h.snapshot().await {
             Ok(s) => {
                 let view = view(h, &s);
-                let apps: Vec<Value> = view.apps.iter().map(|a| app(&view, a)).collect();
+                let placed = view.place();
+                let apps: Vec<Value> = view.apps.iter().map(|a| app(&view, &placed, a)).collect();
                 json(StatusCode::OK, &apps)
             }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
@@ -67,7 +68,7 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
                 Ok(s) => {
                     let view = view(h, &s);
                     match view.apps.iter().find(|a| a.spec.name == *name) {
-                        Some(a) => json(StatusCode::OK, &app(&view, a)),
+                        Some(a) => json(StatusCode::OK, &app(&view, &view.place(), a)),
                         None => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
                     }
                 }
@@ -95,10 +96,14 @@ fn view(h: &Handle, s: &Snapshot) -> View {
 
 /// An app as the status port shows it: its spec (`public_app`), with its state (`status`)
 /// beside.
-fn app(view: &View, a: &crate::state::records::AppRecord) -> Value {
+fn app(
+    view: &View,
+    placed: &crate::scheduler::Placed,
+    a: &crate::state::records::AppRecord,
+) -> Value {
     let mut v = public_app(serde_json::to_value(&a.spec).unwrap_or(Value::Null));
     if let Value::Object(o) = &mut v {
-        o.insert("status".into(), j!(view.status(a)));
+        o.insert("status".into(), j!(view.status(a, placed)));
     }
     v
 }

@@ -131,6 +131,9 @@ enum Pull {
 /// How soon after starting containers the executor looks at them again, to probe them.
 const LOOK_AGAIN: Duration = Duration::from_millis(100);
 
+/// A pull that takes longer (a registry trickling its answer) is given up, and tried again.
+const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
 /// A failed pull is tried again after this.
 const PULL_RETRY: Duration = Duration::from_secs(30);
 
@@ -316,13 +319,13 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
 
     /// The app owner's duty: records how the rollouts of the apps this node owns ended, and
     /// forgets the rollouts of revisions that are gone.
-    async fn judge(&self, view: &View) {
+    async fn judge(&self, view: &View, placed: &crate::scheduler::Placed) {
         let mut ops = Vec::new();
         for app in &view.apps {
             if view.owner(&app.spec.name) != Some(self.me.as_str()) {
                 continue;
             }
-            let Some(verdict) = view.judge(app, wall_ms(), &self.me) else {
+            let Some(verdict) = view.judge(app, placed, wall_ms(), &self.me) else {
                 continue;
             };
             match verdict.outcome {
@@ -496,8 +499,13 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             Err(_) => return,
         };
         let view = self.view(&members);
-        self.judge(&view).await;
-        for slot in view.slots().into_iter().filter(|s| s.node == self.me) {
+        let placed = view.place();
+        self.judge(&view, &placed).await;
+        for slot in view
+            .slots(&placed)
+            .into_iter()
+            .filter(|s| s.node == self.me)
+        {
             match self.resolve(&slot.spec, &slot.revision, slot.replica) {
                 Resolved::Run(d) => desired.push(Desired {
                     replace_at_once: slot.replace_at_once,
@@ -509,7 +517,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             }
         }
         // Replicas placed elsewhere now keep serving here until their replacement is ready.
-        for hand in view.handoffs(&self.me) {
+        for hand in view.handoffs(&placed, &self.me) {
             let id = (hand.app.clone(), hand.replica);
             if let Some(mut t) = self.written.get(&id).cloned() {
                 t.reason = format!("moving to {}: stopped here once it is ready there", hand.to);
@@ -743,10 +751,11 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         let (rt, done, auth) = (self.rt.clone(), self.pulled.clone(), d.pull_auth.clone());
         tracing::info!(image = %image, login = auth.is_some(), "pulling image");
         tokio::spawn(async move {
-            let result = rt
-                .pull(&image, auth.clone())
-                .await
-                .map_err(|e| e.to_string());
+            let pull = rt.pull(&image, auth.clone());
+            let result = match tokio::time::timeout(PULL_TIMEOUT, pull).await {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!("not done within {PULL_TIMEOUT:?}")),
+            };
             let _ = done.send((image, result, auth)).await;
         });
         format!("pulling image {}", d.spec.image)

@@ -21,6 +21,7 @@
 //! Invariant: the revision a slot is given is the target's, or one the slot's own task runs
 //! now and whose spec is known (the record or its history), never any other.
 
+use crate::scheduler::Placed;
 use crate::spec::AppSpec;
 use crate::state::records::{AppRecord, Outcome, Previous, RolloutRecord, Task, TaskState};
 use crate::store::DiskBackend;
@@ -193,13 +194,15 @@ impl View {
     /// any state): the scheduler's stickiness input. A replica with volumes is pinned to the
     /// node that holds its data, in any state and whichever run of that node's agent said so.
     pub fn running(&self) -> Vec<crate::scheduler::Running<'_>> {
-        let kind = |app: &str| {
-            let a = self.apps.iter().find(|a| a.spec.name == app);
-            (
-                a.is_some_and(|a| a.spec.is_job()),
-                a.is_some_and(|a| !a.spec.volumes.is_empty()),
-            )
-        };
+        let kinds: BTreeMap<&str, (bool, bool)> = self
+            .apps
+            .iter()
+            .map(|a| {
+                let s = &a.spec;
+                (s.name.as_str(), (s.is_job(), !s.volumes.is_empty()))
+            })
+            .collect();
+        let kind = |app: &str| kinds.get(app).copied().unwrap_or_default();
         // A job's replica stays where it ran, whatever its state: it is not run again
         // elsewhere while that node lives.
         let mut out: Vec<crate::scheduler::Running> = self
@@ -232,13 +235,10 @@ impl View {
         out
     }
 
-    /// Every app's placements (app, replica, node), cluster-wide.
-    pub fn placements(&self) -> Vec<crate::scheduler::Placement> {
-        self.place().placements
-    }
-
-    /// Placements, and the replicas nothing can take now with the reason.
-    pub fn place(&self) -> crate::scheduler::Placed {
+    /// Placements (app, replica, node) cluster-wide, and the replicas nothing can take now
+    /// with the reason. Computed once per reading of the state and handed to `slots`,
+    /// `handoffs`, `judge` and `status`: it is the expensive part.
+    pub fn place(&self) -> Placed {
         let apps: Vec<crate::scheduler::App> = self
             .apps
             .iter()
@@ -264,8 +264,8 @@ impl View {
     /// while views differed) and whose replacement there is not ready yet: `me` keeps them
     /// serving until it is. Replicas of removed apps, scaled away or of `every-node` apps
     /// have no replacement to wait for.
-    pub fn handoffs(&self, me: &str) -> Vec<Handoff> {
-        let placements = self.placements();
+    pub fn handoffs(&self, placed: &Placed, me: &str) -> Vec<Handoff> {
+        let placements = &placed.placements;
         let mut out = Vec::new();
         for t in self.tasks.iter().filter(|t| t.node == me && live(t)) {
             let Some(p) = placements
@@ -304,8 +304,8 @@ impl View {
     }
 
     /// Every slot of every app with the revision it should run now.
-    pub fn slots(&self) -> Vec<Slot> {
-        let placements = self.placements();
+    pub fn slots(&self, placed: &Placed) -> Vec<Slot> {
+        let placements = &placed.placements;
         let mut out = Vec::new();
         for app in &self.apps {
             let mine: Vec<(u32, &str)> = placements
@@ -385,12 +385,18 @@ impl View {
     /// How the rollout of an app's current record ended, if it just did: complete when every
     /// slot runs the record's revision ready; failed when a replica of it failed too often or
     /// was not ready in time. `None` while it goes on, or once an outcome is recorded.
-    pub fn judge(&self, app: &AppRecord, now_ms: u64, by: &str) -> Option<RolloutRecord> {
+    pub fn judge(
+        &self,
+        app: &AppRecord,
+        placed: &Placed,
+        now_ms: u64,
+        by: &str,
+    ) -> Option<RolloutRecord> {
         if self.outcome(app).is_some() || app.spec.is_job() {
             return None;
         }
-        let placements = self.placements();
-        let placed: Vec<(u32, &str)> = placements
+        let placed: Vec<(u32, &str)> = placed
+            .placements
             .iter()
             .filter(|p| p.app == app.spec.name)
             .map(|p| (p.replica, p.node.as_str()))
@@ -451,12 +457,11 @@ impl View {
     }
 
     /// An app's state: its target, how many of its slots run it ready, and the rollout's.
-    pub fn status(&self, app: &AppRecord) -> AppStatus {
+    pub fn status(&self, app: &AppRecord, placed: &Placed) -> AppStatus {
         if app.spec.is_job() {
-            return self.job_status(app);
+            return self.job_status(app, placed);
         }
         let (target, _, rolling_back) = self.target(app);
-        let placed = self.place();
         let unplaced: Vec<&crate::scheduler::Unplaced> = placed
             .unplaced
             .iter()
@@ -520,12 +525,11 @@ impl View {
 impl View {
     /// A job's state: running until every replica completed, failed once one has no retries
     /// left.
-    fn job_status(&self, app: &AppRecord) -> AppStatus {
-        let placed = self.placements();
+    fn job_status(&self, app: &AppRecord, placed: &Placed) -> AppStatus {
         let mut replicas = 0;
         let mut completed = 0;
         let mut failed = None;
-        for p in placed.iter().filter(|p| p.app == app.spec.name) {
+        for p in placed.placements.iter().filter(|p| p.app == app.spec.name) {
             replicas += 1;
             let t = self.task(&p.app, p.replica, &p.node);
             let t = t.filter(|t| t.version == app.revision);

@@ -73,7 +73,8 @@ fn task(replica: u32, node: &str, revision: &str, state: TaskState, ready: bool)
 /// Sets the task of the slot that holds `replica` (as placed now).
 fn set(v: &mut View, replica: u32, revision: &str, state: TaskState, ready: bool) {
     let node = v
-        .placements()
+        .place()
+        .placements
         .into_iter()
         .find(|p| p.replica == replica)
         .unwrap()
@@ -89,7 +90,7 @@ fn all_at(v: &mut View, revision: &str) {
 }
 
 fn revisions(v: &View) -> Vec<(String, bool)> {
-    v.slots()
+    v.slots(&v.place())
         .into_iter()
         .map(|s| (s.revision, s.replace_at_once))
         .collect()
@@ -167,16 +168,16 @@ fn the_owner_judges_complete_failed_or_late() {
     let mut v = view("[update]\ndeadline = \"10s\"\nmax_failures = 2\n");
     let b = rev(&v, "b");
     let app = v.apps[0].clone();
-    assert_eq!(v.judge(&app, 2000, "n1"), None);
+    assert_eq!(v.judge(&app, &v.place(), 2000, "n1"), None);
     all_at(&mut v, &b);
     // Ready since 1000: not for the 5 s of monitoring yet.
-    assert_eq!(v.judge(&app, 5999, "n1"), None);
-    let done = v.judge(&app, 6000, "n1").unwrap();
+    assert_eq!(v.judge(&app, &v.place(), 5999, "n1"), None);
+    let done = v.judge(&app, &v.place(), 6000, "n1").unwrap();
     assert_eq!(done.outcome, Outcome::Complete);
     assert_eq!((done.record.as_str(), done.by.as_str()), ("r2", "n1"));
     // Once recorded, nothing more is said of that record.
     v.outcomes.insert(("web".into(), b.clone()), done);
-    assert_eq!(v.judge(&app, 9000, "n1"), None);
+    assert_eq!(v.judge(&app, &v.place(), 9000, "n1"), None);
 
     let mut v = view("[update]\ndeadline = \"10s\"\nmax_failures = 2\n");
     all_at(&mut v, &b);
@@ -186,15 +187,15 @@ fn the_owner_judges_complete_failed_or_late() {
         .find(|t| t.replica == 1)
         .unwrap()
         .failures = 2;
-    let failed = v.judge(&app, 2000, "n1").unwrap();
+    let failed = v.judge(&app, &v.place(), 2000, "n1").unwrap();
     assert_eq!(failed.outcome, Outcome::Failed);
     assert!(failed.reason.contains("replica 1") && failed.reason.contains("failed 2 times"));
 
     let mut v = view("[update]\ndeadline = \"10s\"\n");
     all_at(&mut v, &b);
     set(&mut v, 2, &b, TaskState::Starting, false);
-    assert_eq!(v.judge(&app, 11_000, "n1"), None);
-    let late = v.judge(&app, 11_001, "n1").unwrap();
+    assert_eq!(v.judge(&app, &v.place(), 11_000, "n1"), None);
+    let late = v.judge(&app, &v.place(), 11_001, "n1").unwrap();
     assert!(
         late.reason.contains("not ready within 10s: why"),
         "{late:?}"
@@ -208,7 +209,7 @@ fn a_failed_rollout_rolls_back_unless_told_not_to() {
         let (a, b) = (rev(&v, "a"), rev(&v, "b"));
         all_at(&mut v, &a);
         set(&mut v, 0, &b, TaskState::Starting, false);
-        assert_eq!(v.status(&v.apps[0]).state, AppState::Deploying);
+        assert_eq!(v.status(&v.apps[0], &v.place()).state, AppState::Deploying);
         let failed = RolloutRecord {
             record: "r2".into(),
             revision: b.clone(),
@@ -220,13 +221,13 @@ fn a_failed_rollout_rolls_back_unless_told_not_to() {
         v.outcomes.insert(("web".into(), b.clone()), failed.clone());
         let target = if back { &a } else { &b };
         assert_eq!(v.target(&v.apps[0]).0, target);
-        let s = v.status(&v.apps[0]);
+        let s = v.status(&v.apps[0], &v.place());
         if back {
             assert_eq!(s.state, AppState::RollingBack);
             // Replica 0 goes back at once: nothing of it is ready.
             assert!(revisions(&v).iter().all(|(r, _)| *r == a));
             set(&mut v, 0, &a, TaskState::Running, true);
-            let s = v.status(&v.apps[0]);
+            let s = v.status(&v.apps[0], &v.place());
             assert_eq!(s.state, AppState::Running);
             assert!(s.message.contains("failed 3 times") && s.message.contains("rolled back"));
         } else {
@@ -269,7 +270,7 @@ fn rolling_never_drops_below_what_is_asked_and_ends() {
                 break;
             }
             assert!(step < 19, "did not end");
-            for s in v.slots() {
+            for s in v.slots(&v.place()) {
                 let i = s.replica as usize;
                 if s.revision == b {
                     if new[i].0 {
