@@ -49,6 +49,9 @@ pub struct Docker {
     pub reconcile_ms: u64,
     /// The largest image archive `POST /v1/images` takes (bytes).
     pub max_image_bytes: u64,
+    /// How long an image this node pulled or fetched stays once no version of any app needs
+    /// it (images an operator loaded stay).
+    pub image_grace_ms: u64,
 }
 
 impl Default for Docker {
@@ -58,6 +61,7 @@ impl Default for Docker {
             enabled: true,
             reconcile_ms: 2000,
             max_image_bytes: crate::executor::docker::DEFAULT_MAX_IMAGE_BYTES,
+            image_grace_ms: 600_000,
         }
     }
 }

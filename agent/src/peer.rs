@@ -18,7 +18,14 @@ use tokio_util::task::TaskTracker;
 
 pub const MSG_PATH: &str = "/peer/v1/msg";
 pub const IDENTITY_PATH: &str = "/peer/v1/identity";
+/// Images by id: `GET /peer/v1/images/sha256:<64 hex>`.
+pub const IMAGES_PATH: &str = "/peer/v1/images/";
 pub const CONTENT_TYPE: &str = "application/x-shoal-peer";
+/// An image archive as it arrives from a peer.
+pub type ImageStream = futures_util::stream::BoxStream<
+    'static,
+    Result<Bytes, Box<dyn std::error::Error + Send + Sync>>,
+>;
 const SEND_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Clone)]
@@ -142,6 +149,30 @@ impl PeerClient {
             return Err(PeerError::BadIdentity("that is this node".into()));
         }
         Ok(m)
+    }
+
+    /// Image `id` from the peer at `addr`, as a stream of its `docker save` archive (the
+    /// caller checks what it got: content addressed).
+    pub async fn image(&self, addr: &str, id: &str) -> Result<ImageStream, PeerError> {
+        use futures_util::StreamExt;
+        let req = Request::get(format!("https://{addr}{IMAGES_PATH}{id}"))
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| PeerError::Request(e.to_string()))?;
+        let resp = tokio::time::timeout(SEND_TIMEOUT, self.client.request(req))
+            .await
+            .map_err(|_| PeerError::Timeout)?
+            .map_err(|e| PeerError::Request(crate::error_chain(&e)))?;
+        if !resp.status().is_success() {
+            return Err(PeerError::Status(resp.status()));
+        }
+        Ok(http_body_util::BodyStream::new(resp.into_body())
+            .filter_map(|f| async move {
+                match f {
+                    Ok(frame) => frame.into_data().ok().map(Ok),
+                    Err(e) => Some(Err(Box::<dyn std::error::Error + Send + Sync>::from(e))),
+                }
+            })
+            .boxed())
     }
 
     /// Waits up to `limit` for messages still being sent.

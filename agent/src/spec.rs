@@ -43,6 +43,43 @@ pub struct Source {
     /// The app secret holding the registry login for `image`, as `user:password`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<String>,
+    /// What `image` named when it was deployed, by content (`sha256:<id>`, or
+    /// `repo@sha256:<digest>` from its registry): set by the agent that took the spec, so every
+    /// replica of a revision runs the same bytes even when the tag moves. A spec may name it
+    /// itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pinned: Option<String>,
+}
+
+impl Source {
+    /// The reference replicas run: the pinned one, else the image as named.
+    pub fn run_image(&self) -> Option<&str> {
+        self.pinned.as_deref().or(self.image.as_deref())
+    }
+}
+
+/// An image reference as Docker reads it: with the `:latest` it assumes when it names
+/// neither a tag nor a digest (pulling a bare name would fetch every tag).
+pub fn tagged(image: &str) -> String {
+    let last = image.rsplit('/').next().unwrap_or(image);
+    if image.contains('@') || last.contains(':') || is_image_id(image) {
+        image.to_string()
+    } else {
+        format!("{image}:latest")
+    }
+}
+
+/// Whether `s` is an image id, `sha256:<64 lowercase hex>`.
+pub fn is_image_id(s: &str) -> bool {
+    s.strip_prefix("sha256:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
+}
+
+/// Whether `s` names an image by content: an id, or `repo@sha256:<64 hex>`.
+pub fn is_pinned(s: &str) -> bool {
+    is_image_id(s)
+        || s.split_once('@')
+            .is_some_and(|(repo, d)| !repo.is_empty() && is_image_id(d))
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -337,6 +374,13 @@ impl AppSpec {
             if !valid_secret_name(c) || self.source.image.is_none() {
                 return bad(format!(
                     "source.credentials {c:?}: the name of one of the app's secrets (like REGISTRY_LOGIN), with source.image"
+                ));
+            }
+        }
+        if let Some(p) = &self.source.pinned {
+            if !is_pinned(p) || self.source.image.is_none() {
+                return bad(format!(
+                    "source.pinned {p:?}: an image id (sha256:<64 hex>) or repo@sha256:<64 hex>, with source.image"
                 ));
             }
         }
@@ -969,5 +1013,31 @@ path = "/data"
         ] {
             assert!(r(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn image_references_by_content() {
+        let id = format!("sha256:{}", "ab".repeat(32));
+        assert_eq!(tagged("busybox"), "busybox:latest");
+        assert_eq!(tagged("localhost:5000/app"), "localhost:5000/app:latest");
+        assert_eq!(tagged("localhost:5000/app:v2"), "localhost:5000/app:v2");
+        assert_eq!(tagged(&format!("app@{id}")), format!("app@{id}"));
+        assert_eq!(tagged(&id), id);
+        assert!(is_image_id(&id) && is_pinned(&id));
+        assert!(is_pinned(&format!("localhost:5000/app@{id}")));
+        assert!(!is_pinned("app:latest") && !is_pinned(&format!("@{id}")));
+        assert!(!is_image_id(&id.to_uppercase()) && !is_image_id("sha256:abc"));
+        let spec = |pinned: &str| {
+            AppSpec::parse(&format!(
+                "name = \"a\"\n[source]\nimage = \"app:1\"\npinned = \"{pinned}\""
+            ))
+        };
+        let s = spec(&id).unwrap();
+        assert_eq!(s.source.run_image(), Some(id.as_str()));
+        let e = spec("app:2").unwrap_err().to_string();
+        assert!(e.contains("source.pinned"), "{e}");
+        // The pin is part of what reaches the container: a new pin is a new revision.
+        let other = spec(&format!("sha256:{}", "cd".repeat(32))).unwrap();
+        assert_ne!(s.revision(), other.revision());
     }
 }

@@ -43,7 +43,7 @@ impl World {
         tokio::spawn(shoal::executor::run::run(
             self.rt.clone(),
             self.node.core.handle.clone(),
-            EVERY,
+            shoal::executor::run::Options::every(EVERY),
             self.stop.clone(),
         ));
     }

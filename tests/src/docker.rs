@@ -4,6 +4,7 @@
 
 use crate::{busybox_image, run, Agent, Resp};
 use serde_json::Value;
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -177,4 +178,121 @@ pub fn two_nodes(root: &std::path::Path) -> Vec<Agent> {
     let tar = std::fs::read(busybox_image()).unwrap();
     assert_eq!(write(&nodes[0], "POST", "/v1/images", &tar).status, 200);
     nodes
+}
+
+/// A Docker engine of its own beside the host's: own data root, exec root, socket and
+/// containerd namespace, no default bridge and no iptables rules (its app networks are plain
+/// bridges with their own address pool). What it holds is what a node on it holds: an agent
+/// given its socket (`[docker] socket`) has none of the host engine's images. Stopped, its
+/// containers removed and its data deleted when dropped.
+pub struct Engine {
+    child: std::process::Child,
+    dir: tempfile::TempDir,
+    /// Its API socket.
+    pub socket: PathBuf,
+}
+
+impl Engine {
+    /// `n` picks the engine's containerd namespace and address pool (one per engine at a
+    /// time).
+    pub fn start(n: u8) -> Engine {
+        // Short: the exec root holds unix sockets (108 bytes at most).
+        let dir = tempfile::Builder::new()
+            .prefix("e2e-dk")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("daemon.json"), "{}").unwrap();
+        let socket = d.join("sock");
+        let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
+        let ns = format!("shoal-e2e-{n}-{}", std::process::id());
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(d.join("daemon.json"))
+            .arg("--data-root")
+            .arg(d.join("root"))
+            .arg("--exec-root")
+            .arg(d.join("x"))
+            .arg("--pidfile")
+            .arg(d.join("pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--bridge", "none", "--iptables=false", "--ip6tables=false"])
+            .args(["--default-address-pool"])
+            .arg(format!("base=10.{}.0.0/16,size=24", 200 + n))
+            .args(["--containerd", "/run/containerd/containerd.sock"])
+            .args(["--containerd-namespace", &ns])
+            .args(["--containerd-plugins-namespace", &format!("{ns}-p")])
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("dockerd (Debian's docker.io)");
+        let e = Engine { child, dir, socket };
+        crate::wait_for(Duration::from_secs(60), "a second dockerd", || {
+            e.try_docker(&["info"]).ok()
+        });
+        e
+    }
+
+    fn try_docker(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("docker")
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    /// `docker ARGS` against this engine; stdout. Panics on failure.
+    pub fn docker(&self, args: &[&str]) -> String {
+        self.try_docker(args)
+            .unwrap_or_else(|e| panic!("docker {args:?} on {}: {e}", self.socket.display()))
+    }
+
+    /// The id of the image `name` names here, if any.
+    pub fn image_id(&self, name: &str) -> Option<String> {
+        self.try_docker(&["image", "inspect", "--format", "{{.Id}}", name])
+            .ok()
+            .map(|s| s.trim().to_string())
+    }
+
+    /// The `[docker]` settings of an agent on this engine.
+    pub fn agent_settings(&self) -> String {
+        format!(
+            "[docker]\nenabled = true\nreconcile_ms = 300\nsocket = \"{}\"\n",
+            self.socket.display()
+        )
+    }
+
+    /// Its log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Ok(ids) = self.try_docker(&["ps", "-aq"]) {
+            for id in ids.lines() {
+                let _ = self.try_docker(&["rm", "-f", id]);
+            }
+        }
+        let _ = Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

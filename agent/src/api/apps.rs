@@ -29,9 +29,10 @@ fn bad_name(name: &str) -> Option<Response<Body>> {
 pub async fn put(
     req: Request<Incoming>,
     name: &str,
-    h: &Handle,
+    api: &super::control::Api,
     op: Arc<OperatorKey>,
 ) -> Response<Body> {
+    let h = &api.h;
     // The body is read first: refusing with it unread resets HTTP/2 streams.
     let body = match super::read_body(req, MAX_SPEC_BYTES).await {
         Ok(b) => b,
@@ -61,8 +62,99 @@ pub async fn put(
             format!("the spec names {:?} but the path names {name:?}", spec.name),
         );
     }
+    let mut spec = spec;
+    if let Err(r) = pin(&mut spec, h, api.images.as_deref()).await {
+        return r;
+    }
     let history = records::history(&h.store, name);
     write_spec(h, op, spec, records::app(&h.store, name), history).await
+}
+
+/// Pins the spec's image to what it names now, by content (`source.pinned`), so every
+/// replica of this revision runs the same bytes: a registry's digest for a reference that
+/// names its registry (`host[:port]/…`), else the image id the live nodes hold under that
+/// name (this node's runtime asked directly), else Docker Hub's digest. Nodes that hold
+/// different images under the name are a conflict (409): the operator names a digest. A
+/// reference nothing resolves stays as written (a node pulls it by name when it runs it).
+async fn pin(
+    spec: &mut AppSpec,
+    h: &Handle,
+    images: Option<&dyn crate::executor::images::Images>,
+) -> Result<(), Response<Body>> {
+    let Some(image) = spec.source.image.clone() else {
+        return Ok(());
+    };
+    if spec.source.pinned.is_some() || crate::spec::is_pinned(&image) {
+        return Ok(());
+    }
+    let auth = spec.source.credentials.as_ref().and_then(|c| {
+        let key = keys::secret(&spec.name, c).ok()?;
+        let (e, _) = read_entry(&h.store, key.as_str()).ok()??;
+        let login = h.trust.secrets.open(key.as_str(), e.value.as_ref()?).ok()?;
+        let login = String::from_utf8(login).ok()?;
+        let (user, password) = login.split_once(':').unwrap_or((login.as_str(), ""));
+        Some(crate::executor::RegistryAuth {
+            username: user.to_string(),
+            password: password.to_string(),
+        })
+    });
+    let names_registry = image
+        .split_once('/')
+        .is_some_and(|(host, _)| host.contains('.') || host.contains(':') || host == "localhost");
+    if names_registry {
+        if let Some(p) = match images {
+            Some(i) => i.resolve(&image, auth.clone()).await,
+            None => None,
+        } {
+            spec.source.pinned = Some(p);
+            return Ok(());
+        }
+    }
+    // What the live nodes hold under the name, this node's runtime asked directly.
+    let live: Vec<String> = match h.snapshot().await {
+        Ok(s) => s
+            .members
+            .iter()
+            .filter(|m| m.state.is_live())
+            .map(|m| m.id.to_string())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut held = records::held_images(&h.store);
+    held.retain(|node, _| live.contains(node) || *node == h.me.id.as_str());
+    if let Some(i) = images {
+        if let Ok(mine) = i.held().await {
+            held.insert(h.me.id.to_string(), mine);
+        }
+    }
+    let mut ids: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for (node, list) in &held {
+        for img in list.iter().filter(|i| i.answers_to(&image)) {
+            ids.entry(img.id.clone()).or_default().push(node.clone());
+        }
+    }
+    match ids.len() {
+        0 => {}
+        1 => {
+            spec.source.pinned = ids.into_keys().next();
+            return Ok(());
+        }
+        _ => {
+            return Err(json(
+                StatusCode::CONFLICT,
+                &j!({
+                    "error": format!("nodes hold different images named {image}: load the same image on every node, or name one by digest (image@sha256:…) or set source.pinned"),
+                    "held": ids,
+                }),
+            ))
+        }
+    }
+    if !names_registry {
+        if let Some(i) = images {
+            spec.source.pinned = i.resolve(&image, auth).await;
+        }
+    }
+    Ok(())
 }
 
 /// Writes `spec` as the app's record and, when it changes what containers run, keeps the
@@ -114,6 +206,7 @@ async fn write_spec(
                     "version": v.first().map(|v| v.to_string()),
                     "revision": revision,
                     "replaces": replaced,
+                    "image": spec.source.run_image(),
                 }),
             )
         }

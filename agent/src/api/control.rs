@@ -27,6 +27,18 @@ const MAX_SECRET_BYTES: usize = 64 * 1024;
 pub struct Api {
     pub h: Handle,
     pub images: Option<Arc<dyn crate::executor::images::Images>>,
+    /// Places for image transfers to peers (`images::serve`): each reads a whole image.
+    pub exports: Arc<tokio::sync::Semaphore>,
+}
+
+impl Api {
+    pub fn new(h: Handle, images: Option<Arc<dyn crate::executor::images::Images>>) -> Api {
+        Api {
+            h,
+            images,
+            exports: Arc::new(tokio::sync::Semaphore::new(super::images::MAX_EXPORTS)),
+        }
+    }
 }
 
 #[tracing::instrument(name = "api", skip_all, fields(method = %req.method(), path = super::short(req.uri().path()), remote = %conn.remote))]
@@ -51,6 +63,9 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Bo
         return match (method, path.as_str()) {
             (Method::POST, MSG_PATH) => peer_message(req, &conn, &peer, h).await,
             (Method::GET, IDENTITY_PATH) => json(StatusCode::OK, &h.me),
+            (Method::GET, p) if p.starts_with(super::images::PEER_PATH) => {
+                super::images::serve(&p[super::images::PEER_PATH.len()..], &peer, &api).await
+            }
             _ => error(
                 StatusCode::NOT_FOUND,
                 format!("no such peer endpoint: {path}"),
@@ -82,7 +97,7 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Bo
                 Ok(op) => op,
                 Err(r) => return drain_then(req, r).await,
             };
-            super::apps::put(req, &name, h, op).await
+            super::apps::put(req, &name, &api, op).await
         }
         (Method::DELETE, ["v1", "apps", name]) => {
             let op = match authorize(&req, h) {
@@ -109,7 +124,7 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Bo
             if let Err(r) = authorize(&req, h) {
                 return drain_then(req, r).await;
             }
-            load_image(req, &api).await
+            super::images::load(req, &api).await
         }
         (_, ["v1", "images"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use POST"),
         (Method::DELETE, ["v1", "nodes", id]) => {
@@ -453,7 +468,7 @@ async fn delete_secret(app: &str, name: &str, h: &Handle, op: Arc<OperatorKey>) 
 /// HTTP/2 clients such as curl report a reset stream instead of the answer when the body is
 /// left unread. Bounded in bytes and time, and nothing is kept, so a refused upload costs
 /// little.
-async fn drain_then(req: Request<Incoming>, r: Response<Body>) -> Response<Body> {
+pub(super) async fn drain_then(req: Request<Incoming>, r: Response<Body>) -> Response<Body> {
     use http_body_util::BodyExt;
     const DRAIN_BYTES: usize = 64 << 20;
     let mut body = req.into_body();
@@ -514,76 +529,6 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<Arc<OperatorKey>, Re
             Err(r)
         }
     }
-}
-
-/// Loads a `docker save` archive into this node's runtime, streamed as it arrives: no
-/// registry is needed to run an image. Answers the names loaded. An archive over the cap is
-/// cut off (413); one that would move a name this cluster's running replicas use to another
-/// image is refused (409): the name is put back where it was, the running replicas keep theirs.
-async fn load_image(req: Request<Incoming>, api: &Api) -> Response<Body> {
-    use crate::executor::images::{load_checked, LoadError};
-    use futures_util::StreamExt;
-    let Some(images) = api.images.clone() else {
-        return drain_then(
-            req,
-            error(
-                StatusCode::CONFLICT,
-                "this node runs no containers (docker.enabled = false)",
-            ),
-        )
-        .await;
-    };
-    let declared = req
-        .headers()
-        .get(hyper::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > images.max_image_bytes()) {
-        return drain_then(req, too_large(images.max_image_bytes())).await;
-    }
-    let archive = http_body_util::BodyStream::new(req.into_body())
-        .filter_map(|f| async move {
-            match f {
-                Ok(frame) => frame.into_data().ok().map(Ok),
-                Err(e) => Some(Err(crate::executor::images::BoxError::from(e))),
-            }
-        })
-        .boxed();
-    let cluster = &api.h.trust.cluster.id;
-    match load_checked(&*images, cluster, declared, archive).await {
-        Ok((loaded, bytes)) => {
-            tracing::info!(images = ?loaded, bytes, "images loaded");
-            json(StatusCode::OK, &j!({ "loaded": loaded }))
-        }
-        Err(LoadError::TooLarge(cap)) => too_large(cap),
-        Err(LoadError::Bad(e)) => error(StatusCode::BAD_REQUEST, e),
-        Err(LoadError::Unavailable(e)) => {
-            error(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e))
-        }
-        Err(LoadError::InUse(clashes)) => {
-            let clashes: Vec<_> = clashes
-                .into_iter()
-                .map(|(image, app)| j!({ "image": image, "app": app }))
-                .collect();
-            tracing::warn!(clashes = %j!(clashes), "image load refused: it would retag images running replicas use");
-            json(
-                StatusCode::CONFLICT,
-                &j!({
-                    "error": "the archive names images that running replicas use, as other images: load it under a new tag and point the app at it",
-                    "in_use": clashes,
-                }),
-            )
-        }
-    }
-}
-
-fn too_large(cap: u64) -> Response<Body> {
-    error(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        format!(
-            "the archive is over this node's image size cap ({cap} bytes, docker.max_image_bytes)"
-        ),
-    )
 }
 
 /// Writes one key; answers `body` with the write's version added, or 503.

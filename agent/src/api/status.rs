@@ -199,6 +199,7 @@ fn status(h: &Handle, s: &Snapshot) -> Value {
 fn nodes(h: &Handle, s: &Snapshot) -> Value {
     let records = scan_keyspace(&h.store, Keyspace::Nodes, "", 100_000).unwrap_or_default();
     let view = view(h, s);
+    let mut held = crate::state::records::held_images(&h.store);
     let mut out = Vec::new();
     for e in records {
         let id = e.key.name().to_string();
@@ -212,6 +213,8 @@ fn nodes(h: &Handle, s: &Snapshot) -> Value {
                 j!({ "state": if left == 0 { "drained" } else { "draining" }, "replicas_left": left })
             });
             o.insert("drain".into(), j!(drain));
+            // What it holds, as its image record says (content addressed).
+            o.insert("images".into(), j!(held.remove(&id).unwrap_or_default()));
         }
         out.push(v);
     }

@@ -416,12 +416,12 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     }
 
     let tracker = TaskTracker::new();
-    let api_ctx = api::control::Api {
-        h: h.clone(),
-        images: runtime
+    let api_ctx = api::control::Api::new(
+        h.clone(),
+        runtime
             .clone()
             .map(|r| r as Arc<dyn crate::executor::images::Images>),
-    };
+    );
     let endpoints = Endpoints {
         status: status_listener,
         api: api_listener,
@@ -437,10 +437,17 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
 
     if let Some(rt) = &runtime {
         tracing::info!("executor started");
+        let peers =
+            crate::peer::PeerClient::new(h.me.clone(), h.counters.clone(), &h.tls, h.clock.clone());
+        let options = crate::executor::run::Options {
+            every: Duration::from_millis(cfg.docker.reconcile_ms),
+            image_grace: Duration::from_millis(cfg.docker.image_grace_ms),
+            peers: Some(Arc::new(peers)),
+        };
         tracker.spawn(crate::executor::run::run(
             rt.clone(),
             h.clone(),
-            Duration::from_millis(cfg.docker.reconcile_ms),
+            options,
             shutdown.clone(),
         ));
     }

@@ -2,8 +2,10 @@
 //! the API version negotiated then (Debian 12's Docker speaks 1.41): the agent starts before
 //! dockerd answers, so a missing socket is an error of the moment, not of the agent.
 
+use super::images::Archive;
 use super::{ContainerRuntime, ContainerSpec, ExecutorError, Observed};
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
+use crate::state::records::HeldImage;
 use bollard::models::{
     ContainerCreateBody, ContainerSummaryStateEnum, HostConfig, HostConfigLogConfig, Mount,
     MountType, MountVolumeOptions, RestartPolicy, RestartPolicyNameEnum,
@@ -194,7 +196,102 @@ impl super::images::Images for Docker {
     fn tag<'a>(&'a self, id: &'a str, name: &'a str) -> BoxFuture<'a, Result<(), ExecutorError>> {
         Box::pin(Docker::tag(self, id, name))
     }
+    fn held(&self) -> BoxFuture<'_, Result<Vec<HeldImage>, ExecutorError>> {
+        Box::pin(async move {
+            let list = self
+                .client()
+                .await?
+                .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+                .await
+                .map_err(refused("list images"))?;
+            let none = |n: &String| !n.starts_with("<none>");
+            Ok(list
+                .into_iter()
+                .map(|i| HeldImage {
+                    id: i.id,
+                    tags: i.repo_tags.into_iter().filter(none).collect(),
+                    digests: i.repo_digests.into_iter().filter(none).collect(),
+                    size: u64::try_from(i.size).unwrap_or(0),
+                })
+                .collect())
+        })
+    }
+    fn save<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Archive, ExecutorError>> {
+        Box::pin(async move {
+            let c = self.client().await?.with_timeout(LOAD_TIMEOUT);
+            Ok(c.export_image(id)
+                .map(|r| r.map_err(|e| super::images::BoxError::from(e.to_string())))
+                .boxed())
+        })
+    }
+    fn resolve<'a>(
+        &'a self,
+        reference: &'a str,
+        auth: Option<super::RegistryAuth>,
+    ) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async move {
+            let c = self.client().await.ok()?;
+            let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+                username: Some(a.username),
+                password: Some(a.password),
+                ..Default::default()
+            });
+            let tagged = crate::spec::tagged(reference);
+            let asked = c.inspect_registry_image(&tagged, credentials);
+            let found = match tokio::time::timeout(RESOLVE_TIMEOUT, asked).await {
+                Ok(Ok(d)) => d.descriptor.digest?,
+                Ok(Err(e)) => {
+                    tracing::debug!(image = %reference, err = %e, "the registry does not resolve it");
+                    return None;
+                }
+                Err(_) => return None,
+            };
+            // `repo:tag` (the tag after the last `/`) becomes `repo@digest`.
+            let repo = match tagged.rsplit_once(':') {
+                Some((r, t)) if !t.contains('/') => r.to_string(),
+                _ => tagged.clone(),
+            };
+            let pinned = format!("{repo}@{found}");
+            crate::spec::is_pinned(&pinned).then_some(pinned)
+        })
+    }
+    fn remove_image<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ExecutorError>> {
+        Box::pin(async move {
+            let c = self.client().await?;
+            // Any container made from it, of this cluster or not, running or stopped, keeps
+            // it (a forced removal would not ask).
+            let users = c
+                .list_containers(Some(ListContainersOptions {
+                    all: true,
+                    filters: Some(HashMap::from([(
+                        "ancestor".to_string(),
+                        vec![id.to_string()],
+                    )])),
+                    ..Default::default()
+                }))
+                .await
+                .map_err(refused("list containers"))?;
+            if !users.is_empty() {
+                return Err(ExecutorError::Load(format!(
+                    "image {id} is used by {} container(s)",
+                    users.len()
+                )));
+            }
+            let options = bollard::query_parameters::RemoveImageOptions {
+                force: true,
+                ..Default::default()
+            };
+            match c.remove_image(id, Some(options), None).await {
+                Ok(_) => Ok(()),
+                Err(e) if not_found(&e) => Ok(()),
+                Err(e) => Err(refused(format!("remove image {id}"))(e)),
+            }
+        })
+    }
 }
+
+/// How long a registry may take to say what a tag names, when a spec is deployed.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Docker {
     /// The image names this cluster's running containers on this Docker were made from, each
@@ -512,7 +609,7 @@ impl ContainerRuntime for Docker {
     ) -> Result<(), ExecutorError> {
         use futures_util::StreamExt;
         let c = self.client().await?;
-        let reference = super::pinned_tag(image);
+        let reference = crate::spec::tagged(image);
         let options = bollard::query_parameters::CreateImageOptions {
             from_image: Some(reference.clone()),
             ..Default::default()

@@ -6,6 +6,7 @@ use super::firewall::{Asserted, FirewallError};
 use super::images::{Archive, Images, InUse};
 use super::{ContainerRuntime, ContainerSpec, ExecutorError, Observed, RegistryAuth};
 use super::{LABEL_APP, LABEL_CLUSTER, LABEL_NODE, LABEL_REPLICA, LABEL_VERSION};
+use crate::state::records::HeldImage;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
 use std::collections::{BTreeMap, BTreeSet};
@@ -160,11 +161,17 @@ impl Images for FakeRuntime {
     }
     fn load(&self, mut archive: Archive) -> BoxFuture<'_, Result<Vec<String>, ExecutorError>> {
         Box::pin(async move {
+            // The fake's archives hold the image's name (what `save` writes).
+            let mut held = Vec::new();
             while let Some(chunk) = archive.next().await {
-                chunk.map_err(|e| ExecutorError::Load(e.to_string()))?;
+                held.extend_from_slice(&chunk.map_err(|e| ExecutorError::Load(e.to_string()))?);
             }
-            self.add_image("loaded:latest");
-            Ok(vec!["loaded:latest".to_string()])
+            let name = match String::from_utf8(held) {
+                Ok(n) if !n.is_empty() => n,
+                _ => "loaded:latest".to_string(),
+            };
+            self.add_image(&name);
+            Ok(vec![name])
         })
     }
     fn images_in_use<'a>(
@@ -195,15 +202,53 @@ impl Images for FakeRuntime {
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<String>, ExecutorError>> {
         Box::pin(async move {
-            Ok(self
-                .lock()
-                .images
-                .contains(name)
-                .then(|| format!("id:{name}")))
+            let held = self.lock().images.contains(name);
+            Ok(held.then(|| {
+                if crate::spec::is_image_id(name) {
+                    name.to_string()
+                } else {
+                    format!("id:{name}")
+                }
+            }))
         })
     }
     fn tag<'a>(&'a self, _id: &'a str, _name: &'a str) -> BoxFuture<'a, Result<(), ExecutorError>> {
         Box::pin(async { Ok(()) })
+    }
+    fn held(&self) -> BoxFuture<'_, Result<Vec<HeldImage>, ExecutorError>> {
+        Box::pin(async move {
+            Ok(self
+                .lock()
+                .images
+                .iter()
+                .map(|name| HeldImage {
+                    id: format!("id:{name}"),
+                    tags: vec![super::images::full_name(name)],
+                    digests: Vec::new(),
+                    size: 0,
+                })
+                .collect())
+        })
+    }
+    fn save<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Archive, ExecutorError>> {
+        Box::pin(async move {
+            let chunk = bytes::Bytes::from(id.to_string());
+            Ok(futures_util::stream::iter([Ok(chunk)]).boxed())
+        })
+    }
+    fn resolve<'a>(
+        &'a self,
+        _reference: &'a str,
+        _auth: Option<RegistryAuth>,
+    ) -> BoxFuture<'a, Option<String>> {
+        Box::pin(async { None })
+    }
+    fn remove_image<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ExecutorError>> {
+        Box::pin(async move {
+            let name = id.strip_prefix("id:").unwrap_or(id).to_string();
+            self.lock().images.remove(&name);
+            Ok(())
+        })
     }
 }
 

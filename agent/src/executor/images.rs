@@ -5,6 +5,7 @@
 //! is `load_checked`.
 
 use super::ExecutorError;
+use crate::state::records::HeldImage;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use futures_util::stream::{BoxStream, StreamExt};
@@ -38,6 +39,19 @@ pub trait Images: Send + Sync {
     ) -> BoxFuture<'a, Result<Option<String>, ExecutorError>>;
     /// Points `name` (`repo:tag`) at image `id`.
     fn tag<'a>(&'a self, id: &'a str, name: &'a str) -> BoxFuture<'a, Result<(), ExecutorError>>;
+    /// Every image the runtime holds, content addressed.
+    fn held(&self) -> BoxFuture<'_, Result<Vec<HeldImage>, ExecutorError>>;
+    /// Image `id` as a `docker save` archive (no names in it: the receiver names it).
+    fn save<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Archive, ExecutorError>>;
+    /// What `reference` names in its registry now, as `repo@sha256:<digest>`; `None` when
+    /// the registry does not know it or cannot be reached.
+    fn resolve<'a>(
+        &'a self,
+        reference: &'a str,
+        auth: Option<super::RegistryAuth>,
+    ) -> BoxFuture<'a, Option<String>>;
+    /// Removes image `id` and its names, unless a container uses it.
+    fn remove_image<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<(), ExecutorError>>;
 }
 
 /// Why a load was refused.
@@ -53,15 +67,7 @@ pub enum LoadError {
     InUse(Vec<(String, String)>),
 }
 
-/// `name` with the `:latest` Docker assumes when it names no tag.
-pub fn full_name(name: &str) -> String {
-    let last = name.rsplit('/').next().unwrap_or(name);
-    if last.contains(':') || name.contains('@') {
-        name.to_string()
-    } else {
-        format!("{name}:latest")
-    }
-}
+pub use crate::spec::tagged as full_name;
 
 /// Loads `archive` (at most `declared` bytes, when the client said) for `cluster`; the names
 /// loaded and the bytes read.

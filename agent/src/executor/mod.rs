@@ -6,6 +6,7 @@
 //! The decisions are a pure function (`plan`); the runtime sits behind `ContainerRuntime`
 //! (Docker through bollard in the agent); `run` is the loop around them.
 
+pub mod distribute;
 pub mod docker;
 pub mod fake;
 pub mod firewall;
@@ -57,17 +58,6 @@ pub struct RegistryAuth {
 impl std::fmt::Debug for RegistryAuth {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "RegistryAuth({}, password omitted)", self.username)
-    }
-}
-
-/// An image reference with a tag or digest (`:latest` added to one with neither): pulling a
-/// bare name would fetch every tag.
-pub fn pinned_tag(image: &str) -> String {
-    let last = image.rsplit('/').next().unwrap_or(image);
-    if image.contains('@') || last.contains(':') {
-        image.to_string()
-    } else {
-        format!("{image}:latest")
     }
 }
 
@@ -188,6 +178,33 @@ impl<T: images::Images + ?Sized> images::Images for std::sync::Arc<T> {
         name: &'a str,
     ) -> futures_util::future::BoxFuture<'a, Result<(), ExecutorError>> {
         (**self).tag(id, name)
+    }
+    fn held(
+        &self,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<Vec<crate::state::records::HeldImage>, ExecutorError>,
+    > {
+        (**self).held()
+    }
+    fn save<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<images::Archive, ExecutorError>> {
+        (**self).save(id)
+    }
+    fn resolve<'a>(
+        &'a self,
+        reference: &'a str,
+        auth: Option<RegistryAuth>,
+    ) -> futures_util::future::BoxFuture<'a, Option<String>> {
+        (**self).resolve(reference, auth)
+    }
+    fn remove_image<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), ExecutorError>> {
+        (**self).remove_image(id)
     }
 }
 

@@ -2,6 +2,7 @@
 //! `every` in any case (crashed containers, images loaded since), it places the replicas,
 //! plans against what the runtime reports, carries the plan out and records the tasks.
 
+use super::distribute::Located;
 use super::health::{Tracker, Verdict};
 use super::plan::{plan, Desired};
 use super::{container_name, ContainerRuntime, ContainerSpec, Observed, Task, TaskState};
@@ -115,6 +116,10 @@ pub struct Executor<R> {
     /// A container was started: pass again shortly (`LOOK_AGAIN`) to start probing it.
     look_again: bool,
     pulled: tokio::sync::mpsc::Sender<Pulled>,
+    /// The images this node holds and brought, and the peers it fetches from.
+    images: super::distribute::Keeper,
+    /// The members at the last pass, with their states.
+    members: Vec<(String, MemberState)>,
 }
 
 /// A pull of a missing image.
@@ -143,8 +148,35 @@ pub struct Wakes {
     pub pulls: tokio::sync::mpsc::Receiver<Pulled>,
 }
 
-/// An ended pull: the image, how it went, the login it used.
-pub type Pulled = (String, Result<(), String>, Option<super::RegistryAuth>);
+/// An ended pull or fetch.
+pub struct Pulled {
+    pub image: String,
+    /// The image id it brought, or why it could not.
+    pub result: Result<String, String>,
+    /// The login it used.
+    pub auth: Option<super::RegistryAuth>,
+}
+
+/// How the executor runs, besides its runtime and the node.
+#[derive(Clone)]
+pub struct Options {
+    /// A pass at least this often, whatever changes.
+    pub every: Duration,
+    /// How long an image this node brought stays once no version of any app needs it.
+    pub image_grace: Duration,
+    /// Where missing images are fetched from before a registry is asked.
+    pub peers: Option<std::sync::Arc<dyn super::distribute::Fetch>>,
+}
+
+impl Options {
+    pub fn every(every: Duration) -> Options {
+        Options {
+            every,
+            image_grace: Duration::from_secs(600),
+            peers: None,
+        }
+    }
+}
 
 /// What should run here, or why a placed replica cannot.
 enum Resolved {
@@ -155,10 +187,14 @@ enum Resolved {
 impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
     /// The executor, and where its probes' results and ended pulls arrive (for `on_probe`
     /// and `on_pulled`).
-    pub fn new(rt: R, h: Handle) -> (Executor<R>, Wakes) {
+    pub fn new(rt: R, h: Handle, options: &Options) -> (Executor<R>, Wakes) {
         let (probes, results) = tokio::sync::mpsc::channel(256);
         let (pulled, pulls) = tokio::sync::mpsc::channel(64);
+        let mut images = super::distribute::Keeper::new(&h, options.image_grace);
+        images.peers = options.peers.clone();
         let ex = Executor {
+            images,
+            members: Vec::new(),
             me: h.me.id.to_string(),
             cluster: h.trust.cluster.id.clone(),
             rt,
@@ -379,7 +415,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
     /// Turns a placed replica into a container spec: image, command, env with its secrets
     /// opened, limits, labels.
     fn resolve(&self, spec: &AppSpec, version: &str, replica: u32) -> Resolved {
-        let image = spec.source.image.clone().unwrap_or_default();
+        let image = spec.source.run_image().unwrap_or_default().to_string();
         let mut t = self.task(&spec.name, replica, version, &image);
         t.port = spec.run.port;
         if image.is_empty() {
@@ -499,6 +535,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             Err(_) => return,
         };
         let view = self.view(&members);
+        self.members = members;
         let placed = view.place();
         self.judge(&view, &placed).await;
         for slot in view
@@ -732,9 +769,10 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         Some(t)
     }
 
-    /// Starts pulling a missing image (one pull per image at a time, a failed one tried
-    /// again after `PULL_RETRY`); what the replica waits for.
-    fn pull(&mut self, now: Instant, d: &Desired) -> String {
+    /// Starts bringing a missing image (one at a time per image, a failed one tried again
+    /// after `PULL_RETRY`): from a live peer that holds it, else from its registry. What the
+    /// replica waits for.
+    fn pull(&mut self, now: Instant, d: &Desired, located: Option<Located>) -> String {
         let image = d.spec.image.clone();
         match self.pulls.get(&image) {
             Some(Pull::Running) => return format!("pulling image {image}"),
@@ -749,53 +787,132 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         }
         self.pulls.insert(image.clone(), Pull::Running);
         let (rt, done, auth) = (self.rt.clone(), self.pulled.clone(), d.pull_auth.clone());
-        tracing::info!(image = %image, login = auth.is_some(), "pulling image");
+        let peers = self.images.peers.clone();
+        let cluster = self.cluster.clone();
+        let located = located.filter(|l| !l.holders.is_empty() && peers.is_some());
+        let said = match &located {
+            Some(l) => format!("fetching image {image} from {}", l.holders[0].0),
+            None => format!("pulling image {image}"),
+        };
+        tracing::info!(image = %image, login = auth.is_some(), peers = ?located.as_ref().map(|l| &l.holders), "bringing a missing image");
         tokio::spawn(async move {
-            let pull = rt.pull(&image, auth.clone());
-            let result = match tokio::time::timeout(PULL_TIMEOUT, pull).await {
-                Ok(r) => r.map_err(|e| e.to_string()),
+            let bring = async {
+                let mut why = None;
+                if let (Some(l), Some(peers)) = (&located, &peers) {
+                    // A tag is given its name here; a digest or an id is run by id.
+                    let tag = (!crate::spec::is_pinned(&image)).then_some(image.as_str());
+                    match super::distribute::fetch(&rt, &**peers, &cluster, &l.id, &l.holders, tag)
+                        .await
+                    {
+                        Ok(from) => {
+                            tracing::info!(image = %image, id = %l.id, %from, "image fetched from a peer");
+                            return Ok(l.id.clone());
+                        }
+                        Err(e) => {
+                            tracing::warn!(image = %image, err = %e, "cannot fetch the image from a peer: trying its registry");
+                            why = Some(e);
+                        }
+                    }
+                }
+                if crate::spec::is_image_id(&image) {
+                    return Err(why.unwrap_or_else(|| {
+                        "no live node holds it and an image id names no registry".into()
+                    }));
+                }
+                rt.pull(&image, auth.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                rt.image_id(&crate::spec::tagged(&image))
+                    .await
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| "the engine does not have it after the pull".to_string())
+            };
+            let result = match tokio::time::timeout(PULL_TIMEOUT, bring).await {
+                Ok(r) => r,
                 Err(_) => Err(format!("not done within {PULL_TIMEOUT:?}")),
             };
-            let _ = done.send((image, result, auth)).await;
+            let _ = done
+                .send(Pulled {
+                    image,
+                    result,
+                    auth,
+                })
+                .await;
         });
-        format!("pulling image {}", d.spec.image)
+        said
     }
 
-    /// A pull ended: the replicas waiting for it start at the next pass.
-    pub fn on_pulled(
-        &mut self,
-        image: String,
-        result: Result<(), String>,
-        auth: Option<super::RegistryAuth>,
-    ) {
-        match result {
-            Ok(()) => {
-                tracing::info!(image = %image, "image pulled");
-                self.pulls.remove(&image);
+    /// A pull or fetch ended: the replicas waiting for it start at the next pass.
+    pub fn on_pulled(&mut self, p: Pulled) {
+        match p.result {
+            Ok(id) => {
+                tracing::info!(image = %p.image, %id, "image pulled");
+                self.pulls.remove(&p.image);
+                self.images.brought(id);
             }
             Err(why) => {
-                tracing::warn!(image = %image, err = %why, "cannot pull image");
+                tracing::warn!(image = %p.image, err = %why, "cannot pull image");
                 self.pulls.insert(
-                    image,
+                    p.image,
                     Pull::Failed {
                         why,
                         at: crate::clock::now(),
-                        auth,
+                        auth: p.auth,
                     },
                 );
             }
         }
     }
 
+    /// Brings the node's image record up to date and removes images no app needs any more.
+    pub async fn keep_images(&mut self) {
+        let now = crate::clock::now();
+        let apps = crate::state::records::apps(&self.h.store);
+        let histories = crate::state::records::histories(&self.h.store);
+        let specs: Vec<&AppSpec> = apps
+            .iter()
+            .map(|a| &a.spec)
+            .chain(histories.values().flatten().map(|p| &p.spec))
+            .collect();
+        self.images.collect(&self.rt, &specs, now).await;
+        self.images.publish(&self.rt, &self.h, now).await;
+    }
+
+    /// Where the cluster's records say `reference` is.
+    fn locate(&self, reference: &str) -> Option<Located> {
+        let members = &self.members;
+        let held = crate::state::records::held_images(&self.h.store);
+        let addrs = crate::state::records::nodes(&self.h.store)
+            .into_iter()
+            .map(|n| (n.id, n.addr))
+            .collect();
+        super::distribute::locate(reference, &held, &addrs, &self.me, |n| {
+            members.iter().any(|(m, s)| m == n && s.is_live())
+        })
+    }
+
     async fn start(&mut self, now: Instant, d: &Desired) -> Task {
         let mut t = self.task(&d.app, d.replica, &d.version, &d.spec.image);
         t.port = d.spec.port;
+        let mut spec = std::borrow::Cow::Borrowed(&d.spec);
         match self.rt.has_image(&d.spec.image).await {
             Ok(true) => {}
             Ok(false) => {
-                t.state = TaskState::Pending;
-                t.reason = self.pull(now, d);
-                return t;
+                let located = self.locate(&d.spec.image);
+                let here = match &located {
+                    Some(l) => self.rt.has_image(&l.id).await.unwrap_or(false),
+                    None => false,
+                };
+                match located {
+                    // Fetched from a peer in place of a registry digest: run by id.
+                    Some(l) if here => spec.to_mut().image = l.id,
+                    located => {
+                        t.state = TaskState::Pending;
+                        t.reason = self.pull(now, d, located);
+                        return t;
+                    }
+                }
             }
             Err(e) => {
                 t.state = TaskState::Pending;
@@ -803,7 +920,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 return t;
             }
         }
-        let started = self.rt.start(&d.spec).await;
+        let started = self.rt.start(&spec).await;
         let r = self.restarts_of(d);
         match started {
             Ok(id) => {
@@ -941,7 +1058,7 @@ impl Firewall {
 pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
     rt: R,
     h: Handle,
-    every: Duration,
+    options: Options,
     shutdown: CancellationToken,
 ) {
     use futures_util::StreamExt;
@@ -949,9 +1066,9 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
     let mut members = h.members.clone();
     let me = h.me.id.to_string();
     let cluster = h.trust.cluster.id.clone();
-    let (mut ex, mut wakes) = Executor::new(rt, h);
+    let (mut ex, mut wakes) = Executor::new(rt, h, &options);
     let mut firewall = Firewall::default();
-    let mut tick = tokio::time::interval(every);
+    let mut tick = tokio::time::interval(options.every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // Container stops as Docker reports them; (re)subscribed at a periodic pass when absent.
     let mut stops: Option<futures_util::stream::BoxStream<'static, ()>> = None;
@@ -970,6 +1087,7 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
                     stops = ex.rt.stops(&cluster).await.ok();
                 }
                 firewall.assert(&ex.rt).await;
+                ex.keep_images().await;
             }
             e = next_stop => if e.is_none() {
                 stops = None;
@@ -979,7 +1097,10 @@ pub async fn run<R: ContainerRuntime + Clone + Send + Sync + 'static>(
                 return;
             },
             p = wakes.pulls.recv() => match p {
-                Some((image, result, auth)) => ex.on_pulled(image, result, auth),
+                Some(p) => {
+                    ex.on_pulled(p);
+                    ex.keep_images().await;
+                }
                 None => continue,
             },
             r = wakes.probes.recv() => match r {

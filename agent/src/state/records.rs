@@ -284,3 +284,58 @@ pub fn drained(store: &DiskBackend) -> BTreeMap<String, DrainMark> {
     })
     .collect()
 }
+
+/// One image a node holds, content addressed: what peers fetch it by (`id`) and what it
+/// answers to (`tags`, `digests`: `repo@sha256:…` from a registry, or learned when the node
+/// fetched it from a peer in place of one).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldImage {
+    /// `sha256:<64 hex>`: the digest of the image's config, the same on every node.
+    pub id: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub digests: Vec<String>,
+    #[serde(default)]
+    pub size: u64,
+}
+
+impl HeldImage {
+    /// Whether `reference` (an id, a `repo@sha256:…` digest, or a name with a tag) names it.
+    pub fn answers_to(&self, reference: &str) -> bool {
+        self.id == reference
+            || self.digests.iter().any(|d| d == reference)
+            || self
+                .tags
+                .iter()
+                .any(|t| *t == crate::spec::tagged(reference))
+    }
+}
+
+/// `images/<id>`: the images a node holds, written by the node when they change.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImagesRecord {
+    pub images: Vec<HeldImage>,
+    /// The ids of those the node pulled or fetched itself: the ones it removes once no
+    /// version of any app needs them (an image an operator loaded stays).
+    #[serde(default)]
+    pub brought: Vec<String>,
+}
+
+/// At most this many images in one node's record (the rest are not offered to peers).
+pub const MAX_HELD_IMAGES: usize = 2000;
+
+/// What every node says it holds, by node.
+pub fn held_images(store: &DiskBackend) -> BTreeMap<String, Vec<HeldImage>> {
+    keyed::<ImagesRecord>(store, Keyspace::Images)
+        .into_iter()
+        .map(|(node, r)| (node, r.images))
+        .collect()
+}
+
+/// One node's image record.
+pub fn held_images_record(store: &DiskBackend, node: &str) -> Option<ImagesRecord> {
+    let key = crate::store::keys::images(node).ok()?;
+    let (e, _) = crate::store::replica::read_entry(store, key.as_str()).ok()??;
+    serde_json::from_slice(e.value.as_deref()?).ok()
+}

@@ -65,7 +65,8 @@ impl fmt::Display for NodeId {
 }
 
 /// The top-level partitions of the store. Observed-state keyspaces are owner-only: a key
-/// `nodes/<id>`, `tasks/<id>/...` or `metrics/<id>/...` may only be written by node `<id>`.
+/// `nodes/<id>`, `tasks/<id>/...`, `metrics/<id>/...` or `images/<id>` may only be written by
+/// node `<id>`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Keyspace {
@@ -85,10 +86,13 @@ pub enum Keyspace {
     /// complete, or failed and why.
     /// Written by the member that watched it (the app's rendezvous owner), as builds are.
     Rollouts,
+    /// The images a node holds (`images/<id>`), content addressed: where peers fetch an
+    /// image from without a registry.
+    Images,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 10] = [
+    pub const ALL: [Keyspace; 11] = [
         Keyspace::Nodes,
         Keyspace::Apps,
         Keyspace::Tasks,
@@ -99,6 +103,7 @@ impl Keyspace {
         Keyspace::Cluster,
         Keyspace::History,
         Keyspace::Rollouts,
+        Keyspace::Images,
     ];
 
     pub fn name(self) -> &'static str {
@@ -113,6 +118,7 @@ impl Keyspace {
             Keyspace::Cluster => "cluster",
             Keyspace::History => "history",
             Keyspace::Rollouts => "rollouts",
+            Keyspace::Images => "images",
         }
     }
 
@@ -122,7 +128,10 @@ impl Keyspace {
 
     /// Whether keys here describe one node and may be written only by it.
     pub fn owner_only(self) -> bool {
-        matches!(self, Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics)
+        matches!(
+            self,
+            Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics | Keyspace::Images
+        )
     }
 }
 

@@ -1,6 +1,7 @@
 //! Every key the agent writes, built in one place (ARCHITECTURE.md's state model):
 //! `nodes/<id>`, `tasks/<node>/<app>/<replica>`, `apps/<name>`, `secrets/<app>/<NAME>`,
-//! `revoked/<id>`, `cluster/join`, `cluster/drain/<id>`, `history/<app>`, `rollouts/<app>/<revision>`. Each builder validates like `Key::parse`.
+//! `revoked/<id>`, `cluster/join`, `cluster/drain/<id>`, `history/<app>`, `rollouts/<app>/<revision>`,
+//! `images/<id>`. Each builder validates like `Key::parse`.
 
 use super::{Key, Keyspace, NodeId, StoreError};
 
@@ -17,6 +18,11 @@ pub fn task(node: &str, app: &str, replica: u32) -> Result<Key, StoreError> {
 /// The prefix (within `tasks/`) of one node's task records.
 pub fn tasks_of(node: &str) -> String {
     format!("{node}/")
+}
+
+/// The images a node holds.
+pub fn images(id: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Images, &[id])
 }
 
 /// An app's spec.
@@ -72,6 +78,8 @@ mod tests {
         assert_eq!(secret("web", "K").unwrap().as_str(), "secrets/web/K");
         assert_eq!(revoked(&n).unwrap().as_str(), "revoked/n1");
         assert_eq!(history("web").unwrap().as_str(), "history/web");
+        assert_eq!(images("n1").unwrap().as_str(), "images/n1");
+        assert!(images("bad id").is_err());
         assert_eq!(drain("n1").unwrap().as_str(), "cluster/drain/n1");
         assert_eq!(
             rollout("web", "ab12").unwrap().as_str(),

@@ -53,7 +53,9 @@ impl Key {
             | Keyspace::History => Writer::Operator,
             Keyspace::Builds | Keyspace::Rollouts => Writer::Node(origin.clone()),
             // Owner-only keys: `check_write` already holds the origin to the owner.
-            Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics => Writer::Node(origin.clone()),
+            Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics | Keyspace::Images => {
+                Writer::Node(origin.clone())
+            }
         }
     }
 }
