@@ -180,8 +180,8 @@ pub fn two_nodes(root: &std::path::Path) -> Vec<Agent> {
     nodes
 }
 
-/// A Docker engine of its own beside the host's: own data root, exec root, socket and
-/// containerd namespace, no default bridge and no iptables rules (its app networks are plain
+/// A Docker engine of its own beside the host's: own data root, exec root, socket,
+/// containerd namespace and default bridge, no iptables rules (its app networks are plain
 /// bridges with their own address pool). What it holds is what a node on it holds: an agent
 /// given its socket (`[docker] socket`) has none of the host engine's images. Stopped, its
 /// containers removed and its data deleted when dropped.
@@ -190,6 +190,8 @@ pub struct Engine {
     dir: tempfile::TempDir,
     /// Its API socket.
     pub socket: PathBuf,
+    /// Its default bridge, made for it.
+    bridge: String,
 }
 
 impl Engine {
@@ -206,6 +208,20 @@ impl Engine {
         let socket = d.join("sock");
         let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
         let ns = format!("shoal-e2e-{n}-{}", std::process::id());
+        let bridge = format!("e2e-dk{n}");
+        let ip = |args: &[&str]| {
+            let _ = Command::new("ip").args(args).output();
+        };
+        ip(&["link", "del", &bridge]);
+        crate::run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
+        ip(&[
+            "addr",
+            "add",
+            &format!("10.{}.255.1/24", 200 + n),
+            "dev",
+            &bridge,
+        ]);
+        ip(&["link", "set", &bridge, "up"]);
         let child = Command::new("dockerd")
             .arg("--config-file")
             .arg(d.join("daemon.json"))
@@ -217,7 +233,8 @@ impl Engine {
             .arg(d.join("pid"))
             .arg("-H")
             .arg(format!("unix://{}", socket.display()))
-            .args(["--bridge", "none", "--iptables=false", "--ip6tables=false"])
+            // A default bridge of its own: with none, dockerd deletes the host's docker0.
+            .args(["--bridge", &bridge, "--iptables=false", "--ip6tables=false"])
             .args(["--default-address-pool"])
             .arg(format!("base=10.{}.0.0/16,size=24", 200 + n))
             .args(["--containerd", "/run/containerd/containerd.sock"])
@@ -227,7 +244,12 @@ impl Engine {
             .stderr(log)
             .spawn()
             .expect("dockerd (Debian's docker.io)");
-        let e = Engine { child, dir, socket };
+        let e = Engine {
+            child,
+            dir,
+            socket,
+            bridge,
+        };
         crate::wait_for(Duration::from_secs(60), "a second dockerd", || {
             e.try_docker(&["info"]).ok()
         });
@@ -288,11 +310,21 @@ impl Drop for Engine {
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::time::Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
+                self.remove_bridge();
                 return;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        self.remove_bridge();
+    }
+}
+
+impl Engine {
+    fn remove_bridge(&self) {
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .output();
     }
 }

@@ -312,13 +312,29 @@ impl Docker {
             }))
             .await
             .map_err(refused("list containers"))?;
-        Ok(running
+        // Containers run by id (a pinned revision) use every name that points at that id.
+        let tags: HashMap<String, Vec<String>> = c
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(refused("list images"))?
             .into_iter()
-            .filter_map(|s| {
-                let app = s.labels.as_ref()?.get(LABEL_APP)?.clone();
-                Some((super::images::full_name(&s.image?), (s.image_id?, app)))
-            })
-            .collect())
+            .map(|i| (i.id, i.repo_tags))
+            .collect();
+        let mut out = HashMap::new();
+        for s in running {
+            let (Some(app), Some(id)) = (
+                s.labels.as_ref().and_then(|l| l.get(LABEL_APP)).cloned(),
+                s.image_id,
+            ) else {
+                continue;
+            };
+            let mut names: Vec<String> = tags.get(&id).cloned().unwrap_or_default();
+            names.extend(s.image.filter(|i| !crate::spec::is_image_id(i)));
+            for n in names.into_iter().filter(|n| !n.starts_with("<none>")) {
+                out.insert(super::images::full_name(&n), (id.clone(), app.clone()));
+            }
+        }
+        Ok(out)
     }
 
     /// The id `name` points at now, if it names an image.
