@@ -126,11 +126,11 @@ impl PeerClient {
         });
     }
 
-    /// Asks whoever listens at `addr` who it is.
-    pub async fn identity(&self, addr: &str) -> Result<Member, PeerError> {
-        let req = Request::get(format!("https://{addr}{IDENTITY_PATH}"))
+    /// A GET whose answer (headers) comes within `SEND_TIMEOUT` and says success.
+    async fn get(&self, url: &str) -> Result<hyper::Response<hyper::body::Incoming>, PeerError> {
+        let req = Request::get(url)
             .body(Full::new(Bytes::new()))
-            .map_err(|e| PeerError::BadIdentity(e.to_string()))?;
+            .map_err(|e| PeerError::Request(e.to_string()))?;
         let resp = tokio::time::timeout(SEND_TIMEOUT, self.client.request(req))
             .await
             .map_err(|_| PeerError::Timeout)?
@@ -138,6 +138,12 @@ impl PeerClient {
         if !resp.status().is_success() {
             return Err(PeerError::Status(resp.status()));
         }
+        Ok(resp)
+    }
+
+    /// Asks whoever listens at `addr` who it is.
+    pub async fn identity(&self, addr: &str) -> Result<Member, PeerError> {
+        let resp = self.get(&format!("https://{addr}{IDENTITY_PATH}")).await?;
         let body = Limited::new(resp.into_body(), 64 * 1024)
             .collect()
             .await
@@ -155,16 +161,9 @@ impl PeerClient {
     /// caller checks what it got: content addressed).
     pub async fn image(&self, addr: &str, id: &str) -> Result<ImageStream, PeerError> {
         use futures_util::StreamExt;
-        let req = Request::get(format!("https://{addr}{IMAGES_PATH}{id}"))
-            .body(Full::new(Bytes::new()))
-            .map_err(|e| PeerError::Request(e.to_string()))?;
-        let resp = tokio::time::timeout(SEND_TIMEOUT, self.client.request(req))
-            .await
-            .map_err(|_| PeerError::Timeout)?
-            .map_err(|e| PeerError::Request(crate::error_chain(&e)))?;
-        if !resp.status().is_success() {
-            return Err(PeerError::Status(resp.status()));
-        }
+        let resp = self
+            .get(&format!("https://{addr}{IMAGES_PATH}{id}"))
+            .await?;
         Ok(http_body_util::BodyStream::new(resp.into_body())
             .filter_map(|f| async move {
                 match f {

@@ -78,10 +78,13 @@ fn all_ready(a: &Agent, app: &str, revision: &str, n: usize) -> BTreeSet<String>
 }
 
 /// The running containers of `app` and whether each answers its readiness path now (one
-/// removed meanwhile does not answer).
+/// removed meanwhile does not answer). Oldest first (`docker ps` lists newest first): an old
+/// replica removed before it is asked was replaced by a newer one that was ready then, and is
+/// asked after it, so the count is never short by a replica the probe order missed.
 fn serving(cluster: &str, app: &str) -> Vec<(String, bool)> {
     containers(cluster, app, false)
         .into_iter()
+        .rev()
         .map(|id| {
             let out = std::process::Command::new("docker")
                 .args([
@@ -299,14 +302,14 @@ memory = "16Mi"
             tasks(&a, "job").into_iter().find(|t| want(t))
         })
     };
-    let t = task(&|t| t["state"] == "starting");
-    assert!(
-        t["reason"]
-            .as_str()
-            .unwrap()
-            .starts_with("waiting until ready"),
-        "{t}"
-    );
+    // Started, then probed: not ready while the file is missing.
+    let t = task(&|t| {
+        t["state"] == "starting"
+            && t["reason"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("waiting until ready"))
+    });
+    assert_eq!(t["ready"], false, "{t}");
     let id = t["container"].as_str().unwrap().to_string();
     docker(&["exec", &id, "touch", "/tmp/ok"]);
     task(&|t| t["state"] == "running" && t["ready"] == true);
