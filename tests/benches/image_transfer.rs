@@ -99,14 +99,16 @@ fn main() {
         a.spawn();
     }
     let n1 = &nodes[0];
-    until("three members and n1's image record", || {
-        n1.alive_members() == 2
-            && n1.list("/v1/nodes").iter().any(|n| {
-                n["id"] == "n1"
-                    && n["images"]
-                        .as_array()
-                        .is_some_and(|i| i.iter().any(|i| i["id"] == id.as_str()))
-            })
+    until("three members, each with n1's image record", || {
+        nodes.iter().all(|a| {
+            a.alive_members() == 2
+                && a.list("/v1/nodes").iter().any(|n| {
+                    n["id"] == "n1"
+                        && n["images"]
+                            .as_array()
+                            .is_some_and(|i| i.iter().any(|i| i["id"] == id.as_str()))
+                })
+        })
     });
     let holds = |e: &Engine| e.image_id(&id).is_some();
     let auth = format!("Bearer {}", n1.token);
@@ -130,6 +132,9 @@ fn main() {
             holds(&e2) && holds(&e3)
         });
         ours.push(t0.elapsed().as_secs_f64());
+        if std::env::var("SHOAL_BENCH_VERBOSE").is_ok() {
+            println!("run {i}: shoal {:.2} s", ours[i]);
+        }
         let r = n1
             .api(
                 "DELETE",
@@ -169,5 +174,16 @@ fn main() {
         "  throughput ratio shoal / docker           {:>6.2}x",
         t / o
     );
+    if std::env::var("SHOAL_BENCH_VERBOSE").is_ok() {
+        for a in &nodes[1..] {
+            for l in a
+                .log()
+                .lines()
+                .filter(|l| l.contains("bringing a missing image") || l.contains("image fetched"))
+            {
+                println!("{}: {l}", a.id);
+            }
+        }
+    }
     let _ = run(Command::new("docker").args(["rmi", BIG]));
 }

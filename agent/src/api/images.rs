@@ -10,6 +10,9 @@ use serde_json::json as j;
 
 pub use crate::peer::IMAGES_PATH as PEER_PATH;
 
+/// Bytes sent on in one piece (Docker's stream comes in pieces of a few KiB).
+const COALESCE: usize = 256 * 1024;
+
 /// Image transfers to peers at once: each reads a whole image from disk.
 pub const MAX_EXPORTS: usize = 4;
 
@@ -49,7 +52,7 @@ pub async fn serve(id: &str, peer: &str, api: &Api) -> Response<Body> {
     // Read on a task of its own (the runtime's stream is not `Sync`); the place is held
     // until the last byte is sent or the peer goes away.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, String>>(8);
-    let mut archive = archive;
+    let mut archive = crate::executor::images::coalesce(archive, COALESCE);
     tokio::spawn(async move {
         let _place = place;
         while let Some(chunk) = archive.next().await {

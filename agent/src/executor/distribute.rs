@@ -120,6 +120,8 @@ pub async fn fetch<R: ContainerRuntime>(
                 continue;
             }
         };
+        // HTTP/2 delivers 16 KiB frames; Docker takes its upload better in larger pieces.
+        let archive = super::images::coalesce(archive, 256 * 1024);
         match super::images::load_checked(rt, cluster, None, archive).await {
             Ok(_) => {}
             Err(e) => {

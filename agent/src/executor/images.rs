@@ -125,3 +125,59 @@ pub async fn load_checked(
     }
     Ok((loaded, seen.load(Ordering::Relaxed)))
 }
+
+/// `archive` in chunks of at least `min` bytes (the last may be smaller): a stream read off a
+/// socket comes in pieces of a few KiB, and every piece costs a frame or a chunk downstream.
+pub fn coalesce(archive: Archive, min: usize) -> Archive {
+    use bytes::BytesMut;
+    futures_util::stream::unfold((archive, false), move |(mut archive, done)| async move {
+        if done {
+            return None;
+        }
+        let mut buf = BytesMut::new();
+        loop {
+            match archive.next().await {
+                Some(Ok(d)) => {
+                    buf.extend_from_slice(&d);
+                    if buf.len() >= min {
+                        return Some((Ok(buf.freeze()), (archive, false)));
+                    }
+                }
+                Some(Err(e)) => return Some((Err(e), (archive, true))),
+                None if buf.is_empty() => return None,
+                None => return Some((Ok(buf.freeze()), (archive, true))),
+            }
+        }
+    })
+    .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn coalesced_chunks_keep_every_byte_in_order() {
+        let pieces: Vec<Result<Bytes, BoxError>> =
+            (0u8..10).map(|i| Ok(Bytes::from(vec![i; 3]))).collect();
+        let out: Vec<Bytes> = coalesce(futures_util::stream::iter(pieces).boxed(), 7)
+            .map(|c| c.unwrap())
+            .collect()
+            .await;
+        assert_eq!(
+            out.iter().map(|c| c.len()).collect::<Vec<_>>(),
+            [9, 9, 9, 3]
+        );
+        let all: Vec<u8> = out.concat();
+        let want: Vec<u8> = (0u8..10).flat_map(|i| [i; 3]).collect();
+        assert_eq!(all, want);
+        // An error ends the stream after it.
+        let failing: Vec<Result<Bytes, BoxError>> =
+            vec![Ok(Bytes::from_static(b"ab")), Err("cut".into())];
+        let out: Vec<_> = coalesce(futures_util::stream::iter(failing).boxed(), 7)
+            .collect()
+            .await;
+        assert_eq!(out.len(), 1);
+        assert!(out[0].is_err());
+    }
+}

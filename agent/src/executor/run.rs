@@ -125,11 +125,13 @@ pub struct Executor<R> {
 /// A pull of a missing image.
 enum Pull {
     Running,
-    /// With the login it was tried with: a new login is tried at once.
+    /// With the login and the peers it was tried with: a new login, or peers that now hold
+    /// it, are tried at once.
     Failed {
         why: String,
         at: Instant,
         auth: Option<super::RegistryAuth>,
+        holders: Vec<String>,
     },
 }
 
@@ -155,6 +157,16 @@ pub struct Pulled {
     pub result: Result<String, String>,
     /// The login it used.
     pub auth: Option<super::RegistryAuth>,
+    /// The peers it could fetch from.
+    pub holders: Vec<String>,
+}
+
+/// The peers a located image can be fetched from, by id.
+fn holder_ids(located: &Option<Located>) -> Vec<String> {
+    located
+        .iter()
+        .flat_map(|l| l.holders.iter().map(|(n, _)| n.clone()))
+        .collect()
 }
 
 /// How the executor runs, besides its runtime and the node.
@@ -776,8 +788,15 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         let image = d.spec.image.clone();
         match self.pulls.get(&image) {
             Some(Pull::Running) => return format!("pulling image {image}"),
-            Some(Pull::Failed { why, at, auth })
-                if now.duration_since(*at) < PULL_RETRY && *auth == d.pull_auth =>
+            // Tried again at once with a new login, or when peers now hold it.
+            Some(Pull::Failed {
+                why,
+                at,
+                auth,
+                holders,
+            }) if now.duration_since(*at) < PULL_RETRY
+                && *auth == d.pull_auth
+                && *holders == holder_ids(&located) =>
             {
                 return format!(
                     "image {image} is not on this node and cannot be pulled ({why}): load it with POST /v1/images, or fix the reference or the registry login"
@@ -786,6 +805,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             _ => {}
         }
         self.pulls.insert(image.clone(), Pull::Running);
+        let holders = holder_ids(&located);
         let (rt, done, auth) = (self.rt.clone(), self.pulled.clone(), d.pull_auth.clone());
         let peers = self.images.peers.clone();
         let cluster = self.cluster.clone();
@@ -837,6 +857,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                     image,
                     result,
                     auth,
+                    holders,
                 })
                 .await;
         });
@@ -859,6 +880,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                         why,
                         at: crate::clock::now(),
                         auth: p.auth,
+                        holders: p.holders,
                     },
                 );
             }
@@ -1002,6 +1024,8 @@ fn relevant(c: &Change, me: &str) -> bool {
         | Keyspace::History
         | Keyspace::Rollouts
         | Keyspace::Cluster => true,
+        // Peers' image records: an image a replica waits for may now be fetched.
+        Keyspace::Images => k.owner() != Some(me),
         // Other nodes' tasks move placements (a replica running elsewhere stays there).
         Keyspace::Tasks => k.owner() != Some(me),
         _ => false,
