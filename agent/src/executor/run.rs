@@ -15,7 +15,7 @@ use crate::state::records::Outcome;
 use crate::state::Handle;
 use crate::store::replica::{read_entry, scan_keyspace};
 use crate::store::{keys, Bytes, Change, Keyspace};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
@@ -611,7 +611,14 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 }
             }
         }
-        self.record(tasks).await;
+        // A job that ended is placed nowhere; its records stay, saying how it ended.
+        let finished: BTreeSet<(String, String)> = view
+            .apps
+            .iter()
+            .filter(|a| view.finished_job(a))
+            .map(|a| (a.spec.name.clone(), a.revision.clone()))
+            .collect();
+        self.record(tasks, &finished).await;
     }
 
     async fn act(
@@ -966,8 +973,13 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         t
     }
 
-    /// Writes the tasks that changed and deletes the records of tasks no longer here.
-    async fn record(&mut self, mut tasks: BTreeMap<ReplicaId, Task>) {
+    /// Writes the tasks that changed and deletes the records of tasks no longer here (but
+    /// those of `finished` jobs: (app, revision)).
+    async fn record(
+        &mut self,
+        mut tasks: BTreeMap<ReplicaId, Task>,
+        finished: &BTreeSet<(String, String)>,
+    ) {
         let mut ops = Vec::new();
         let mine = scan_keyspace(
             &self.h.store,
@@ -981,7 +993,10 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 .value
                 .as_deref()
                 .and_then(|v| serde_json::from_slice::<Task>(v).ok())
-                .is_none_or(|t| !tasks.contains_key(&(t.app, t.replica)));
+                .is_none_or(|t| {
+                    !tasks.contains_key(&(t.app.clone(), t.replica))
+                        && !finished.contains(&(t.app, t.version))
+                });
             if stale {
                 ops.push((e.key, None));
             }

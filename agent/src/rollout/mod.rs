@@ -141,6 +141,13 @@ impl View {
             .filter(|o| o.record == app.record)
     }
 
+    /// Whether an app is a job whose current revision has ended (recorded by its owner):
+    /// it is placed nowhere any more, so no node runs it again, even once the nodes that ran
+    /// it are gone.
+    pub fn finished_job(&self, app: &AppRecord) -> bool {
+        app.spec.is_job() && self.outcome(app).is_some()
+    }
+
     /// Whether a revision of an app is known to have failed its last rollout.
     fn failed(&self, app: &str, revision: &str) -> bool {
         self.outcomes
@@ -163,7 +170,8 @@ impl View {
         let failed = self
             .outcome(app)
             .is_some_and(|o| o.outcome == Outcome::Failed);
-        if failed && app.spec.update_policy().rollback {
+        // A job that failed stays failed: running an earlier one instead is no rollback.
+        if failed && app.spec.update_policy().rollback && !app.spec.is_job() {
             if let Some(p) = self.rollback_target(app) {
                 return (&p.revision, &p.spec, true);
             }
@@ -242,6 +250,7 @@ impl View {
         let apps: Vec<crate::scheduler::App> = self
             .apps
             .iter()
+            .filter(|a| !self.finished_job(a))
             .map(|a| crate::scheduler::App {
                 name: &a.spec.name,
                 spec: &a.spec,
@@ -392,7 +401,7 @@ impl View {
         now_ms: u64,
         by: &str,
     ) -> Option<RolloutRecord> {
-        if self.outcome(app).is_some() || app.spec.is_job() {
+        if self.outcome(app).is_some() {
             return None;
         }
         let placed: Vec<(u32, &str)> = placed
@@ -410,6 +419,15 @@ impl View {
             at_ms: now_ms,
             by: by.to_string(),
         };
+        if app.spec.is_job() {
+            // Ended once every replica completed, or one failed with no retries left.
+            let status = self.job_status(app, &placed);
+            return match status.state {
+                AppState::Completed => Some(record(Outcome::Complete, status.message)),
+                AppState::Failed => Some(record(Outcome::Failed, status.message)),
+                _ => None,
+            };
+        }
         let mut all_ready = !placed.is_empty() || app.spec.replicas() == 0;
         for (replica, node) in &placed {
             let t = self.task(&app.spec.name, *replica, node);
@@ -459,7 +477,13 @@ impl View {
     /// An app's state: its target, how many of its slots run it ready, and the rollout's.
     pub fn status(&self, app: &AppRecord, placed: &Placed) -> AppStatus {
         if app.spec.is_job() {
-            return self.job_status(app, placed);
+            let placed: Vec<(u32, &str)> = placed
+                .placements
+                .iter()
+                .filter(|p| p.app == app.spec.name)
+                .map(|p| (p.replica, p.node.as_str()))
+                .collect();
+            return self.job_status(app, &placed);
         }
         let (target, _, rolling_back) = self.target(app);
         let unplaced: Vec<&crate::scheduler::Unplaced> = placed
@@ -524,14 +548,31 @@ impl View {
 
 impl View {
     /// A job's state: running until every replica completed, failed once one has no retries
-    /// left.
-    fn job_status(&self, app: &AppRecord, placed: &Placed) -> AppStatus {
+    /// left; once its owner recorded the end, that record (the replicas are placed nowhere
+    /// any more, and their nodes may be gone).
+    fn job_status(&self, app: &AppRecord, placed: &[(u32, &str)]) -> AppStatus {
+        let status = |state, message: String, ready| AppStatus {
+            state,
+            message,
+            revision: app.revision.clone(),
+            latest: app.revision.clone(),
+            ready,
+            replicas: app.spec.replicas(),
+        };
+        if let Some(o) = self.outcome(app) {
+            return match o.outcome {
+                Outcome::Complete => {
+                    status(AppState::Completed, o.reason.clone(), app.spec.replicas())
+                }
+                Outcome::Failed => status(AppState::Failed, o.reason.clone(), 0),
+            };
+        }
         let mut replicas = 0;
         let mut completed = 0;
         let mut failed = None;
-        for p in placed.placements.iter().filter(|p| p.app == app.spec.name) {
+        for (replica, node) in placed {
             replicas += 1;
-            let t = self.task(&p.app, p.replica, &p.node);
+            let t = self.task(&app.spec.name, *replica, node);
             let t = t.filter(|t| t.version == app.revision);
             match t.map(|t| t.state) {
                 Some(TaskState::Completed) => completed += 1,
@@ -557,12 +598,8 @@ impl View {
             ),
         };
         AppStatus {
-            state,
-            message,
-            revision: app.revision.clone(),
-            latest: app.revision.clone(),
-            ready: completed,
             replicas,
+            ..status(state, message, completed)
         }
     }
 }

@@ -334,3 +334,64 @@ fn a_rollback_skips_revisions_that_failed() {
         .insert(("web".into(), b.clone()), failed(&b, "r2"));
     assert_eq!(v.target(&v.apps[0]).0, a);
 }
+
+#[test]
+fn a_job_that_ended_is_recorded_placed_nowhere_and_never_rolled_back() {
+    let job = |extra: &str| {
+        AppSpec::parse(&format!(
+            "name = \"web\"\nkind = \"job\"\n[source]\nimage = \"b\"\n[scale]\nreplicas = 2\n{extra}"
+        ))
+        .unwrap()
+    };
+    let earlier = job("[job]\nretries = 1\n");
+    let spec = job("");
+    let mut v = View {
+        history: BTreeMap::from([(
+            "web".to_string(),
+            vec![Previous {
+                revision: earlier.revision(),
+                spec: earlier,
+                replaced_ms: 1,
+            }],
+        )]),
+        apps: vec![AppRecord::new(spec, "r2".into())],
+        nodes: NODES.iter().map(|n| (n.to_string(), node(n))).collect(),
+        ..View::default()
+    };
+    let app = v.apps[0].clone();
+    let r = app.revision.clone();
+    assert_eq!(v.place().placements.len(), 2);
+    set(&mut v, 0, &r, TaskState::Completed, false);
+    assert_eq!(
+        v.judge(&app, &v.place(), 2000, "n1"),
+        None,
+        "one still runs"
+    );
+    set(&mut v, 1, &r, TaskState::Completed, false);
+    let done = v.judge(&app, &v.place(), 2000, "n1").unwrap();
+    assert_eq!(done.outcome, Outcome::Complete);
+    v.outcomes.insert(("web".into(), r.clone()), done);
+    // Ended: placed nowhere, so no node runs it again, even with the nodes that ran it gone.
+    assert!(v.place().placements.is_empty());
+    v.tasks.clear();
+    v.nodes.retain(|id, _| id == "n3");
+    let s = v.status(&app, &v.place());
+    assert_eq!((s.state, s.ready, s.replicas), (AppState::Completed, 2, 2));
+    assert!(v.place().placements.is_empty());
+
+    // A job that failed is recorded failed and stays so: no earlier revision is run instead.
+    let mut v = View {
+        outcomes: BTreeMap::new(),
+        nodes: NODES.iter().map(|n| (n.to_string(), node(n))).collect(),
+        ..v
+    };
+    set(&mut v, 0, &r, TaskState::Failed, false);
+    v.tasks[0].reason = "exited with code 3 after 1 runs: no retries left".into();
+    let failed = v.judge(&app, &v.place(), 2000, "n1").unwrap();
+    assert_eq!(failed.outcome, Outcome::Failed);
+    assert!(failed.reason.contains("no retries left"), "{failed:?}");
+    v.outcomes.insert(("web".into(), r.clone()), failed);
+    assert_eq!(v.target(&app).0, r.as_str());
+    assert_eq!(v.status(&app, &v.place()).state, AppState::Failed);
+    assert!(v.place().placements.is_empty());
+}
