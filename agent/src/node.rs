@@ -98,6 +98,10 @@ impl<B: Backend> Node<B> {
         seed: u64,
         peers: Peers,
     ) -> Node<B> {
+        let replica = match cfg.sync.departed_ms {
+            0 => replica,
+            lease => replica.with_lease(lease),
+        };
         let mut node = Node {
             sync: SyncEngine::new(me.clone(), cfg.sync.clone()),
             me,
@@ -339,8 +343,24 @@ impl<B: Backend> Node<B> {
                     Timer::Gc,
                 ));
                 r?;
+                self.renew_leases(now_ms, out)?;
             }
         }
+        Ok(())
+    }
+
+    /// Owner-only records as leases (`SyncConfig::departed_ms`): this node's own are written
+    /// again before they age, departed nodes' are dropped (and watchers told).
+    fn renew_leases(&mut self, now_ms: u64, out: &mut Vec<Effect>) -> Result<(), StoreError> {
+        const PER_TICK: usize = 4096;
+        let renewed = self.replica.refresh_own(now_ms, PER_TICK)?;
+        if !renewed.is_empty() {
+            // Published only once durable, like every write.
+            self.replica.flush()?;
+            self.publish(renewed, out);
+        }
+        let gone = self.replica.expire_departed(now_ms, PER_TICK)?;
+        out.extend(gone.into_iter().map(Effect::Changed));
         Ok(())
     }
 

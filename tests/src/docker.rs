@@ -182,47 +182,95 @@ pub fn two_nodes(root: &std::path::Path) -> Vec<Agent> {
 
 /// A Docker engine of its own beside the host's: own data root, exec root, socket,
 /// containerd namespace and default bridge, no iptables rules (its app networks are plain
-/// bridges with their own address pool). What it holds is what a node on it holds: an agent
-/// given its socket (`[docker] socket`) has none of the host engine's images. Stopped, its
+/// bridges with their own address pool, `10.(200+n).0.0/16`). What it holds is what a node on
+/// it holds: an agent given its socket (`[docker] socket`) has none of the host engine's
+/// images. Started in a host's network namespace, it is that host's engine: its bridges and
+/// containers are there, reached from the test through the host (`Lan::route`). Stopped, its
 /// containers removed and its data deleted when dropped.
 pub struct Engine {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     dir: tempfile::TempDir,
     /// Its API socket.
     pub socket: PathBuf,
     /// Its default bridge, made for it.
     bridge: String,
+    /// The network namespace it runs in, if not the test's.
+    netns: Option<String>,
+    /// Its containerd namespace (on the host's containerd).
+    containerd_ns: String,
+    /// The address pool of its app networks.
+    pub pool: String,
 }
 
 impl Engine {
     /// `n` picks the engine's containerd namespace and address pool (one per engine at a
     /// time).
     pub fn start(n: u8) -> Engine {
+        Engine::launch(n, None)
+    }
+
+    /// An engine in `host`'s network namespace, trusting plain-HTTP registries on the LAN
+    /// (`10.213.0.0/16`, where the test's end of the LAN is).
+    pub fn start_in(n: u8, host: &crate::netns::Host) -> Engine {
+        Engine::launch(n, Some(host.ns.clone()))
+    }
+
+    fn launch(n: u8, netns: Option<String>) -> Engine {
         // Short: the exec root holds unix sockets (108 bytes at most).
         let dir = tempfile::Builder::new()
             .prefix("e2e-dk")
             .tempdir_in("/tmp")
             .unwrap();
         let d = dir.path();
-        std::fs::write(d.join("daemon.json"), "{}").unwrap();
+        let config = if netns.is_some() {
+            r#"{"insecure-registries": ["10.213.0.0/16"]}"#
+        } else {
+            "{}"
+        };
+        std::fs::write(d.join("daemon.json"), config).unwrap();
         let socket = d.join("sock");
         let log = std::fs::File::create(d.join("dockerd.log")).unwrap();
-        let ns = format!("shoal-e2e-{n}-{}", std::process::id());
+        let containerd_ns = format!("shoal-e2e-{n}-{}", std::process::id());
         let bridge = format!("e2e-dk{n}");
+        let pool = format!("10.{}.0.0/16", 200 + n);
         let ip = |args: &[&str]| {
-            let _ = Command::new("ip").args(args).output();
+            let mut c = Command::new("ip");
+            if let Some(ns) = &netns {
+                c.args(["-n", ns]);
+            }
+            c.args(args).output()
         };
-        ip(&["link", "del", &bridge]);
-        crate::run(Command::new("ip").args(["link", "add", &bridge, "type", "bridge"]));
-        ip(&[
-            "addr",
-            "add",
-            &format!("10.{}.255.1/24", 200 + n),
-            "dev",
-            &bridge,
-        ]);
-        ip(&["link", "set", &bridge, "up"]);
-        let child = Command::new("dockerd")
+        let _ = ip(&["link", "del", &bridge]);
+        for args in [
+            vec!["link", "add", &bridge, "type", "bridge"],
+            vec![
+                "addr",
+                "add",
+                &format!("10.{}.255.1/24", 200 + n),
+                "dev",
+                &bridge,
+            ],
+            vec!["link", "set", &bridge, "up"],
+        ] {
+            let out = ip(&args).expect("running ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // Only the network namespace changes (nsenter --net, not `ip netns exec`): with a
+        // mount namespace of its own, the layers dockerd mounts would not be seen by the
+        // host's containerd, which starts the containers.
+        let mut cmd = match &netns {
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).arg("dockerd");
+                c
+            }
+            None => Command::new("dockerd"),
+        };
+        let child = cmd
             .arg("--config-file")
             .arg(d.join("daemon.json"))
             .arg("--data-root")
@@ -236,19 +284,25 @@ impl Engine {
             // A default bridge of its own: with none, dockerd deletes the host's docker0.
             .args(["--bridge", &bridge, "--iptables=false", "--ip6tables=false"])
             .args(["--default-address-pool"])
-            .arg(format!("base=10.{}.0.0/16,size=24", 200 + n))
+            .arg(format!("base={pool},size=24"))
             .args(["--containerd", "/run/containerd/containerd.sock"])
-            .args(["--containerd-namespace", &ns])
-            .args(["--containerd-plugins-namespace", &format!("{ns}-p")])
+            .args(["--containerd-namespace", &containerd_ns])
+            .args([
+                "--containerd-plugins-namespace",
+                &format!("{containerd_ns}-p"),
+            ])
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .spawn()
             .expect("dockerd (Debian's docker.io)");
         let e = Engine {
-            child,
+            child: Some(child),
             dir,
             socket,
             bridge,
+            netns,
+            containerd_ns,
+            pool,
         };
         crate::wait_for(Duration::from_secs(60), "a second dockerd", || {
             e.try_docker(&["info"]).ok()
@@ -256,10 +310,14 @@ impl Engine {
         e
     }
 
+    /// The arguments that point the docker CLI at this engine.
+    pub fn host_args(&self) -> [String; 2] {
+        ["-H".into(), format!("unix://{}", self.socket.display())]
+    }
+
     fn try_docker(&self, args: &[&str]) -> Result<String, String> {
         let out = Command::new("docker")
-            .arg("-H")
-            .arg(format!("unix://{}", self.socket.display()))
+            .args(self.host_args())
             .args(args)
             .output()
             .map_err(|e| e.to_string())?;
@@ -283,6 +341,27 @@ impl Engine {
             .map(|s| s.trim().to_string())
     }
 
+    /// Ids of this engine's containers of `app` in `cluster` (stopped ones too when `all`).
+    pub fn containers(&self, cluster: &str, app: &str, all: bool) -> Vec<String> {
+        let mut args = vec![
+            "ps".to_string(),
+            "-q".into(),
+            "--no-trunc".into(),
+            "--filter".into(),
+            format!("label=shoal.cluster={cluster}"),
+            "--filter".into(),
+            format!("label=shoal.app={app}"),
+        ];
+        if all {
+            args.push("-a".into());
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        match self.try_docker(&args) {
+            Ok(out) => out.lines().map(String::from).collect(),
+            Err(_) => Vec::new(),
+        }
+    }
+
     /// The `[docker]` settings of an agent on this engine.
     pub fn agent_settings(&self) -> String {
         format!(
@@ -295,6 +374,54 @@ impl Engine {
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("dockerd.log")).unwrap_or_default()
     }
+
+    /// The machine dies: dockerd and every container it started are SIGKILLed at once (the
+    /// containers through containerd, which outlives dockerd).
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for task in self.ctr(&["tasks", "ls", "-q"]).lines() {
+            self.ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", task]);
+        }
+    }
+
+    fn ctr(&self, args: &[&str]) -> String {
+        Command::new("ctr")
+            .args(["-n", &self.containerd_ns])
+            .args(args)
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn remove_bridge(&self) {
+        let mut c = Command::new("ip");
+        if let Some(ns) = &self.netns {
+            c.args(["-n", ns]);
+        }
+        let _ = c.args(["link", "del", &self.bridge]).output();
+    }
+
+    /// What a killed engine leaves in containerd: its dead tasks and its containers.
+    fn remove_leftovers(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let tasks = self.ctr(&["tasks", "ls", "-q"]);
+            if tasks.trim().is_empty() || std::time::Instant::now() > deadline {
+                break;
+            }
+            for task in tasks.lines() {
+                self.ctr(&["tasks", "kill", "-a", "-s", "SIGKILL", task]);
+                self.ctr(&["tasks", "rm", "-f", task]);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for c in self.ctr(&["containers", "ls", "-q"]).lines() {
+            self.ctr(&["containers", "rm", c]);
+        }
+    }
 }
 
 impl Drop for Engine {
@@ -304,27 +431,28 @@ impl Drop for Engine {
                 let _ = self.try_docker(&["rm", "-f", id]);
             }
         }
-        let _ = Command::new("kill")
-            .arg(self.child.id().to_string())
-            .status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                self.remove_bridge();
-                return;
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while std::time::Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            let _ = child.kill();
+            let _ = child.wait();
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.remove_leftovers();
         self.remove_bridge();
-    }
-}
-
-impl Engine {
-    fn remove_bridge(&self) {
-        let _ = Command::new("ip")
-            .args(["link", "del", &self.bridge])
+        // Mounts a killed dockerd left (its exec root's network namespaces, layers) keep
+        // the directory from being deleted.
+        let _ = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "grep -o ' {0}[^ ]*' /proc/self/mountinfo | sort -r | xargs -r -n1 umount -l",
+                self.dir.path().display()
+            ))
             .output();
     }
 }

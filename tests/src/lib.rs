@@ -12,6 +12,7 @@ pub mod http;
 pub mod images;
 pub mod netns;
 pub mod pid1;
+pub mod registry;
 
 pub use agent::*;
 pub use bins::*;

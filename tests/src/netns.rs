@@ -155,6 +155,26 @@ impl Lan {
         self.hosts.last().unwrap()
     }
 
+    /// Routes `cidr` from the test's namespace through host `i` (its containers' networks),
+    /// and lets that host forward. Gone with the LAN.
+    pub fn route(&self, cidr: &str, i: usize) {
+        let h = &self.hosts[i];
+        ip(&["route", "replace", cidr, "via", &h.ip, "dev", &self.root_if]);
+        ip(&[
+            "netns",
+            "exec",
+            &h.ns,
+            "sysctl",
+            "-qw",
+            "net.ipv4.ip_forward=1",
+        ]);
+    }
+
+    /// The test's own address on the LAN.
+    pub fn gateway(&self) -> String {
+        format!("{}.1", self.subnet)
+    }
+
     /// Cuts host `i` off the switch (its own interface stays up, as when a cable is pulled
     /// at the far end of a switch port that still carries link).
     pub fn partition(&self, i: usize) {

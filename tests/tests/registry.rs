@@ -4,99 +4,10 @@
 //! retried in a loop.
 
 use shoal_e2e::docker::*;
-use shoal_e2e::{busybox_image, free_port, run, wait_for, Agent, BUSYBOX};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
-use std::time::Duration;
-
-/// A `docker-registry` process on a loopback port, with a login when asked.
-struct Registry {
-    child: Child,
-    port: u16,
-    dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start(login: Option<(&str, &str)>) -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let auth = match login {
-            Some((user, password)) => {
-                // bcrypt, the only hash the registry takes, from the system's crypt(3).
-                let hash = run(Command::new("/usr/bin/python3").args([
-                    "-W",
-                    "ignore",
-                    "-c",
-                    "import crypt,sys; print(crypt.crypt(sys.argv[1], crypt.mksalt(crypt.METHOD_BLOWFISH)))",
-                    password,
-                ]));
-                let file = dir.path().join("htpasswd");
-                std::fs::write(&file, format!("{user}:{}\n", hash.trim())).unwrap();
-                format!(
-                    "auth:\n  htpasswd:\n    realm: e2e\n    path: {}\n",
-                    file.display()
-                )
-            }
-            None => String::new(),
-        };
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n{auth}",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry (Debian's docker-registry package)");
-        wait_for(Duration::from_secs(20), "the registry", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).ok()
-        });
-        Registry { child, port, dir }
-    }
-
-    /// Pushes the test image as `e2e/busybox:TAG` and removes the local name, so a node must
-    /// pull it; the reference.
-    fn push_busybox(&self, tag: &str, login: Option<(&str, &str)>) -> String {
-        busybox_image();
-        let reference = format!("127.0.0.1:{}/e2e/busybox:{tag}", self.port);
-        // A client configuration of its own: the host's stays as it was.
-        let config: PathBuf = self.dir.path().join("client");
-        let docker = |args: &[&str]| {
-            run(Command::new("docker")
-                .env("DOCKER_CONFIG", &config)
-                .args(args))
-        };
-        if let Some((user, password)) = login {
-            docker(&[
-                "login",
-                "-u",
-                user,
-                "-p",
-                password,
-                &format!("127.0.0.1:{}", self.port),
-            ]);
-        }
-        docker(&["tag", BUSYBOX, &reference]);
-        docker(&["push", &reference]);
-        docker(&["rmi", &reference]);
-        reference
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+use shoal_e2e::registry::Registry;
+use shoal_e2e::Agent;
+use std::path::Path;
+use std::process::Command;
 
 fn app(name: &str, image: &str, credentials: Option<&str>) -> String {
     let creds = credentials
@@ -135,7 +46,7 @@ fn an_image_is_pulled_from_an_open_registry_and_from_one_behind_a_login() {
     let a = start_agent(root.path());
 
     // Open: nothing loaded here, the node pulls it.
-    let open = Registry::start(None);
+    let open = Registry::start("127.0.0.1", None);
     let image = open.push_busybox("open", None);
     let pulled_open = image.clone();
     assert!(!Command::new("docker")
@@ -150,7 +61,7 @@ fn an_image_is_pulled_from_an_open_registry_and_from_one_behind_a_login() {
 
     // Behind a login: waits for its secret, says a wrong login, runs with the right one.
     let login = ("e2e", "s3cret-pw");
-    let private = Registry::start(Some(login));
+    let private = Registry::start("127.0.0.1", Some(login));
     let image = private.push_busybox("private", Some(login));
     deploy(&a, "priv", &app("priv", &image, Some("REGISTRY_LOGIN")));
     reason(

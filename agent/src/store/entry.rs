@@ -133,6 +133,14 @@ impl Keyspace {
             Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics | Keyspace::Images
         )
     }
+
+    /// What a node observes of its own workload (tasks, metrics, images): owner-only records
+    /// held as leases, collected once their owner has departed
+    /// (`Replica::expire_departed`). Not `nodes/<id>`: it carries the certificate that
+    /// vouches for everything the node ever signed, and stays until the node is evicted.
+    pub fn leased(self) -> bool {
+        matches!(self, Keyspace::Tasks | Keyspace::Metrics | Keyspace::Images)
+    }
 }
 
 /// A validated key: `<keyspace>/<rest>`, printable ASCII, no empty segments, at most 512 bytes.

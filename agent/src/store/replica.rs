@@ -273,6 +273,8 @@ pub struct Replica<B: Backend> {
     /// Live keys per keyspace (in `Keyspace::ALL` order), kept as entries change: status
     /// reads them instead of scanning the store.
     live: [u64; Keyspace::ALL.len()],
+    /// Owner-only records are leases of this long (`with_lease`); `None`: kept forever.
+    lease_ms: Option<u64>,
 }
 
 /// Live keys per keyspace (in `Keyspace::ALL` order) and tombstones, by a full scan.
@@ -310,6 +312,8 @@ fn space_index(k: Keyspace) -> usize {
 pub struct Applied {
     pub changes: Vec<Change>,
     pub unvouched: Vec<(Key, Version, Unvouched)>,
+    /// Departed nodes' records left out (`Replica::with_lease`).
+    pub expired: usize,
 }
 
 impl Applied {
@@ -385,6 +389,24 @@ impl<B: Backend> Replica<B> {
             vouch: Box::new(TrustAll),
             reconcile_held: BTreeSet::new(),
             live,
+            lease_ms: None,
+        })
+    }
+
+    /// Makes a node's records of its workload (`Keyspace::leased`) leases of `lease_ms` (see
+    /// `expire_departed`): a peer's such record older than that is neither kept nor accepted.
+    pub fn with_lease(mut self, lease_ms: u64) -> Replica<B> {
+        self.lease_ms = Some(lease_ms.max(1));
+        self
+    }
+
+    /// Whether `e` is a departed node's record: leased, another node's, and older than
+    /// the lease (its owner would have written it again by now if it were alive).
+    fn is_expired(&self, e: &Entry, now_ms: u64) -> bool {
+        self.lease_ms.is_some_and(|lease| {
+            e.key.keyspace().leased()
+                && e.version.origin != self.node
+                && e.version.hlc.millis().saturating_add(lease) < now_ms
         })
     }
 
@@ -488,6 +510,11 @@ impl<B: Backend> Replica<B> {
         let mut staged: BTreeMap<Key, (Entry, u64)> = BTreeMap::new();
         for e in order {
             self.clock.observe(e.version.hlc);
+            // A departed node's record is not brought back by a peer that still holds it.
+            if self.is_expired(e, now_ms) {
+                applied.expired += 1;
+                continue;
+            }
             let current = match staged.get(&e.key) {
                 Some(s) => Some(s.clone()),
                 None => read_entry(&self.backend, e.key.as_str())?,
@@ -902,6 +929,90 @@ impl<B: Backend> Replica<B> {
             self.backend.apply(batch)?;
         }
         Ok(count)
+    }
+
+    /// A node's records of its workload (`tasks/`, `metrics/`, `images/`) are leases: their
+    /// owner writes each again before a quarter of the lease has passed (`refresh_own`), so
+    /// a record older than the lease is a departed node's: dead, or cut off, for that long.
+    /// Drops such records of other nodes (at most `max` per call) and returns the changes, as
+    /// deletions, for watchers. Every node applies the same rule to the same versions, and
+    /// `apply_remote` refuses them, so they do not come back; a node that returns writes its
+    /// records again, at new versions, and is back. No tombstone is written: the owner-only
+    /// rule lets no other node write one.
+    pub fn expire_departed(&mut self, now_ms: u64, max: usize) -> Result<Vec<Change>, StoreError> {
+        let Some(lease) = self.lease_ms else {
+            return Ok(Vec::new());
+        };
+        let cutoff = Hlc::from_millis(now_ms.saturating_sub(lease));
+        // Only a node this one has heard nothing from since the cutoff can have departed (a
+        // live one writes its records again well within the lease); its records are under
+        // its own id in each owner-only keyspace.
+        let departed: Vec<NodeId> = self
+            .digest
+            .watermarks
+            .iter()
+            .filter(|(o, w)| **o != self.node && **w < cutoff)
+            .map(|(o, _)| o.clone())
+            .collect();
+        let mut batch = Batch::default();
+        let mut changes = Vec::new();
+        'origins: for origin in departed {
+            for space in Keyspace::ALL.into_iter().filter(|k| k.leased()) {
+                let start = k_key(&format!("{}/{}", space.name(), origin.as_str()));
+                let mut end = start.clone();
+                end.push(0xff);
+                for (k, v) in self.backend.scan(&start, false, &end, usize::MAX)? {
+                    if changes.len() >= max {
+                        break 'origins;
+                    }
+                    let (e, seq) = decode_stored(&k[1..], &v)?;
+                    if e.key.owner() != Some(origin.as_str()) || !self.is_expired(&e, now_ms) {
+                        continue;
+                    }
+                    if !e.is_tombstone() {
+                        let i = space_index(e.key.keyspace());
+                        self.live[i] = self.live[i].saturating_sub(1);
+                    }
+                    Self::stage_removal(&mut batch, &e, seq);
+                    self.seq += 1;
+                    changes.push(Change {
+                        seq: self.seq,
+                        entry: Entry { value: None, ..e },
+                    });
+                }
+            }
+        }
+        if !batch.is_empty() {
+            batch.put(META_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
+            batch.put(META_COMPACTED.to_vec(), self.seq.to_be_bytes().to_vec());
+            self.backend.apply(batch)?;
+        }
+        Ok(changes)
+    }
+
+    /// Writes again, unchanged but at a new version, this node's own leased records older
+    /// than a quarter of the lease (at most `max` per call), so they never expire while
+    /// it lives (`expire_departed`).
+    pub fn refresh_own(&mut self, now_ms: u64, max: usize) -> Result<Vec<Written>, StoreError> {
+        let Some(lease) = self.lease_ms else {
+            return Ok(Vec::new());
+        };
+        let stale = Hlc::from_millis(now_ms.saturating_sub(lease / 4));
+        let me = self.node.clone();
+        let start = origin_prefix(P_ORIGIN, &me);
+        let end = origin_key(P_ORIGIN, &me, stale);
+        let mut due = Vec::new();
+        for (_, key) in self.backend.scan(&start, false, &end, max)? {
+            let key = std::str::from_utf8(&key).map_err(|_| corrupt("origin index"))?;
+            if let Some((e, _)) = read_entry(&self.backend, key)? {
+                if !e.is_tombstone() && e.key.keyspace().leased() {
+                    due.push(e);
+                }
+            }
+        }
+        due.into_iter()
+            .map(|e| self.write(now_ms, e.key, e.value))
+            .collect()
     }
 
     /// Counts of live entries and tombstones by a full scan (`live_counts` is kept as entries

@@ -188,6 +188,96 @@ fn deltas_cover_exactly_what_the_peer_lacks_and_respect_bounds() {
     assert!(d.entries.is_empty() && d.complete);
 }
 
+/// Brings `to` level with everything `from` holds, as anti-entropy would.
+fn sync_all(from: &Replica<MemBackend>, to: &mut Replica<MemBackend>, now_ms: u64) {
+    let d = from.delta_for(to.digest(), 10_000, 1 << 24).unwrap();
+    to.apply_remote(now_ms, &d.entries).unwrap();
+    to.advance(&d.through).unwrap();
+}
+
+#[test]
+fn a_departed_nodes_records_expire_everywhere_and_a_live_nodes_never_do() {
+    const LEASE: u64 = 60_000;
+    let lease = |r: Replica<MemBackend>| r.with_lease(LEASE);
+    let (mut a, mut b, mut x) = (
+        lease(replica("a")),
+        lease(replica("b")),
+        lease(replica("x")),
+    );
+    let v = || Some(Bytes::from("{}"));
+    // x, which will depart, and a, which stays, each write their records; x also writes an
+    // app spec (desired state: never a lease).
+    for (r, me) in [(&mut x, "x"), (&mut a, "a")] {
+        r.write(NOW, key(&format!("nodes/{me}")), v()).unwrap();
+        r.write(NOW, key(&format!("tasks/{me}/web/0")), v())
+            .unwrap();
+        r.write(NOW, key(&format!("metrics/{me}/cpu")), v())
+            .unwrap();
+    }
+    x.write(NOW, key("apps/web"), v()).unwrap();
+    sync_all(&x, &mut b, NOW);
+    sync_all(&a, &mut b, NOW);
+    let held = |r: &Replica<MemBackend>, k: &str| {
+        r.get(&key(k)).unwrap().is_some_and(|e| !e.is_tombstone())
+    };
+    assert!(held(&b, "tasks/x/web/0") && held(&b, "nodes/x"));
+
+    // Within the lease nothing goes; a refreshes its records every quarter lease, x is gone.
+    let mut t = NOW;
+    while t < NOW + 3 * LEASE {
+        t += LEASE / 8;
+        assert!(a.refresh_own(t, 1000).unwrap().len() <= 2);
+        sync_all(&a, &mut b, t);
+        let gone = b.expire_departed(t, 1000).unwrap();
+        if t <= NOW + LEASE {
+            assert!(gone.is_empty(), "expired within the lease at +{}", t - NOW);
+        }
+    }
+    for k in ["tasks/x/web/0", "metrics/x/cpu"] {
+        assert!(!held(&b, k), "{k} outlived its lease");
+    }
+    // x's node record stays: it vouches for what x signed, until x is evicted.
+    for k in [
+        "nodes/x",
+        "nodes/a",
+        "tasks/a/web/0",
+        "metrics/a/cpu",
+        "apps/web",
+    ] {
+        assert!(held(&b, k), "{k} was collected");
+    }
+    assert_eq!(
+        b.counts().unwrap().0,
+        5,
+        "live counts: {:?}",
+        b.live_counts()
+    );
+    assert_eq!(b.live_counts().iter().map(|(_, n)| n).sum::<u64>(), 5);
+
+    // A peer that still holds x's old records cannot bring them back.
+    let stale = x.delta_for(&Digest::default(), 100, 1 << 20).unwrap();
+    let applied = b.apply_remote(t, &stale.entries).unwrap();
+    assert_eq!(applied.expired, 2);
+    assert!(!held(&b, "tasks/x/web/0"));
+    assert!(held(&b, "apps/web"), "the app spec is no lease");
+
+    // x comes back: its records, written again, are accepted.
+    let back = x.refresh_own(t, 1000).unwrap();
+    assert_eq!(back.len(), 2);
+    let fresh: Vec<Entry> = back.into_iter().map(|w| w.change.entry).collect();
+    assert_eq!(b.apply_remote(t, &fresh).unwrap().changes.len(), 2);
+    assert!(held(&b, "tasks/x/web/0"));
+    // Its own records are never expired by the node itself.
+    assert!(x.expire_departed(t + 10 * LEASE, 1000).unwrap().is_empty());
+    // Without a lease, nothing expires.
+    let mut plain = replica("p");
+    sync_all(&x, &mut plain, NOW);
+    assert!(plain
+        .expire_departed(NOW + 100 * LEASE, 1000)
+        .unwrap()
+        .is_empty());
+}
+
 #[test]
 fn push_chain_advances_watermark_only_in_order() {
     let mut a = replica("a");

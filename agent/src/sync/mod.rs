@@ -52,6 +52,10 @@ pub struct SyncConfig {
     pub tombstone_min_age_ms: u64,
     /// A tombstone older than this is collected even if some member never confirmed it.
     pub tombstone_horizon_ms: u64,
+    /// A node's records of its workload (`tasks/`, `metrics/`, `images/`) are leases of this
+    /// long: written again every quarter of it, and collected on every node once their owner
+    /// has not been heard from for this long (`Replica::expire_departed`). 0: kept forever.
+    pub departed_ms: u64,
     /// Pass rumors on as soon as they arrive (true) or only at the next gossip round.
     pub forward_immediately: bool,
     /// With no second peer to confirm them, a reconcile drops at most this many keys.
@@ -74,6 +78,7 @@ impl Default for SyncConfig {
             gc_interval_ms: 10_000,
             tombstone_min_age_ms: 60_000,
             tombstone_horizon_ms: 7 * 24 * 3600 * 1000,
+            departed_ms: 24 * 3600 * 1000,
             forward_immediately: true,
             reconcile_drop_bound: 32,
             reconcile_timeout_ms: 30_000,
