@@ -1,8 +1,9 @@
 //! The OS image under QEMU (TCG), booted by `qemu/run` exactly as a user would: the console
 //! shows shoal-init's stages, `/v1/status` answers through the forwarded port with the boot
 //! report, the ACPI power button shuts the node down cleanly, and a second boot from the same
-//! data disk is the same node with the same state (its data disk checked clean). An image
-//! loaded through the API runs as a container inside, and runs again after the reboot.
+//! data disk is the same node with the same state (its data disk checked clean). An app whose
+//! image is in a registry on the host is pulled and ready; an image loaded through the API
+//! runs as a container inside, and runs again after the reboot.
 //!
 //! The same image boots from `shoal.raw` under UEFI (OVMF, systemd-boot, a unified kernel
 //! image) with its state on the disk's own data partition, and `qemu/cluster 2` forms a
@@ -12,6 +13,7 @@
 //! issues extend `Node` (deploy an app, reach it through the forwarded ingress port).
 
 use serde_json::Value;
+use shoal_e2e::registry::Registry;
 use shoal_e2e::{busybox_image, free_port, get, https, netns::require_root, wait_for, BUSYBOX};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -32,6 +34,8 @@ struct Node {
     repo: PathBuf,
     /// `direct` (kernel + initramfs, shoal.raw attached) or `uefi` (OVMF boots shoal.raw).
     mode: &'static str,
+    /// A NoCloud seed of its own (`SHOAL_QEMU_SEED`), if not the bundle's.
+    seed: Option<PathBuf>,
 }
 
 impl Node {
@@ -42,7 +46,27 @@ impl Node {
             ports: [free_port(), free_port(), free_port(), free_port()],
             repo: repo(),
             mode,
+            seed: None,
         }
+    }
+
+    /// Boots with the bundle's user-data plus `extra` (top-level cloud-config keys).
+    fn with_user_data(mut self, extra: &str) -> Node {
+        let st = Command::new(self.repo.join("qemu/run"))
+            .arg("bundle")
+            .status()
+            .expect("qemu/run bundle");
+        assert!(st.success(), "qemu/run bundle failed");
+        let bundle = self.repo.join("build/qemu/bundle/user-data-signer.yaml");
+        let ud = std::fs::read_to_string(&bundle).unwrap();
+        let dir = self
+            .repo
+            .join("build/qemu")
+            .join(format!("{}.seed", self.name));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("user-data.yaml"), format!("{ud}\n{extra}")).unwrap();
+        self.seed = Some(dir);
+        self
     }
 
     fn dir(&self) -> PathBuf {
@@ -58,6 +82,7 @@ impl Node {
             .env("SHOAL_QEMU_DETACH", "1")
             .env("SHOAL_QEMU_BOOT", self.mode)
             .env("SHOAL_QEMU_FRESH", if fresh { "1" } else { "0" })
+            .envs(self.seed.iter().map(|d| ("SHOAL_QEMU_SEED", d)))
             .status()
             .expect("qemu/run");
         assert!(st.success(), "qemu/run failed");
@@ -193,13 +218,31 @@ impl Node {
 
     /// Waits until app `name`'s task runs in a container other than `not`; its id.
     fn task_running(&self, name: &str, not: Option<&str>) -> String {
-        wait_for(BOOT, &format!("{name}'s container running"), || {
-            let tasks = get(self.ports[0], "/v1/tasks").ok()?.json();
-            let t = tasks.as_array()?.iter().find(|t| t["app"] == name)?.clone();
-            let id = t["container"].as_str()?.to_string();
-            (t["state"] == "running" && t["ip"].is_string() && Some(id.as_str()) != not)
-                .then_some(id)
-        })
+        let end = std::time::Instant::now() + BOOT;
+        loop {
+            let found = (|| {
+                let tasks = get(self.ports[0], "/v1/tasks").ok()?.json();
+                let t = tasks.as_array()?.iter().find(|t| t["app"] == name)?.clone();
+                let id = t["container"].as_str()?.to_string();
+                (t["state"] == "running" && t["ip"].is_string() && Some(id.as_str()) != not)
+                    .then_some(id)
+            })();
+            if let Some(id) = found {
+                return id;
+            }
+            if std::time::Instant::now() > end {
+                // What the node says and logged, to tell why.
+                let tasks = get(self.ports[0], "/v1/tasks").map(|r| r.text());
+                let console = self.console();
+                let tail: Vec<&str> = console.lines().rev().take(80).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                panic!(
+                    "timed out after {BOOT:?} waiting for {name}'s container running\ntasks: {tasks:?}\nconsole (last lines):\n{}",
+                    tail.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Boots the powered-off node from the same disks: the same node, its app still there,
@@ -228,6 +271,9 @@ impl Drop for Node {
             let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }
         let _ = std::fs::remove_dir_all(self.dir());
+        if let Some(seed) = &self.seed {
+            let _ = std::fs::remove_dir_all(seed);
+        }
     }
 }
 
@@ -253,7 +299,15 @@ fn assert_root_is_slot_a(status: &Value) {
 
 #[test]
 fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity() {
-    let node = Node::new("direct");
+    // A registry on the host, which the guest reaches through its gateway (10.0.2.2 is the
+    // host's loopback under QEMU's user networking); the engine is told to speak plain HTTP
+    // to it through user-data (write_files into /etc/docker, kept on the data disk).
+    let registry = Registry::start("127.0.0.1", None);
+    let pushed = registry.push_busybox("qemu", None);
+    let guest_addr = registry.addr.replacen("127.0.0.1", "10.0.2.2", 1);
+    let node = Node::new("direct").with_user_data(&format!(
+        "write_files:\n  - path: /etc/docker/daemon.json\n    content: '{{\"insecure-registries\": [\"{guest_addr}\"]}}'\n"
+    ));
     let status = node.boot(true);
     assert_root_is_slot_a(&status);
 
@@ -293,6 +347,32 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
             .contains("API listen on /var/run/docker.sock")
             .then_some(())
     });
+
+    // An app whose image only the host's registry holds: pinned to the registry's digest,
+    // pulled by the node's engine through the gateway, ready by its probe.
+    let image = pushed.replacen(&registry.addr, &guest_addr, 1);
+    let spec = format!(
+        "name = \"pulled\"\n[source]\nimage = \"{image}\"\n[run]\ncommand = [\"httpd\", \"-f\", \"-p\", \"8080\", \"-h\", \"/www\"]\nport = 8080\n[health]\ntcp = 8080\ninterval = \"1s\"\n[resources]\nmemory = \"32Mi\"\n"
+    );
+    let r = node.api("PUT", "/v1/apps/pulled", spec.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("@sha256:"),
+        "pinned by digest: {}",
+        r.text()
+    );
+    node.task_running("pulled", None);
+    wait_for(BOOT, "pulled ready", || {
+        let tasks = get(node.ports[0], "/v1/tasks").ok()?.json();
+        tasks
+            .as_array()?
+            .iter()
+            .any(|t| t["app"] == "pulled" && t["ready"] == true)
+            .then_some(())
+    });
+    let r = node.api("DELETE", "/v1/apps/pulled", b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    drop(registry);
 
     // A container runs in it: an image loaded and an app deployed through the forwarded API
     // port, its replica reported running by the node.

@@ -93,13 +93,15 @@ fn valid_hostname(h: &str) -> bool {
         })
 }
 
-/// Where `write_files` may write: the data disk and the runtime tmpfs, nothing with `..`.
+/// Where `write_files` may write: the data disk, the runtime tmpfs and `/etc/docker` (kept on
+/// the data disk, `system::writable_etc`: the engine's `daemon.json`, a registry's CA under
+/// `certs.d/`), nothing with `..`.
 fn writable(path: &str) -> bool {
     let p = Path::new(path);
     p.is_absolute()
         && p.components()
             .all(|c| matches!(c, Component::RootDir | Component::Normal(_)))
-        && (p.starts_with("/var/") || p.starts_with("/run/"))
+        && (p.starts_with("/var/") || p.starts_with("/run/") || p.starts_with("/etc/docker/"))
         && !p.starts_with("/run/shoal/")
 }
 
@@ -107,7 +109,7 @@ fn write_file(root: &Path, item: &serde_yaml_ng::Value, out: &mut Applied) {
     let path = item.get("path").and_then(|v| v.as_str()).unwrap_or("");
     if !writable(path) {
         out.refused.push(format!(
-            "write_files {path:?}: only paths under /var/ or /run/ (not /run/shoal/) can be written; the root is read-only"
+            "write_files {path:?}: only paths under /var/, /run/ (not /run/shoal/) or /etc/docker/ can be written; the root is read-only"
         ));
         return;
     }
@@ -187,14 +189,18 @@ fn resolved(p: &Path) -> std::io::Result<std::path::PathBuf> {
     Ok(out)
 }
 
-/// Writes `target` (under `root`) only where it really lands under `/var` or `/run` and not
-/// under `/run/shoal`, following no link at the last step: `/var/run` is a link to `/run`, so
+/// Writes `target` (under `root`) only where it really lands under `/var`, `/run` or
+/// `/etc/docker` and not under `/run/shoal`, following no link at the last step: `/var/run` is a link to `/run`, so
 /// `/var/run/shoal/node.json` must be refused like `/run/shoal/node.json`.
 fn write_resolved(root: &Path, target: &Path, bytes: &[u8], mode: u32) -> Result<(), WriteError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let dir = target.parent().ok_or(WriteError::Outside)?;
-    let allowed = [resolved(&root.join("var")), resolved(&root.join("run"))];
+    let allowed = [
+        resolved(&root.join("var")),
+        resolved(&root.join("run")),
+        resolved(&root.join("etc/docker")),
+    ];
     let forbidden = resolved(&root.join("run/shoal"))?;
     let ok = |real: &Path| {
         allowed
@@ -337,13 +343,19 @@ mod tests {
         std::os::unix::fs::symlink("../run", root.join("var/run")).unwrap();
         std::os::unix::fs::symlink(root.join("etc"), root.join("var/lib/etc")).unwrap();
         std::os::unix::fs::symlink("../../run/shoal/node.json", root.join("var/lib/cfg")).unwrap();
-        let ud = "#cloud-config\nwrite_files:\n  - {path: /var/run/shoal/node.json, content: evil}\n  - {path: /var/run/shoal/new/x, content: evil}\n  - {path: /var/lib/etc/passwd, content: evil}\n  - {path: /var/lib/cfg, content: evil}\n  - {path: /var/run/ok.txt, content: fine}\n  - {path: /var/lib/app/ok.txt, content: fine}\n";
+        std::fs::create_dir_all(root.join("etc/docker")).unwrap();
+        let ud = "#cloud-config\nwrite_files:\n  - {path: /etc/docker/daemon.json, content: '{}'}\n  - {path: /etc/dockerx/a, content: evil}\n  - {path: /var/run/shoal/node.json, content: evil}\n  - {path: /var/run/shoal/new/x, content: evil}\n  - {path: /var/lib/etc/passwd, content: evil}\n  - {path: /var/lib/cfg, content: evil}\n  - {path: /var/run/ok.txt, content: fine}\n  - {path: /var/lib/app/ok.txt, content: fine}\n";
         let a = process(root, ud.as_bytes()).unwrap();
         assert_eq!(
             a.files_written,
-            vec!["/var/run/ok.txt", "/var/lib/app/ok.txt"]
+            vec![
+                "/etc/docker/daemon.json",
+                "/var/run/ok.txt",
+                "/var/lib/app/ok.txt"
+            ]
         );
-        assert_eq!(a.refused.len(), 4, "{:?}", a.refused);
+        assert_eq!(a.refused.len(), 5, "{:?}", a.refused);
+        assert!(!root.join("etc/dockerx").exists());
         assert_eq!(
             std::fs::read_to_string(root.join("run/shoal/node.json")).unwrap(),
             "{}"
