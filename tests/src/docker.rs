@@ -95,6 +95,18 @@ pub fn running(a: &Agent, app: &str, n: usize) -> Vec<Value> {
     })
 }
 
+/// Writes app `name`'s spec, which must be accepted; the revision it got.
+pub fn put_app(a: &Agent, name: &str, spec: &str) -> String {
+    let r = a.put_app(name, spec).unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()["revision"].as_str().unwrap().to_string()
+}
+
+/// App `app`'s state as the status port says it.
+pub fn app_status(a: &Agent, app: &str) -> Value {
+    a.get(&format!("/v1/apps/{app}")).unwrap().json()["status"].clone()
+}
+
 pub fn write(a: &Agent, method: &str, path: &str, body: &[u8]) -> Resp {
     let auth = format!("Bearer {}", a.token);
     a.api(method, path, &[("Authorization", &auth)], body, None)

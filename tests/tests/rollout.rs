@@ -46,17 +46,6 @@ fn start() -> (tempfile::TempDir, Cleanup, Agent) {
     (root, cleanup, a)
 }
 
-/// Writes the spec; the revision it got.
-fn put(a: &Agent, name: &str, spec: &str) -> String {
-    let r = a.put_app(name, spec).unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["revision"].as_str().unwrap().to_string()
-}
-
-fn status(a: &Agent, app: &str) -> Value {
-    a.get(&format!("/v1/apps/{app}")).unwrap().json()["status"].clone()
-}
-
 /// Waits until every replica of `app` runs `revision`, ready; their containers.
 fn all_ready(a: &Agent, app: &str, revision: &str, n: usize) -> BTreeSet<String> {
     converge(
@@ -106,15 +95,15 @@ fn serving(cluster: &str, app: &str) -> Vec<(String, bool)> {
 fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
     let (_root, cleanup, a) = start();
     let cluster = cleanup.0.clone();
-    let v1 = put(&a, "web", &web("one", "touch /www/ready", ""));
+    let v1 = put_app(&a, "web", &web("one", "touch /www/ready", ""));
     let first = all_ready(&a, "web", &v1, 3);
     converge(&[&a], "web running", || {
-        (status(&a, "web")["state"] == "running").then_some(())
+        (app_status(&a, "web")["state"] == "running").then_some(())
     });
 
     // v2 takes a second to be ready: while it rolls out, never more than one replica beyond
     // three runs, and never fewer than three answer.
-    let v2 = put(&a, "web", &web("two", "sleep 1; touch /www/ready", ""));
+    let v2 = put_app(&a, "web", &web("two", "sleep 1; touch /www/ready", ""));
     assert_ne!(v1, v2);
     let mut states = BTreeSet::new();
     let second = converge(&[&a], "v2 rolled out", || {
@@ -123,7 +112,7 @@ fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
         let up = s.iter().filter(|(_, ok)| *ok).count();
         assert!(up >= 3, "fewer than three replicas answer: {s:?}");
         states.insert(
-            status(&a, "web")["state"]
+            app_status(&a, "web")["state"]
                 .as_str()
                 .unwrap_or("")
                 .to_string(),
@@ -144,19 +133,19 @@ fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
     .unwrap();
     assert_eq!(page.text(), "two\n");
     converge(&[&a], "web running at v2", || {
-        let s = status(&a, "web");
+        let s = app_status(&a, "web");
         (s["state"] == "running" && s["revision"] == v2.as_str()).then_some(())
     });
 
     // v3 crashes at once: the rollout fails on its first replica, v2 is restored, and v2's
     // containers were never touched.
-    let v3 = put(
+    let v3 = put_app(
         &a,
         "web",
         &web("three", "exit 0", "").replace("exec httpd", "exit 3; httpd"),
     );
     let s = converge(&[&a], "v3 rolled back", || {
-        let s = status(&a, "web");
+        let s = app_status(&a, "web");
         (s["state"] == "running" && s["revision"] == v2.as_str() && s["latest"] == v3.as_str())
             .then_some(s)
     });
@@ -176,13 +165,13 @@ fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
 
     // v4 runs but is never ready: failed at its deadline, back to v2 (not to v3, which
     // failed), v2 untouched again.
-    let v4 = put(
+    let v4 = put_app(
         &a,
         "web",
         &web("four", "true", "[update]\ndeadline = \"3s\"\n"),
     );
     let s = converge(&[&a], "v4 rolled back", || {
-        let s = status(&a, "web");
+        let s = app_status(&a, "web");
         (s["latest"] == v4.as_str() && s["revision"] == v2.as_str() && s["state"] == "running")
             .then_some(s)
     });
@@ -213,7 +202,7 @@ fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["revision"], v2.as_str());
     converge(&[&a], "the record at v2", || {
-        let s = status(&a, "web");
+        let s = app_status(&a, "web");
         (s["latest"] == v2.as_str() && s["state"] == "running").then_some(())
     });
     assert_eq!(all_ready(&a, "web", &v2, 3), second);
@@ -237,7 +226,7 @@ fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
 #[test]
 fn a_first_deploy_that_crashes_is_failed_and_one_too_big_is_pending_with_the_reason() {
     let (_root, _cleanup, a) = start();
-    put(
+    put_app(
         &a,
         "bad",
         &format!(
@@ -245,7 +234,7 @@ fn a_first_deploy_that_crashes_is_failed_and_one_too_big_is_pending_with_the_rea
         ),
     );
     let s = converge(&[&a], "bad failed", || {
-        let s = status(&a, "bad");
+        let s = app_status(&a, "bad");
         (s["state"] == "failed").then_some(s)
     });
     assert!(
@@ -256,7 +245,7 @@ fn a_first_deploy_that_crashes_is_failed_and_one_too_big_is_pending_with_the_rea
         "{s}"
     );
     // Too big for any node: pending, with the reason, and nothing started.
-    put(
+    put_app(
         &a,
         "huge",
         &format!(
@@ -264,7 +253,7 @@ fn a_first_deploy_that_crashes_is_failed_and_one_too_big_is_pending_with_the_rea
         ),
     );
     let s = converge(&[&a], "huge pending", || {
-        let s = status(&a, "huge");
+        let s = app_status(&a, "huge");
         (s["state"] == "pending").then_some(s)
     });
     let msg = s["message"].as_str().unwrap();
@@ -278,7 +267,7 @@ fn a_first_deploy_that_crashes_is_failed_and_one_too_big_is_pending_with_the_rea
 #[test]
 fn an_exec_probe_makes_a_replica_ready_unready_and_restarts_it() {
     let (_root, _cleanup, a) = start();
-    put(
+    put_app(
         &a,
         "job",
         &format!(
@@ -329,7 +318,7 @@ fn a_drained_node_hands_its_replicas_over_once_their_replacements_are_ready() {
     let nodes = two_nodes(root.path());
     let (n1, n2) = (&nodes[0], &nodes[1]);
     let spec = web("one", "sleep 1; touch /www/ready", "").replace("replicas = 3", "replicas = 2");
-    let rev = put(n1, "web", &spec);
+    let rev = put_app(n1, "web", &spec);
     all_ready(n1, "web", &rev, 2);
     let on = |node: &str| {
         tasks(n2, "web")
@@ -361,7 +350,7 @@ fn a_drained_node_hands_its_replicas_over_once_their_replacements_are_ready() {
     assert_eq!(on("n2"), 2);
     assert!(n1.log().contains("drained: no replica runs here any more"));
     // Nothing new lands on it: a third replica goes to n2 as well.
-    put(n1, "web", &spec.replace("replicas = 2", "replicas = 3"));
+    put_app(n1, "web", &spec.replace("replicas = 2", "replicas = 3"));
     all_ready(n1, "web", &rev, 3);
     assert_eq!(on("n1"), 0);
 
@@ -376,7 +365,7 @@ fn a_drained_node_hands_its_replicas_over_once_their_replacements_are_ready() {
     converge(&[n1, n2], "the drain mark gone", || {
         node(n2)["drain"].is_null().then_some(())
     });
-    put(n1, "web", &spec.replace("replicas = 2", "replicas = 4"));
+    put_app(n1, "web", &spec.replace("replicas = 2", "replicas = 4"));
     all_ready(n1, "web", &rev, 4);
     converge(&[n1, n2], "a replica back on n1", || {
         (on("n1") >= 1).then_some(())
@@ -398,7 +387,7 @@ fn a_job_runs_to_completion_once_and_a_failing_one_stops_retrying() {
             "name = \"{name}\"\nkind = \"job\"\n{extra}[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"{script}\"]\n[scale]\nreplicas = 2\n[resources]\nmemory = \"16Mi\"\n"
         )
     };
-    let rev = put(&a, "once", &job("once", "echo ran", ""));
+    let rev = put_app(&a, "once", &job("once", "echo ran", ""));
     converge(&[&a], "both replicas completed", || {
         let t = tasks(&a, "once");
         (t.len() == 2
@@ -408,7 +397,7 @@ fn a_job_runs_to_completion_once_and_a_failing_one_stops_retrying() {
         .then_some(())
     });
     converge(&[&a], "the job completed", || {
-        (status(&a, "once")["state"] == "completed").then_some(())
+        (app_status(&a, "once")["state"] == "completed").then_some(())
     });
     assert!(containers(&cleanup.0, "once", true).is_empty());
     let runs = |a: &Agent| a.log().matches("job completed").count();
@@ -427,9 +416,9 @@ fn a_job_runs_to_completion_once_and_a_failing_one_stops_retrying() {
     }
 
     // Exit 3 every time, one retry: two runs, then failed with the reason.
-    put(&a, "flaky", &job("flaky", "exit 3", "[job]\nretries = 1\n"));
+    put_app(&a, "flaky", &job("flaky", "exit 3", "[job]\nretries = 1\n"));
     let s = converge(&[&a], "the flaky job failed", || {
-        let s = status(&a, "flaky");
+        let s = app_status(&a, "flaky");
         (s["state"] == "failed").then_some(s)
     });
     assert!(
@@ -483,7 +472,7 @@ path = "/data"
             page.text(),
         ))
     };
-    put(n1, "notes", &spec("one"));
+    put_app(n1, "notes", &spec("one"));
     let (node, first, text) = converge(&[n1, n2], "notes serving", || log(n1));
     assert_eq!(text, "one\n");
     // Killed: the replacement on the same node finds the data.
@@ -496,7 +485,7 @@ path = "/data"
         (node.as_str(), "one\none\n")
     );
     // Updated: the new revision's container mounts the same volume.
-    put(n1, "notes", &spec("two"));
+    put_app(n1, "notes", &spec("two"));
     let (node3, _, text) = converge(&[n1, n2], "notes updated", || {
         log(n1).filter(|(_, _, t)| t.contains("two"))
     });

@@ -38,16 +38,6 @@ memory = "32Mi"
     )
 }
 
-fn put(a: &Agent, name: &str, spec: &str) -> String {
-    let r = a.put_app(name, spec).unwrap();
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()["revision"].as_str().unwrap().to_string()
-}
-
-fn status(a: &Agent, app: &str) -> Value {
-    a.get(&format!("/v1/apps/{app}")).unwrap().json()["status"].clone()
-}
-
 /// Waits until `app` has `n` ready replicas at `revision`, on the nodes `on` only, each node
 /// holding at most `per_node`; the tasks.
 fn ready_on(
@@ -133,7 +123,7 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
     assert_eq!(r.status, 200, "{}", r.text());
     let id = engines[0].image_id(BUSYBOX).expect("loaded on n1's engine");
     assert!(engines[1].image_id(&id).is_none() && engines[2].image_id(&id).is_none());
-    let v1 = put(n1, "web", &web(BUSYBOX, "touch /www/ready", ""));
+    let v1 = put_app(n1, "web", &web(BUSYBOX, "touch /www/ready", ""));
     let first = ready_on(&all, "web", &v1, 3, &["n1", "n2", "n3"], 1);
     for e in &engines {
         assert_eq!(e.image_id(&id).as_deref(), Some(id.as_str()));
@@ -142,7 +132,7 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
 
     phase("too big");
     // Too big for any node: pending with the reason, nothing started anywhere.
-    put(
+    put_app(
         n1,
         "huge",
         &format!(
@@ -150,7 +140,7 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
         ),
     );
     let s = converge(&all, "huge pending", || {
-        let s = status(n1, "huge");
+        let s = app_status(n1, "huge");
         (s["state"] == "pending").then_some(s)
     });
     let msg = s["message"].as_str().unwrap();
@@ -162,7 +152,7 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
 
     phase("job");
     // A job runs to completion once, on one of the three.
-    put(
+    put_app(
         n1,
         "once",
         &format!("name = \"once\"\nkind = \"job\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"echo ran\"]\n[resources]\nmemory = \"16Mi\"\n"),
@@ -258,13 +248,13 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
             (asked, failed)
         })
     };
-    let v2 = put(
+    let v2 = put_app(
         n1,
         "web",
         &web(BUSYBOX, "true", "[update]\ndeadline = \"4s\"\n"),
     );
     let s = converge(&all, "v2 rolled back", || {
-        let s = status(n1, "web");
+        let s = app_status(n1, "web");
         (s["latest"] == v2.as_str() && s["revision"] == v1.as_str() && s["state"] == "running")
             .then_some(s)
     });

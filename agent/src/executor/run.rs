@@ -136,7 +136,7 @@ enum Pull {
 }
 
 /// How soon after starting containers the executor looks at them again, to probe them.
-const LOOK_AGAIN: Duration = Duration::from_millis(100);
+const LOOK_AGAIN: Duration = Duration::from_millis(20);
 
 /// A pull that takes longer (a registry trickling its answer) is given up, and tried again.
 const PULL_TIMEOUT: Duration = Duration::from_secs(30 * 60);
@@ -260,6 +260,11 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             let (id, ip) = (o.id.clone(), o.ip.clone());
             tokio::spawn(async move {
                 let mut seen_ok = false;
+                // Probes at the probe's cadence count; until the first success, quicker ones
+                // between them (10 ms, doubling) report only a success: a container is ready
+                // as soon as it answers, and failures still count at the probe's own pace.
+                let mut next_regular = crate::clock::now();
+                let mut quick = Duration::from_millis(10);
                 loop {
                     let result = tokio::time::timeout(
                         probe.timeout,
@@ -267,20 +272,33 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                     )
                     .await
                     .unwrap_or_else(|_| Err(format!("no answer within {:?}", probe.timeout)));
-                    seen_ok |= result.is_ok();
                     let at = crate::clock::now();
-                    let r = ProbeResult {
-                        container: id.clone(),
-                        at,
-                        result,
-                    };
-                    if tx.send(r).await.is_err() {
-                        return;
+                    let regular = at >= next_regular;
+                    seen_ok |= result.is_ok();
+                    if regular || result.is_ok() {
+                        let r = ProbeResult {
+                            container: id.clone(),
+                            at,
+                            result,
+                        };
+                        if tx.send(r).await.is_err() {
+                            return;
+                        }
                     }
+                    if regular {
+                        next_regular = at
+                            + if seen_ok {
+                                probe.interval
+                            } else {
+                                probe.interval.min(PROBE_UNTIL_READY)
+                            };
+                    }
+                    let until_regular = next_regular.saturating_duration_since(at);
                     let wait = if seen_ok {
-                        probe.interval
+                        until_regular
                     } else {
-                        probe.interval.min(PROBE_UNTIL_READY)
+                        quick = (quick * 2).min(PROBE_UNTIL_READY);
+                        (quick / 2).min(until_regular)
                     };
                     tokio::time::sleep(wait).await;
                 }

@@ -404,12 +404,7 @@ impl View {
         if self.outcome(app).is_some() {
             return None;
         }
-        let placed: Vec<(u32, &str)> = placed
-            .placements
-            .iter()
-            .filter(|p| p.app == app.spec.name)
-            .map(|p| (p.replica, p.node.as_str()))
-            .collect();
+        let placed = slots_of(placed, &app.spec.name);
         let policy = app.spec.update_policy();
         let record = |outcome, reason: String| RolloutRecord {
             record: app.record.clone(),
@@ -477,13 +472,7 @@ impl View {
     /// An app's state: its target, how many of its slots run it ready, and the rollout's.
     pub fn status(&self, app: &AppRecord, placed: &Placed) -> AppStatus {
         if app.spec.is_job() {
-            let placed: Vec<(u32, &str)> = placed
-                .placements
-                .iter()
-                .filter(|p| p.app == app.spec.name)
-                .map(|p| (p.replica, p.node.as_str()))
-                .collect();
-            return self.job_status(app, &placed);
+            return self.job_status(app, &slots_of(placed, &app.spec.name));
         }
         let (target, _, rolling_back) = self.target(app);
         let unplaced: Vec<&crate::scheduler::Unplaced> = placed
@@ -602,6 +591,16 @@ impl View {
             ..status(state, message, completed)
         }
     }
+}
+
+/// Where an app's replicas are placed: (replica, node).
+fn slots_of<'a>(placed: &'a Placed, app: &str) -> Vec<(u32, &'a str)> {
+    placed
+        .placements
+        .iter()
+        .filter(|p| p.app == app)
+        .map(|p| (p.replica, p.node.as_str()))
+        .collect()
 }
 
 /// Whether a task's replica has a container (starting or running).

@@ -841,23 +841,33 @@ impl<B: Backend> Replica<B> {
     /// Drops the keys a reconcile named (`reconcile_page`) that still hold the version it
     /// named: deletions another node collected before this one saw their tombstones.
     pub fn drop_confirmed(&mut self, keys: &[Named]) -> Result<Vec<Change>, StoreError> {
-        let mut batch = Batch::default();
-        let mut changes = Vec::new();
+        let mut found = Vec::new();
         for (key, version) in keys {
             if let Some((e, seq)) = read_entry(&self.backend, key.as_str())? {
                 if e.version == *version {
-                    if !e.is_tombstone() {
-                        let i = space_index(e.key.keyspace());
-                        self.live[i] = self.live[i].saturating_sub(1);
-                    }
-                    Self::stage_removal(&mut batch, &e, seq);
-                    self.seq += 1;
-                    changes.push(Change {
-                        seq: self.seq,
-                        entry: Entry { value: None, ..e },
-                    });
+                    found.push((e, seq));
                 }
             }
+        }
+        self.remove_entries(found)
+    }
+
+    /// Removes entries outright (no tombstone: every replica removes them by the same rule)
+    /// in one batch; the changes, as deletions, for watchers.
+    fn remove_entries(&mut self, entries: Vec<(Entry, u64)>) -> Result<Vec<Change>, StoreError> {
+        let mut batch = Batch::default();
+        let mut changes = Vec::new();
+        for (e, seq) in entries {
+            if !e.is_tombstone() {
+                let i = space_index(e.key.keyspace());
+                self.live[i] = self.live[i].saturating_sub(1);
+            }
+            Self::stage_removal(&mut batch, &e, seq);
+            self.seq += 1;
+            changes.push(Change {
+                seq: self.seq,
+                entry: Entry { value: None, ..e },
+            });
         }
         if !batch.is_empty() {
             batch.put(META_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
@@ -954,40 +964,24 @@ impl<B: Backend> Replica<B> {
             .filter(|(o, w)| **o != self.node && **w < cutoff)
             .map(|(o, _)| o.clone())
             .collect();
-        let mut batch = Batch::default();
-        let mut changes = Vec::new();
+        let mut expired = Vec::new();
         'origins: for origin in departed {
             for space in Keyspace::ALL.into_iter().filter(|k| k.leased()) {
                 let start = k_key(&format!("{}/{}", space.name(), origin.as_str()));
                 let mut end = start.clone();
                 end.push(0xff);
                 for (k, v) in self.backend.scan(&start, false, &end, usize::MAX)? {
-                    if changes.len() >= max {
+                    if expired.len() >= max {
                         break 'origins;
                     }
                     let (e, seq) = decode_stored(&k[1..], &v)?;
-                    if e.key.owner() != Some(origin.as_str()) || !self.is_expired(&e, now_ms) {
-                        continue;
+                    if e.key.owner() == Some(origin.as_str()) && self.is_expired(&e, now_ms) {
+                        expired.push((e, seq));
                     }
-                    if !e.is_tombstone() {
-                        let i = space_index(e.key.keyspace());
-                        self.live[i] = self.live[i].saturating_sub(1);
-                    }
-                    Self::stage_removal(&mut batch, &e, seq);
-                    self.seq += 1;
-                    changes.push(Change {
-                        seq: self.seq,
-                        entry: Entry { value: None, ..e },
-                    });
                 }
             }
         }
-        if !batch.is_empty() {
-            batch.put(META_SEQ.to_vec(), self.seq.to_be_bytes().to_vec());
-            batch.put(META_COMPACTED.to_vec(), self.seq.to_be_bytes().to_vec());
-            self.backend.apply(batch)?;
-        }
-        Ok(changes)
+        self.remove_entries(expired)
     }
 
     /// Writes again, unchanged but at a new version, this node's own leased records older
