@@ -97,6 +97,22 @@ fn main() {
 
     let mut times = Vec::new();
     for round in 0..runs {
+        // Settled first: each replica ready on exactly one node (a node that came back may
+        // briefly run one beside its stand-in, and killing it then loses nothing).
+        wait_for(
+            Duration::from_secs(120),
+            "one ready copy of each replica",
+            || {
+                let t: Vec<Value> = tasks(&nodes[0])
+                    .into_iter()
+                    .filter(|t| t["node_state"] == "alive")
+                    .collect();
+                (t.len() == n
+                    && t.iter().all(|t| t["ready"] == true)
+                    && ready_without(&nodes[0], "") == n)
+                    .then_some(())
+            },
+        );
         // A node that runs a replica, watched from another.
         let t = tasks(&nodes[0]);
         let victim = (0..n)
