@@ -87,6 +87,23 @@ fn an_image_is_pulled_from_an_open_registry_and_from_one_behind_a_login() {
     assert!(!a.get("/v1/tasks").unwrap().text().contains("s3cret-pw"));
     assert!(!a.log().contains("s3cret-pw"));
 
+    // A registry that does not answer: the deploy stands, unpinned, and says so.
+    let t = std::time::Instant::now();
+    let r = a
+        .put_app("nowhere", &app("nowhere", "127.0.0.1:1/e2e/none:1", None))
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let w = r.json()["warning"].as_str().unwrap_or_default().to_string();
+    assert!(w.contains("is not pinned by content"), "{}", r.text());
+    assert_eq!(r.json()["image"], "127.0.0.1:1/e2e/none:1", "{}", r.text());
+    eprintln!("unpinned PUT: {:?}", t.elapsed());
+    assert_eq!(a.delete_app("nowhere").unwrap().status, 200);
+    let pinned = a
+        .put_app("priv", &app("priv", &image, Some("REGISTRY_LOGIN")))
+        .unwrap();
+    assert!(pinned.json()["warning"].is_null(), "{}", pinned.text());
+    eprintln!("and the pinned one: {:?}", t.elapsed());
+
     // A spec naming a bad secret is refused.
     let r = a
         .put_app("bad", &app("bad", &image, Some("lower-case")))

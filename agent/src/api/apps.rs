@@ -199,19 +199,33 @@ async fn write_spec(
     match h.write_as(ops, op).await {
         Ok(v) => {
             Counters::inc(&h.counters.writes);
-            json(
-                StatusCode::OK,
-                &j!({
-                    "name": name,
-                    "version": v.first().map(|v| v.to_string()),
-                    "revision": revision,
-                    "replaces": replaced,
-                    "image": spec.source.run_image(),
-                }),
-            )
+            let mut answer = j!({
+                "name": name,
+                "version": v.first().map(|v| v.to_string()),
+                "revision": revision,
+                "replaces": replaced,
+                "image": spec.source.run_image(),
+            });
+            if let Some(w) = unpinned(&spec) {
+                answer["warning"] = j!(w);
+            }
+            json(StatusCode::OK, &answer)
         }
         Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
     }
+}
+
+/// What the deploy's answer says when nothing pinned the image by content: the write stands
+/// (a registry may be down for a moment, an image may be loaded later), but replicas that
+/// pull the name at different times may run different bytes.
+fn unpinned(spec: &AppSpec) -> Option<String> {
+    let image = spec.source.image.as_deref()?;
+    if spec.source.pinned.is_some() || crate::spec::is_pinned(image) {
+        return None;
+    }
+    Some(format!(
+        "{image} is not pinned by content: no registry answered for it and no live node holds it now; each replica pulls the name when it starts, so replicas may run different bytes (name a digest, or deploy again once it resolves)"
+    ))
 }
 
 /// `DELETE /v1/apps/{name}`: the app and its history.
