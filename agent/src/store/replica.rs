@@ -956,7 +956,7 @@ impl<B: Backend> Replica<B> {
         let cutoff = Hlc::from_millis(now_ms.saturating_sub(lease));
         // Only a node this one has heard nothing from since the cutoff can have departed (a
         // live one writes its records again well within the lease); its records are under
-        // its own id in each owner-only keyspace.
+        // its own id in each leased keyspace (`leased_of`).
         let departed: Vec<NodeId> = self
             .digest
             .watermarks
@@ -965,21 +965,14 @@ impl<B: Backend> Replica<B> {
             .map(|(o, _)| o.clone())
             .collect();
         let mut expired = Vec::new();
-        'origins: for origin in departed {
-            for space in Keyspace::ALL.into_iter().filter(|k| k.leased()) {
-                let start = k_key(&format!("{}/{}", space.name(), origin.as_str()));
-                let mut end = start.clone();
-                end.push(0xff);
-                for (k, v) in self.backend.scan(&start, false, &end, usize::MAX)? {
-                    if expired.len() >= max {
-                        break 'origins;
-                    }
-                    let (e, seq) = decode_stored(&k[1..], &v)?;
-                    if e.key.owner() == Some(origin.as_str()) && self.is_expired(&e, now_ms) {
-                        expired.push((e, seq));
-                    }
-                }
-            }
+        for origin in departed {
+            let left = max.saturating_sub(expired.len());
+            let records = self.leased_of(&origin, left)?;
+            expired.extend(
+                records
+                    .into_iter()
+                    .filter(|(e, _)| self.is_expired(e, now_ms)),
+            );
         }
         self.remove_entries(expired)
     }
@@ -993,20 +986,43 @@ impl<B: Backend> Replica<B> {
         };
         let stale = Hlc::from_millis(now_ms.saturating_sub(lease / 4));
         let me = self.node.clone();
-        let start = origin_prefix(P_ORIGIN, &me);
-        let end = origin_key(P_ORIGIN, &me, stale);
-        let mut due = Vec::new();
-        for (_, key) in self.backend.scan(&start, false, &end, max)? {
-            let key = std::str::from_utf8(&key).map_err(|_| corrupt("origin index"))?;
-            if let Some((e, _)) = read_entry(&self.backend, key)? {
-                if !e.is_tombstone() && e.key.keyspace().leased() {
-                    due.push(e);
-                }
-            }
-        }
+        // Its own records only: older desired state it wrote (specs, rollout records) is no
+        // lease, and must not crowd them out of `max`.
+        let due: Vec<Entry> = self
+            .leased_of(&me, usize::MAX)?
+            .into_iter()
+            .map(|(e, _)| e)
+            .filter(|e| !e.is_tombstone() && e.version.hlc < stale)
+            .take(max)
+            .collect();
         due.into_iter()
             .map(|e| self.write(now_ms, e.key, e.value))
             .collect()
+    }
+
+    /// `node`'s leased records (`Keyspace::leased`: `space/<node>` and `space/<node>/…`),
+    /// tombstones included, at most `max`.
+    fn leased_of(&self, node: &NodeId, max: usize) -> Result<Vec<(Entry, u64)>, StoreError> {
+        let mut out = Vec::new();
+        for space in Keyspace::ALL.into_iter().filter(|k| k.leased()) {
+            let exact = k_key(&format!("{}/{}", space.name(), node.as_str()));
+            let mut end = exact.clone();
+            end.push(0);
+            let mut under = exact.clone();
+            under.push(b'/');
+            let mut under_end = exact.clone();
+            under_end.push(b'/' + 1);
+            for (start, end) in [(exact, end), (under, under_end)] {
+                let left = max.saturating_sub(out.len());
+                if left == 0 {
+                    return Ok(out);
+                }
+                for (k, v) in self.backend.scan(&start, false, &end, left)? {
+                    out.push(decode_stored(&k[1..], &v)?);
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Counts of live entries and tombstones by a full scan (`live_counts` is kept as entries

@@ -279,6 +279,53 @@ fn a_departed_nodes_records_expire_everywhere_and_a_live_nodes_never_do() {
 }
 
 #[test]
+fn a_nodes_older_desired_state_does_not_crowd_its_leases_out_of_a_refresh() {
+    let mut a = replica("a").with_lease(60_000);
+    let v = || Some(Bytes::from("{}"));
+    // Specs it wrote first (older in its origin index than its records), then its records.
+    for i in 0..5 {
+        a.write(NOW, key(&format!("apps/s{i}")), v()).unwrap();
+    }
+    a.write(NOW, key("tasks/a/web/0"), v()).unwrap();
+    a.write(NOW, key("images/a"), v()).unwrap();
+    let refreshed: std::collections::BTreeSet<String> = a
+        .refresh_own(NOW + 20_000, 2)
+        .unwrap()
+        .iter()
+        .map(|w| w.change.entry.key.to_string())
+        .collect();
+    let want: std::collections::BTreeSet<String> =
+        ["images/a", "tasks/a/web/0"].map(String::from).into();
+    assert_eq!(refreshed, want);
+}
+
+#[test]
+fn a_departed_nodes_records_are_told_from_those_of_a_node_whose_id_starts_alike() {
+    let mut b = replica("b").with_lease(60_000);
+    let mut x = replica("x");
+    let mut x2 = replica("x2");
+    x.write(NOW, key("tasks/x/web/0"), Some(Bytes::from("{}")))
+        .unwrap();
+    sync_all(&x, &mut b, NOW);
+    // x2 lives on: its record is fresh when x's has expired.
+    x2.write(
+        NOW + 100_000,
+        key("tasks/x2/web/0"),
+        Some(Bytes::from("{}")),
+    )
+    .unwrap();
+    sync_all(&x2, &mut b, NOW + 100_000);
+    let gone: Vec<String> = b
+        .expire_departed(NOW + 100_000, 100)
+        .unwrap()
+        .iter()
+        .map(|c| c.entry.key.to_string())
+        .collect();
+    assert_eq!(gone, ["tasks/x/web/0"]);
+    assert!(b.get(&key("tasks/x2/web/0")).unwrap().is_some());
+}
+
+#[test]
 fn push_chain_advances_watermark_only_in_order() {
     let mut a = replica("a");
     let w1 = a.write(NOW, key("apps/x"), Some(Bytes::from("1"))).unwrap();
