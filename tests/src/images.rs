@@ -9,7 +9,7 @@ use crate::run;
 /// The test image: a busybox-static root file system (Debian's `busybox-static`) imported
 /// into the host's dockerd as `shoal-e2e/busybox:1`, and its `docker save` archive, whose path
 /// this returns. There is no registry here: images come from local files. Safe to call from
-/// tests running at once (each step lands by rename).
+/// tests running at once (one builds under a file lock, the archive lands by rename).
 pub fn busybox_image() -> PathBuf {
     static IMAGE: OnceLock<PathBuf> = OnceLock::new();
     IMAGE
@@ -22,6 +22,13 @@ pub fn busybox_image() -> PathBuf {
                 return archive;
             }
             std::fs::create_dir_all(&dir).unwrap();
+            // One test process builds it while the others wait: two imports at once would
+            // give the name two different images (an import's id covers its time).
+            let lock = std::fs::File::create(dir.join("busybox.lock")).unwrap();
+            rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive).unwrap();
+            if archive.exists() {
+                return archive;
+            }
             let work = tempfile::tempdir_in(&dir).unwrap();
             let rootfs = work.path().join("rootfs");
             for d in ["bin", "tmp", "etc", "www"] {

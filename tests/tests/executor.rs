@@ -354,7 +354,7 @@ fn containers_are_tenants() {
     let md_dir = tempfile::tempdir().unwrap();
     let _md = FakeMetadata::start(md_dir.path());
     let cleanup = Cleanup::for_agents_in(root.path());
-    let a = Agent::start(
+    let mut a = Agent::start(
         root.path(),
         "n1",
         &[],
@@ -363,6 +363,23 @@ fn containers_are_tenants() {
     let mark = cleanup.0[..12].to_string();
     let r = write(&a, "POST", "/v1/images", &std::fs::read(&archive).unwrap());
     assert_eq!(r.status, 200, "{}", r.text());
+    // The node keeps an app network made ahead of need.
+    let spares = || {
+        docker(&[
+            "network",
+            "ls",
+            "-q",
+            "--no-trunc",
+            "--filter",
+            &format!("label=shoal.cluster={}", cleanup.0),
+            "--filter",
+            "label=shoal.spare",
+        ])
+        .lines()
+        .map(String::from)
+        .collect::<Vec<String>>()
+    };
+    let first_spare = converge(&[&a], "a spare network", || spares().pop());
     // "quiet" sets no limits; "web" serves on 8080 from two replicas.
     deploy(
         &a,
@@ -408,7 +425,22 @@ fn containers_are_tenants() {
         .as_str()
         .unwrap()
         .to_string();
-    assert_eq!(net, format!("shoal-{}-n1-quiet", &cleanup.0[..12]));
+    // The first app took the spare; the second has a network of its own; both are n1's.
+    let net_info = |n: &str| -> serde_json::Value {
+        serde_json::from_str::<serde_json::Value>(&docker(&["network", "inspect", n])).unwrap()[0]
+            .clone()
+    };
+    assert_eq!(net_info(&net)["Id"], first_spare.as_str());
+    let web_net = inspect(&w0)["HostConfig"]["NetworkMode"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert_ne!(web_net, net);
+    for n in [&net, &web_net] {
+        let labels = &net_info(n)["Labels"];
+        assert_eq!(labels["shoal.node"], "n1", "{n}: {labels}");
+        assert_eq!(labels["shoal.cluster"], cleanup.0.as_str(), "{n}: {labels}");
+    }
     let gateway = info["NetworkSettings"]["Networks"][&net]["Gateway"]
         .as_str()
         .unwrap()
@@ -494,6 +526,36 @@ fn containers_are_tenants() {
         .status()
         .unwrap()
         .success());
+
+    // A restarted agent knows which network serves which app: a new version of "quiet"
+    // joins its replica's network, and a spare is kept beside it.
+    a.kill9();
+    a.spawn();
+    deploy(
+        &a,
+        "quiet",
+        &format!("name = \"quiet\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sleep\", \"3601\"]\n"),
+    );
+    let quiet2 = converge(&[&a], "quiet's new version", || {
+        tasks(&a, "quiet")
+            .first()
+            .filter(|t| t["state"] == "running")
+            .and_then(|t| t["container"].as_str().map(String::from))
+            .filter(|c| *c != q)
+    });
+    assert_eq!(inspect(&quiet2)["HostConfig"]["NetworkMode"], net.as_str());
+    // (Labels stay: the networks the apps took are still labelled spares.)
+    converge(&[&a], "one unused spare beside the apps' networks", || {
+        let unused: Vec<String> = spares()
+            .into_iter()
+            .filter(|n| {
+                net_info(n)["Containers"]
+                    .as_object()
+                    .is_none_or(|c| c.is_empty())
+            })
+            .collect();
+        (unused.len() == 1).then_some(())
+    });
 
     // An app that goes takes its network with it.
     let r = a.delete_app("quiet").unwrap();

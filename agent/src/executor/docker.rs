@@ -59,10 +59,36 @@ pub fn volume_name(cluster: &str, app: &str, replica: u32, name: &str) -> String
     format!("shoal-{c}-{app}-{replica}-{name}")
 }
 
+/// The label of a network made ahead of need (`Nets`).
+pub const LABEL_SPARE: &str = "shoal.spare";
+/// How many unused networks a node keeps made: each holds one of Docker's address pools
+/// (about 30 by default), so one, enough for one deploy at a time.
+const SPARES: usize = 1;
+
 pub struct Docker {
     socket: String,
     client: Mutex<Option<bollard::Docker>>,
     max_image_bytes: u64,
+    nets: std::sync::Arc<std::sync::Mutex<Nets>>,
+}
+
+/// App networks made ahead of need: an app's first replica on a node takes a spare rather
+/// than waiting for `docker network create` (100 ms and more, most of it iptables), and a new
+/// spare is made in the background. Docker can neither rename nor relabel a network, so
+/// which app a spare now serves is kept here, and found again after a restart from the
+/// containers on it (`list`). A network no container uses any more is removed
+/// (`prune_networks`), spares aside.
+#[derive(Debug, Default)]
+struct Nets {
+    /// Found from the containers once, at the first `list`.
+    recovered: bool,
+    /// App network (`network_name`) → the Docker network serving it, when that is a spare
+    /// it took (an app's network made on the spot carries the app network's own name).
+    serving: HashMap<String, String>,
+    /// Made and unused.
+    spare: Vec<String>,
+    /// A spare is being made.
+    making: bool,
 }
 
 fn refused(what: impl Into<String>) -> impl FnOnce(bollard::errors::Error) -> ExecutorError {
@@ -86,6 +112,7 @@ impl Docker {
             socket: socket.to_string(),
             client: Mutex::new(None),
             max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
+            nets: Default::default(),
         }
     }
 
@@ -362,49 +389,190 @@ impl Docker {
             .map_err(refused(format!("tag image {name}")))
     }
 
-    /// The app's network, made on first use (by whichever replica starts first).
+    /// The Docker network serving the app's network `spec.network`: the one it already has,
+    /// else a spare (and another made in the background), else one made now under the app
+    /// network's name.
     async fn ensure_network(
         &self,
         c: &bollard::Docker,
         spec: &ContainerSpec,
-    ) -> Result<(), ExecutorError> {
+    ) -> Result<String, ExecutorError> {
         use bollard::query_parameters::InspectNetworkOptions;
+        if let Some(n) = self.nets().serving.get(&spec.network) {
+            return Ok(n.clone());
+        }
         match c
             .inspect_network(&spec.network, None::<InspectNetworkOptions>)
             .await
         {
-            Ok(_) => return Ok(()),
+            Ok(_) => return Ok(spec.network.clone()),
             Err(e) if not_found(&e) => {}
             Err(e) => return Err(refused(format!("inspect network {}", spec.network))(e)),
         }
-        let mut labels: HashMap<String, String> = HashMap::new();
-        for l in [LABEL_CLUSTER, LABEL_NODE, LABEL_APP] {
-            if let Some(v) = spec.labels.get(l) {
-                labels.insert(l.to_string(), v.clone());
+        let taken = {
+            let mut nets = self.nets();
+            let n = nets.spare.pop();
+            if let Some(n) = &n {
+                nets.serving.insert(spec.network.clone(), n.clone());
             }
-        }
-        let req = bollard::models::NetworkCreateRequest {
-            name: spec.network.clone(),
-            driver: Some("bridge".into()),
-            labels: Some(labels),
-            options: Some(HashMap::from([(
-                "com.docker.network.bridge.enable_icc".to_string(),
-                "true".to_string(),
-            )])),
-            ..Default::default()
+            n
         };
-        match c.create_network(req).await {
-            Ok(_) => {
+        if let (Some(cluster), Some(node)) =
+            (spec.labels.get(LABEL_CLUSTER), spec.labels.get(LABEL_NODE))
+        {
+            self.make_spares(c, cluster, node);
+        }
+        if let Some(n) = taken {
+            tracing::info!(network = %spec.network, docker_network = %n, "app network taken from the spares");
+            return Ok(n);
+        }
+        let labels: HashMap<String, String> = [LABEL_CLUSTER, LABEL_NODE, LABEL_APP]
+            .into_iter()
+            .filter_map(|l| Some((l.to_string(), spec.labels.get(l)?.clone())))
+            .collect();
+        match create_network(c, &spec.network, labels).await {
+            Ok(()) => {
                 tracing::info!(network = %spec.network, "app network created");
-                Ok(())
+                Ok(spec.network.clone())
             }
             // Made meanwhile by another start.
             Err(bollard::errors::Error::DockerResponseServerError {
                 status_code: 409, ..
-            }) => Ok(()),
+            }) => Ok(spec.network.clone()),
             Err(e) => Err(refused(format!("create network {}", spec.network))(e)),
         }
     }
+
+    fn nets(&self) -> std::sync::MutexGuard<'_, Nets> {
+        self.nets.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes spares in the background until there are `SPARES`, one at a time.
+    fn make_spares(&self, c: &bollard::Docker, cluster: &str, node: &str) {
+        {
+            let mut nets = self.nets();
+            if nets.making || nets.spare.len() >= SPARES {
+                return;
+            }
+            nets.making = true;
+        }
+        let (c, nets) = (c.clone(), self.nets.clone());
+        let (cluster, node) = (cluster.to_string(), node.to_string());
+        tokio::spawn(async move {
+            loop {
+                let name = format!(
+                    "{}-spare-{:08x}",
+                    network_name(&cluster, &node, "").trim_end_matches('-'),
+                    rand::random::<u32>()
+                );
+                let mut labels = network_labels(&cluster, &node);
+                labels.insert(LABEL_SPARE.to_string(), "1".to_string());
+                let made = create_network(&c, &name, labels).await;
+                let mut n = nets.lock().unwrap_or_else(|p| p.into_inner());
+                match made {
+                    Ok(()) => n.spare.push(name),
+                    Err(e) => {
+                        tracing::debug!(err = %e, "cannot make a spare network");
+                        n.making = false;
+                        return;
+                    }
+                }
+                if n.spare.len() >= SPARES {
+                    n.making = false;
+                    return;
+                }
+            }
+        });
+    }
+
+    /// Finds, once, which spare networks serve which app (from `containers`, all of this
+    /// node's) and which are unused; makes spares up to `SPARES`.
+    async fn recover_nets(
+        &self,
+        c: &bollard::Docker,
+        cluster: &str,
+        node: &str,
+        containers: &[bollard::models::ContainerSummary],
+    ) {
+        use bollard::query_parameters::ListNetworksOptions;
+        if self.nets().recovered {
+            return;
+        }
+        let mut filters = network_labels(cluster, node)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>();
+        filters.push(LABEL_SPARE.to_string());
+        let Ok(spares) = c
+            .list_networks(Some(ListNetworksOptions {
+                filters: Some(HashMap::from([("label".to_string(), filters)])),
+            }))
+            .await
+        else {
+            return;
+        };
+        let spares: Vec<String> = spares.into_iter().filter_map(|n| n.name).collect();
+        let mut serving = HashMap::new();
+        for s in containers {
+            let Some(app) = s.labels.as_ref().and_then(|l| l.get(LABEL_APP)) else {
+                continue;
+            };
+            let on = s
+                .network_settings
+                .as_ref()
+                .and_then(|n| n.networks.as_ref())
+                .into_iter()
+                .flat_map(|n| n.keys());
+            for n in on.filter(|n| spares.contains(n)) {
+                serving.insert(network_name(cluster, node, app), n.clone());
+            }
+        }
+        let mut unused: Vec<String> = spares
+            .into_iter()
+            .filter(|n| !serving.values().any(|s| s == n))
+            .collect();
+        // More than are kept: leftovers of a smaller setting.
+        for n in unused.split_off(unused.len().min(SPARES)) {
+            let _ = c.remove_network(&n).await;
+        }
+        {
+            let mut nets = self.nets();
+            if nets.recovered {
+                return;
+            }
+            nets.serving = serving;
+            nets.spare = unused;
+            nets.recovered = true;
+        }
+        self.make_spares(c, cluster, node);
+    }
+}
+
+/// The labels of this node's networks.
+fn network_labels(cluster: &str, node: &str) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_CLUSTER.to_string(), cluster.to_string()),
+        (LABEL_NODE.to_string(), node.to_string()),
+    ])
+}
+
+/// A bridge network whose containers reach each other.
+async fn create_network(
+    c: &bollard::Docker,
+    name: &str,
+    labels: HashMap<String, String>,
+) -> Result<(), bollard::errors::Error> {
+    let req = bollard::models::NetworkCreateRequest {
+        name: name.to_string(),
+        driver: Some("bridge".into()),
+        labels: Some(labels),
+        options: Some(HashMap::from([(
+            "com.docker.network.bridge.enable_icc".to_string(),
+            "true".to_string(),
+        )])),
+        ..Default::default()
+    };
+    c.create_network(req).await.map(drop)
 }
 
 /// At most this much of a probe's answer is read (its status line is all that counts).
@@ -533,21 +701,38 @@ impl ContainerRuntime for Docker {
 
     async fn prune_networks(&self, cluster: &str, node: &str) -> Result<(), ExecutorError> {
         use bollard::query_parameters::PruneNetworksOptions;
-        let filters = HashMap::from([(
-            "label".to_string(),
-            vec![
-                format!("{LABEL_CLUSTER}={cluster}"),
-                format!("{LABEL_NODE}={node}"),
-            ],
-        )]);
-        self.client()
-            .await?
-            .prune_networks(Some(PruneNetworksOptions {
-                filters: Some(filters),
-            }))
-            .await
-            .map(|_| ())
-            .map_err(refused("prune app networks"))
+        let c = self.client().await?;
+        // Spares are kept; those serving an app are tried one by one (Docker refuses to
+        // remove a network with containers on it).
+        let filters = HashMap::from([
+            (
+                "label".to_string(),
+                vec![
+                    format!("{LABEL_CLUSTER}={cluster}"),
+                    format!("{LABEL_NODE}={node}"),
+                ],
+            ),
+            ("label!".to_string(), vec![LABEL_SPARE.to_string()]),
+        ]);
+        c.prune_networks(Some(PruneNetworksOptions {
+            filters: Some(filters),
+        }))
+        .await
+        .map_err(refused("prune app networks"))?;
+        let serving: Vec<(String, String)> = self.nets().serving.clone().into_iter().collect();
+        for (app_net, n) in serving {
+            match c.remove_network(&n).await {
+                Ok(()) => {}
+                Err(e) if not_found(&e) => {}
+                Err(_) => continue,
+            }
+            tracing::debug!(network = %app_net, docker_network = %n, "app network removed");
+            let mut nets = self.nets();
+            if nets.serving.get(&app_net) == Some(&n) {
+                nets.serving.remove(&app_net);
+            }
+        }
+        Ok(())
     }
 
     async fn list(&self, cluster: &str, node: &str) -> Result<Vec<Observed>, ExecutorError> {
@@ -567,6 +752,7 @@ impl ContainerRuntime for Docker {
             }))
             .await
             .map_err(refused("list containers"))?;
+        self.recover_nets(&c, cluster, node, &summaries).await;
         let mut out = Vec::new();
         for s in summaries {
             let (Some(id), Some(labels)) = (s.id, s.labels) else {
@@ -666,7 +852,7 @@ impl ContainerRuntime for Docker {
 
     async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
         let c = self.client().await?;
-        self.ensure_network(&c, spec).await?;
+        let network = self.ensure_network(&c, spec).await?;
         let host = HostConfig {
             memory: spec.memory_bytes,
             // No swap beyond the memory limit.
@@ -681,7 +867,7 @@ impl ContainerRuntime for Docker {
             security_opt: Some(vec!["no-new-privileges:true".into()]),
             cap_drop: Some(vec!["ALL".into()]),
             cap_add: Some(CAPABILITIES.iter().map(|c| c.to_string()).collect()),
-            network_mode: Some(spec.network.clone()),
+            network_mode: Some(network.clone()),
             // Named volumes, made by the mount when missing, labelled like the container.
             mounts: (!spec.volumes.is_empty()).then(|| {
                 spec.volumes
@@ -739,7 +925,13 @@ impl ContainerRuntime for Docker {
                 body,
             )
             .await
-            .map_err(refused(format!("create container {}", spec.name)))?;
+            .map_err(|e| {
+                // A network removed behind our back is found again (or made) next time.
+                if not_found(&e) {
+                    self.nets().serving.remove(&spec.network);
+                }
+                refused(format!("create container {}", spec.name))(e)
+            })?;
         if let Err(e) = c.start_container(&created.id, None).await {
             // Leave nothing half made behind.
             let _ = self.remove(&created.id).await;
