@@ -850,7 +850,7 @@ impl ContainerRuntime for Docker {
         }
     }
 
-    async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
+    async fn start(&self, spec: &ContainerSpec) -> Result<super::Started, ExecutorError> {
         let c = self.client().await?;
         let network = self.ensure_network(&c, spec).await?;
         let host = HostConfig {
@@ -937,7 +937,14 @@ impl ContainerRuntime for Docker {
             let _ = self.remove(&created.id).await;
             return Err(refused(format!("start container {}", spec.name))(e));
         }
-        Ok(created.id)
+        // Its address, so probing starts now (a failed look only waits for the next pass).
+        let ip = c
+            .inspect_container(&created.id, None::<InspectContainerOptions>)
+            .await
+            .ok()
+            .and_then(|i| i.network_settings?.networks?.remove(&network)?.ip_address)
+            .filter(|ip| !ip.is_empty());
+        Ok(super::Started { id: created.id, ip })
     }
 
     async fn stops(

@@ -313,7 +313,7 @@ impl ContainerRuntime for FakeRuntime {
         })
     }
 
-    async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
+    async fn start(&self, spec: &ContainerSpec) -> Result<super::Started, ExecutorError> {
         let mut inner = self.lock();
         if inner.down {
             return Err(down());
@@ -343,7 +343,10 @@ impl ContainerRuntime for FakeRuntime {
                 exit_code: None,
             },
         );
-        Ok(id)
+        Ok(super::Started {
+            id,
+            ip: Some("10.0.0.2".into()),
+        })
     }
 
     async fn remove(&self, id: &str) -> Result<(), ExecutorError> {

@@ -83,6 +83,14 @@ pub struct ContainerSpec {
     pub volumes: Vec<(String, String)>,
 }
 
+/// A container just started: its id, and its address on the container network (probes
+/// start at once, not at the next pass).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Started {
+    pub id: String,
+    pub ip: Option<String>,
+}
+
 /// A container the runtime reports, identified by its labels.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Observed {
@@ -116,11 +124,11 @@ pub trait ContainerRuntime: images::Images {
         image: &str,
         auth: Option<RegistryAuth>,
     ) -> impl Future<Output = Result<(), ExecutorError>> + Send;
-    /// Creates and starts; returns the container's id.
+    /// Creates and starts; the container's id and address.
     fn start(
         &self,
         spec: &ContainerSpec,
-    ) -> impl Future<Output = Result<String, ExecutorError>> + Send;
+    ) -> impl Future<Output = Result<Started, ExecutorError>> + Send;
     /// Stops (with a grace period) and removes.
     fn remove(&self, id: &str) -> impl Future<Output = Result<(), ExecutorError>> + Send;
     /// Removes this node's app networks that no container uses any more.
@@ -218,7 +226,7 @@ impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {
     async fn pull(&self, image: &str, auth: Option<RegistryAuth>) -> Result<(), ExecutorError> {
         (**self).pull(image, auth).await
     }
-    async fn start(&self, spec: &ContainerSpec) -> Result<String, ExecutorError> {
+    async fn start(&self, spec: &ContainerSpec) -> Result<Started, ExecutorError> {
         (**self).start(spec).await
     }
     async fn remove(&self, id: &str) -> Result<(), ExecutorError> {

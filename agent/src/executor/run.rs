@@ -968,15 +968,28 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             }
         }
         let started = self.rt.start(&spec).await;
+        let mut watch = None;
         let r = self.restarts_of(d);
         match started {
-            Ok(id) => {
+            Ok(started) => {
                 r.started = Some(now);
                 r.first_started_ms.get_or_insert_with(wall_ms);
-                tracing::info!(app = %d.app, replica = d.replica, container = %id, "container started");
+                tracing::info!(app = %d.app, replica = d.replica, container = %started.id, "container started");
                 t.state = TaskState::Starting;
                 t.reason = "started".into();
-                t.container = Some(id);
+                t.container = Some(started.id.clone());
+                t.ip = started.ip.clone();
+                // Probed from now: a replica is ready as soon as it answers.
+                watch = started.ip.is_some().then(|| Observed {
+                    id: started.id,
+                    app: d.app.clone(),
+                    replica: d.replica,
+                    version: d.version.clone(),
+                    running: true,
+                    exit_code: None,
+                    ip: started.ip,
+                    ready: false,
+                });
             }
             Err(e) => {
                 r.failed(now);
@@ -988,6 +1001,9 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         }
         t.restarts = r.count;
         t.version_since_ms = r.first_started_ms.unwrap_or(0);
+        if let Some(o) = watch {
+            self.watch(&o, d);
+        }
         t
     }
 
