@@ -408,12 +408,34 @@ impl Engine {
             .unwrap_or_default()
     }
 
+    /// Its default bridge, and the bridges of its networks (a stopped dockerd leaves them,
+    /// and with them routes to its pool that would shadow another test's).
     fn remove_bridge(&self) {
-        let mut c = Command::new("ip");
-        if let Some(ns) = &self.netns {
-            c.args(["-n", ns]);
+        let ip = || {
+            let mut c = Command::new("ip");
+            if let Some(ns) = &self.netns {
+                c.args(["-n", ns]);
+            }
+            c
+        };
+        let _ = ip().args(["link", "del", &self.bridge]).output();
+        let prefix = format!(
+            "{}.",
+            self.pool.split('.').take(2).collect::<Vec<_>>().join(".")
+        );
+        let addrs = ip()
+            .args(["-o", "-4", "addr", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for l in addrs.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            if let [_, dev, "inet", addr, ..] = f.as_slice() {
+                if dev.starts_with("br-") && addr.starts_with(&prefix) {
+                    let _ = ip().args(["link", "del", dev]).output();
+                }
+            }
         }
-        let _ = c.args(["link", "del", &self.bridge]).output();
     }
 
     /// What a killed engine leaves in containerd: its dead tasks and its containers.
@@ -442,6 +464,7 @@ impl Drop for Engine {
             for id in ids.lines() {
                 let _ = self.try_docker(&["rm", "-f", id]);
             }
+            let _ = self.try_docker(&["network", "prune", "-f"]);
         }
         if let Some(mut child) = self.child.take() {
             let _ = Command::new("kill").arg(child.id().to_string()).status();

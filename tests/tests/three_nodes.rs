@@ -270,8 +270,16 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
     let (asked, failed) = prober.join().unwrap();
     assert!(
         failed.is_empty(),
-        "{} of {asked} probes failed: {failed:?}",
-        failed.len()
+        "{} of {asked} probes failed: {failed:?}\nprobed: {ips:?}\nengines:\n{}",
+        failed.len(),
+        engines
+            .iter()
+            .map(|e| e.docker(&["ps", "-a", "--format", "{{.Names}} {{.Status}} {{.Networks}}"])
+                + &e.docker(&["network", "ls", "--format", "{{.Name}} {{.Labels}}"]))
+            .collect::<Vec<_>>()
+            .join("\n")
+            // Routes: a leftover bridge on the pool's addresses would shadow the node's.
+            + &shoal_e2e::run(std::process::Command::new("ip").arg("route"))
     );
     assert!(asked >= 3 * 20, "only {asked} probes");
     let containers_of = |t: &[Value]| -> BTreeSet<String> {

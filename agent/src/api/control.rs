@@ -29,6 +29,8 @@ pub struct Api {
     pub images: Option<Arc<dyn crate::executor::images::Images>>,
     /// Places for image transfers to peers (`images::serve`): each reads a whole image.
     pub exports: Arc<tokio::sync::Semaphore>,
+    /// Transfers under way, which a peer asking for the same image joins.
+    pub shared: Arc<super::exports::Exports>,
 }
 
 impl Api {
@@ -37,6 +39,7 @@ impl Api {
             h,
             images,
             exports: Arc::new(tokio::sync::Semaphore::new(super::images::MAX_EXPORTS)),
+            shared: Default::default(),
         }
     }
 }

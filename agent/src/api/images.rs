@@ -38,23 +38,31 @@ pub async fn serve(id: &str, peer: &str, api: &Api) -> Response<Body> {
         Ok(_) => return error(StatusCode::NOT_FOUND, format!("no image {id} here")),
         Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e)),
     }
-    let Ok(place) = api.exports.clone().try_acquire_owned() else {
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "every image transfer place is taken: try another node or later",
-        );
+    // A peer that asks while another's transfer of it starts shares its `docker save`.
+    let (archive, joined) = match api.shared.join(id) {
+        Some(a) => (a, true),
+        None => {
+            let Ok(place) = api.exports.clone().try_acquire_owned() else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "every image transfer place is taken: try another node or later",
+                );
+            };
+            let archive = match images.save(id).await {
+                Ok(a) => a,
+                Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e)),
+            };
+            // Docker's stream comes in pieces of a few KiB; the place is held until the
+            // last byte is read or every peer reading it went away.
+            let archive = crate::executor::images::coalesce(archive, COALESCE);
+            (api.shared.start(id, archive, place), false)
+        }
     };
-    let archive = match images.save(id).await {
-        Ok(a) => a,
-        Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, crate::error_chain(&e)),
-    };
-    tracing::info!(image = %id, %peer, "sending an image to a peer");
-    // Read on a task of its own (the runtime's stream is not `Sync`); the place is held
-    // until the last byte is sent or the peer goes away.
+    tracing::info!(image = %id, %peer, joined, "sending an image to a peer");
+    // Read on a task of its own (the stream is not `Sync`, as a body must be).
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, String>>(8);
-    let mut archive = crate::executor::images::coalesce(archive, COALESCE);
+    let mut archive = archive;
     tokio::spawn(async move {
-        let _place = place;
         while let Some(chunk) = archive.next().await {
             let failed = chunk.is_err();
             if tx.send(chunk.map_err(|e| e.to_string())).await.is_err() || failed {

@@ -8,6 +8,7 @@
 
 pub mod apps;
 pub mod control;
+pub mod exports;
 pub mod images;
 pub mod metrics;
 pub mod nodes;

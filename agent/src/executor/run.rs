@@ -747,8 +747,8 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 tracing::warn!(container = %o.id, err = %e, "cannot remove container");
             }
         }
-        if !p.extra.is_empty() {
-            // An app gone from this node leaves its network behind.
+        if !p.extra.is_empty() || !p.stopped.is_empty() {
+            // An app gone from this node (or a job done) leaves its network behind.
             if let Err(e) = self.rt.prune_networks(&self.cluster, &self.me).await {
                 tracing::warn!(err = %e, "cannot remove unused app networks");
             }
