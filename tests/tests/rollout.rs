@@ -428,6 +428,17 @@ fn a_job_runs_to_completion_once_and_a_failing_one_stops_retrying() {
             .contains("exited with code 3 after 2 runs: no retries left"),
         "{s}"
     );
+    // Its owner says a job failed, not that a rollout failed and is rolled back.
+    converge(&[&a], "the job's failure logged", || {
+        a.log()
+            .lines()
+            .any(|l| l.contains("job failed") && l.contains("app=flaky"))
+            .then_some(())
+    });
+    assert!(
+        !a.log().contains("rollback=true"),
+        "a job was said to roll back"
+    );
     let r = a
         .put_app(
             "bad",

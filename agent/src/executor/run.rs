@@ -398,6 +398,10 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 Outcome::Complete => {
                     tracing::info!(app = %app.spec.name, revision = %verdict.revision, "rollout complete")
                 }
+                // A job that failed is never rolled back: it ran once, as asked.
+                Outcome::Failed if app.spec.is_job() => {
+                    tracing::warn!(app = %app.spec.name, revision = %verdict.revision, reason = %verdict.reason, "job failed")
+                }
                 Outcome::Failed => {
                     tracing::warn!(app = %app.spec.name, revision = %verdict.revision, reason = %verdict.reason, rollback = app.spec.update_policy().rollback, "rollout failed")
                 }
