@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod discovery;
 pub mod executor;
 pub mod identity;
+pub mod ingress;
 pub mod membership;
 pub mod node;
 pub mod peer;
