@@ -37,6 +37,30 @@ impl Default for Listen {
     }
 }
 
+/// `[ingress]`: the front door on `listen.http`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Ingress {
+    /// Apps answer to `<app>.<domain>` besides their `expose.hosts`. The default,
+    /// `localhost`, resolves to this machine in curl and browsers (RFC 6761): on a node
+    /// started by `qemu/run`, `http://APP.localhost:8080/`.
+    pub domain: String,
+    /// The largest request body passed to an app (413 beyond).
+    pub max_body_bytes: u64,
+    /// How long a replica has to start its answer (504 after).
+    pub answer_timeout_ms: u64,
+}
+
+impl Default for Ingress {
+    fn default() -> Self {
+        Ingress {
+            domain: "localhost".into(),
+            max_body_bytes: 64 << 20,
+            answer_timeout_ms: 60_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Docker {
@@ -112,6 +136,7 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     pub listen: Listen,
     pub docker: Docker,
+    pub ingress: Ingress,
     pub discovery: Discovery,
     pub sync: SyncConfig,
     pub membership: MembershipConfig,
@@ -128,6 +153,7 @@ impl Default for AgentConfig {
             labels: BTreeMap::new(),
             listen: Listen::default(),
             docker: Docker::default(),
+            ingress: Ingress::default(),
             discovery: Discovery::default(),
             sync: SyncConfig::default(),
             membership: MembershipConfig::default(),

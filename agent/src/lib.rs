@@ -11,6 +11,7 @@ pub mod config;
 pub mod daemon;
 pub mod discovery;
 pub mod executor;
+pub mod http;
 pub mod identity;
 pub mod ingress;
 pub mod membership;

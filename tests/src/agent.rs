@@ -79,6 +79,8 @@ impl AgentBuilder {
         };
         cfg.listen.status = ([127, 0, 0, 1], status).into();
         cfg.listen.api = ([127, 0, 0, 1], api).into();
+        cfg.listen.http = ([127, 0, 0, 1], free_port()).into();
+        cfg.listen.https = ([127, 0, 0, 1], free_port()).into();
         cfg.discovery.mdns = false;
         cfg.discovery.retry_join_ms = 500;
         cfg.docker.enabled = false;
@@ -113,6 +115,8 @@ impl AgentBuilder {
     pub fn in_netns(mut self, host: &netns::Host) -> AgentBuilder {
         self.cfg.listen.status = ([0, 0, 0, 0], 7070).into();
         self.cfg.listen.api = ([0, 0, 0, 0], 7443).into();
+        self.cfg.listen.http = ([0, 0, 0, 0], 80).into();
+        self.cfg.listen.https = ([0, 0, 0, 0], 443).into();
         self.ports = (7070, 7443);
         self.cfg.discovery.mdns = true;
         self.cfg.discovery.retry_join_ms = 1000;
@@ -156,6 +160,7 @@ impl AgentBuilder {
             dir,
             status_port: cfg.listen.status.port(),
             api_port: cfg.listen.api.port(),
+            http_port: cfg.listen.http.port(),
             token,
             bundle,
             netns: self.netns,
@@ -188,6 +193,8 @@ pub struct Agent {
     pub dir: PathBuf,
     pub status_port: u16,
     pub api_port: u16,
+    /// The ingress.
+    pub http_port: u16,
     pub token: String,
     pub bundle: PathBuf,
     /// The network namespace the agent runs in, if any.

@@ -168,8 +168,7 @@ impl Node {
     }
 
     /// From inside a second app's container on the node: the metadata address, the agent's
-    /// ports and `web`'s container do not answer, while the node's ingress port does (it
-    /// refuses: nothing listens there yet). The probe's exit code carries what it found
+    /// ports and `web`'s container do not answer, while the node's ingress port does. The probe's exit code carries what it found
     /// (100 + one bit per thing that answered when it must not), read from its task record.
     fn containers_are_tenants(&self, web: &str) {
         let tasks = get(self.ports[0], "/v1/tasks").unwrap().json();
@@ -370,6 +369,27 @@ fn the_image_boots_serves_its_status_powers_off_cleanly_and_keeps_its_identity()
             .any(|t| t["app"] == "pulled" && t["ready"] == true)
             .then_some(())
     });
+    // And it answers through the node's ingress, on the port qemu/run forwards to the
+    // guest's :80, by its name under the default domain.
+    let url = format!("http://127.0.0.1:{}/", node.ports[2]);
+    let page = wait_for(BOOT, "pulled through the ingress", || {
+        shoal_e2e::curl(
+            None,
+            "GET",
+            &url,
+            &[("Host", "pulled.localhost")],
+            b"",
+            None,
+            None,
+        )
+        .ok()
+        .filter(|r| r.status == 200)
+    });
+    assert!(
+        page.text().contains("hello from busybox"),
+        "{}",
+        page.text()
+    );
     let r = node.api("DELETE", "/v1/apps/pulled", b"");
     assert_eq!(r.status, 200, "{}", r.text());
     drop(registry);

@@ -184,7 +184,11 @@ pub async fn render(h: &Handle) -> String {
     let c = &h.counters;
     for m in CONNECTIONS {
         head(&mut out, m.name, m.kind, m.help);
-        for (listener, conns) in [("status", &c.status_conns), ("api", &c.api_conns)] {
+        for (listener, conns) in [
+            ("status", &c.status_conns),
+            ("api", &c.api_conns),
+            ("ingress", &c.ingress_conns),
+        ] {
             let _ = writeln!(
                 out,
                 "{}{{listener=\"{listener}\"}} {}",

@@ -313,6 +313,8 @@ fn security(
 pub struct Parts<R> {
     pub status_listener: TcpListener,
     pub api_listener: TcpListener,
+    /// The ingress (`listen.http`).
+    pub http_listener: TcpListener,
     /// `/etc/machine-id`'s text, which names the node when the config does not.
     pub machine_id: Option<String>,
     pub mdns: Option<Arc<Mdns>>,
@@ -326,6 +328,7 @@ pub struct Parts<R> {
 pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let status_listener = bind(cfg.listen.status).await?;
     let api_listener = bind(cfg.listen.api).await?;
+    let http_listener = bind(cfg.listen.http).await?;
     let mdns = if cfg.discovery.mdns {
         match Mdns::start() {
             Ok(m) => Some(Arc::new(m)),
@@ -347,6 +350,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     let parts = Parts {
         status_listener,
         api_listener,
+        http_listener,
         machine_id: std::fs::read_to_string("/etc/machine-id").ok(),
         mdns,
         runtime,
@@ -363,6 +367,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     let Parts {
         status_listener,
         api_listener,
+        http_listener,
         machine_id,
         mdns,
         runtime,
@@ -431,7 +436,23 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
             idle: Duration::from_millis(cfg.listen.idle_timeout_ms.max(100)),
         },
     };
+    let conn_limits = endpoints.limits;
     endpoints.serve(api_ctx, &counters, &tracker, &shutdown);
+    crate::ingress::start(
+        crate::ingress::Ingress {
+            listener: http_listener,
+            domain: cfg.ingress.domain.clone(),
+            limits: crate::ingress::proxy::Limits {
+                max_body: cfg.ingress.max_body_bytes,
+                answer_within: Duration::from_millis(cfg.ingress.answer_timeout_ms.max(1)),
+            },
+            conns: conn_limits,
+            counters: counters.ingress_conns.clone(),
+        },
+        h.clone(),
+        &tracker,
+        &shutdown,
+    );
     tracker.spawn(watch_clock(h.clone(), shutdown.clone()));
     discover(&h, &cfg, mdns.as_ref(), &advertise, &tracker, &shutdown);
 

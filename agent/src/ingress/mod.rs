@@ -1,5 +1,106 @@
-//! The ingress: every node a front door for every app (`listen.http`, `listen.https`).
-//! `routes` decides which app answers a Host and where its ready replicas are, from the
-//! replicated state alone.
+//! The ingress: every node a front door for every app (`listen.http`). `routes` decides
+//! which app answers a Host and where its ready replicas are, from the replicated state
+//! alone; `proxy` passes requests on. The table is rebuilt when apps, tasks or members
+//! change, and read by every request.
 
+pub mod proxy;
 pub mod routes;
+
+use crate::state::records::{self, TaskState};
+use crate::state::{ConnCounters, Handle};
+use crate::store::entry::Keyspace;
+use routes::Table;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast::error::RecvError, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// What the ingress of one node needs besides the node's state.
+pub struct Ingress {
+    pub listener: TcpListener,
+    /// Apps answer to `<app>.<domain>` besides their `expose.hosts`.
+    pub domain: String,
+    pub limits: proxy::Limits,
+    pub conns: crate::http::Limits,
+    pub counters: Arc<ConnCounters>,
+}
+
+/// Serves the ingress until `shutdown`.
+pub fn start(i: Ingress, h: Handle, tracker: &TaskTracker, shutdown: &CancellationToken) {
+    let (tx, rx) = watch::channel(Arc::new(Table::default()));
+    tracker.spawn(keep_table(h, i.domain, tx, shutdown.clone()));
+    let p = Arc::new(proxy::Proxy::new(rx, i.limits));
+    tracker.spawn(crate::http::serve(
+        i.listener,
+        None,
+        i.conns,
+        i.counters,
+        move |req, conn| proxy::handle(req, conn, p.clone()),
+        shutdown.clone(),
+        tracker.clone(),
+    ));
+}
+
+/// The route table as this node sees the cluster now.
+async fn table(h: &Handle, domain: &str) -> Option<Table> {
+    let members = h.snapshot().await.ok()?.members;
+    let live = |n: &str| {
+        members
+            .iter()
+            .any(|m| m.id.as_str() == n && m.state.is_live())
+    };
+    let apps = records::apps(&h.store);
+    // A task recorded by an earlier run of its node's agent says nothing about now.
+    let started: std::collections::HashMap<String, u64> = records::nodes(&h.store)
+        .into_iter()
+        .map(|n| (n.id, n.started_at_ms))
+        .collect();
+    let mut tasks = records::tasks(&h.store, "");
+    tasks.retain(|t| {
+        t.ready
+            && t.state == TaskState::Running
+            && started.get(&t.node) == Some(&t.agent_started_ms)
+    });
+    Some(routes::build(&apps, &tasks, h.me.id.as_str(), domain, live))
+}
+
+/// Rebuilds the table whenever apps, tasks, nodes or members change.
+async fn keep_table(
+    h: Handle,
+    domain: String,
+    tx: watch::Sender<Arc<Table>>,
+    shutdown: CancellationToken,
+) {
+    let mut changes = h.subscribe();
+    let mut members = h.members.clone();
+    let mut clashes = Vec::new();
+    loop {
+        if let Some(t) = table(&h, &domain).await {
+            if t.clashes != clashes {
+                for (host, keeper, others) in &t.clashes {
+                    tracing::warn!(%host, %keeper, others = ?others, "more than one app claims a host: the first by name keeps it");
+                }
+                clashes = t.clashes.clone();
+            }
+            tx.send_replace(Arc::new(t));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = members.changed() => if m.is_err() {
+                return;
+            },
+            c = changes.recv() => match c {
+                Ok(c) if !matches!(
+                    c.entry.key.keyspace(),
+                    Keyspace::Apps | Keyspace::Tasks | Keyspace::Nodes
+                ) => continue,
+                Ok(_) | Err(RecvError::Lagged(_)) => {
+                    // Everything already queued makes one rebuild.
+                    while changes.try_recv().is_ok() {}
+                }
+                Err(RecvError::Closed) => return,
+            },
+        }
+    }
+}

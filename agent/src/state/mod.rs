@@ -75,9 +75,10 @@ pub struct Counters {
     pub join_refused: AtomicU64,
     /// Nodes of other clusters seen over mDNS (each counted once).
     pub mdns_foreign: AtomicU64,
-    /// Connections of the status and API listeners: open, shed, closed for idling.
+    /// Connections of the status, API and ingress listeners: open, shed, closed for idling.
     pub status_conns: Arc<ConnCounters>,
     pub api_conns: Arc<ConnCounters>,
+    pub ingress_conns: Arc<ConnCounters>,
 }
 
 /// Connections a listener shed (over its cap) and closed for idling, for `/metrics`.

@@ -1,0 +1,331 @@
+//! The serve loop every listener of the agent shares (status, API, ingress): HTTP/1.1 and
+//! HTTP/2 (h2 over TLS by ALPN, h2c with prior knowledge in the clear), upgrades allowed,
+//! graceful shutdown.
+//!
+//! Every client may be hostile, so a listener holds at most `Limits::max_conns` connections
+//! (beyond: a plain 503, or a closed TLS connection), closes a connection that has moved no
+//! byte for `Limits::idle` while no request is being handled (idle keep-alive, a client that
+//! never sends its first byte or never finishes its TLS handshake or headers), and counts both.
+
+use crate::state::{ConnCounters, Counters};
+use bytes::Bytes;
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub type Body = BoxBody<Bytes, std::io::Error>;
+
+/// At most the first 120 bytes of a client's text, for log fields: every line of a request's
+/// span repeats them.
+pub fn short(s: &str) -> &str {
+    let mut end = s.len().min(120);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+pub fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|never| match never {}).boxed()
+}
+
+/// Who is on the other end of a request's connection.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    pub remote: SocketAddr,
+    /// The node id of a verified cluster client certificate, if one was presented.
+    pub peer: Option<Arc<str>>,
+}
+
+/// TLS for a listener, and where its refusals are counted.
+#[derive(Clone)]
+pub struct TlsListener {
+    pub acceptor: TlsAcceptor,
+    pub counters: Arc<Counters>,
+}
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What one listener holds at most.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_conns: usize,
+    /// A connection that moves no byte this long, with no request being handled, is closed.
+    pub idle: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_conns: 1024,
+            idle: Duration::from_secs(30),
+        }
+    }
+}
+
+/// When a connection last moved a byte, and how many of its requests are being handled.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Arc<Activity> {
+        Arc::new(Activity {
+            start: crate::clock::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        })
+    }
+
+    fn touch(&self) {
+        self.last_ms
+            .store(self.start.elapsed().as_millis() as u64, Relaxed);
+    }
+
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Relaxed))
+    }
+}
+
+/// A stream that records its activity.
+struct Tracked<S> {
+    inner: S,
+    act: Arc<Activity>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(r, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.act.touch();
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.act.touch();
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Resolves once the connection has moved no byte for `idle` with nothing in flight.
+async fn idled(act: &Activity, idle: Duration) {
+    loop {
+        let due = act.last() + idle;
+        if crate::clock::now() >= due && act.in_flight.load(Relaxed) == 0 {
+            return;
+        }
+        // While a request is in hand past the deadline, look again once a second.
+        tokio::time::sleep_until(due.max(crate::clock::now() + Duration::from_secs(1))).await;
+    }
+}
+
+/// The answer to a plain connection over the listener's cap.
+fn overloaded() -> Vec<u8> {
+    let body = "{\"error\": \"too many connections to this listener; try again later\"}\n";
+    format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\nRetry-After: 1\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+/// Accepts connections until `shutdown`, serving HTTP/1.1 and HTTP/2 with `handler`: in TLS
+/// (ALPN h2 or http/1.1) when `tls` is given, else in the clear (also h2c with prior knowledge).
+#[allow(clippy::too_many_arguments)]
+pub async fn serve<H, F>(
+    listener: TcpListener,
+    tls: Option<TlsListener>,
+    limits: Limits,
+    counters: Arc<ConnCounters>,
+    handler: H,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) where
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_conns));
+    loop {
+        let (stream, remote) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(err = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            counters.shed.fetch_add(1, Relaxed);
+            if tls.is_none() {
+                // A plain client is told; a TLS one would first cost us a handshake.
+                tracker.spawn(async move {
+                    let mut stream = stream;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        stream.write_all(&overloaded()),
+                    )
+                    .await;
+                });
+            }
+            continue;
+        };
+        let h = handler.clone();
+        let stop = shutdown.clone();
+        let tls = tls.clone();
+        let counters = counters.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            counters.open.fetch_add(1, Relaxed);
+            let act = Activity::new();
+            act.touch();
+            let stream = Tracked {
+                inner: stream,
+                act: act.clone(),
+            };
+            let ctx = ConnCtx {
+                stop,
+                act,
+                idle: limits.idle,
+                counters: counters.clone(),
+            };
+            let Some(tls) = tls else {
+                let conn = Conn { remote, peer: None };
+                serve_conn(TokioIo::new(stream), h, conn, ctx).await;
+                counters.open.fetch_sub(1, Relaxed);
+                return;
+            };
+            let accepted =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.acceptor.accept(stream)).await;
+            counters.open.fetch_sub(1, Relaxed);
+            let stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let reason = crate::tls::Refusal::of(&e);
+                    tls.counters.refused(reason);
+                    tracing::warn!(
+                        %remote,
+                        reason = reason.label(),
+                        err = %e,
+                        "TLS connection refused"
+                    );
+                    return;
+                }
+                Err(_) => {
+                    tls.counters.refused(crate::tls::Refusal::Other);
+                    tracing::warn!(%remote, "TLS connection refused: no handshake within 5 s");
+                    return;
+                }
+            };
+            Counters::inc(&tls.counters.tls_handshakes);
+            let peer = crate::tls::peer_node_id(stream.get_ref().1.peer_certificates());
+            let conn = Conn {
+                remote,
+                peer: peer.map(Arc::from),
+            };
+            counters.open.fetch_add(1, Relaxed);
+            serve_conn(TokioIo::new(stream), h, conn, ctx).await;
+            counters.open.fetch_sub(1, Relaxed);
+        });
+    }
+}
+
+/// What one connection's serving needs besides its stream and handler.
+struct ConnCtx {
+    stop: CancellationToken,
+    act: Arc<Activity>,
+    idle: Duration,
+    counters: Arc<ConnCounters>,
+}
+
+async fn serve_conn<I, H, F>(io: I, h: H, conn: Conn, ctx: ConnCtx)
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    H: Fn(Request<Incoming>, Conn) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let ConnCtx {
+        stop,
+        act,
+        idle,
+        counters,
+    } = ctx;
+    let in_service = act.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let h = h.clone();
+        let conn = conn.clone();
+        let act = in_service.clone();
+        async move {
+            // A handler that takes its time (a long image load) keeps its connection.
+            act.in_flight.fetch_add(1, Relaxed);
+            let resp = h(req, conn).await;
+            act.in_flight.fetch_sub(1, Relaxed);
+            act.touch();
+            Ok::<_, Infallible>(resp)
+        }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10));
+    builder.http2().timer(TokioTimer::new());
+    // Upgrades (WebSocket through the ingress) are handed to the handler.
+    let conn = builder.serve_connection_with_upgrades(io, svc);
+    tokio::pin!(conn);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = idled(&act, idle) => {
+            counters.idle_closed.fetch_add(1, Relaxed);
+        }
+        _ = stop.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
