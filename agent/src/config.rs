@@ -223,6 +223,12 @@ impl AgentConfig {
         if self.docker.socket.to_str().is_none() {
             return Err(ConfigError::Invalid("docker.socket must be UTF-8".into()));
         }
+        let d = &self.ingress.domain;
+        if crate::ingress::routes::normalize(d).as_ref() != Some(d) || d.contains(':') {
+            return Err(ConfigError::Invalid(format!(
+                "ingress.domain {d:?}: a lowercase DNS name (apps answer to <app>.<domain>)"
+            )));
+        }
         if self.sync.fanout == 0 {
             return Err(ConfigError::Invalid(
                 "sync.fanout must be at least 1".into(),
@@ -328,6 +334,20 @@ mdns = true
         assert!(AgentConfig::from_toml("node_id = \"a b\"").is_err());
         assert!(AgentConfig::from_toml("peers = [\"nohost\"]").is_err());
         assert!(AgentConfig::from_toml("[listen]\napi = \"nope\"").is_err());
+        for d in [
+            "bad domain",
+            "Example.com",
+            "10.0.0.1",
+            "a..b",
+            "x.com:80",
+            "",
+        ] {
+            let e = AgentConfig::from_toml(&format!("[ingress]\ndomain = {d:?}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("ingress.domain"), "{d}: {e}");
+        }
+        assert!(AgentConfig::from_toml("[ingress]\ndomain = \"apps.example.com\"").is_ok());
         assert!(
             AgentConfig::from_toml("[membership]\nprobe_rtt_ms = 900\nprobe_period_ms = 500")
                 .is_err()
