@@ -1,7 +1,8 @@
 //! The ingress of one node against the host's real dockerd: requests routed by Host to the
 //! app's ready replicas over HTTP/1.1 and h2c, spread over them, with the client's address,
 //! the original host and the scheme passed on; an unknown host, a request without one and an
-//! app with no ready replica answered by the proxy itself.
+//! app with no ready replica answered by the proxy itself; a node without a replica passes
+//! the request to one that has it, over the members' mutual TLS.
 
 use shoal_e2e::docker::*;
 use shoal_e2e::{busybox_image, Agent, BUSYBOX};
@@ -160,4 +161,84 @@ fn the_ingress_routes_by_host_to_ready_replicas_and_says_who_asked() {
     });
     let (status, _, body) = through(&a, "never.localhost", "/", &[]);
     assert_eq!((status, body.trim()), (503, "never has no ready replica"));
+}
+
+#[test]
+fn a_node_without_a_replica_passes_the_request_to_one_that_has_it() {
+    shoal_e2e::netns::require_root();
+    let archive = busybox_image();
+    let root = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup::for_agents_in(root.path());
+    let mut nodes: Vec<Agent> = [("n1", "edge"), ("n2", "web")]
+        .iter()
+        .map(|(id, role)| {
+            Agent::configure(
+                root.path(),
+                id,
+                &[],
+                &format!(
+                    "labels = {{ role = \"{role}\" }}\n[docker]\nenabled = true\nreconcile_ms = 300\n"
+                ),
+            )
+        })
+        .collect();
+    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
+    for a in &mut nodes {
+        a.set_peers(&ports);
+        a.spawn();
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    converge(&[n1, n2], "two members and their records", || {
+        nodes
+            .iter()
+            .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
+            .then_some(())
+    });
+    let r = write(n2, "POST", "/v1/images", &std::fs::read(&archive).unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+    deploy(
+        n1,
+        "web",
+        &echo_spec("web", 1, "constraints = [\"role=web\"]\n"),
+    );
+    converge(&[n1, n2], "web ready on n2", || {
+        tasks(n1, "web")
+            .first()
+            .filter(|t| t["node"] == "n2" && t["ready"] == true)
+            .map(|_| ())
+    });
+
+    // Asked of n1, answered by n2's replica; the client's address is the one the app sees
+    // (n1's hop adds none), and the hop's mark stays between the nodes.
+    let (status, _, body) = converge(&[n1, n2], "web through n1", || {
+        let r = through(
+            n1,
+            "web.localhost",
+            "/cgi-bin/env",
+            &["-H", "X-Forwarded-For: 203.0.113.9"],
+        );
+        (r.0 == 200).then_some(r)
+    });
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("HTTP_X_FORWARDED_FOR=203.0.113.9, 127.0.0.1\n")
+            && body.contains("HTTP_X_FORWARDED_HOST=web.localhost")
+            && !body.to_ascii_lowercase().contains("shoal_hop"),
+        "{body}"
+    );
+    // HTTP/2 from the client, across the hop.
+    let (status, version, _) = through(n1, "web.localhost", "/", &["--http2-prior-knowledge"]);
+    assert_eq!((status, version.as_str()), (200, "2"));
+
+    // Only a member passes requests on: a client of n2's API with the mark is refused.
+    let r = n2
+        .api(
+            "GET",
+            "/cgi-bin/env",
+            &[("x-shoal-hop", "web.localhost")],
+            b"",
+            None,
+        )
+        .unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
 }

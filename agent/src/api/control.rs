@@ -31,6 +31,8 @@ pub struct Api {
     pub exports: Arc<tokio::sync::Semaphore>,
     /// Transfers under way, which a peer asking for the same image joins.
     pub shared: Arc<super::exports::Exports>,
+    /// The node's ingress, for requests other nodes pass on.
+    pub ingress: Option<Arc<crate::ingress::proxy::Proxy>>,
 }
 
 impl Api {
@@ -40,6 +42,7 @@ impl Api {
             images,
             exports: Arc::new(tokio::sync::Semaphore::new(super::images::MAX_EXPORTS)),
             shared: Default::default(),
+            ingress: None,
         }
     }
 }
@@ -52,6 +55,25 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Bo
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     if path == JOIN_PATH && method == Method::POST {
         return join(req, &conn, h).await;
+    }
+    // A request another node's ingress passed on: only a member may, and it goes to this
+    // node's replicas, whatever its path.
+    if req.headers().contains_key(crate::ingress::proxy::HOP) {
+        let (Some(peer), Some(proxy)) = (conn.peer.as_deref(), api.ingress.clone()) else {
+            return drain_then(
+                req,
+                error(StatusCode::FORBIDDEN, "only a member passes requests on"),
+            )
+            .await;
+        };
+        if NodeId::new(peer).is_ok_and(|n| h.is_revoked(&n)) {
+            return drain_then(
+                req,
+                error(StatusCode::FORBIDDEN, "evicted nodes pass nothing on"),
+            )
+            .await;
+        }
+        return crate::ingress::proxy::handle_hop(req, proxy).await;
     }
     if path.starts_with("/peer/") {
         let Some(peer) = conn.peer.clone() else {

@@ -437,8 +437,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         },
     };
     let conn_limits = endpoints.limits;
-    endpoints.serve(api_ctx, &counters, &tracker, &shutdown);
-    crate::ingress::start(
+    let proxy = crate::ingress::start(
         crate::ingress::Ingress {
             listener: http_listener,
             domain: cfg.ingress.domain.clone(),
@@ -453,6 +452,9 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         &tracker,
         &shutdown,
     );
+    let mut api_ctx = api_ctx;
+    api_ctx.ingress = Some(proxy);
+    endpoints.serve(api_ctx, &counters, &tracker, &shutdown);
     tracker.spawn(watch_clock(h.clone(), shutdown.clone()));
     discover(&h, &cfg, mdns.as_ref(), &advertise, &tracker, &shutdown);
 

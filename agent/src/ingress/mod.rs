@@ -26,20 +26,29 @@ pub struct Ingress {
     pub counters: Arc<ConnCounters>,
 }
 
-/// Serves the ingress until `shutdown`.
-pub fn start(i: Ingress, h: Handle, tracker: &TaskTracker, shutdown: &CancellationToken) {
+/// Serves the ingress until `shutdown`; the proxy, which also serves the requests other
+/// nodes pass on (`proxy::handle_hop`, from the API listener).
+pub fn start(
+    i: Ingress,
+    h: Handle,
+    tracker: &TaskTracker,
+    shutdown: &CancellationToken,
+) -> Arc<proxy::Proxy> {
     let (tx, rx) = watch::channel(Arc::new(Table::default()));
+    let tls = h.tls.client.clone();
     tracker.spawn(keep_table(h, i.domain, tx, shutdown.clone()));
-    let p = Arc::new(proxy::Proxy::new(rx, i.limits));
+    let p = Arc::new(proxy::Proxy::new(rx, i.limits, Some(tls)));
+    let serving = p.clone();
     tracker.spawn(crate::http::serve(
         i.listener,
         None,
         i.conns,
         i.counters,
-        move |req, conn| proxy::handle(req, conn, p.clone()),
+        move |req, conn| proxy::handle(req, conn, serving.clone()),
         shutdown.clone(),
         tracker.clone(),
     ));
+    p
 }
 
 /// The route table as this node sees the cluster now.
@@ -52,17 +61,29 @@ async fn table(h: &Handle, domain: &str) -> Option<Table> {
     };
     let apps = records::apps(&h.store);
     // A task recorded by an earlier run of its node's agent says nothing about now.
-    let started: std::collections::HashMap<String, u64> = records::nodes(&h.store)
-        .into_iter()
-        .map(|n| (n.id, n.started_at_ms))
+    let nodes = records::nodes(&h.store);
+    let started: std::collections::HashMap<&str, u64> = nodes
+        .iter()
+        .map(|n| (n.id.as_str(), n.started_at_ms))
+        .collect();
+    let addrs: std::collections::BTreeMap<String, String> = nodes
+        .iter()
+        .map(|n| (n.id.clone(), n.addr.clone()))
         .collect();
     let mut tasks = records::tasks(&h.store, "");
     tasks.retain(|t| {
         t.ready
             && t.state == TaskState::Running
-            && started.get(&t.node) == Some(&t.agent_started_ms)
+            && started.get(t.node.as_str()) == Some(&t.agent_started_ms)
     });
-    Some(routes::build(&apps, &tasks, h.me.id.as_str(), domain, live))
+    Some(routes::build(
+        &apps,
+        &tasks,
+        h.me.id.as_str(),
+        domain,
+        live,
+        &addrs,
+    ))
 }
 
 /// Rebuilds the table whenever apps, tasks, nodes or members change.

@@ -4,6 +4,12 @@
 //! and scheme passed on (`X-Forwarded-For/Proto/Host`, `Forwarded`) and hop-by-hop headers
 //! dropped both ways (RFC 9110 §7.6.1). A replica that refuses the connection is tried once
 //! more elsewhere when the request is idempotent and has no body.
+//!
+//! An app with no ready replica here is reached through a node that has one: the request
+//! goes on over the cluster's mutual TLS (HTTP/2 to that node's API listener, pooled), marked
+//! with `x-shoal-hop` (the host it was for), its forwarding headers already written by the
+//! first node so the client's address survives the hop. Only a member's connection may carry
+//! the mark, and a hop is passed to this node's own replicas only: never on again.
 
 use super::routes::{Route, Table};
 use crate::http::{full, Body, Conn};
@@ -42,16 +48,29 @@ impl Default for Limits {
     }
 }
 
+/// The mark of a request another node passed on: the host it was for.
+pub const HOP: &str = "x-shoal-hop";
+
+type HopClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>;
+
 pub struct Proxy {
     table: watch::Receiver<Arc<Table>>,
     client: Client<HttpConnector, UpBody>,
+    /// To other nodes' API listeners, as a member.
+    hop: Option<HopClient>,
     /// Requests in flight per replica, for the choice between two.
     inflight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
     limits: Limits,
 }
 
 impl Proxy {
-    pub fn new(table: watch::Receiver<Arc<Table>>, limits: Limits) -> Proxy {
+    /// A proxy reading `table`; with `tls` (this node's member client configuration), it
+    /// reaches replicas on other nodes too.
+    pub fn new(
+        table: watch::Receiver<Arc<Table>>,
+        limits: Limits,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Proxy {
         let mut http = HttpConnector::new();
         http.set_nodelay(true);
         http.set_connect_timeout(Some(Duration::from_secs(2)));
@@ -60,10 +79,25 @@ impl Proxy {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
-            .build(http);
+            .build(http.clone());
+        let hop = tls.map(|tls| {
+            http.enforce_http(false);
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*tls).clone())
+                .https_only()
+                .enable_http2()
+                .wrap_connector(http);
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .http2_only(true)
+                .http2_keep_alive_interval(Duration::from_secs(10))
+                .build(https)
+        });
         Proxy {
             table,
             client,
+            hop,
             inflight: Mutex::new(HashMap::new()),
             limits,
         }
@@ -212,6 +246,33 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
         Ok(h) => h,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
+    let (mut parts, body) = req.into_parts();
+    add_forwarded(&mut parts.headers, conn.remote.ip(), &host, "http");
+    pass(parts, body, host, &proxy, true).await
+}
+
+/// Serves a request another node passed on (marked `HOP`, on a member's connection): to
+/// this node's replicas only, its forwarding headers as that node wrote them.
+pub async fn handle_hop(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<Body> {
+    let (mut parts, body) = req.into_parts();
+    let host = match parts
+        .headers
+        .remove(HOP)
+        .map(|v| v.to_str().map(str::to_string))
+    {
+        Some(Ok(h)) => h,
+        _ => return plain(StatusCode::BAD_REQUEST, "a hop names the host it is for"),
+    };
+    pass(parts, body, host, &proxy, false).await
+}
+
+async fn pass(
+    mut parts: hyper::http::request::Parts,
+    body: Incoming,
+    host: String,
+    proxy: &Proxy,
+    may_hop: bool,
+) -> Response<Body> {
     let route = proxy.table.borrow().route(&host);
     let Some(route) = route else {
         return plain(
@@ -219,8 +280,8 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
             format!("no app answers to {}", crate::http::short(&host)),
         );
     };
-    let declared = req
-        .headers()
+    let declared = parts
+        .headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
@@ -230,30 +291,27 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
             format!("the body is over {} bytes", proxy.limits.max_body),
         );
     }
-    let Some(first) = proxy.pick(&route, None) else {
-        let why = if route.remote.is_empty() {
-            format!("{} has no ready replica", route.app)
-        } else {
-            format!(
-                "{} has no ready replica on this node (it runs on {})",
-                route.app,
-                route.remote.join(", ")
-            )
-        };
-        return plain(StatusCode::SERVICE_UNAVAILABLE, why);
-    };
-    let (mut parts, body) = req.into_parts();
     let bodiless =
         declared.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     let retry = bodiless && idempotent(&parts.method);
     strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::HOST) {
-        if let Ok(v) = HeaderValue::from_str(&host) {
-            parts.headers.insert(header::HOST, v);
-        }
+    if let Ok(v) = HeaderValue::from_str(&host) {
+        parts.headers.insert(header::HOST, v);
     }
-    add_forwarded(&mut parts.headers, conn.remote.ip(), &host, "http");
     let body: UpBody = Limited::new(body, proxy.limits.max_body as usize).boxed();
+    let Some(first) = proxy.pick(&route, None) else {
+        return match (&proxy.hop, route.remote.is_empty() || !may_hop) {
+            (Some(hop), false) => hop_on(parts, body, &host, &route, hop, proxy).await,
+            _ if route.remote.is_empty() => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{} has no ready replica", route.app),
+            ),
+            _ => plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{} has no ready replica on this node", route.app),
+            ),
+        };
+    };
     let mut body = Some(body);
     let mut to = first;
     loop {
@@ -277,7 +335,7 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
         counter.fetch_add(1, Relaxed);
         let sent = tokio::time::timeout(proxy.limits.answer_within, proxy.client.request(up)).await;
         match sent {
-            Ok(Ok(resp)) => return answer(resp, counter),
+            Ok(Ok(resp)) => return answer(resp, Some(counter)),
             Ok(Err(e)) => {
                 counter.fetch_sub(1, Relaxed);
                 let again = retry && e.is_connect();
@@ -310,12 +368,59 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
     }
 }
 
+/// Passes the request to a node that runs a ready replica (one picked at random).
+async fn hop_on(
+    mut parts: hyper::http::request::Parts,
+    body: UpBody,
+    host: &str,
+    route: &Route,
+    hop: &HopClient,
+    proxy: &Proxy,
+) -> Response<Body> {
+    let (node, addr) = &route.remote[rand::random_range(0..route.remote.len())];
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let Ok(uri) = format!("https://{addr}{path}").parse::<Uri>() else {
+        return plain(StatusCode::BAD_REQUEST, "the request target is not a path");
+    };
+    let Ok(mark) = HeaderValue::from_str(host) else {
+        return plain(StatusCode::BAD_REQUEST, "the host is not text");
+    };
+    parts.headers.insert(HeaderName::from_static(HOP), mark);
+    // HTTP/2 names the host in `:authority`; the mark carries the app's.
+    parts.headers.remove(header::HOST);
+    let mut up = Request::new(body);
+    *up.method_mut() = parts.method;
+    *up.uri_mut() = uri;
+    *up.headers_mut() = parts.headers;
+    match tokio::time::timeout(proxy.limits.answer_within, hop.request(up)).await {
+        Ok(Ok(resp)) => answer(resp, None),
+        Ok(Err(e)) => {
+            tracing::debug!(app = %route.app, %node, err = %crate::error_chain(&e), "the node with the replica did not answer");
+            plain(
+                StatusCode::BAD_GATEWAY,
+                format!("{}: {node}, which runs it, did not answer", route.app),
+            )
+        }
+        Err(_) => plain(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "{}: no answer within {:?}",
+                route.app, proxy.limits.answer_within
+            ),
+        ),
+    }
+}
+
 /// The replica's answer, its hop-by-hop headers dropped; the request counts as in flight
 /// until its body is sent.
-fn answer(resp: Response<Incoming>, counter: Arc<AtomicUsize>) -> Response<Body> {
+fn answer(resp: Response<Incoming>, counter: Option<Arc<AtomicUsize>>) -> Response<Body> {
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let done = InFlight(counter);
+    let done = counter.map(InFlight);
     let body = body
         .map_frame(move |f| {
             let _ = &done;

@@ -19,8 +19,8 @@ pub struct Route {
     pub app: String,
     /// Ready replicas on this node.
     pub local: Vec<SocketAddr>,
-    /// Live nodes other than this one with a ready replica, by node id.
-    pub remote: Vec<String>,
+    /// Live nodes other than this one with a ready replica: (node id, its API address).
+    pub remote: Vec<(String, String)>,
 }
 
 /// Every host this cluster answers to.
@@ -79,13 +79,15 @@ pub fn hosts_of(spec: &AppSpec, domain: &str) -> Vec<String> {
     out
 }
 
-/// The table for `apps` and `tasks` as node `me` sees them; `live` says which nodes are up.
+/// The table for `apps` and `tasks` as node `me` sees them; `live` says which nodes are up,
+/// `addrs` where their APIs are (a node without one is not routed to).
 pub fn build(
     apps: &[AppRecord],
     tasks: &[Task],
     me: &str,
     domain: &str,
     live: impl Fn(&str) -> bool,
+    addrs: &BTreeMap<String, String>,
 ) -> Table {
     let mut ready: BTreeMap<&str, (Vec<SocketAddr>, BTreeSet<&str>)> = BTreeMap::new();
     for t in tasks {
@@ -99,7 +101,7 @@ pub fn build(
                     .zip(t.port)
                     .and_then(|(ip, port)| Some(SocketAddr::new(ip.parse().ok()?, port)));
             e.0.extend(addr);
-        } else if live(&t.node) {
+        } else if live(&t.node) && addrs.contains_key(&t.node) {
             e.1.insert(t.node.as_str());
         }
     }
@@ -133,7 +135,10 @@ pub fn build(
                 Arc::new(Route {
                     app: name.to_string(),
                     local,
-                    remote: remote.into_iter().map(String::from).collect(),
+                    remote: remote
+                        .into_iter()
+                        .filter_map(|n| Some((n.to_string(), addrs.get(n)?.clone())))
+                        .collect(),
                 })
             })
             .clone();
@@ -155,6 +160,17 @@ mod tests {
             text += &format!("[expose]\nhosts = {hosts:?}\n");
         }
         AppRecord::new(AppSpec::parse(&text).unwrap(), String::new())
+    }
+
+    fn addrs() -> BTreeMap<String, String> {
+        ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| (n.to_string(), format!("{n}.lan:7443")))
+            .collect()
+    }
+
+    fn remote(n: &str) -> (String, String) {
+        (n.to_string(), format!("{n}.lan:7443"))
     }
 
     fn task(app: &str, node: &str, ip: &str, ready: bool) -> Task {
@@ -212,20 +228,20 @@ mod tests {
             task("web", "n2", "10.1.0.2", true),
             task("web", "n3", "10.2.0.2", true),
         ];
-        let t = build(&apps, &tasks, "n1", "localhost", |n| n != "n3");
+        let t = build(&apps, &tasks, "n1", "localhost", |n| n != "n3", &addrs());
         let r = t.route("WWW.example.com:80").unwrap();
         assert_eq!(r.app, "web");
         assert_eq!(r.local, ["10.0.0.2:8080".parse().unwrap()]);
-        assert_eq!(r.remote, ["n2"], "n3 is down");
+        assert_eq!(r.remote, [remote("n2")], "n3 is down");
         assert_eq!(t.route("web.localhost").unwrap(), r);
         assert!(t.route("worker.localhost").is_none(), "no port, no route");
         assert!(t.route("other.localhost").is_none());
         assert_eq!(t.len(), 2);
         // Seen from n2: its own replica is local, n1's is remote.
-        let t = build(&apps, &tasks, "n2", "localhost", |_| true);
+        let t = build(&apps, &tasks, "n2", "localhost", |_| true, &addrs());
         let r = t.route("web.localhost").unwrap();
         assert_eq!(r.local, ["10.1.0.2:8080".parse().unwrap()]);
-        assert_eq!(r.remote, ["n1", "n3"]);
+        assert_eq!(r.remote, [remote("n1"), remote("n3")]);
     }
 
     #[test]
@@ -234,7 +250,7 @@ mod tests {
             app("zeta", Some(80), &["shop.example.com"]),
             app("alpha", Some(80), &["shop.example.com"]),
         ];
-        let t = build(&apps, &[], "n1", "localhost", |_| true);
+        let t = build(&apps, &[], "n1", "localhost", |_| true, &addrs());
         assert_eq!(t.route("shop.example.com").unwrap().app, "alpha");
         assert_eq!(t.route("zeta.localhost").unwrap().app, "zeta");
         assert_eq!(
@@ -251,7 +267,7 @@ mod tests {
     fn a_job_answers_to_nothing() {
         let mut a = app("batch", Some(80), &["batch.example.com"]);
         a.spec.kind = Some("job".into());
-        let t = build(&[a], &[], "n1", "localhost", |_| true);
+        let t = build(&[a], &[], "n1", "localhost", |_| true, &addrs());
         assert!(t.is_empty());
     }
 }
