@@ -66,29 +66,32 @@ fn all_ready(a: &Agent, app: &str, revision: &str, n: usize) -> BTreeSet<String>
     )
 }
 
-/// The running containers of `app` and whether each answers its readiness path now (one
-/// removed meanwhile does not answer). Oldest first (`docker ps` lists newest first): an old
-/// replica removed before it is asked was replaced by a newer one that was ready then, and is
-/// asked after it, so the count is never short by a replica the probe order missed.
-fn serving(cluster: &str, app: &str) -> Vec<(String, bool)> {
-    containers(cluster, app, false)
-        .into_iter()
-        .rev()
+/// The running containers of `app` and whether each answers its readiness path now, as one
+/// consistent sample: `None` when the set of containers changed while they were asked (under
+/// load a rollout step can start a replacement after the listing and remove the replica it
+/// replaces before that one is asked, which no ordering of a single listing accounts for).
+/// A replica being stopped after its replacement got ready is in a consistent sample with
+/// that replacement.
+fn serving(cluster: &str, app: &str) -> Option<Vec<(String, bool)>> {
+    let before = containers(cluster, app, false);
+    let asked: Vec<(String, bool)> = before
+        .iter()
         .map(|id| {
             let out = std::process::Command::new("docker")
                 .args([
                     "inspect",
                     "-f",
                     "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
-                    &id,
+                    id,
                 ])
                 .output()
                 .unwrap();
             let ip = String::from_utf8_lossy(&out.stdout).trim().to_string();
             let ok = !ip.is_empty() && get_at(&ip, 8080, "/ready").is_ok_and(|r| r.status == 200);
-            (id, ok)
+            (id.clone(), ok)
         })
-        .collect()
+        .collect();
+    (containers(cluster, app, false) == before).then_some(asked)
 }
 
 #[test]
@@ -107,7 +110,7 @@ fn a_new_revision_rolls_out_one_replica_at_a_time_and_a_bad_one_rolls_back() {
     assert_ne!(v1, v2);
     let mut states = BTreeSet::new();
     let second = converge(&[&a], "v2 rolled out", || {
-        let s = serving(&cluster, "web");
+        let s = serving(&cluster, "web")?;
         assert!(s.len() <= 4, "more than replicas + surge: {s:?}");
         let up = s.iter().filter(|(_, ok)| *ok).count();
         assert!(up >= 3, "fewer than three replicas answer: {s:?}");
@@ -334,7 +337,7 @@ fn a_drained_node_hands_its_replicas_over_once_their_replacements_are_ready() {
     assert_eq!(r.status, 200, "{}", r.text());
     // The replica moves to n2; n1's keeps answering until the new one is ready.
     converge(&[n1, n2], "n1 drained", || {
-        let s = serving(&cleanup.0, "web");
+        let s = serving(&cleanup.0, "web")?;
         let up = s.iter().filter(|(_, ok)| *ok).count();
         assert!(
             up >= 2,
