@@ -98,11 +98,15 @@ fn the_ingress_routes_by_host_to_ready_replicas_and_says_who_asked() {
             "X-Forwarded-For: 203.0.113.9",
             "-H",
             "X-Forwarded-Proto: https",
+            "-H",
+            "X-Shoal-Hop: other.localhost",
         ],
     );
+    // (and the nodes' hop mark, sent by a client, does not reach the app)
     assert!(
         body.contains("HTTP_X_FORWARDED_FOR=203.0.113.9, 127.0.0.1")
-            && body.contains("HTTP_X_FORWARDED_PROTO=http\n"),
+            && body.contains("HTTP_X_FORWARDED_PROTO=http\n")
+            && !body.contains("HTTP_X_SHOAL_HOP"),
         "{body}"
     );
 

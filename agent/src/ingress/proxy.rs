@@ -48,6 +48,9 @@ impl Default for Limits {
     }
 }
 
+/// Replicas whose requests in flight are counted at once, before idle ones are forgotten.
+const MAX_TRACKED: usize = 4096;
+
 /// The mark of a request another node passed on: the host it was for.
 pub const HOP: &str = "x-shoal-hop";
 
@@ -105,6 +108,10 @@ impl Proxy {
 
     fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
         let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        // Replicas come and go with new addresses: forget those no request holds.
+        if m.len() >= MAX_TRACKED && !m.contains_key(&addr) {
+            m.retain(|_, c| Arc::strong_count(c) > 1);
+        }
         m.entry(addr).or_default().clone()
     }
 
@@ -247,6 +254,8 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
     let (mut parts, body) = req.into_parts();
+    // The mark is the nodes' own: a client's never reaches an app.
+    parts.headers.remove(HOP);
     add_forwarded(&mut parts.headers, conn.remote.ip(), &host, "http");
     pass(parts, body, host, &proxy, true).await
 }
@@ -443,6 +452,20 @@ impl Drop for InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn counters_of_replicas_no_request_holds_are_forgotten_past_the_bound() {
+        let (_tx, rx) = watch::channel(Arc::new(Table::default()));
+        let p = Proxy::new(rx, Limits::default(), None);
+        let held = p.counter("10.0.0.1:80".parse().unwrap());
+        for i in 0..MAX_TRACKED as u32 + 10 {
+            let a = SocketAddr::from((std::net::Ipv4Addr::from(0x0b00_0000 + i), 80));
+            drop(p.counter(a));
+        }
+        let m = p.inflight.lock().unwrap();
+        assert!(m.len() < MAX_TRACKED, "{}", m.len());
+        assert!(Arc::ptr_eq(&m[&"10.0.0.1:80".parse().unwrap()], &held));
+    }
 
     #[test]
     fn hop_by_hop_headers_go_and_so_do_those_connection_names() {
