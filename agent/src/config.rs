@@ -49,6 +49,8 @@ pub struct Ingress {
     pub max_body_bytes: u64,
     /// How long a replica has to start its answer (504 after).
     pub answer_timeout_ms: u64,
+    /// An upgraded connection (WebSocket) that moves no byte either way this long is closed.
+    pub tunnel_idle_timeout_ms: u64,
 }
 
 impl Default for Ingress {
@@ -57,6 +59,7 @@ impl Default for Ingress {
             domain: "localhost".into(),
             max_body_bytes: 64 << 20,
             answer_timeout_ms: 60_000,
+            tunnel_idle_timeout_ms: 300_000,
         }
     }
 }

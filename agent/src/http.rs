@@ -52,6 +52,8 @@ pub struct Conn {
     pub remote: SocketAddr,
     /// The node id of a verified cluster client certificate, if one was presented.
     pub peer: Option<Arc<str>>,
+    /// Whether the connection is TLS.
+    pub tls: bool,
 }
 
 /// TLS for a listener, and where its refusals are counted.
@@ -81,14 +83,14 @@ impl Default for Limits {
 }
 
 /// When a connection last moved a byte, and how many of its requests are being handled.
-struct Activity {
+pub(crate) struct Activity {
     start: Instant,
     last_ms: AtomicU64,
     in_flight: AtomicUsize,
 }
 
 impl Activity {
-    fn new() -> Arc<Activity> {
+    pub(crate) fn new() -> Arc<Activity> {
         Arc::new(Activity {
             start: crate::clock::now(),
             last_ms: AtomicU64::new(0),
@@ -96,7 +98,7 @@ impl Activity {
         })
     }
 
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_ms
             .store(self.start.elapsed().as_millis() as u64, Relaxed);
     }
@@ -107,9 +109,9 @@ impl Activity {
 }
 
 /// A stream that records its activity.
-struct Tracked<S> {
-    inner: S,
-    act: Arc<Activity>,
+pub(crate) struct Tracked<S> {
+    pub(crate) inner: S,
+    pub(crate) act: Arc<Activity>,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
@@ -149,8 +151,100 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<S> {
     }
 }
 
+/// Connections lingering at once; beyond, a connection is closed at once.
+const MAX_LINGERING: usize = 1024;
+/// How long, and how much, a closed connection is read for at most.
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 4 << 20;
+static LINGERING: AtomicUsize = AtomicUsize::new(0);
+
+/// A client connection that, once the server is done with it, says so (FIN) and reads what
+/// the client still sends for a moment before closing, as nginx's lingering close does:
+/// closing with bytes unread resets the connection, and a client still sending (a body the
+/// answer refused, a request after the last one) could lose the answer it was sent.
+pub(crate) struct Lingering(Option<tokio::net::TcpStream>);
+
+impl Lingering {
+    fn get(&mut self) -> std::io::Result<&mut tokio::net::TcpStream> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::NotConnected))
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get() {
+            Ok(s) => Pin::new(s).poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get() {
+            Ok(s) => Pin::new(s).poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get() {
+            Ok(s) => Pin::new(s).poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get() {
+            Ok(s) => Pin::new(s).poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        let Some(mut s) = self.0.take() else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if LINGERING.fetch_add(1, Relaxed) >= MAX_LINGERING {
+            LINGERING.fetch_sub(1, Relaxed);
+            return;
+        }
+        rt.spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let _ = s.shutdown().await;
+            let mut buf = vec![0u8; 16 << 10];
+            let mut seen = 0;
+            let _ = tokio::time::timeout(LINGER, async {
+                while let Ok(n) = s.read(&mut buf).await {
+                    seen += n;
+                    if n == 0 || seen > LINGER_BYTES {
+                        break;
+                    }
+                }
+            })
+            .await;
+            LINGERING.fetch_sub(1, Relaxed);
+        });
+    }
+}
+
 /// Resolves once the connection has moved no byte for `idle` with nothing in flight.
-async fn idled(act: &Activity, idle: Duration) {
+pub(crate) async fn idled(act: &Activity, idle: Duration) {
     loop {
         let due = act.last() + idle;
         if crate::clock::now() >= due && act.in_flight.load(Relaxed) == 0 {
@@ -225,7 +319,7 @@ pub async fn serve<H, F>(
             let act = Activity::new();
             act.touch();
             let stream = Tracked {
-                inner: stream,
+                inner: Lingering(Some(stream)),
                 act: act.clone(),
             };
             let ctx = ConnCtx {
@@ -235,7 +329,11 @@ pub async fn serve<H, F>(
                 counters: counters.clone(),
             };
             let Some(tls) = tls else {
-                let conn = Conn { remote, peer: None };
+                let conn = Conn {
+                    remote,
+                    peer: None,
+                    tls: false,
+                };
                 serve_conn(TokioIo::new(stream), h, conn, ctx).await;
                 counters.open.fetch_sub(1, Relaxed);
                 return;
@@ -267,6 +365,7 @@ pub async fn serve<H, F>(
             let conn = Conn {
                 remote,
                 peer: peer.map(Arc::from),
+                tls: true,
             };
             counters.open.fetch_add(1, Relaxed);
             serve_conn(TokioIo::new(stream), h, conn, ctx).await;

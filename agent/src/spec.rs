@@ -284,6 +284,10 @@ pub struct Resources {
 pub struct Expose {
     #[serde(default)]
     pub hosts: Vec<String>,
+    /// Requests in the clear get a permanent redirect to `https://` (308: method and body
+    /// kept), except ACME's HTTP-01 challenges.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force_https: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -161,6 +161,7 @@ impl AgentBuilder {
             status_port: cfg.listen.status.port(),
             api_port: cfg.listen.api.port(),
             http_port: cfg.listen.http.port(),
+            https_port: cfg.listen.https.port(),
             token,
             bundle,
             netns: self.netns,
@@ -195,6 +196,8 @@ pub struct Agent {
     pub api_port: u16,
     /// The ingress.
     pub http_port: u16,
+    /// The ingress's TLS port (`listen.https`).
+    pub https_port: u16,
     pub token: String,
     pub bundle: PathBuf,
     /// The network namespace the agent runs in, if any.

@@ -173,6 +173,27 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, api: Api) -> Response<Bo
         (_, ["v1", "nodes", _, "drain" | "uncordon"]) => {
             error(StatusCode::METHOD_NOT_ALLOWED, "use POST")
         }
+        (Method::PUT, ["v1", "certs", host]) => {
+            let host = host.to_string();
+            let op = match authorize(&req, h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            super::certs::put(req, &host, h, op).await
+        }
+        (Method::DELETE, ["v1", "certs", host]) => {
+            let op = match authorize(&req, h) {
+                Ok(op) => op,
+                Err(r) => return drain_then(req, r).await,
+            };
+            super::certs::delete(host, h, op).await
+        }
+        (_, ["v1", "certs", _]) => error(StatusCode::METHOD_NOT_ALLOWED, "use PUT or DELETE"),
+        (Method::GET, ["v1", "certs"]) => match authorize(&req, h) {
+            Ok(_) => super::certs::list(h),
+            Err(r) => r,
+        },
+        (_, ["v1", "certs"]) => error(StatusCode::METHOD_NOT_ALLOWED, "use GET"),
         (Method::PUT, ["v1", "cluster", "join-secret"]) => {
             let op = match authorize(&req, h) {
                 Ok(op) => op,
@@ -557,7 +578,7 @@ fn authorize(req: &Request<Incoming>, h: &Handle) -> Result<Arc<OperatorKey>, Re
 }
 
 /// Writes one key; answers `body` with the write's version added, or 503.
-async fn write_one(
+pub(super) async fn write_one(
     h: &Handle,
     op: Arc<OperatorKey>,
     key: Key,
@@ -575,7 +596,7 @@ async fn write_one(
 }
 
 /// Deletes a key that holds a value; 404 with `missing` when it does not.
-async fn delete_one(
+pub(super) async fn delete_one(
     h: &Handle,
     op: Arc<OperatorKey>,
     key: Key,

@@ -3,6 +3,7 @@
 //! shutdown).
 
 pub mod apps;
+pub mod certs;
 pub mod control;
 pub mod exports;
 pub mod images;

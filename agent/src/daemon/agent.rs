@@ -313,8 +313,9 @@ fn security(
 pub struct Parts<R> {
     pub status_listener: TcpListener,
     pub api_listener: TcpListener,
-    /// The ingress (`listen.http`).
+    /// The ingress (`listen.http`, and `listen.https` for TLS).
     pub http_listener: TcpListener,
+    pub https_listener: TcpListener,
     /// `/etc/machine-id`'s text, which names the node when the config does not.
     pub machine_id: Option<String>,
     pub mdns: Option<Arc<Mdns>>,
@@ -329,6 +330,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     let status_listener = bind(cfg.listen.status).await?;
     let api_listener = bind(cfg.listen.api).await?;
     let http_listener = bind(cfg.listen.http).await?;
+    let https_listener = bind(cfg.listen.https).await?;
     let mdns = if cfg.discovery.mdns {
         match Mdns::start() {
             Ok(m) => Some(Arc::new(m)),
@@ -351,6 +353,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         status_listener,
         api_listener,
         http_listener,
+        https_listener,
         machine_id: std::fs::read_to_string("/etc/machine-id").ok(),
         mdns,
         runtime,
@@ -368,6 +371,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         status_listener,
         api_listener,
         http_listener,
+        https_listener,
         machine_id,
         mdns,
         runtime,
@@ -440,10 +444,13 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     let proxy = crate::ingress::start(
         crate::ingress::Ingress {
             listener: http_listener,
+            tls_listener: Some((https_listener, counters.clone())),
             domain: cfg.ingress.domain.clone(),
             limits: crate::ingress::proxy::Limits {
                 max_body: cfg.ingress.max_body_bytes,
                 answer_within: Duration::from_millis(cfg.ingress.answer_timeout_ms.max(1)),
+                max_tunnels: cfg.listen.max_connections.max(1),
+                tunnel_idle: Duration::from_millis(cfg.ingress.tunnel_idle_timeout_ms.max(100)),
             },
             conns: conn_limits,
             counters: counters.ingress_conns.clone(),

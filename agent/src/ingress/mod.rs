@@ -1,8 +1,10 @@
-//! The ingress: every node a front door for every app (`listen.http`). `routes` decides
-//! which app answers a Host and where its ready replicas are, from the replicated state
-//! alone; `proxy` passes requests on. The table is rebuilt when apps, tasks or members
-//! change, and read by every request.
+//! The ingress: every node a front door for every app (`listen.http`, and `listen.https`
+//! with the certificates `certs` chooses by SNI). `routes` decides which app answers a Host
+//! and where its ready replicas are, from the replicated state alone; `proxy` passes
+//! requests on. The table is rebuilt when apps, tasks or members change, and read by every
+//! request; the certificates when `certs/` changes.
 
+pub mod certs;
 pub mod proxy;
 pub mod routes;
 
@@ -19,6 +21,8 @@ use tokio_util::task::TaskTracker;
 /// What the ingress of one node needs besides the node's state.
 pub struct Ingress {
     pub listener: TcpListener,
+    /// `listen.https`, and where its TLS refusals are counted.
+    pub tls_listener: Option<(TcpListener, Arc<crate::state::Counters>)>,
     /// Apps answer to `<app>.<domain>` besides their `expose.hosts`.
     pub domain: String,
     pub limits: proxy::Limits,
@@ -35,9 +39,34 @@ pub fn start(
     shutdown: &CancellationToken,
 ) -> Arc<proxy::Proxy> {
     let (tx, rx) = watch::channel(Arc::new(Table::default()));
-    let tls = h.tls.client.clone();
+    let p = Arc::new(proxy::Proxy::new(rx, i.limits, Some(h.tls.client.clone())));
+    if let Some((listener, tls_counters)) = i.tls_listener {
+        let made = certs::Certs::new(&i.domain).and_then(|c| {
+            let c = Arc::new(c);
+            let config = c.server_config().map_err(|e| e.to_string())?;
+            Ok((c, config))
+        });
+        match made {
+            Ok((c, config)) => {
+                tracker.spawn(keep_certs(h.clone(), c, shutdown.clone()));
+                let serving = p.clone();
+                tracker.spawn(crate::http::serve(
+                    listener,
+                    Some(crate::http::TlsListener {
+                        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+                        counters: tls_counters,
+                    }),
+                    i.conns,
+                    i.counters.clone(),
+                    move |req, conn| proxy::handle(req, conn, serving.clone()),
+                    shutdown.clone(),
+                    tracker.clone(),
+                ));
+            }
+            Err(e) => tracing::error!(err = %e, "the ingress serves no TLS"),
+        }
+    }
     tracker.spawn(keep_table(h, i.domain, tx, shutdown.clone()));
-    let p = Arc::new(proxy::Proxy::new(rx, i.limits, Some(tls)));
     let serving = p.clone();
     tracker.spawn(crate::http::serve(
         i.listener,
@@ -49,6 +78,51 @@ pub fn start(
         tracker.clone(),
     ));
     p
+}
+
+/// The uploaded certificates, their keys opened: rebuilt whenever `certs/` changes.
+async fn keep_certs(h: Handle, certs: Arc<certs::Certs>, shutdown: CancellationToken) {
+    let mut changes = h.subscribe();
+    loop {
+        let mut by_name = std::collections::HashMap::new();
+        for (host, c) in records::certs(&h.store) {
+            let key = format!("certs/{host}");
+            let opened = (0..c.key_sealed.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(c.key_sealed.get(i..i + 2).unwrap_or("zz"), 16))
+                .collect::<Result<Vec<u8>, _>>()
+                .map_err(|e| e.to_string())
+                .and_then(|sealed| {
+                    h.trust
+                        .secrets
+                        .open(&key, &sealed)
+                        .map_err(|e| e.to_string())
+                })
+                .and_then(|pem| String::from_utf8(pem).map_err(|e| e.to_string()))
+                .and_then(|pem| certs::load(&c.chain_pem, &pem));
+            match opened {
+                Ok(k) => {
+                    by_name.insert(host, k);
+                }
+                Err(e) => tracing::warn!(%host, err = %e, "cannot serve an uploaded certificate"),
+            }
+        }
+        tracing::debug!(certificates = by_name.len(), "ingress certificates loaded");
+        certs.replace(by_name);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                c = changes.recv() => match c {
+                    Ok(c) if c.entry.key.keyspace() != Keyspace::Certs => continue,
+                    Ok(_) | Err(RecvError::Lagged(_)) => {
+                        while changes.try_recv().is_ok() {}
+                        break;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+            }
+        }
+    }
 }
 
 /// The route table as this node sees the cluster now.

@@ -22,10 +22,10 @@ use hyper_util::client::legacy::{connect::HttpConnector, Client};
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type UpBody = BoxBody<Bytes, BoxError>;
@@ -37,6 +37,10 @@ pub struct Limits {
     pub max_body: u64,
     /// How long a replica has to start its answer (504 after).
     pub answer_within: Duration,
+    /// Upgraded connections (WebSocket) open at once; beyond, 503.
+    pub max_tunnels: usize,
+    /// An upgraded connection that moves no byte either way this long is closed.
+    pub tunnel_idle: Duration,
 }
 
 impl Default for Limits {
@@ -44,6 +48,8 @@ impl Default for Limits {
         Limits {
             max_body: 64 << 20,
             answer_within: Duration::from_secs(60),
+            max_tunnels: 4096,
+            tunnel_idle: Duration::from_secs(300),
         }
     }
 }
@@ -59,11 +65,62 @@ type HopClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>;
 pub struct Proxy {
     table: watch::Receiver<Arc<Table>>,
     client: Client<HttpConnector, UpBody>,
-    /// To other nodes' API listeners, as a member.
+    /// To other nodes' API listeners, as a member: HTTP/2, and HTTP/1.1 for upgrades.
     hop: Option<HopClient>,
-    /// Requests in flight per replica, for the choice between two.
-    inflight: Mutex<HashMap<SocketAddr, Arc<AtomicUsize>>>,
+    hop1: Option<HopClient>,
+    /// Upgraded connections open.
+    tunnels: Arc<Semaphore>,
+    /// What this node knows of each replica it sends to.
+    inflight: Mutex<HashMap<SocketAddr, Arc<Backend>>>,
     limits: Limits,
+    /// The proxy's clock: ejections are kept in ms since this.
+    epoch: tokio::time::Instant,
+}
+
+/// Failures in a row (connect errors, resets, timeouts, 502/503/504) that leave a replica out.
+const EJECT_AFTER: u32 = 3;
+/// How long a first ejection lasts; each one in a row doubles it, up to `EJECT_MAX_MS`.
+const EJECT_BASE_MS: u64 = 2_000;
+const EJECT_MAX_MS: u64 = 30_000;
+
+/// What this node knows of one replica: requests in flight (for the choice between two) and
+/// failures in a row (passive ejection: left out of new choices for a while, as Envoy's
+/// outlier detection does, unless every replica is).
+#[derive(Debug, Default)]
+struct Backend {
+    inflight: AtomicUsize,
+    fails: AtomicU32,
+    ejections: AtomicU32,
+    /// Until when (proxy ms) it gets no new request; 0: it does.
+    out_until: AtomicU64,
+}
+
+impl Backend {
+    fn out(&self, now_ms: u64) -> bool {
+        self.out_until.load(Relaxed) > now_ms
+    }
+
+    fn succeeded(&self) {
+        if self.fails.load(Relaxed) != 0 {
+            self.fails.store(0, Relaxed);
+        }
+        if self.ejections.load(Relaxed) != 0 {
+            self.ejections.store(0, Relaxed);
+        }
+    }
+
+    /// Counts a failure; answers how long the replica is now left out for, if it just was.
+    fn failed(&self, now_ms: u64) -> Option<u64> {
+        // Answers to requests sent before it was left out do not stretch it.
+        if self.out(now_ms) || self.fails.fetch_add(1, Relaxed) + 1 < EJECT_AFTER {
+            return None;
+        }
+        self.fails.store(0, Relaxed);
+        let n = self.ejections.fetch_add(1, Relaxed).min(10);
+        let ms = (EJECT_BASE_MS << n).min(EJECT_MAX_MS);
+        self.out_until.store(now_ms + ms, Relaxed);
+        Some(ms)
+    }
 }
 
 impl Proxy {
@@ -83,13 +140,13 @@ impl Proxy {
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(256)
             .build(http.clone());
-        let hop = tls.map(|tls| {
-            http.enforce_http(false);
+        http.enforce_http(false);
+        let hop = tls.as_ref().map(|tls| {
             let https = hyper_rustls::HttpsConnectorBuilder::new()
-                .with_tls_config((*tls).clone())
+                .with_tls_config((**tls).clone())
                 .https_only()
                 .enable_http2()
-                .wrap_connector(http);
+                .wrap_connector(http.clone());
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
@@ -97,16 +154,36 @@ impl Proxy {
                 .http2_keep_alive_interval(Duration::from_secs(10))
                 .build(https)
         });
+        // An upgrade is HTTP/1.1's: its own connection, never pooled after.
+        let hop1 = tls.map(|tls| {
+            let https = hyper_rustls::HttpsConnectorBuilder::new()
+                .with_tls_config((*tls).clone())
+                .https_only()
+                .enable_http1()
+                .wrap_connector(http);
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_max_idle_per_host(0)
+                .build(https)
+        });
         Proxy {
             table,
             client,
             hop,
+            hop1,
+            tunnels: Arc::new(Semaphore::new(limits.max_tunnels.max(1))),
             inflight: Mutex::new(HashMap::new()),
             limits,
+            epoch: crate::clock::now(),
         }
     }
 
-    fn counter(&self, addr: SocketAddr) -> Arc<AtomicUsize> {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    fn backend(&self, addr: SocketAddr) -> Arc<Backend> {
         let mut m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         // Replicas come and go with new addresses: forget those no request holds.
         if m.len() >= MAX_TRACKED && !m.contains_key(&addr) {
@@ -115,29 +192,44 @@ impl Proxy {
         m.entry(addr).or_default().clone()
     }
 
-    /// The less busy of two replicas picked at random (the only one, if one), but `not`.
-    fn pick(&self, route: &Route, not: Option<SocketAddr>) -> Option<SocketAddr> {
-        let choices: Vec<SocketAddr> = route
+    /// The less busy of two replicas picked at random (the only one, if one), but `not`;
+    /// replicas left out for their failures only when every one is.
+    fn pick(&self, route: &Route, not: Option<SocketAddr>) -> Option<(SocketAddr, Arc<Backend>)> {
+        let now = self.now_ms();
+        let all: Vec<(SocketAddr, Arc<Backend>)> = route
             .local
             .iter()
-            .copied()
-            .filter(|a| Some(*a) != not)
+            .filter(|a| Some(**a) != not)
+            .map(|a| (*a, self.backend(*a)))
             .collect();
-        match choices.len() {
-            0 => None,
-            1 => Some(choices[0]),
+        let mut choices: Vec<&(SocketAddr, Arc<Backend>)> =
+            all.iter().filter(|(_, b)| !b.out(now)).collect();
+        if choices.is_empty() {
+            choices = all.iter().collect();
+        }
+        let chosen = match choices.len() {
+            0 => return None,
+            1 => choices[0],
             n => {
                 let i = rand::random_range(0..n);
                 let j = (i + rand::random_range(1..n)) % n;
                 let (a, b) = (choices[i], choices[j]);
-                Some(
-                    if self.counter(a).load(Relaxed) <= self.counter(b).load(Relaxed) {
-                        a
-                    } else {
-                        b
-                    },
-                )
+                if a.1.inflight.load(Relaxed) <= b.1.inflight.load(Relaxed) {
+                    a
+                } else {
+                    b
+                }
             }
+        };
+        Some(chosen.clone())
+    }
+
+    /// Notes how a request to a replica went.
+    fn outcome(&self, app: &str, addr: SocketAddr, b: &Backend, ok: bool) {
+        if ok {
+            b.succeeded();
+        } else if let Some(ms) = b.failed(self.now_ms()) {
+            tracing::info!(%app, replica = %addr, for_ms = ms, "replica left out after failures in a row");
         }
     }
 }
@@ -247,17 +339,68 @@ fn idempotent(m: &Method) -> bool {
     )
 }
 
+/// The protocol a request asks to switch to (HTTP/1.1 `Connection: upgrade` + `Upgrade`,
+/// e.g. WebSocket).
+fn upgrade_of(h: &HeaderMap) -> Option<HeaderValue> {
+    let asked = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    asked.then(|| h.get(header::UPGRADE).cloned()).flatten()
+}
+
+/// An upgrade asked of a replica: what the client's side needs once the replica agrees.
+struct Upgrade {
+    client: hyper::upgrade::OnUpgrade,
+    _slot: OwnedSemaphorePermit,
+}
+
 /// Serves one request received on the ingress.
 pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Response<Body> {
     let host = match host_of(&req) {
         Ok(h) => h,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
+    if !conn.tls {
+        let force = proxy
+            .table
+            .borrow()
+            .route(&host)
+            .is_some_and(|r| r.force_https);
+        if force && !req.uri().path().starts_with(ACME_CHALLENGE) {
+            return to_https(&host, req.uri());
+        }
+    }
     let (mut parts, body) = req.into_parts();
     // The mark is the nodes' own: a client's never reaches an app.
     parts.headers.remove(HOP);
-    add_forwarded(&mut parts.headers, conn.remote.ip(), &host, "http");
+    let proto = if conn.tls { "https" } else { "http" };
+    add_forwarded(&mut parts.headers, conn.remote.ip(), &host, proto);
     pass(parts, body, host, &proxy, true).await
+}
+
+/// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
+pub const ACME_CHALLENGE: &str = "/.well-known/acme-challenge/";
+
+/// A permanent redirect to the same host (default port) and target over TLS; 308 keeps the
+/// method and body.
+fn to_https(host: &str, uri: &Uri) -> Response<Body> {
+    let name = match host.rsplit_once(':') {
+        Some((n, p)) if p.bytes().all(|b| b.is_ascii_digit()) => n,
+        _ => host,
+    };
+    let target = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let location = format!("https://{name}{target}");
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            let mut r = plain(StatusCode::PERMANENT_REDIRECT, &location);
+            r.headers_mut().insert(header::LOCATION, v);
+            r
+        }
+        Err(_) => plain(StatusCode::BAD_REQUEST, "the host is not text"),
+    }
 }
 
 /// Serves a request another node passed on (marked `HOP`, on a member's connection): to
@@ -303,14 +446,43 @@ async fn pass(
     let bodiless =
         declared.unwrap_or(0) == 0 && !parts.headers.contains_key(header::TRANSFER_ENCODING);
     let retry = bodiless && idempotent(&parts.method);
-    strip_hop_by_hop(&mut parts.headers);
+    let protocol = upgrade_of(&parts.headers);
+    let mut upgrade = None;
+    if let Some(p) = &protocol {
+        // Only HTTP/1.1 hands over its connection (hyper puts the handle there).
+        if let Some(client) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() {
+            let Ok(slot) = proxy.tunnels.clone().try_acquire_owned() else {
+                return plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too many upgraded connections on this node; try again later",
+                );
+            };
+            upgrade = Some(Upgrade {
+                client,
+                _slot: slot,
+            });
+            strip_hop_by_hop(&mut parts.headers);
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, p.clone());
+        } else {
+            strip_hop_by_hop(&mut parts.headers);
+        }
+    } else {
+        strip_hop_by_hop(&mut parts.headers);
+    }
     if let Ok(v) = HeaderValue::from_str(&host) {
         parts.headers.insert(header::HOST, v);
     }
     let body: UpBody = Limited::new(body, proxy.limits.max_body as usize).boxed();
     let Some(first) = proxy.pick(&route, None) else {
-        return match (&proxy.hop, route.remote.is_empty() || !may_hop) {
-            (Some(hop), false) => hop_on(parts, body, &host, &route, hop, proxy).await,
+        let hop = match upgrade {
+            Some(_) => &proxy.hop1,
+            None => &proxy.hop,
+        };
+        return match (hop, route.remote.is_empty() || !may_hop) {
+            (Some(hop), false) => hop_on(parts, body, &host, &route, hop, proxy, upgrade).await,
             _ if route.remote.is_empty() => plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{} has no ready replica", route.app),
@@ -322,7 +494,7 @@ async fn pass(
         };
     };
     let mut body = Some(body);
-    let mut to = first;
+    let (mut to, mut backend) = first;
     loop {
         let path = parts
             .uri
@@ -340,19 +512,35 @@ async fn pass(
         *up.method_mut() = parts.method.clone();
         *up.uri_mut() = uri;
         *up.headers_mut() = parts.headers.clone();
-        let counter = proxy.counter(to);
-        counter.fetch_add(1, Relaxed);
+        backend.inflight.fetch_add(1, Relaxed);
+        let held = InFlight(backend.clone());
         let sent = tokio::time::timeout(proxy.limits.answer_within, proxy.client.request(up)).await;
         match sent {
-            Ok(Ok(resp)) => return answer(resp, Some(counter)),
+            Ok(Ok(resp)) => {
+                let failing = matches!(
+                    resp.status(),
+                    StatusCode::BAD_GATEWAY
+                        | StatusCode::SERVICE_UNAVAILABLE
+                        | StatusCode::GATEWAY_TIMEOUT
+                );
+                proxy.outcome(&route.app, to, &backend, !failing);
+                return answer(resp, Some(held), upgrade, proxy);
+            }
+            Ok(Err(e)) if over_limit(&e) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is over {} bytes", proxy.limits.max_body),
+                );
+            }
             Ok(Err(e)) => {
-                counter.fetch_sub(1, Relaxed);
+                drop(held);
+                proxy.outcome(&route.app, to, &backend, false);
                 let again = retry && e.is_connect();
                 let next = again.then(|| proxy.pick(&route, Some(to))).flatten();
                 match next {
                     Some(n) => {
                         tracing::debug!(app = %route.app, replica = %to, err = %crate::error_chain(&e), "replica refused: trying another");
-                        to = n;
+                        (to, backend) = n;
                     }
                     None => {
                         tracing::debug!(app = %route.app, replica = %to, err = %crate::error_chain(&e), "no answer from the replica");
@@ -364,7 +552,7 @@ async fn pass(
                 }
             }
             Err(_) => {
-                counter.fetch_sub(1, Relaxed);
+                proxy.outcome(&route.app, to, &backend, false);
                 return plain(
                     StatusCode::GATEWAY_TIMEOUT,
                     format!(
@@ -377,6 +565,19 @@ async fn pass(
     }
 }
 
+/// Whether a request failed because its body went over `Limits::max_body` (a chunked body
+/// declares no length up front).
+fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(x) = cur {
+        if x.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = x.source();
+    }
+    false
+}
+
 /// Passes the request to a node that runs a ready replica (one picked at random).
 async fn hop_on(
     mut parts: hyper::http::request::Parts,
@@ -385,6 +586,7 @@ async fn hop_on(
     route: &Route,
     hop: &HopClient,
     proxy: &Proxy,
+    upgrade: Option<Upgrade>,
 ) -> Response<Body> {
     let (node, addr) = &route.remote[rand::random_range(0..route.remote.len())];
     let path = parts
@@ -399,14 +601,19 @@ async fn hop_on(
         return plain(StatusCode::BAD_REQUEST, "the host is not text");
     };
     parts.headers.insert(HeaderName::from_static(HOP), mark);
-    // HTTP/2 names the host in `:authority`; the mark carries the app's.
+    // The connection to the node names its own host (`:authority`, or Host from the URI);
+    // the mark carries the app's.
     parts.headers.remove(header::HOST);
     let mut up = Request::new(body);
     *up.method_mut() = parts.method;
     *up.uri_mut() = uri;
     *up.headers_mut() = parts.headers;
     match tokio::time::timeout(proxy.limits.answer_within, hop.request(up)).await {
-        Ok(Ok(resp)) => answer(resp, None),
+        Ok(Ok(resp)) => answer(resp, None, upgrade, proxy),
+        Ok(Err(e)) if over_limit(&e) => plain(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the body is over {} bytes", proxy.limits.max_body),
+        ),
         Ok(Err(e)) => {
             tracing::debug!(app = %route.app, %node, err = %crate::error_chain(&e), "the node with the replica did not answer");
             plain(
@@ -425,14 +632,33 @@ async fn hop_on(
 }
 
 /// The replica's answer, its hop-by-hop headers dropped; the request counts as in flight
-/// until its body is sent.
-fn answer(resp: Response<Incoming>, counter: Option<Arc<AtomicUsize>>) -> Response<Body> {
+/// until its body is sent. A replica that agrees to an upgrade (101) gets the client's
+/// connection joined to its own, until either closes or both idle past `tunnel_idle`.
+fn answer(
+    mut resp: Response<Incoming>,
+    held: Option<InFlight>,
+    upgrade: Option<Upgrade>,
+    proxy: &Proxy,
+) -> Response<Body> {
+    if let (StatusCode::SWITCHING_PROTOCOLS, Some(u)) = (resp.status(), upgrade) {
+        let replica = hyper::upgrade::on(&mut resp);
+        let protocol = resp.headers().get(header::UPGRADE).cloned();
+        let (mut parts, _) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(p) = protocol {
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            parts.headers.insert(header::UPGRADE, p);
+        }
+        tokio::spawn(tunnel(u, replica, held, proxy.limits.tunnel_idle));
+        return Response::from_parts(parts, Empty::new().map_err(|never| match never {}).boxed());
+    }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    let done = counter.map(InFlight);
     let body = body
         .map_frame(move |f| {
-            let _ = &done;
+            let _ = &held;
             f
         })
         .map_err(std::io::Error::other)
@@ -440,31 +666,123 @@ fn answer(resp: Response<Incoming>, counter: Option<Arc<AtomicUsize>>) -> Respon
     Response::from_parts(parts, body)
 }
 
+/// Joins an upgraded client connection to the replica's (or the node's that runs it).
+async fn tunnel(
+    u: Upgrade,
+    replica: hyper::upgrade::OnUpgrade,
+    _held: Option<InFlight>,
+    idle: Duration,
+) {
+    let Upgrade { client, _slot } = u;
+    let (client, replica) = match tokio::join!(client, replica) {
+        (Ok(c), Ok(r)) => (c, r),
+        (c, r) => {
+            tracing::debug!(
+                client = c.is_ok(),
+                replica = r.is_ok(),
+                "an upgrade fell through"
+            );
+            return;
+        }
+    };
+    let act = crate::http::Activity::new();
+    act.touch();
+    let mut client = crate::http::Tracked {
+        inner: hyper_util::rt::TokioIo::new(client),
+        act: act.clone(),
+    };
+    let mut replica = hyper_util::rt::TokioIo::new(replica);
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut replica) => {}
+        _ = crate::http::idled(&act, idle) => {
+            tracing::debug!("an upgraded connection idled out");
+        }
+    }
+}
+
 /// One request in flight to a replica, until dropped.
-struct InFlight(Arc<AtomicUsize>);
+struct InFlight(Arc<Backend>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
+        self.0.inflight.fetch_sub(1, Relaxed);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[tokio::test]
     async fn counters_of_replicas_no_request_holds_are_forgotten_past_the_bound() {
         let (_tx, rx) = watch::channel(Arc::new(Table::default()));
         let p = Proxy::new(rx, Limits::default(), None);
-        let held = p.counter("10.0.0.1:80".parse().unwrap());
+        let held = p.backend("10.0.0.1:80".parse().unwrap());
         for i in 0..MAX_TRACKED as u32 + 10 {
             let a = SocketAddr::from((std::net::Ipv4Addr::from(0x0b00_0000 + i), 80));
-            drop(p.counter(a));
+            drop(p.backend(a));
         }
         let m = p.inflight.lock().unwrap();
         assert!(m.len() < MAX_TRACKED, "{}", m.len());
         assert!(Arc::ptr_eq(&m[&"10.0.0.1:80".parse().unwrap()], &held));
+    }
+
+    #[test]
+    fn a_replica_failing_in_a_row_is_left_out_for_longer_each_time_until_it_answers() {
+        let b = Backend::default();
+        assert_eq!(b.failed(0), None);
+        b.succeeded();
+        // Failures must be in a row.
+        assert_eq!((b.failed(0), b.failed(0)), (None, None));
+        assert_eq!(b.failed(0), Some(EJECT_BASE_MS));
+        assert!(b.out(EJECT_BASE_MS - 1) && !b.out(EJECT_BASE_MS));
+        // Failures while out (requests already sent) do not stretch it.
+        assert_eq!(
+            (b.failed(10), b.failed(10), b.failed(10)),
+            (None, None, None)
+        );
+        let t = EJECT_BASE_MS;
+        b.failed(t);
+        b.failed(t);
+        assert_eq!(b.failed(t), Some(2 * EJECT_BASE_MS));
+        for _ in 0..40 {
+            b.failed(u64::MAX / 4);
+        }
+        assert!(b.out_until.load(Relaxed) <= u64::MAX / 4 + EJECT_MAX_MS);
+        b.succeeded();
+        b.failed(u64::MAX / 2);
+        b.failed(u64::MAX / 2);
+        assert_eq!(b.failed(u64::MAX / 2), Some(EJECT_BASE_MS));
+    }
+
+    #[tokio::test]
+    async fn replicas_left_out_get_no_choice_unless_all_are() {
+        let (_tx, rx) = watch::channel(Arc::new(Table::default()));
+        let p = Proxy::new(rx, Limits::default(), None);
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:80".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let route = Route {
+            app: "web".into(),
+            local: vec![a, b],
+            remote: vec![],
+            force_https: false,
+        };
+        for _ in 0..EJECT_AFTER {
+            p.outcome("web", a, &p.backend(a), false);
+        }
+        for _ in 0..200 {
+            assert_eq!(p.pick(&route, None).unwrap().0, b);
+        }
+        for _ in 0..EJECT_AFTER {
+            p.outcome("web", b, &p.backend(b), false);
+        }
+        let picked: BTreeSet<SocketAddr> =
+            (0..200).map(|_| p.pick(&route, None).unwrap().0).collect();
+        assert_eq!(picked.len(), 2, "all out: all chosen again");
+        assert_eq!(p.pick(&route, Some(a)).unwrap().0, b);
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub struct Route {
     pub local: Vec<SocketAddr>,
     /// Live nodes other than this one with a ready replica: (node id, its API address).
     pub remote: Vec<(String, String)>,
+    /// Requests in the clear are sent to `https://` (`expose.force_https`).
+    pub force_https: bool,
 }
 
 /// Every host this cluster answers to.
@@ -139,6 +141,7 @@ pub fn build(
                         .into_iter()
                         .filter_map(|n| Some((n.to_string(), addrs.get(n)?.clone())))
                         .collect(),
+                    force_https: keeper.spec.expose.force_https,
                 })
             })
             .clone();

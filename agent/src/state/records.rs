@@ -339,3 +339,22 @@ pub fn held_images_record(store: &DiskBackend, node: &str) -> Option<ImagesRecor
     let (e, _) = crate::store::replica::read_entry(store, key.as_str()).ok()??;
     serde_json::from_slice(e.value.as_deref()?).ok()
 }
+
+/// A certificate an operator uploaded for the ingress, `certs/<host>`: the chain in the
+/// clear, the private key sealed with the cluster's data key for this store key.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertRecord {
+    /// Certificates, leaf first (PEM).
+    pub chain_pem: String,
+    /// The private key's PEM, sealed (`SecretKey::seal` for the key `certs/<host>`), in hex.
+    pub key_sealed: String,
+    /// The leaf's DNS names.
+    pub names: Vec<String>,
+    /// When the leaf expires (ms since the epoch).
+    pub not_after_ms: u64,
+}
+
+/// The uploaded certificates, by the host each was uploaded for.
+pub fn certs(store: &DiskBackend) -> BTreeMap<String, CertRecord> {
+    keyed(store, Keyspace::Certs)
+}

@@ -89,10 +89,12 @@ pub enum Keyspace {
     /// The images a node holds (`images/<id>`), content addressed: where peers fetch an
     /// image from without a registry.
     Images,
+    /// TLS certificates operators uploaded for the ingress (`certs/<host>`), the key sealed.
+    Certs,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 11] = [
+    pub const ALL: [Keyspace; 12] = [
         Keyspace::Nodes,
         Keyspace::Apps,
         Keyspace::Tasks,
@@ -104,6 +106,7 @@ impl Keyspace {
         Keyspace::History,
         Keyspace::Rollouts,
         Keyspace::Images,
+        Keyspace::Certs,
     ];
 
     pub fn name(self) -> &'static str {
@@ -119,6 +122,7 @@ impl Keyspace {
             Keyspace::History => "history",
             Keyspace::Rollouts => "rollouts",
             Keyspace::Images => "images",
+            Keyspace::Certs => "certs",
         }
     }
 

@@ -45,6 +45,11 @@ pub fn secret(app: &str, name: &str) -> Result<Key, StoreError> {
     Key::join(Keyspace::Secrets, &[app, name])
 }
 
+/// The ingress's certificate for a host (or `*.domain`), uploaded by an operator.
+pub fn cert(host: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Certs, &[host])
+}
+
 /// An evicted node.
 pub fn revoked(id: &NodeId) -> Result<Key, StoreError> {
     Key::join(Keyspace::Revoked, &[id.as_str()])

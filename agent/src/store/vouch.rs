@@ -37,7 +37,7 @@ pub enum Writer {
     /// The node the key describes (`nodes/`, `tasks/`, `metrics/`), or that made it (`builds/`,
     /// `rollouts/`).
     Node(NodeId),
-    /// An operator: desired state (`apps/`, `history/`, `secrets/`), evictions (`revoked/`)
+    /// An operator: desired state (`apps/`, `history/`, `secrets/`, `certs/`), evictions (`revoked/`)
     /// and cluster settings (`cluster/`).
     Operator,
 }
@@ -50,7 +50,8 @@ impl Key {
             | Keyspace::Secrets
             | Keyspace::Revoked
             | Keyspace::Cluster
-            | Keyspace::History => Writer::Operator,
+            | Keyspace::History
+            | Keyspace::Certs => Writer::Operator,
             Keyspace::Builds | Keyspace::Rollouts => Writer::Node(origin.clone()),
             // Owner-only keys: `check_write` already holds the origin to the owner.
             Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics | Keyspace::Images => {
