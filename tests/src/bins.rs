@@ -40,9 +40,13 @@ pub fn workspace_bin(package: &str, bin: &str, profile: &str) -> PathBuf {
     workspace().join("target").join(dir).join(bin)
 }
 
-/// Builds the release binary and makes every agent started from now on use it.
+/// Builds the release binary (or takes `SHOAL_BIN`: a build with symbols, to profile) and
+/// makes every agent started from now on use it.
 pub fn use_release_bin() -> PathBuf {
-    let bin = workspace_bin("shoal", "shoal", "release");
+    let bin = match std::env::var("SHOAL_BIN") {
+        Ok(p) => PathBuf::from(p),
+        Err(_) => workspace_bin("shoal", "shoal", "release"),
+    };
     BIN.get_or_init(|| bin).clone()
 }
 
