@@ -68,6 +68,12 @@ fn ws_echo(port: u16, host: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Loads an image archive into `a`'s engine.
+fn load(a: &Agent, archive: &std::path::Path) {
+    let r = write(a, "POST", "/v1/images", &std::fs::read(archive).unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// One agent running containers on the host's dockerd, the test image loaded.
 fn one_node(root: &std::path::Path, extra: &str) -> Agent {
     let a = Agent::start(
@@ -76,13 +82,7 @@ fn one_node(root: &std::path::Path, extra: &str) -> Agent {
         &[],
         &format!("[docker]\nenabled = true\nreconcile_ms = 300\n{extra}"),
     );
-    let r = write(
-        &a,
-        "POST",
-        "/v1/images",
-        &std::fs::read(busybox_image()).unwrap(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    load(&a, &busybox_image());
     a
 }
 
@@ -225,13 +225,7 @@ fn the_ingress_routes_by_host_to_ready_replicas_and_says_who_asked() {
 
     // WebSocket: the upgrade reaches the replica and the connection carries both ways.
     let (ws_archive, ws_spec) = ws_app("chat", "");
-    let r = write(
-        &a,
-        "POST",
-        "/v1/images",
-        &std::fs::read(&ws_archive).unwrap(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    load(&a, &ws_archive);
     deploy(&a, "chat", &ws_spec);
     converge(&[&a], "a WebSocket echo through the ingress", || {
         ws_echo(a.http_port, "chat.localhost").ok()
@@ -272,8 +266,7 @@ fn a_node_without_a_replica_passes_the_request_to_one_that_has_it() {
             .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
             .then_some(())
     });
-    let r = write(n2, "POST", "/v1/images", &std::fs::read(&archive).unwrap());
-    assert_eq!(r.status, 200, "{}", r.text());
+    load(n2, &archive);
     deploy(
         n1,
         "web",
@@ -310,13 +303,7 @@ fn a_node_without_a_replica_passes_the_request_to_one_that_has_it() {
 
     // A WebSocket across the hop (HTTP/1.1 over the members' TLS, upgraded there too).
     let (ws_archive, ws_spec) = ws_app("chat", "[scale]\nconstraints = [\"role=web\"]\n");
-    let r = write(
-        n2,
-        "POST",
-        "/v1/images",
-        &std::fs::read(&ws_archive).unwrap(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    load(n2, &ws_archive);
     deploy(n1, "chat", &ws_spec);
     converge(&[n1, n2], "chat ready on n2", || {
         tasks(n1, "chat")
@@ -539,13 +526,7 @@ fn hostile_requests_get_a_4xx_or_a_timeout_and_do_not_hurt_other_clients() {
     deploy(&a, "web", &echo_spec("web", 1, ""));
     // An app that reads whole bodies, for the body limits.
     let (sink_archive, sink_spec) = ws_app("sink", "");
-    let r = write(
-        &a,
-        "POST",
-        "/v1/images",
-        &std::fs::read(&sink_archive).unwrap(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    load(&a, &sink_archive);
     deploy(&a, "sink", &sink_spec);
     running(&a, "web", 1);
     converge(&[&a], "web and sink through the ingress", || {

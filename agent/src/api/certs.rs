@@ -71,7 +71,7 @@ pub async fn put(
     };
     let record = CertRecord {
         chain_pem: parsed.chain_pem,
-        key_sealed: sealed.iter().map(|b| format!("{b:02x}")).collect(),
+        key_sealed: crate::identity::join::hex(&sealed),
         names: parsed.names.clone(),
         not_after_ms: parsed.not_after_ms,
     };

@@ -87,11 +87,8 @@ async fn keep_certs(h: Handle, certs: Arc<certs::Certs>, shutdown: CancellationT
         let mut by_name = std::collections::HashMap::new();
         for (host, c) in records::certs(&h.store) {
             let key = format!("certs/{host}");
-            let opened = (0..c.key_sealed.len())
-                .step_by(2)
-                .map(|i| u8::from_str_radix(c.key_sealed.get(i..i + 2).unwrap_or("zz"), 16))
-                .collect::<Result<Vec<u8>, _>>()
-                .map_err(|e| e.to_string())
+            let opened = crate::identity::join::unhex(&c.key_sealed)
+                .ok_or_else(|| "the sealed key is not hex".to_string())
                 .and_then(|sealed| {
                     h.trust
                         .secrets
