@@ -37,6 +37,7 @@ fn bench(c: &mut Criterion) {
         .map(|s| App {
             name: &s.name,
             spec: s,
+            replicas: s.replicas(),
         })
         .collect();
     let ids: Vec<String> = (0..NODES).map(|i| format!("node-{i:04}")).collect();

@@ -64,6 +64,20 @@ impl Default for Ingress {
     }
 }
 
+/// `[autoscale]`: how often each node's ingress load goes to the store, and the apps this
+/// node owns are sized from the cluster's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Autoscale {
+    pub interval_ms: u64,
+}
+
+impl Default for Autoscale {
+    fn default() -> Self {
+        Autoscale { interval_ms: 5_000 }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Docker {
@@ -140,6 +154,7 @@ pub struct AgentConfig {
     pub listen: Listen,
     pub docker: Docker,
     pub ingress: Ingress,
+    pub autoscale: Autoscale,
     pub discovery: Discovery,
     pub sync: SyncConfig,
     pub membership: MembershipConfig,
@@ -157,6 +172,7 @@ impl Default for AgentConfig {
             listen: Listen::default(),
             docker: Docker::default(),
             ingress: Ingress::default(),
+            autoscale: Autoscale::default(),
             discovery: Discovery::default(),
             sync: SyncConfig::default(),
             membership: MembershipConfig::default(),

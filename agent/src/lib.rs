@@ -5,6 +5,7 @@
 //! repository's ARCHITECTURE.md has the code map and the invariants.
 
 pub mod api;
+pub mod autoscale;
 pub mod cli;
 pub mod clock;
 pub mod config;

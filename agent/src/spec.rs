@@ -200,6 +200,25 @@ pub struct Update {
     pub rollback: Option<bool>,
 }
 
+/// `[scale]` of an app the autoscaler sizes, every default filled in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AutoscalePolicy {
+    pub min: u32,
+    pub max: u32,
+    pub target_rps: Option<f64>,
+    pub target_inflight: Option<f64>,
+    pub up_window: std::time::Duration,
+    pub down_window: std::time::Duration,
+    pub wake_timeout: std::time::Duration,
+}
+
+impl AutoscalePolicy {
+    /// Whether the app stops when idle, and its first request wakes it.
+    pub fn to_zero(&self) -> bool {
+        self.min == 0
+    }
+}
+
 /// `[update]` resolved, every default filled in.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpdatePolicy {
@@ -217,7 +236,23 @@ pub struct Scale {
     pub replicas: Option<u32>,
     pub min: Option<u32>,
     pub max: Option<u32>,
+    /// Requests a second each replica is sized for: the autoscaler keeps the app between
+    /// `min` and `max` replicas at about this load (`autoscale`).
     pub target_rps: Option<f64>,
+    /// Requests in flight each replica is sized for (with or instead of `target_rps`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_inflight: Option<f64>,
+    /// How long a higher count must be asked for before the app grows (default "0s").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub up_window: Option<String>,
+    /// How long a lower count must be asked for, and the app left unchanged, before it
+    /// shrinks (default "5m").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down_window: Option<String>,
+    /// With `min = 0`: how long the ingress holds a request to an app scaled to zero while a
+    /// replica starts (default "60s"; 503 after).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_timeout: Option<String>,
     /// `"every-node"` runs one replica per node.
     pub placement: Option<String>,
     /// Node labels a node must have to run a replica: `"zone=a"`, `"disk!=hdd"`, `"gpu"`
@@ -484,14 +519,50 @@ impl AppSpec {
                 return bad(format!("scale.{what}: at most {MAX_REPLICAS} replicas"));
             }
         }
-        if self
-            .scale
-            .target_rps
-            .is_some_and(|r| !(r > 0.0 && r <= MAX_TARGET_RPS))
-        {
-            return bad(format!(
-                "scale.target_rps must be above 0 and at most {MAX_TARGET_RPS}"
-            ));
+        for (what, t) in [
+            ("target_rps", self.scale.target_rps),
+            ("target_inflight", self.scale.target_inflight),
+        ] {
+            if t.is_some_and(|r| !(r > 0.0 && r <= MAX_TARGET_RPS)) {
+                return bad(format!(
+                    "scale.{what} must be above 0 and at most {MAX_TARGET_RPS}"
+                ));
+            }
+        }
+        for (what, v) in [
+            ("up_window", &self.scale.up_window),
+            ("down_window", &self.scale.down_window),
+            ("wake_timeout", &self.scale.wake_timeout),
+        ] {
+            if let Some(v) = v {
+                if parse_duration(v).is_none_or(|d| d > std::time::Duration::from_secs(86_400)) {
+                    return bad(format!(
+                        "scale.{what} {v:?}: a duration up to a day, like \"30s\" or \"5m\""
+                    ));
+                }
+            }
+        }
+        if self.autoscaled() {
+            if self.scale.replicas.is_some() {
+                return bad("scale: replicas fixes the count; min, max and a target scale it: give one or the other".into());
+            }
+            if self.scale.max.is_none() {
+                return bad(
+                    "scale: an app scaled by target_rps or target_inflight needs max".into(),
+                );
+            }
+            if self.every_node() {
+                return bad("scale: an every-node app is not scaled by its load".into());
+            }
+            if self.is_job() {
+                return bad("scale: a job is not scaled by its load".into());
+            }
+            if self.run.port.is_none() {
+                return bad("scale: an app scaled by its load needs run.port (its load is the requests the ingress passes it)".into());
+            }
+        } else if self.scale.min == Some(0) && self.scale.replicas.is_none() {
+            // Without a target nothing would ever start it again.
+            return bad("scale: min = 0 needs target_rps or target_inflight (scale to zero wakes on traffic)".into());
         }
         if self.scale.constraints.len() > 32 {
             return bad("scale.constraints: at most 32".into());
@@ -729,6 +800,30 @@ impl AppSpec {
         self.scale.replicas.or(self.scale.min).unwrap_or(1)
     }
 
+    /// Whether the autoscaler sizes the app (`[scale] target_rps` or `target_inflight`).
+    pub fn autoscaled(&self) -> bool {
+        self.scale.target_rps.is_some() || self.scale.target_inflight.is_some()
+    }
+
+    /// `[scale]` for the autoscaler, every default filled in; `None` unless `autoscaled`.
+    pub fn autoscale_policy(&self) -> Option<AutoscalePolicy> {
+        let s = &self.scale;
+        let dur = |v: &Option<String>, default: u64| {
+            v.as_deref()
+                .and_then(parse_duration)
+                .unwrap_or(std::time::Duration::from_secs(default))
+        };
+        self.autoscaled().then(|| AutoscalePolicy {
+            min: s.min.unwrap_or(1),
+            max: s.max.unwrap_or(1).max(s.min.unwrap_or(1)),
+            target_rps: s.target_rps,
+            target_inflight: s.target_inflight,
+            up_window: dur(&s.up_window, 0),
+            down_window: dur(&s.down_window, 300),
+            wake_timeout: dur(&s.wake_timeout, 60),
+        })
+    }
+
     /// Whether replicas run once to completion (`kind = "job"`).
     pub fn is_job(&self) -> bool {
         self.kind.as_deref() == Some("job")
@@ -877,6 +972,7 @@ mod tests {
             &[App {
                 name: "a",
                 spec: &s,
+                replicas: s.replicas(),
             }],
             &nodes,
             &[],

@@ -17,7 +17,12 @@ use std::sync::Arc;
 use tokio::sync::broadcast;
 
 #[tracing::instrument(name = "status", skip_all, fields(path = super::short(req.uri().path())))]
-pub async fn handle(req: Request<Incoming>, _conn: super::Conn, h: Handle) -> Response<Body> {
+pub async fn handle(
+    req: Request<Incoming>,
+    _conn: super::Conn,
+    h: Handle,
+    ingress: Option<Arc<crate::ingress::metrics::Registry>>,
+) -> Response<Body> {
     let head = req.method() == Method::HEAD;
     if req.method() != Method::GET && !head {
         let mut r = error(
@@ -30,7 +35,7 @@ pub async fn handle(req: Request<Incoming>, _conn: super::Conn, h: Handle) -> Re
         );
         return r;
     }
-    let resp = route(&req, &h).await;
+    let resp = route(&req, &h, ingress.as_deref()).await;
     if head {
         let (parts, _) = resp.into_parts();
         return Response::from_parts(parts, full(Bytes::new()));
@@ -38,7 +43,11 @@ pub async fn handle(req: Request<Incoming>, _conn: super::Conn, h: Handle) -> Re
     resp
 }
 
-async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
+async fn route(
+    req: &Request<Incoming>,
+    h: &Handle,
+    ingress: Option<&crate::ingress::metrics::Registry>,
+) -> Response<Body> {
     let path = req.uri().path();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match parts.as_slice() {
@@ -55,7 +64,12 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
             Ok(s) => {
                 let view = view(h, &s);
                 let placed = view.place();
-                let apps: Vec<Value> = view.apps.iter().map(|a| app(&view, &placed, a)).collect();
+                let loads = crate::state::records::loads(&h.store);
+                let apps: Vec<Value> = view
+                    .apps
+                    .iter()
+                    .map(|a| app(&view, &placed, &loads, a))
+                    .collect();
                 json(StatusCode::OK, &apps)
             }
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
@@ -68,7 +82,15 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
                 Ok(s) => {
                     let view = view(h, &s);
                     match view.apps.iter().find(|a| a.spec.name == *name) {
-                        Some(a) => json(StatusCode::OK, &app(&view, &view.place(), a)),
+                        Some(a) => json(
+                            StatusCode::OK,
+                            &app(
+                                &view,
+                                &view.place(),
+                                &crate::state::records::loads(&h.store),
+                                a,
+                            ),
+                        ),
                         None => error(StatusCode::NOT_FOUND, format!("no app named {name:?}")),
                     }
                 }
@@ -80,7 +102,7 @@ async fn route(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
             Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e),
         },
         ["v1", "events"] => events(req, h),
-        ["metrics"] => metrics(h).await,
+        ["metrics"] => metrics(h, ingress).await,
         _ => error(StatusCode::NOT_FOUND, format!("no such endpoint: {path}")),
     }
 }
@@ -99,11 +121,27 @@ fn view(h: &Handle, s: &Snapshot) -> View {
 fn app(
     view: &View,
     placed: &crate::scheduler::Placed,
+    loads: &std::collections::BTreeMap<String, crate::state::records::LoadRecord>,
     a: &crate::state::records::AppRecord,
 ) -> Value {
     let mut v = public_app(serde_json::to_value(&a.spec).unwrap_or(Value::Null));
     if let Value::Object(o) = &mut v {
         o.insert("status".into(), j!(view.status(a, placed)));
+        // The cluster's load on it: what every node's ingress saw over its last interval.
+        let load = crate::autoscale::observe(loads, &a.spec.name, crate::clock::wall_ms());
+        o.insert(
+            "load".into(),
+            j!({"rps": load.rps, "inflight": load.inflight, "waiting": load.waiting}),
+        );
+        if a.spec.autoscaled() {
+            o.insert(
+                "autoscale".into(),
+                j!({
+                    "replicas": view.replicas(a),
+                    "last": view.scale.get(&a.spec.name),
+                }),
+            );
+        }
     }
     v
 }
@@ -358,12 +396,15 @@ fn events(req: &Request<Incoming>, h: &Handle) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(full("")))
 }
 
-async fn metrics(h: &Handle) -> Response<Body> {
-    text(
-        StatusCode::OK,
-        "text/plain; version=0.0.4",
-        super::metrics::render(h).await,
-    )
+async fn metrics(
+    h: &Handle,
+    ingress: Option<&crate::ingress::metrics::Registry>,
+) -> Response<Body> {
+    let mut out = super::metrics::render(h).await;
+    if let Some(i) = ingress {
+        i.render(&mut out);
+    }
+    text(StatusCode::OK, "text/plain; version=0.0.4", out)
 }
 
 #[cfg(test)]

@@ -454,6 +454,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
             },
             conns: conn_limits,
             counters: counters.ingress_conns.clone(),
+            load_interval: Duration::from_millis(cfg.autoscale.interval_ms.max(100)),
         },
         h.clone(),
         &tracker,
@@ -463,6 +464,11 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
     api_ctx.ingress = Some(proxy);
     endpoints.serve(api_ctx, &counters, &tracker, &shutdown);
     tracker.spawn(watch_clock(h.clone(), shutdown.clone()));
+    tracker.spawn(crate::autoscale::run(
+        h.clone(),
+        Duration::from_millis(cfg.autoscale.interval_ms.max(100)),
+        shutdown.clone(),
+    ));
     discover(&h, &cfg, mdns.as_ref(), &advertise, &tracker, &shutdown);
 
     if let Some(rt) = &runtime {
@@ -504,12 +510,13 @@ impl Endpoints {
         shutdown: &CancellationToken,
     ) {
         let status_h = api_ctx.h.clone();
+        let stats = api_ctx.ingress.as_ref().map(|p| p.stats.clone());
         tracker.spawn(api::serve(
             self.status,
             None,
             self.limits,
             counters.status_conns.clone(),
-            move |req, conn| api::status::handle(req, conn, status_h.clone()),
+            move |req, conn| api::status::handle(req, conn, status_h.clone(), stats.clone()),
             shutdown.clone(),
             tracker.clone(),
         ));

@@ -1076,6 +1076,7 @@ fn relevant(c: &Change, me: &str) -> bool {
         | Keyspace::Secrets
         | Keyspace::History
         | Keyspace::Rollouts
+        | Keyspace::Scale
         | Keyspace::Cluster => true,
         // Peers' image records: an image a replica waits for may now be fetched.
         Keyspace::Images => k.owner() != Some(me),

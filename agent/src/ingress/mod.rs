@@ -5,6 +5,7 @@
 //! request; the certificates when `certs/` changes.
 
 pub mod certs;
+pub mod metrics;
 pub mod proxy;
 pub mod routes;
 
@@ -28,6 +29,8 @@ pub struct Ingress {
     pub limits: proxy::Limits,
     pub conns: crate::http::Limits,
     pub counters: Arc<ConnCounters>,
+    /// How often this node's load goes to the store (`[autoscale] interval_ms`).
+    pub load_interval: std::time::Duration,
 }
 
 /// Serves the ingress until `shutdown`; the proxy, which also serves the requests other
@@ -39,7 +42,18 @@ pub fn start(
     shutdown: &CancellationToken,
 ) -> Arc<proxy::Proxy> {
     let (tx, rx) = watch::channel(Arc::new(Table::default()));
-    let p = Arc::new(proxy::Proxy::new(rx, i.limits, Some(h.tls.client.clone())));
+    let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(256);
+    let p = Arc::new(
+        proxy::Proxy::new(rx.clone(), i.limits, Some(h.tls.client.clone())).with_waker(wake_tx),
+    );
+    tracker.spawn(crate::autoscale::wake(h.clone(), wake_rx));
+    tracker.spawn(publish(
+        h.clone(),
+        p.stats.clone(),
+        rx,
+        i.load_interval,
+        shutdown.clone(),
+    ));
     if let Some((listener, tls_counters)) = i.tls_listener {
         let made = certs::Certs::new(&i.domain).and_then(|c| {
             let c = Arc::new(c);
@@ -78,6 +92,51 @@ pub fn start(
         tracker.clone(),
     ));
     p
+}
+
+/// Writes this node's ingress load every `interval` (and once more after it goes quiet),
+/// and forgets the counters of apps no longer routed.
+pub async fn publish(
+    h: Handle,
+    stats: Arc<metrics::Registry>,
+    table: watch::Receiver<Arc<Table>>,
+    interval: std::time::Duration,
+    shutdown: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let Ok(key) = crate::store::keys::load(h.me.id.as_str()) else {
+        return;
+    };
+    let mut quiet = false;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        {
+            let t = table.borrow();
+            stats.retain(|app| t.has_app(app));
+        }
+        let r = stats.load(
+            crate::clock::now(),
+            crate::clock::wall_ms(),
+            interval.as_millis() as u64,
+        );
+        if r.apps.is_empty() && quiet {
+            continue;
+        }
+        quiet = r.apps.is_empty();
+        let Ok(v) = serde_json::to_vec(&r) else {
+            continue;
+        };
+        if let Err(e) = h
+            .write(vec![(key.clone(), Some(bytes::Bytes::from(v)))])
+            .await
+        {
+            tracing::debug!(err = %e, "cannot record the ingress load");
+        }
+    }
 }
 
 /// The uploaded certificates, their keys opened: rebuilt whenever `certs/` changes.

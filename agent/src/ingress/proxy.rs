@@ -75,7 +75,19 @@ pub struct Proxy {
     limits: Limits,
     /// The proxy's clock: ejections are kept in ms since this.
     epoch: tokio::time::Instant,
+    /// What each app's requests did here (`/metrics`, and the load the autoscaler reads).
+    pub stats: Arc<super::metrics::Registry>,
+    /// Where a request for an app scaled to zero asks for a replica (the app's name).
+    waker: Option<tokio::sync::mpsc::Sender<String>>,
+    /// Requests held while their apps wake.
+    held: Arc<Semaphore>,
 }
+
+/// Requests held at once on one node while apps scaled to zero start; beyond, 503.
+const MAX_HELD: usize = 4096;
+/// How often a held request asks again for its app to be woken (a wake can be lost to a
+/// scale-down written at the same moment).
+const WAKE_AGAIN: Duration = Duration::from_secs(2);
 
 /// Failures in a row (connect errors, resets, timeouts, 502/503/504) that leave a replica out.
 const EJECT_AFTER: u32 = 3;
@@ -176,7 +188,17 @@ impl Proxy {
             inflight: Mutex::new(HashMap::new()),
             limits,
             epoch: crate::clock::now(),
+            stats: Arc::default(),
+            waker: None,
+            held: Arc::new(Semaphore::new(MAX_HELD)),
         }
+    }
+
+    /// Requests for apps scaled to zero are held and their names sent to `waker`, whose
+    /// reader starts a replica.
+    pub fn with_waker(mut self, waker: tokio::sync::mpsc::Sender<String>) -> Proxy {
+        self.waker = Some(waker);
+        self
     }
 
     fn now_ms(&self) -> u64 {
@@ -363,14 +385,21 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
         Ok(h) => h,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
-    if !conn.tls {
-        let force = proxy
-            .table
-            .borrow()
-            .route(&host)
-            .is_some_and(|r| r.force_https);
-        if force && !req.uri().path().starts_with(ACME_CHALLENGE) {
-            return to_https(&host, req.uri());
+    let route = proxy.table.borrow().route(&host);
+    let Some(mut route) = route else {
+        return no_app(&host);
+    };
+    if !conn.tls && route.force_https && !req.uri().path().starts_with(ACME_CHALLENGE) {
+        return to_https(&host, req.uri());
+    }
+    let start = crate::clock::now();
+    let meter = proxy.stats.of(&route.app).map(|s| s.begin());
+    if route.local.is_empty() && route.remote.is_empty() {
+        if let Some(timeout) = route.wake {
+            route = match wake(&proxy, &host, route, timeout, meter.as_ref()).await {
+                Ok(r) => r,
+                Err(resp) => return resp,
+            };
         }
     }
     let (mut parts, body) = req.into_parts();
@@ -378,7 +407,94 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
     parts.headers.remove(HOP);
     let proto = if conn.tls { "https" } else { "http" };
     add_forwarded(&mut parts.headers, conn.remote.ip(), &host, proto);
-    pass(parts, body, host, &proxy, true).await
+    let Some(meter) = meter else {
+        return pass(parts, body, host, route, &proxy, true).await;
+    };
+    let counted = meter.stats().clone();
+    let body = body.map_frame(move |f| {
+        if let Some(d) = f.data_ref() {
+            counted.bytes_in(d.len());
+        }
+        f
+    });
+    let resp = pass(parts, body, host, route, &proxy, true).await;
+    meter
+        .stats()
+        .answered(resp.status().as_u16(), start.elapsed());
+    let (parts, body) = resp.into_parts();
+    let body = body
+        .map_frame(move |f| {
+            if let Some(d) = f.data_ref() {
+                meter.stats().bytes_out(d.len());
+            }
+            f
+        })
+        .boxed();
+    Response::from_parts(parts, body)
+}
+
+fn no_app(host: &str) -> Response<Body> {
+    plain(
+        StatusCode::NOT_FOUND,
+        format!("no app answers to {}", crate::http::short(host)),
+    )
+}
+
+/// Holds a request for an app with no replica anywhere that wakes on traffic (scaled to
+/// zero) until one is ready somewhere, asking for one meanwhile; 503 after `timeout`.
+async fn wake(
+    proxy: &Proxy,
+    host: &str,
+    route: Arc<Route>,
+    timeout: Duration,
+    meter: Option<&super::metrics::InFlight>,
+) -> Result<Arc<Route>, Response<Body>> {
+    let (Some(waker), Ok(_slot)) = (&proxy.waker, proxy.held.clone().try_acquire_owned()) else {
+        return Err(plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{} has no ready replica", route.app),
+        ));
+    };
+    let _waiting = meter.map(|m| m.stats().hold());
+    let deadline = crate::clock::now() + timeout;
+    let mut table = proxy.table.clone();
+    loop {
+        let _ = waker.try_send(route.app.clone());
+        let changed = tokio::time::timeout_at(
+            deadline.min(crate::clock::now() + WAKE_AGAIN),
+            table.changed(),
+        )
+        .await;
+        if let Ok(Err(_)) = changed {
+            break;
+        }
+        let now = table.borrow_and_update().route(host);
+        match now {
+            None => return Err(no_app(host)),
+            Some(r) if !r.local.is_empty() || !r.remote.is_empty() => {
+                // Ready may mean only running (no health check): a replica just started may
+                // not listen yet, and a refused first request would undo the wait.
+                if let Some(addr) = r.local.first() {
+                    while tokio::net::TcpStream::connect(addr).await.is_err() {
+                        if crate::clock::now() >= deadline {
+                            break;
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+                return Ok(r);
+            }
+            Some(_) if crate::clock::now() >= deadline => break,
+            Some(_) => {}
+        }
+    }
+    Err(plain(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "{} is scaled to zero and no replica was ready within {timeout:?}",
+            route.app
+        ),
+    ))
 }
 
 /// Where ACME's HTTP-01 challenges are asked (RFC 8555 §8.3): never redirected.
@@ -415,23 +531,21 @@ pub async fn handle_hop(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<B
         Some(Ok(h)) => h,
         _ => return plain(StatusCode::BAD_REQUEST, "a hop names the host it is for"),
     };
-    pass(parts, body, host, &proxy, false).await
+    let route = proxy.table.borrow().route(&host);
+    let Some(route) = route else {
+        return no_app(&host);
+    };
+    pass(parts, body, host, route, &proxy, false).await
 }
 
 async fn pass(
     mut parts: hyper::http::request::Parts,
-    body: Incoming,
+    body: impl hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
     host: String,
+    route: Arc<Route>,
     proxy: &Proxy,
     may_hop: bool,
 ) -> Response<Body> {
-    let route = proxy.table.borrow().route(&host);
-    let Some(route) = route else {
-        return plain(
-            StatusCode::NOT_FOUND,
-            format!("no app answers to {}", crate::http::short(&host)),
-        );
-    };
     let declared = parts
         .headers
         .get(header::CONTENT_LENGTH)
@@ -769,6 +883,7 @@ mod tests {
             local: vec![a, b],
             remote: vec![],
             force_https: false,
+            wake: None,
         };
         for _ in 0..EJECT_AFTER {
             p.outcome("web", a, &p.backend(a), false);

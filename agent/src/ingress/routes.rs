@@ -23,6 +23,9 @@ pub struct Route {
     pub remote: Vec<(String, String)>,
     /// Requests in the clear are sent to `https://` (`expose.force_https`).
     pub force_https: bool,
+    /// For an app scaled to zero (`[scale] min = 0`): how long a request is held while a
+    /// replica starts.
+    pub wake: Option<std::time::Duration>,
 }
 
 /// Every host this cluster answers to.
@@ -37,6 +40,11 @@ impl Table {
     /// The route for a request's Host (or HTTP/2 `:authority`), as the client wrote it.
     pub fn route(&self, host: &str) -> Option<Arc<Route>> {
         self.hosts.get(&normalize(host)?).cloned()
+    }
+
+    /// Whether some host routes to `app`.
+    pub fn has_app(&self, app: &str) -> bool {
+        self.hosts.values().any(|r| r.app == app)
     }
 
     pub fn len(&self) -> usize {
@@ -142,6 +150,11 @@ pub fn build(
                         .filter_map(|n| Some((n.to_string(), addrs.get(n)?.clone())))
                         .collect(),
                     force_https: keeper.spec.expose.force_https,
+                    wake: keeper
+                        .spec
+                        .autoscale_policy()
+                        .filter(|p| p.to_zero())
+                        .map(|p| p.wake_timeout),
                 })
             })
             .clone();

@@ -43,6 +43,8 @@ pub struct View {
     pub earlier: Vec<Task>,
     /// Nodes an operator drained: nothing new is placed there, and their replicas move.
     pub drained: std::collections::BTreeSet<String>,
+    /// The autoscaler's counts (`scale/<app>`).
+    pub scale: BTreeMap<String, crate::state::records::ScaleRecord>,
 }
 
 /// A replica this node runs that is placed elsewhere now, kept until the replacement there
@@ -122,6 +124,7 @@ impl View {
             history: records::histories(store),
             outcomes: records::rollouts(store),
             drained: records::drained(store).into_keys().collect(),
+            scale: records::scales(store),
             nodes,
             tasks,
             earlier,
@@ -132,6 +135,19 @@ impl View {
     /// the `live` nodes, of those that run containers.
     pub fn read_as(store: &DiskBackend, me: &str, live: impl Fn(&str) -> bool) -> View {
         View::read(store, |n| n.containers && (n.id == me || live(&n.id)))
+    }
+
+    /// How many replicas an app runs: the autoscaler's count held within the spec's `min`
+    /// and `max` for an app it sizes (its `min` until it has chosen), else the spec's.
+    pub fn replicas(&self, app: &AppRecord) -> u32 {
+        match app.spec.autoscale_policy() {
+            Some(p) => self
+                .scale
+                .get(&app.spec.name)
+                .map_or(p.min, |s| s.replicas)
+                .clamp(p.min, p.max),
+            None => app.spec.replicas(),
+        }
     }
 
     /// The outcome recorded for an app's current record, if its rollout has ended.
@@ -254,6 +270,7 @@ impl View {
             .map(|a| crate::scheduler::App {
                 name: &a.spec.name,
                 spec: &a.spec,
+                replicas: self.replicas(a),
             })
             .collect();
         let nodes: Vec<crate::scheduler::Node> = self
@@ -423,7 +440,7 @@ impl View {
                 _ => None,
             };
         }
-        let mut all_ready = !placed.is_empty() || app.spec.replicas() == 0;
+        let mut all_ready = !placed.is_empty() || self.replicas(app) == 0;
         for (replica, node) in &placed {
             let t = self.task(&app.spec.name, *replica, node);
             let Some(t) = t.filter(|t| t.version == app.revision) else {
@@ -506,6 +523,10 @@ impl View {
             (None, _) if ready < replicas => {
                 (AppState::Degraded, format!("{ready} of {replicas} ready"))
             }
+            (None, _) if replicas == 0 && app.spec.autoscaled() => (
+                AppState::Running,
+                "scaled to zero: its next request starts a replica".to_string(),
+            ),
             (None, _) => (AppState::Running, format!("{ready} of {replicas} ready")),
         };
         // Replicas nothing can take: pending when none is ready, said in any case.

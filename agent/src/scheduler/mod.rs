@@ -23,6 +23,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 pub struct App<'a> {
     pub name: &'a str,
     pub spec: &'a AppSpec,
+    /// How many replicas it runs (the spec's count, or the autoscaler's).
+    pub replicas: u32,
 }
 
 /// A node as the scheduler sees it.
@@ -267,7 +269,7 @@ pub fn place(apps: &[App<'_>], nodes: &[Node<'_>], running: &[Running<'_>]) -> P
     for (k, app) in apps.iter().enumerate() {
         let ok = eligible(app);
         let demand = Capacity::of(app.spec);
-        for replica in 0..app.spec.replicas() {
+        for replica in 0..app.replicas {
             // Two nodes run it only while their views differed (or one has not yet said it
             // stopped): a ready copy wins over one that is not (a node cut off and back keeps
             // serving until the replacement made meanwhile is ready), then the later start,
@@ -337,7 +339,7 @@ fn place_new(
         load[*i] += 1;
         in_domain[domain[*i]] += 1;
     }
-    for replica in 0..app.spec.replicas() {
+    for replica in 0..app.replicas {
         if chosen.contains_key(&replica) {
             continue;
         }
@@ -432,6 +434,7 @@ mod tests {
         let apps = [App {
             name: "web",
             spec: &s,
+            replicas: s.replicas(),
         }];
         let p = pl(&apps, &["n1", "n2", "n3"], &[]);
         assert_eq!(p.len(), 3);
@@ -451,6 +454,7 @@ mod tests {
             &[App {
                 name: "agent",
                 spec: &s,
+                replicas: s.replicas(),
             }],
             &["b", "a", "c"],
             &[],
@@ -465,6 +469,7 @@ mod tests {
         let apps = [App {
             name: "web",
             spec: &s,
+            replicas: s.replicas(),
         }];
         let fresh = pl(&apps, &["n1", "n2", "n3"], &[]);
         let other = ["n1", "n2", "n3"]
@@ -541,6 +546,7 @@ mod tests {
         let apps = [App {
             name: "db",
             spec: &s,
+            replicas: s.replicas(),
         }];
         let none = BTreeMap::new();
         let nodes = [labelled("big", &none, 2), labelled("small", &none, 1)];
@@ -556,6 +562,7 @@ mod tests {
             &[App {
                 name: "db",
                 spec: &s4,
+                replicas: s4.replicas(),
             }],
             &nodes,
             &[],
@@ -572,6 +579,7 @@ mod tests {
             &[App {
                 name: "huge",
                 spec: &huge,
+                replicas: huge.replicas(),
             }],
             &[nodes[1]],
             &[],
@@ -594,10 +602,12 @@ mod tests {
                 App {
                     name: "huge",
                     spec: &huge,
+                    replicas: huge.replicas(),
                 },
                 App {
                     name: "db",
                     spec: &s,
+                    replicas: s.replicas(),
                 },
             ],
             &[nodes[1]],
@@ -623,6 +633,7 @@ mod tests {
             &[App {
                 name: "x",
                 spec: &only_b,
+                replicas: only_b.replicas(),
             }],
             &nodes,
             &[],
@@ -635,6 +646,7 @@ mod tests {
             &[App {
                 name: "x",
                 spec: &not_b,
+                replicas: not_b.replicas(),
             }],
             &nodes,
             &[],
@@ -646,6 +658,7 @@ mod tests {
             &[App {
                 name: "x",
                 spec: &nowhere,
+                replicas: nowhere.replicas(),
             }],
             &nodes,
             &[],
@@ -665,6 +678,7 @@ mod tests {
                 &[App {
                     name: "x",
                     spec: &spread,
+                    replicas: spread.replicas(),
                 }],
                 &nodes,
                 &[],
@@ -680,6 +694,7 @@ mod tests {
         let apps = [App {
             name: "web",
             spec: &s,
+            replicas: s.replicas(),
         }];
         let mut nodes: Vec<Node> = ["n1", "n2"].iter().map(|n| Node::bare(n)).collect();
         let running = |pinned| {
@@ -706,7 +721,7 @@ mod tests {
             nodes in proptest::collection::btree_set("[a-z]{1,6}", 1..8),
         ) {
             let s = spec(replicas);
-            let apps = [App { name: "web", spec: &s }];
+            let apps = [App { name: "web", spec: &s, replicas: s.replicas() }];
             let list: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
             let mut reversed = list.clone();
             reversed.reverse();
@@ -727,7 +742,7 @@ mod tests {
             gone in 0usize..8,
         ) {
             let s = spec(replicas);
-            let apps = [App { name: "web", spec: &s }];
+            let apps = [App { name: "web", spec: &s, replicas: s.replicas() }];
             let list: Vec<&str> = nodes.iter().map(|s| s.as_str()).collect();
             let before = pl(&apps, &list, &[]);
             let gone = list[gone % list.len()];

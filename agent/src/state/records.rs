@@ -358,3 +358,58 @@ pub struct CertRecord {
 pub fn certs(store: &DiskBackend) -> BTreeMap<String, CertRecord> {
     keyed(store, Keyspace::Certs)
 }
+
+/// The replica count the autoscaler chose for an app, `scale/<app>`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScaleRecord {
+    pub replicas: u32,
+    /// When it was chosen (ms since the epoch): the app does not shrink again within its
+    /// `down_window` of any change.
+    pub at_ms: u64,
+    /// The node that chose it.
+    pub by: String,
+    /// Why, as a person reads it.
+    pub reason: String,
+}
+
+/// The autoscaler's counts, by app.
+pub fn scales(store: &DiskBackend) -> BTreeMap<String, ScaleRecord> {
+    keyed(store, Keyspace::Scale)
+}
+
+/// What one node's ingress saw of one app over its last interval.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct AppLoad {
+    /// Requests a second that entered at this node.
+    pub rps: f64,
+    /// Requests in flight at the end of the interval (held ones included).
+    pub inflight: u64,
+    /// Requests held for an app scaled to zero.
+    #[serde(default)]
+    pub waiting: u64,
+}
+
+/// What a node's ingress saw, `metrics/<node>/ingress`: the autoscaler's input.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LoadRecord {
+    /// The end of the interval (ms since the epoch): an old record says nothing of now.
+    pub at_ms: u64,
+    pub interval_ms: u64,
+    pub apps: BTreeMap<String, AppLoad>,
+}
+
+/// Every node's latest load record, by node.
+pub fn loads(store: &DiskBackend) -> BTreeMap<String, LoadRecord> {
+    scan_keyspace(store, Keyspace::Metrics, "", usize::MAX)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let (node, what) = e.key.name().split_once('/')?;
+            if what != "ingress" {
+                return None;
+            }
+            let v = serde_json::from_slice(e.value.as_deref()?).ok()?;
+            Some((node.to_string(), v))
+        })
+        .collect()
+}

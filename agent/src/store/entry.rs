@@ -91,10 +91,14 @@ pub enum Keyspace {
     Images,
     /// TLS certificates operators uploaded for the ingress (`certs/<host>`), the key sealed.
     Certs,
+    /// The replica count the autoscaler chose for an app (`scale/<app>`), written by the
+    /// app's rendezvous owner, or by a node whose ingress woke an app scaled to zero; held
+    /// within the spec's `min` and `max` wherever it is read.
+    Scale,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 12] = [
+    pub const ALL: [Keyspace; 13] = [
         Keyspace::Nodes,
         Keyspace::Apps,
         Keyspace::Tasks,
@@ -107,6 +111,7 @@ impl Keyspace {
         Keyspace::Rollouts,
         Keyspace::Images,
         Keyspace::Certs,
+        Keyspace::Scale,
     ];
 
     pub fn name(self) -> &'static str {
@@ -123,6 +128,7 @@ impl Keyspace {
             Keyspace::Rollouts => "rollouts",
             Keyspace::Images => "images",
             Keyspace::Certs => "certs",
+            Keyspace::Scale => "scale",
         }
     }
 

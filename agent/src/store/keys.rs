@@ -1,7 +1,7 @@
 //! Every key the agent writes, built in one place (ARCHITECTURE.md's state model):
 //! `nodes/<id>`, `tasks/<node>/<app>/<replica>`, `apps/<name>`, `secrets/<app>/<NAME>`,
 //! `revoked/<id>`, `cluster/join`, `cluster/drain/<id>`, `history/<app>`, `rollouts/<app>/<revision>`,
-//! `images/<id>`. Each builder validates like `Key::parse`.
+//! `images/<id>`, `scale/<app>`, `metrics/<node>/ingress`. Each builder validates like `Key::parse`.
 
 use super::{Key, Keyspace, NodeId, StoreError};
 
@@ -50,6 +50,16 @@ pub fn cert(host: &str) -> Result<Key, StoreError> {
     Key::join(Keyspace::Certs, &[host])
 }
 
+/// The replica count the autoscaler chose for an app.
+pub fn scale(app: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Scale, &[app])
+}
+
+/// What a node's ingress saw of each app over its last interval (`metrics/<node>/ingress`).
+pub fn load(node: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Metrics, &[node, "ingress"])
+}
+
 /// An evicted node.
 pub fn revoked(id: &NodeId) -> Result<Key, StoreError> {
     Key::join(Keyspace::Revoked, &[id.as_str()])
@@ -90,6 +100,8 @@ mod tests {
             rollout("web", "ab12").unwrap().as_str(),
             "rollouts/web/ab12"
         );
+        assert_eq!(scale("web").unwrap().as_str(), "scale/web");
+        assert_eq!(load("n1").unwrap().as_str(), "metrics/n1/ingress");
         assert_eq!(join_secret().unwrap().keyspace(), Keyspace::Cluster);
         assert!(app("").is_err());
         assert!(task("bad id", "web", 0).is_err());

@@ -35,7 +35,7 @@ impl std::fmt::Debug for Proof {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Writer {
     /// The node the key describes (`nodes/`, `tasks/`, `metrics/`), or that made it (`builds/`,
-    /// `rollouts/`).
+    /// `rollouts/`, `scale/`).
     Node(NodeId),
     /// An operator: desired state (`apps/`, `history/`, `secrets/`, `certs/`), evictions (`revoked/`)
     /// and cluster settings (`cluster/`).
@@ -52,7 +52,7 @@ impl Key {
             | Keyspace::Cluster
             | Keyspace::History
             | Keyspace::Certs => Writer::Operator,
-            Keyspace::Builds | Keyspace::Rollouts => Writer::Node(origin.clone()),
+            Keyspace::Builds | Keyspace::Rollouts | Keyspace::Scale => Writer::Node(origin.clone()),
             // Owner-only keys: `check_write` already holds the origin to the owner.
             Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics | Keyspace::Images => {
                 Writer::Node(origin.clone())
@@ -198,6 +198,7 @@ mod tests {
         assert_eq!(w("secrets/a/X"), Writer::Operator);
         assert_eq!(w("revoked/n2"), Writer::Operator);
         assert_eq!(w("builds/a/1"), Writer::Node(n1.clone()));
+        assert_eq!(w("scale/a"), Writer::Node(n1.clone()));
         assert_eq!(w("tasks/n1/a/0"), Writer::Node(n1.clone()));
         assert_eq!(
             entry("metrics/n1/x", "n1", 1, None).signer_record(),
