@@ -17,7 +17,7 @@ use crate::rollout::View;
 use crate::spec::AutoscalePolicy;
 use crate::state::records::{self, LoadRecord, ScaleRecord};
 use crate::state::Handle;
-use crate::store::keys;
+use crate::store::{keys, Keyspace};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -133,10 +133,21 @@ pub async fn run(h: Handle, interval: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut stable: HashMap<String, Stabilizer> = HashMap::new();
+    let mut changes = h.subscribe();
     loop {
+        // A new load record is looked at when it lands (at most twice a second), not a
+        // whole interval later: a load step is met within about one interval.
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tick.tick() => {}
+            c = changes.recv() => match c {
+                Ok(c) if c.entry.key.keyspace() != Keyspace::Metrics => continue,
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    while changes.try_recv().is_ok() {}
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+            },
         }
         let Ok(snap) = h.snapshot().await else {
             continue;

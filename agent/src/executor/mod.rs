@@ -256,14 +256,17 @@ impl<T: ContainerRuntime> ContainerRuntime for std::sync::Arc<T> {
 
 pub use crate::state::records::{Task, TaskState};
 
-/// `shoal-<app>-<replica>-<8 hex>`, the hex from the version and the node: unique per
-/// version, so an update's new container can start before the old one goes, and per node, so
-/// nodes sharing one Docker do not collide.
-pub fn container_name(app: &str, replica: u32, version: &str, node: &str) -> String {
+/// `shoal-<app>-<replica>-<8 hex>`, the hex from the version, the node and the cluster:
+/// unique per version, so an update's new container can start before the old one goes, and
+/// per node and cluster, so nodes (of one cluster or of several) sharing one Docker do not
+/// collide. Containers are found by their labels, never by name.
+pub fn container_name(cluster: &str, app: &str, replica: u32, version: &str, node: &str) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     ctx.update(version.as_bytes());
     ctx.update(&[0]);
     ctx.update(node.as_bytes());
+    ctx.update(&[0]);
+    ctx.update(cluster.as_bytes());
     let d = ctx.finish();
     let hex: String = d.as_ref()[..4].iter().map(|b| format!("{b:02x}")).collect();
     format!("shoal-{app}-{replica}-{hex}")
@@ -273,10 +276,11 @@ pub fn container_name(app: &str, replica: u32, version: &str, node: &str) -> Str
 mod tests {
     #[test]
     fn container_names_follow_the_version() {
-        let a = super::container_name("web", 0, "1700000000000.0@n1", "n1");
-        let b = super::container_name("web", 0, "1700000000001.0@n1", "n1");
-        let c = super::container_name("web", 0, "1700000000000.0@n1", "n2");
+        let a = super::container_name("c1", "web", 0, "1700000000000.0@n1", "n1");
+        let b = super::container_name("c1", "web", 0, "1700000000001.0@n1", "n1");
+        let c = super::container_name("c1", "web", 0, "1700000000000.0@n1", "n2");
+        let d = super::container_name("c2", "web", 0, "1700000000000.0@n1", "n1");
         assert!(a.starts_with("shoal-web-0-") && a.len() == "shoal-web-0-".len() + 8);
-        assert!(a != b && a != c && b != c);
+        assert!(a != b && a != c && b != c && a != d);
     }
 }

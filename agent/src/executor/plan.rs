@@ -99,7 +99,7 @@ mod tests {
             replica,
             version: version.into(),
             spec: ContainerSpec {
-                name: super::super::container_name(app, replica, version, "n1"),
+                name: super::super::container_name("c", app, replica, version, "n1"),
                 image: "img".into(),
                 command: vec![],
                 env: vec![],

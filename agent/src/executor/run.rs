@@ -523,7 +523,7 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             replica,
             version: version.to_string(),
             spec: ContainerSpec {
-                name: container_name(&spec.name, replica, version, &self.me),
+                name: container_name(&self.cluster, &spec.name, replica, version, &self.me),
                 image,
                 command: spec.run.command.clone(),
                 env: env.into_iter().map(|(k, v)| format!("{k}={v}")).collect(),
