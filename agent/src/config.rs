@@ -93,6 +93,9 @@ pub struct Docker {
     /// How long an image this node pulled or fetched stays once no version of any app needs
     /// it (images an operator loaded stay).
     pub image_grace_ms: u64,
+    /// How long a replica leaving (replaced, scaled away, moved) may finish the requests it
+    /// has in flight, out of the routes, before it is stopped anyway.
+    pub drain_timeout_ms: u64,
 }
 
 impl Default for Docker {
@@ -103,6 +106,7 @@ impl Default for Docker {
             reconcile_ms: 2000,
             max_image_bytes: crate::executor::docker::DEFAULT_MAX_IMAGE_BYTES,
             image_grace_ms: 600_000,
+            drain_timeout_ms: 30_000,
         }
     }
 }

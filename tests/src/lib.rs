@@ -10,6 +10,7 @@ pub mod bins;
 pub mod docker;
 pub mod http;
 pub mod images;
+pub mod load;
 pub mod netns;
 pub mod pid1;
 pub mod registry;

@@ -461,6 +461,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         &shutdown,
     );
     let mut api_ctx = api_ctx;
+    let drains = proxy.clone();
     api_ctx.ingress = Some(proxy);
     endpoints.serve(api_ctx, &counters, &tracker, &shutdown);
     tracker.spawn(watch_clock(h.clone(), shutdown.clone()));
@@ -479,6 +480,8 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
             every: Duration::from_millis(cfg.docker.reconcile_ms),
             image_grace: Duration::from_millis(cfg.docker.image_grace_ms),
             peers: Some(Arc::new(peers)),
+            inflight: Some(Arc::new(move |ip| drains.inflight_to(ip))),
+            drain_deadline: Duration::from_millis(cfg.docker.drain_timeout_ms),
         };
         tracker.spawn(crate::executor::run::run(
             rt.clone(),

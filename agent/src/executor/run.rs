@@ -120,6 +120,10 @@ pub struct Executor<R> {
     images: super::distribute::Keeper,
     /// The members at the last pass, with their states.
     members: Vec<(String, MemberState)>,
+    /// See `Options::inflight`.
+    inflight: Option<(Inflight, Duration)>,
+    /// Containers being drained before they stop.
+    draining: std::sync::Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// A pull of a missing image.
@@ -178,7 +182,21 @@ pub struct Options {
     pub image_grace: Duration,
     /// Where missing images are fetched from before a registry is asked.
     pub peers: Option<std::sync::Arc<dyn super::distribute::Fetch>>,
+    /// Requests the node's ingress has in flight to a container's address. With it, a
+    /// running replica this node no longer wants (replaced by a rollout, scaled away, moved
+    /// by a drain) is drained first: out of the routes, it is stopped once nothing is in
+    /// flight to it, or after `drain_deadline`.
+    pub inflight: Option<Inflight>,
+    pub drain_deadline: Duration,
 }
+
+/// Requests in flight to an address (the ingress's count).
+pub type Inflight = std::sync::Arc<dyn Fn(std::net::IpAddr) -> usize + Send + Sync>;
+
+/// How long a replica that leaves the routes keeps running before its in-flight count is
+/// trusted: this node's route table is rebuilt from the task records written at the end of
+/// the pass, and the other nodes', which pass requests here, hear of it by then.
+const DRAIN_SETTLE: Duration = Duration::from_secs(1);
 
 impl Options {
     pub fn every(every: Duration) -> Options {
@@ -186,6 +204,8 @@ impl Options {
             every,
             image_grace: Duration::from_secs(600),
             peers: None,
+            inflight: None,
+            drain_deadline: Duration::from_secs(30),
         }
     }
 }
@@ -221,6 +241,11 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             pulls: HashMap::new(),
             look_again: false,
             pulled,
+            inflight: options
+                .inflight
+                .clone()
+                .map(|f| (f, options.drain_deadline)),
+            draining: Default::default(),
         };
         (
             ex,
@@ -746,6 +771,9 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             tasks.insert(id.clone(), t);
         }
         for o in &p.extra {
+            if self.drain(o) {
+                continue;
+            }
             tracing::info!(app = %o.app, replica = o.replica, version = %o.version, container = %o.id, "removing a container this node should no longer run");
             if let Err(e) = self.rt.remove(&o.id).await {
                 tracing::warn!(container = %o.id, err = %e, "cannot remove container");
@@ -757,6 +785,55 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
                 tracing::warn!(err = %e, "cannot remove unused app networks");
             }
         }
+    }
+
+    /// Drains a running container this node no longer wants, if the ingress can say what it
+    /// has in flight to it, and removes it after (in the background); whether it took it.
+    fn drain(&self, o: &Observed) -> bool {
+        let Some((inflight, deadline)) = &self.inflight else {
+            return false;
+        };
+        let Some(ip) =
+            o.ip.as_deref()
+                .and_then(|ip| ip.parse::<std::net::IpAddr>().ok())
+                .filter(|_| o.running)
+        else {
+            return false;
+        };
+        let Ok(mut draining) = self.draining.lock() else {
+            return false;
+        };
+        if !draining.insert(o.id.clone()) {
+            return true;
+        }
+        tracing::info!(app = %o.app, replica = o.replica, version = %o.version, container = %o.id, "draining a container this node should no longer run");
+        let (rt, inflight, deadline, all, o) = (
+            self.rt.clone(),
+            inflight.clone(),
+            *deadline,
+            self.draining.clone(),
+            o.clone(),
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(DRAIN_SETTLE).await;
+            let end = crate::clock::now() + deadline;
+            let mut left = inflight(ip);
+            while left > 0 && crate::clock::now() < end {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+                left = inflight(ip);
+            }
+            if left > 0 {
+                tracing::warn!(app = %o.app, replica = o.replica, container = %o.id, in_flight = left, "drain deadline passed: stopping it with requests in flight");
+            }
+            tracing::info!(app = %o.app, replica = o.replica, version = %o.version, container = %o.id, "removing a drained container");
+            if let Err(e) = rt.remove(&o.id).await {
+                tracing::warn!(container = %o.id, err = %e, "cannot remove container");
+            }
+            if let Ok(mut d) = all.lock() {
+                d.remove(&o.id);
+            }
+        });
+        true
     }
 
     /// A job's replica whose container exited: done when it succeeded or has no retries

@@ -201,6 +201,15 @@ impl Proxy {
         self
     }
 
+    /// Requests in flight to replicas at `ip` (any port).
+    pub fn inflight_to(&self, ip: IpAddr) -> usize {
+        let m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(a, _)| a.ip() == ip)
+            .map(|(_, b)| b.inflight.load(Relaxed))
+            .sum()
+    }
+
     fn now_ms(&self) -> u64 {
         self.epoch.elapsed().as_millis() as u64
     }
