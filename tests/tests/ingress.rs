@@ -633,3 +633,88 @@ fn hostile_requests_get_a_4xx_or_a_timeout_and_do_not_hurt_other_clients() {
     }
     ok();
 }
+
+#[test]
+fn an_app_calls_another_by_name_across_nodes() {
+    shoal_e2e::netns::require_root();
+    let root = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup::for_agents_in(root.path());
+    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
+    // n1's ingress on the standard port of every address: where its containers' resolver
+    // sends `<app>.internal` (the gateway of their network, port 80).
+    let mut nodes = vec![
+        shoal_e2e::agent::AgentBuilder::new(root.path(), "n1")
+            .extra(docker_on)
+            .extra("labels = { zone = \"a\" }")
+            .extra("[listen]\nhttp = \"0.0.0.0:80\"\n")
+            .build(),
+        shoal_e2e::agent::AgentBuilder::new(root.path(), "n2")
+            .extra(docker_on)
+            .extra("labels = { zone = \"b\" }")
+            .build(),
+    ];
+    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
+    for a in &mut nodes {
+        a.set_peers(&ports);
+        a.spawn();
+    }
+    let (n1, n2) = (&nodes[0], &nodes[1]);
+    converge(&[n1, n2], "two members and their records", || {
+        nodes
+            .iter()
+            .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
+            .then_some(())
+    });
+    load(n1, &busybox_image());
+    load(n2, &busybox_image());
+    // b runs on n2 only; a runs on n1 and asks for b by name. (No `-T` to this busybox's
+    // wget: it crashes with one.)
+    deploy(
+        n1,
+        "b",
+        &format!(
+            r#"name = "b"
+[source]
+image = "{BUSYBOX}"
+[run]
+command = ["sh", "-c", "mkdir -p /www && echo hello from b > /www/index.html && exec httpd -f -p 8080 -h /www"]
+port = 8080
+[scale]
+constraints = ["zone=b"]
+"#
+        ),
+    );
+    deploy(
+        n1,
+        "a",
+        &format!(
+            r#"name = "a"
+[source]
+image = "{BUSYBOX}"
+[run]
+command = ["sh", "-c", "mkdir -p /www/cgi-bin && printf '#!/bin/sh\necho Content-Type: text/plain\necho\nwget -q -O - http://b.internal/ 2>&1\n' > /www/cgi-bin/call && chmod +x /www/cgi-bin/call && exec httpd -f -p 8080 -h /www"]
+port = 8080
+[scale]
+constraints = ["zone=a"]
+"#
+        ),
+    );
+    running(n1, "a", 1);
+    converge(&[n1, n2], "b ready on n2", || {
+        tasks(n1, "b")
+            .iter()
+            .any(|t| t["node"] == "n2" && t["ready"] == true)
+            .then_some(())
+    });
+    // a (on n1) → b.internal → n1's ingress → the hop to n2 → b.
+    let (status, body) = converge(&[n1, n2], "a reaching b by name", || {
+        let r = shoal_e2e::load::get(n1.http_port, "a.localhost", "/cgi-bin/call");
+        r.1.contains("hello from b").then_some(r)
+    });
+    assert_eq!((status, body.as_str()), (200, "hello from b\n"));
+    let m = n1.metrics();
+    assert!(
+        m.contains("shoal_ingress_requests_total{app=\"b\",class=\"2xx\"}"),
+        "b's requests are counted where they entered, on n1:\n{m}"
+    );
+}

@@ -346,7 +346,11 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         tracing::info!(socket = %cfg.docker.socket.display(), "containers run on this Docker");
         Arc::new(
             Docker::new(&cfg.docker.socket.to_string_lossy())
-                .with_max_image_bytes(cfg.docker.max_image_bytes),
+                .with_max_image_bytes(cfg.docker.max_image_bytes)
+                .with_resolver({
+                    let r = crate::ingress::dns::Resolver::from_system();
+                    Arc::new(move |ip| r.listen(ip))
+                }),
         )
     });
     let parts = Parts {

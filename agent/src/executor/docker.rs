@@ -70,7 +70,14 @@ pub struct Docker {
     client: Mutex<Option<bollard::Docker>>,
     max_image_bytes: u64,
     nets: std::sync::Arc<std::sync::Mutex<Nets>>,
+    /// Makes a resolver answer on an app network's gateway (`with_resolver`).
+    resolver: Option<Resolve>,
+    /// App networks' gateways, by Docker network.
+    gateways: std::sync::Mutex<HashMap<String, std::net::Ipv4Addr>>,
 }
+
+/// Has a DNS resolver answer on the address; whether one does.
+pub type Resolve = std::sync::Arc<dyn Fn(std::net::Ipv4Addr) -> bool + Send + Sync>;
 
 /// App networks made ahead of need: an app's first replica on a node takes a spare rather
 /// than waiting for `docker network create` (100 ms and more, most of it iptables), and a new
@@ -113,7 +120,43 @@ impl Docker {
             client: Mutex::new(None),
             max_image_bytes: DEFAULT_MAX_IMAGE_BYTES,
             nets: Default::default(),
+            resolver: None,
+            gateways: Default::default(),
         }
+    }
+
+    /// Containers ask the resolver `resolve` starts on their network's gateway for names
+    /// (Docker's embedded DNS passes it what is not a container's name): where
+    /// `<app>.internal` resolves.
+    pub fn with_resolver(mut self, resolve: Resolve) -> Docker {
+        self.resolver = Some(resolve);
+        self
+    }
+
+    /// The gateway of Docker network `network` (cached), with a resolver answering there.
+    async fn resolver_on(&self, c: &bollard::Docker, network: &str) -> Option<String> {
+        let resolve = self.resolver.as_ref()?;
+        let known = self.gateways.lock().ok()?.get(network).copied();
+        let gw = match known {
+            Some(gw) => gw,
+            None => {
+                let n = c
+                    .inspect_network(
+                        network,
+                        None::<bollard::query_parameters::InspectNetworkOptions>,
+                    )
+                    .await
+                    .ok()?;
+                let gw: std::net::Ipv4Addr = n
+                    .ipam?
+                    .config?
+                    .into_iter()
+                    .find_map(|c| c.gateway?.parse().ok())?;
+                self.gateways.lock().ok()?.insert(network.to_string(), gw);
+                gw
+            }
+        };
+        resolve(gw).then(|| gw.to_string())
     }
 
     /// The largest image archive `POST /v1/images` takes.
@@ -853,7 +896,9 @@ impl ContainerRuntime for Docker {
     async fn start(&self, spec: &ContainerSpec) -> Result<super::Started, ExecutorError> {
         let c = self.client().await?;
         let network = self.ensure_network(&c, spec).await?;
+        let dns = self.resolver_on(&c, &network).await;
         let host = HostConfig {
+            dns: dns.map(|gw| vec![gw]),
             memory: spec.memory_bytes,
             // No swap beyond the memory limit.
             memory_swap: spec.memory_bytes,

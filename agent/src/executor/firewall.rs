@@ -2,7 +2,7 @@
 //!
 //! - `SHOAL-CONTAINERS`, jumped to from `INPUT` for traffic coming in on a Docker bridge
 //!   (`docker0`, `br-*`): a container reaches the node itself only with replies to what the
-//!   node opened and on the ingress ports (80, 443). The agent's status and API ports, the
+//!   node opened, on the ingress ports (80, 443) and at the resolver (UDP 53). The agent's status and API ports, the
 //!   Docker socket's TCP twin, a metadata address bound on the node: all dropped.
 //! - `DOCKER-USER` (Docker's hook in `FORWARD`): nothing from a container to the cloud
 //!   metadata address (169.254.169.254, and EC2's fd00:ec2::254 over IPv6), where a
@@ -58,6 +58,8 @@ pub fn chain_rules(f: Family) -> Vec<String> {
         // Where a node serves the metadata address itself (a proxy, a test), not even on 80.
         format!("-A {CHAIN} -d {metadata} -j DROP"),
         format!("-A {CHAIN} -p tcp -m multiport --dports 80,443 -j RETURN"),
+        // The resolver on the gateway (`<app>.internal`, and names passed on).
+        format!("-A {CHAIN} -p udp -m udp --dport 53 -j RETURN"),
         format!("-A {CHAIN} -j DROP"),
     ]
 }

@@ -190,8 +190,9 @@ pub struct Options {
     pub drain_deadline: Duration,
 }
 
-/// Requests in flight to an address (the ingress's count).
-pub type Inflight = std::sync::Arc<dyn Fn(std::net::IpAddr) -> usize + Send + Sync>;
+/// Requests in flight to an address (the ingress's count); `None` when the ingress never
+/// sent it one: a replica nothing was ever routed to has nothing to drain.
+pub type Inflight = std::sync::Arc<dyn Fn(std::net::IpAddr) -> Option<usize> + Send + Sync>;
 
 /// How long a replica that leaves the routes keeps running before its in-flight count is
 /// trusted: this node's route table is rebuilt from the task records written at the end of
@@ -803,24 +804,30 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
         let Ok(mut draining) = self.draining.lock() else {
             return false;
         };
-        if !draining.insert(o.id.clone()) {
+        if draining.contains(&o.id) {
             return true;
         }
+        if inflight(ip).is_none() {
+            return false;
+        }
+        draining.insert(o.id.clone());
         tracing::info!(app = %o.app, replica = o.replica, version = %o.version, container = %o.id, "draining a container this node should no longer run");
-        let (rt, inflight, deadline, all, o) = (
+        let (rt, inflight, deadline, all, o, cluster, me) = (
             self.rt.clone(),
             inflight.clone(),
             *deadline,
             self.draining.clone(),
             o.clone(),
+            self.cluster.clone(),
+            self.me.clone(),
         );
         tokio::spawn(async move {
             tokio::time::sleep(DRAIN_SETTLE).await;
             let end = crate::clock::now() + deadline;
-            let mut left = inflight(ip);
+            let mut left = inflight(ip).unwrap_or(0);
             while left > 0 && crate::clock::now() < end {
                 tokio::time::sleep(Duration::from_millis(25)).await;
-                left = inflight(ip);
+                left = inflight(ip).unwrap_or(0);
             }
             if left > 0 {
                 tracing::warn!(app = %o.app, replica = o.replica, container = %o.id, in_flight = left, "drain deadline passed: stopping it with requests in flight");
@@ -828,6 +835,10 @@ impl<R: ContainerRuntime + Clone + Send + Sync + 'static> Executor<R> {
             tracing::info!(app = %o.app, replica = o.replica, version = %o.version, container = %o.id, "removing a drained container");
             if let Err(e) = rt.remove(&o.id).await {
                 tracing::warn!(container = %o.id, err = %e, "cannot remove container");
+            }
+            // The last container of an app here leaves its network behind.
+            if let Err(e) = rt.prune_networks(&cluster, &me).await {
+                tracing::warn!(err = %e, "cannot remove unused app networks");
             }
             if let Ok(mut d) = all.lock() {
                 d.remove(&o.id);

@@ -5,6 +5,7 @@
 //! request; the certificates when `certs/` changes.
 
 pub mod certs;
+pub mod dns;
 pub mod metrics;
 pub mod proxy;
 pub mod routes;

@@ -201,13 +201,18 @@ impl Proxy {
         self
     }
 
-    /// Requests in flight to replicas at `ip` (any port).
-    pub fn inflight_to(&self, ip: IpAddr) -> usize {
+    /// Requests in flight to replicas at `ip` (any port); `None` when this node never sent
+    /// one there (or forgot it, idle).
+    pub fn inflight_to(&self, ip: IpAddr) -> Option<usize> {
         let m = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter()
+        let mut seen = false;
+        let n = m
+            .iter()
             .filter(|(a, _)| a.ip() == ip)
+            .inspect(|_| seen = true)
             .map(|(_, b)| b.inflight.load(Relaxed))
-            .sum()
+            .sum();
+        seen.then_some(n)
     }
 
     fn now_ms(&self) -> u64 {

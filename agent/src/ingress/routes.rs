@@ -81,8 +81,11 @@ pub fn hosts_of(spec: &AppSpec, domain: &str) -> Vec<String> {
         .iter()
         .filter_map(|h| normalize(h))
         .collect();
-    if let Some(h) = normalize(&format!("{}.{domain}", spec.name)) {
-        out.push(h);
+    // And, for other apps, `<app>.internal` (`dns`).
+    for d in [domain, super::dns::SUFFIX] {
+        if let Some(h) = normalize(&format!("{}.{d}", spec.name)) {
+            out.push(h);
+        }
     }
     out.sort();
     out.dedup();
@@ -250,9 +253,14 @@ mod tests {
         assert_eq!(r.local, ["10.0.0.2:8080".parse().unwrap()]);
         assert_eq!(r.remote, [remote("n2")], "n3 is down");
         assert_eq!(t.route("web.localhost").unwrap(), r);
+        assert_eq!(
+            t.route("web.internal").unwrap(),
+            r,
+            "other apps' name for it"
+        );
         assert!(t.route("worker.localhost").is_none(), "no port, no route");
         assert!(t.route("other.localhost").is_none());
-        assert_eq!(t.len(), 2);
+        assert_eq!(t.len(), 3);
         // Seen from n2: its own replica is local, n1's is remote.
         let t = build(&apps, &tasks, "n2", "localhost", |_| true, &addrs());
         let r = t.route("web.localhost").unwrap();
