@@ -167,29 +167,50 @@ impl Drop for Cleanup {
 /// Two agents on this machine's Docker, each knowing the other's record, the test image
 /// loaded.
 pub fn two_nodes(root: &std::path::Path) -> Vec<Agent> {
-    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
-    let mut nodes: Vec<Agent> = ["n1", "n2"]
-        .iter()
-        .map(|id| Agent::configure(root, id, &[], docker_on))
-        .collect();
+    let nodes = join(
+        ["n1", "n2"]
+            .iter()
+            .map(|id| Agent::configure(root, id, &[], DOCKER_ON))
+            .collect(),
+    );
+    load(&nodes[0], &busybox_image());
+    nodes
+}
+
+/// Running containers on the host's dockerd, quick to react.
+pub const DOCKER_ON: &str = "[docker]\nenabled = true\nreconcile_ms = 300\n";
+
+/// Configured agents started as one cluster, each given the others as peers: once each
+/// sees the others alive and every node's record.
+pub fn join(mut nodes: Vec<Agent>) -> Vec<Agent> {
     let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
     for a in &mut nodes {
         a.set_peers(&ports);
         a.spawn();
     }
-    converge(
-        &[&nodes[0], &nodes[1]],
-        "two members and their records",
-        || {
-            nodes
-                .iter()
-                .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
-                .then_some(())
-        },
-    );
-    let tar = std::fs::read(busybox_image()).unwrap();
-    assert_eq!(write(&nodes[0], "POST", "/v1/images", &tar).status, 200);
+    let all: Vec<&Agent> = nodes.iter().collect();
+    let n = nodes.len();
+    converge(&all, "every member and its record", || {
+        nodes
+            .iter()
+            .all(|a| a.alive_members() == n - 1 && a.list("/v1/nodes").len() == n)
+            .then_some(())
+    });
     nodes
+}
+
+/// Loads an image archive into `a`'s engine.
+pub fn load(a: &Agent, archive: &std::path::Path) {
+    let r = write(a, "POST", "/v1/images", &std::fs::read(archive).unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// One agent running containers on the host's dockerd, the test image loaded; `extra` is
+/// more of its config.
+pub fn one_node(root: &std::path::Path, extra: &str) -> Agent {
+    let a = Agent::start(root, "n1", &[], &format!("{DOCKER_ON}{extra}"));
+    load(&a, &busybox_image());
+    a
 }
 
 /// A Docker engine of its own beside the host's: own data root, exec root, socket,

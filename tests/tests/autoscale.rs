@@ -6,7 +6,7 @@
 use shoal_e2e::docker::*;
 use shoal_e2e::http::metric;
 use shoal_e2e::load::{get, Load};
-use shoal_e2e::{busybox_image, Agent, BUSYBOX};
+use shoal_e2e::{Agent, BUSYBOX};
 use std::time::{Duration, Instant};
 
 /// busybox httpd serving one file, sized by its load.
@@ -21,23 +21,6 @@ port = 8080
 [scale]
 {scale}"#
     )
-}
-
-fn node(root: &std::path::Path) -> Agent {
-    let a = Agent::start(
-        root,
-        "n1",
-        &[],
-        "[docker]\nenabled = true\nreconcile_ms = 300\n[autoscale]\ninterval_ms = 500\n",
-    );
-    let r = write(
-        &a,
-        "POST",
-        "/v1/images",
-        &std::fs::read(busybox_image()).unwrap(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
-    a
 }
 
 fn ask(a: &Agent, host: &str) -> u16 {
@@ -78,7 +61,7 @@ fn load_above_the_target_grows_an_app_to_max_and_it_shrinks_back_after_the_windo
     shoal_e2e::netns::require_root();
     let root = tempfile::tempdir().unwrap();
     let _cleanup = Cleanup::for_agents_in(root.path());
-    let a = node(root.path());
+    let a = one_node(root.path(), "[autoscale]\ninterval_ms = 500\n");
     deploy(
         &a,
         "busy",
@@ -170,7 +153,7 @@ fn an_app_scaled_to_zero_stops_when_idle_and_its_first_request_is_held_until_it_
     shoal_e2e::netns::require_root();
     let root = tempfile::tempdir().unwrap();
     let _cleanup = Cleanup::for_agents_in(root.path());
-    let a = node(root.path());
+    let a = one_node(root.path(), "[autoscale]\ninterval_ms = 500\n");
     deploy(
         &a,
         "sleepy",

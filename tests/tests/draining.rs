@@ -6,7 +6,7 @@
 
 use shoal_e2e::docker::*;
 use shoal_e2e::load::{get, Load};
-use shoal_e2e::{busybox_image, Agent, BUSYBOX};
+use shoal_e2e::{Agent, BUSYBOX};
 
 const CLIENTS: usize = 4;
 
@@ -44,19 +44,7 @@ fn a_rolling_update_a_scale_down_and_a_killed_replica_under_load_lose_no_request
     shoal_e2e::netns::require_root();
     let root = tempfile::tempdir().unwrap();
     let _cleanup = Cleanup::for_agents_in(root.path());
-    let a = Agent::start(
-        root.path(),
-        "n1",
-        &[],
-        "[docker]\nenabled = true\nreconcile_ms = 300\n",
-    );
-    let r = write(
-        &a,
-        "POST",
-        "/v1/images",
-        &std::fs::read(busybox_image()).unwrap(),
-    );
-    assert_eq!(r.status, 200, "{}", r.text());
+    let a = one_node(root.path(), "");
     let cluster = a.cluster_id();
     deploy(&a, "steady", &spec("1", 2));
     converge(&[&a], "two replicas of v1 ready", || {

@@ -68,24 +68,6 @@ fn ws_echo(port: u16, host: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Loads an image archive into `a`'s engine.
-fn load(a: &Agent, archive: &std::path::Path) {
-    let r = write(a, "POST", "/v1/images", &std::fs::read(archive).unwrap());
-    assert_eq!(r.status, 200, "{}", r.text());
-}
-
-/// One agent running containers on the host's dockerd, the test image loaded.
-fn one_node(root: &std::path::Path, extra: &str) -> Agent {
-    let a = Agent::start(
-        root,
-        "n1",
-        &[],
-        &format!("[docker]\nenabled = true\nreconcile_ms = 300\n{extra}"),
-    );
-    load(&a, &busybox_image());
-    a
-}
-
 /// What `curl -o - -w "\n%{http_code} %{http_version}"` printed: status, version, body.
 fn curl_out(out: &std::process::Output) -> (u16, String, String) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -241,31 +223,20 @@ fn a_node_without_a_replica_passes_the_request_to_one_that_has_it() {
     let archive = busybox_image();
     let root = tempfile::tempdir().unwrap();
     let _cleanup = Cleanup::for_agents_in(root.path());
-    let mut nodes: Vec<Agent> = [("n1", "edge"), ("n2", "web")]
-        .iter()
-        .map(|(id, role)| {
-            Agent::configure(
-                root.path(),
-                id,
-                &[],
-                &format!(
-                    "labels = {{ role = \"{role}\" }}\n[docker]\nenabled = true\nreconcile_ms = 300\n"
-                ),
-            )
-        })
-        .collect();
-    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
-    for a in &mut nodes {
-        a.set_peers(&ports);
-        a.spawn();
-    }
-    let (n1, n2) = (&nodes[0], &nodes[1]);
-    converge(&[n1, n2], "two members and their records", || {
-        nodes
+    let nodes = join(
+        [("n1", "edge"), ("n2", "web")]
             .iter()
-            .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
-            .then_some(())
-    });
+            .map(|(id, role)| {
+                Agent::configure(
+                    root.path(),
+                    id,
+                    &[],
+                    &format!("labels = {{ role = \"{role}\" }}\n{DOCKER_ON}"),
+                )
+            })
+            .collect(),
+    );
+    let (n1, n2) = (&nodes[0], &nodes[1]);
     load(n2, &archive);
     deploy(
         n1,
@@ -639,32 +610,20 @@ fn an_app_calls_another_by_name_across_nodes() {
     shoal_e2e::netns::require_root();
     let root = tempfile::tempdir().unwrap();
     let _cleanup = Cleanup::for_agents_in(root.path());
-    let docker_on = "[docker]\nenabled = true\nreconcile_ms = 300\n";
     // n1's ingress on the standard port of every address: where its containers' resolver
     // sends `<app>.internal` (the gateway of their network, port 80).
-    let mut nodes = vec![
+    let nodes = join(vec![
         shoal_e2e::agent::AgentBuilder::new(root.path(), "n1")
-            .extra(docker_on)
+            .extra(DOCKER_ON)
             .extra("labels = { zone = \"a\" }")
             .extra("[listen]\nhttp = \"0.0.0.0:80\"\n")
             .build(),
         shoal_e2e::agent::AgentBuilder::new(root.path(), "n2")
-            .extra(docker_on)
+            .extra(DOCKER_ON)
             .extra("labels = { zone = \"b\" }")
             .build(),
-    ];
-    let ports: Vec<u16> = nodes.iter().map(|a| a.api_port).collect();
-    for a in &mut nodes {
-        a.set_peers(&ports);
-        a.spawn();
-    }
+    ]);
     let (n1, n2) = (&nodes[0], &nodes[1]);
-    converge(&[n1, n2], "two members and their records", || {
-        nodes
-            .iter()
-            .all(|a| a.alive_members() == 1 && a.list("/v1/nodes").len() == 2)
-            .then_some(())
-    });
     load(n1, &busybox_image());
     load(n2, &busybox_image());
     // b runs on n2 only; a runs on n1 and asks for b by name. (No `-T` to this busybox's
