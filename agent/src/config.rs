@@ -51,6 +51,28 @@ pub struct Ingress {
     pub answer_timeout_ms: u64,
     /// An upgraded connection (WebSocket) that moves no byte either way this long is closed.
     pub tunnel_idle_timeout_ms: u64,
+    /// Load balancers in front (addresses or CIDR blocks) whose connections to the ingress
+    /// start with a PROXY protocol header (v1 or v2): the client's address is taken from it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proxy_protocol_from: Vec<String>,
+}
+
+impl Ingress {
+    /// `proxy_protocol_from`, parsed.
+    pub fn proxy_sources(&self) -> Result<Vec<ipnet::IpNet>, String> {
+        self.proxy_protocol_from
+            .iter()
+            .map(|s| {
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        format!(
+                            "ingress.proxy_protocol_from: {s:?} is not an address or a CIDR block"
+                        )
+                    })
+            })
+            .collect()
+    }
 }
 
 impl Default for Ingress {
@@ -60,6 +82,7 @@ impl Default for Ingress {
             max_body_bytes: 64 << 20,
             answer_timeout_ms: 60_000,
             tunnel_idle_timeout_ms: 300_000,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }
@@ -257,6 +280,7 @@ impl AgentConfig {
                 "sync.fanout must be at least 1".into(),
             ));
         }
+        self.ingress.proxy_sources().map_err(ConfigError::Invalid)?;
         if self.membership.probe_rtt_ms >= self.membership.probe_period_ms {
             return Err(ConfigError::Invalid(
                 "membership.probe_rtt_ms must be below membership.probe_period_ms".into(),
@@ -371,6 +395,15 @@ mdns = true
             assert!(e.contains("ingress.domain"), "{d}: {e}");
         }
         assert!(AgentConfig::from_toml("[ingress]\ndomain = \"apps.example.com\"").is_ok());
+        let e = AgentConfig::from_toml("[ingress]\nproxy_protocol_from = [\"10.0.0.0/8\", \"lb\"]")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("proxy_protocol_from: \"lb\""), "{e}");
+        let c = AgentConfig::from_toml(
+            "[ingress]\nproxy_protocol_from = [\"10.0.0.0/8\", \"192.0.2.7\", \"2001:db8::/32\"]",
+        )
+        .unwrap();
+        assert_eq!(c.ingress.proxy_sources().unwrap().len(), 3);
         assert!(
             AgentConfig::from_toml("[membership]\nprobe_rtt_ms = 900\nprobe_period_ms = 500")
                 .is_err()

@@ -71,6 +71,10 @@ pub struct Limits {
     pub max_conns: usize,
     /// A connection that moves no byte this long, with no request being handled, is closed.
     pub idle: Duration,
+    /// Sources (load balancers) whose connections start with a PROXY protocol header (v1 or
+    /// v2) naming the client: the client's address is taken from it. Such a connection
+    /// without a valid header is closed. Empty: no one's is read.
+    pub proxy_from: &'static [ipnet::IpNet],
 }
 
 impl Default for Limits {
@@ -78,8 +82,61 @@ impl Default for Limits {
         Limits {
             max_conns: 1024,
             idle: Duration::from_secs(30),
+            proxy_from: &[],
         }
     }
+}
+
+/// The PROXY protocol header at the start of a connection from a load balancer: the client's
+/// address, or `None` for a connection the balancer made itself (`LOCAL`, `UNKNOWN`: its own
+/// address stands). Reads the header and not a byte more.
+pub async fn read_proxy_header<S: tokio::io::AsyncRead + Unpin>(
+    s: &mut S,
+) -> Result<Option<SocketAddr>, String> {
+    use tokio::io::AsyncReadExt;
+    const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+    // The longest v1 header (RFC-less, HAProxy's spec: 107 bytes); v2's addresses and TLVs
+    // are bounded here, far above what balancers send.
+    const V1_MAX: usize = 107;
+    const V2_MAX: usize = 16 + 1024;
+    let mut buf = vec![0u8; 12];
+    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
+    if buf.as_slice() == V2_SIGNATURE {
+        buf.resize(16, 0);
+        s.read_exact(&mut buf[12..])
+            .await
+            .map_err(|e| e.to_string())?;
+        let len = u16::from_be_bytes([buf[14], buf[15]]) as usize;
+        if 16 + len > V2_MAX {
+            return Err(format!("a PROXY v2 header of {} bytes", 16 + len));
+        }
+        buf.resize(16 + len, 0);
+        s.read_exact(&mut buf[16..])
+            .await
+            .map_err(|e| e.to_string())?;
+        let h = ppp::v2::Header::try_from(buf.as_slice()).map_err(|e| e.to_string())?;
+        return Ok(match (h.command, h.addresses) {
+            (ppp::v2::Command::Local, _) => None,
+            (_, ppp::v2::Addresses::IPv4(a)) => Some((a.source_address, a.source_port).into()),
+            (_, ppp::v2::Addresses::IPv6(a)) => Some((a.source_address, a.source_port).into()),
+            _ => None,
+        });
+    }
+    if !buf.starts_with(b"PROXY ") {
+        return Err("no PROXY protocol header".into());
+    }
+    while !buf.ends_with(b"\r\n") {
+        if buf.len() >= V1_MAX {
+            return Err("a PROXY v1 header over 107 bytes".into());
+        }
+        buf.push(s.read_u8().await.map_err(|e| e.to_string())?);
+    }
+    let h = ppp::v1::Header::try_from(buf.as_slice()).map_err(|e| e.to_string())?;
+    Ok(match h.addresses {
+        ppp::v1::Addresses::Tcp4(a) => Some((a.source_address, a.source_port).into()),
+        ppp::v1::Addresses::Tcp6(a) => Some((a.source_address, a.source_port).into()),
+        ppp::v1::Addresses::Unknown => None,
+    })
 }
 
 /// When a connection last moved a byte, and how many of its requests are being handled.
@@ -315,6 +372,20 @@ pub async fn serve<H, F>(
         let counters = counters.clone();
         tracker.spawn(async move {
             let _permit = permit;
+            let (mut stream, mut remote) = (stream, remote);
+            if limits.proxy_from.iter().any(|n| n.contains(&remote.ip())) {
+                let read =
+                    tokio::time::timeout(HANDSHAKE_TIMEOUT, read_proxy_header(&mut stream)).await;
+                match read {
+                    Ok(Ok(Some(client))) => remote = client,
+                    Ok(Ok(None)) => {}
+                    Ok(Err(e)) => {
+                        tracing::debug!(%remote, err = %e, "a balancer's connection without a valid PROXY header: closed");
+                        return;
+                    }
+                    Err(_) => return,
+                }
+            }
             counters.open.fetch_add(1, Relaxed);
             let act = Activity::new();
             act.touch();
@@ -425,6 +496,70 @@ where
         _ = stop.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(Duration::from_secs(2), conn).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn v2(command: u8, family: u8, addresses: &[u8]) -> Vec<u8> {
+        let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+        h.push(0x20 | command);
+        h.push(family);
+        h.extend((addresses.len() as u16).to_be_bytes());
+        h.extend(addresses);
+        h
+    }
+
+    /// The header read from `bytes`, and what was left unread.
+    async fn read(bytes: Vec<u8>) -> (Result<Option<SocketAddr>, String>, Vec<u8>) {
+        let mut r = std::io::Cursor::new(bytes);
+        let got = read_proxy_header(&mut r).await;
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await.unwrap();
+        (got, rest)
+    }
+
+    #[tokio::test]
+    async fn a_proxy_header_names_the_client_and_nothing_after_it_is_read() {
+        // v2, TCP over IPv4: 203.0.113.7:5555 → 10.0.0.1:80.
+        let mut addrs = vec![203, 0, 113, 7, 10, 0, 0, 1];
+        addrs.extend(5555u16.to_be_bytes());
+        addrs.extend(80u16.to_be_bytes());
+        let mut bytes = v2(1, 0x11, &addrs);
+        bytes.extend(b"GET / HTTP/1.1\r\n");
+        let (got, rest) = read(bytes).await;
+        assert_eq!(got, Ok(Some("203.0.113.7:5555".parse().unwrap())));
+        assert_eq!(rest, b"GET / HTTP/1.1\r\n");
+        // v2 LOCAL (the balancer's own health check): no client.
+        let (got, rest) = read(v2(0, 0x00, &[])).await;
+        assert_eq!((got, rest), (Ok(None), vec![]));
+        // v1, IPv6 and IPv4.
+        let (got, rest) =
+            read(b"PROXY TCP6 2001:db8::9 2001:db8::1 4444 443\r\n\x16\x03".to_vec()).await;
+        assert_eq!(got, Ok(Some("[2001:db8::9]:4444".parse().unwrap())));
+        assert_eq!(rest, b"\x16\x03");
+        let (got, _) = read(b"PROXY TCP4 198.51.100.9 10.0.0.1 4444 80\r\n".to_vec()).await;
+        assert_eq!(got, Ok(Some("198.51.100.9:4444".parse().unwrap())));
+        let (got, _) = read(b"PROXY UNKNOWN\r\n".to_vec()).await;
+        assert_eq!(got, Ok(None));
+    }
+
+    #[tokio::test]
+    async fn anything_else_from_a_balancer_is_refused() {
+        for bad in [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+            b"PROXY TCP4 not-an-address 10.0.0.1 1 2\r\n".to_vec(),
+            [b"PROXY TCP4 ".to_vec(), vec![b'1'; 200]].concat(),
+            v2(1, 0x11, &[0; 2000]),
+            v2(1, 0x11, &[1, 2, 3]),
+            b"PROXY".to_vec(),
+        ] {
+            let (got, _) = read(bad.clone()).await;
+            assert!(got.is_err(), "{:?}: {got:?}", String::from_utf8_lossy(&bad));
         }
     }
 }

@@ -677,3 +677,37 @@ constraints = ["zone=a"]
         "b's requests are counted where they entered, on n1:\n{m}"
     );
 }
+
+#[test]
+fn a_balancer_in_front_names_the_client_with_the_proxy_protocol() {
+    shoal_e2e::netns::require_root();
+    let root = tempfile::tempdir().unwrap();
+    let _cleanup = Cleanup::for_agents_in(root.path());
+    // Every connection from loopback is a balancer's here.
+    let a = one_node(
+        root.path(),
+        "[ingress]\nproxy_protocol_from = [\"127.0.0.0/8\"]\n",
+    );
+    deploy(&a, "web", &echo_spec("web", 1, ""));
+    running(&a, "web", 1);
+    let request = b"GET /cgi-bin/env HTTP/1.0\r\nHost: web.localhost\r\n\r\n";
+    // v2, TCP over IPv4, from 203.0.113.7:5555.
+    let mut v2 = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    v2.extend([203, 0, 113, 7, 127, 0, 0, 1]);
+    v2.extend(5555u16.to_be_bytes());
+    v2.extend(a.http_port.to_be_bytes());
+    let v1 = format!("PROXY TCP4 198.51.100.9 127.0.0.1 4444 {}\r\n", a.http_port);
+    for (header, client) in [(v2, "203.0.113.7"), (v1.into_bytes(), "198.51.100.9")] {
+        let body = converge(&[&a], "web answering through the balancer", || {
+            let (status, body) = raw(a.http_port, &[header.as_slice(), request].concat());
+            (status == 200).then_some(body)
+        });
+        assert!(
+            body.contains(&format!("HTTP_X_FORWARDED_FOR={client}\n")),
+            "{client} missing:\n{body}"
+        );
+    }
+    // A balancer's connection without the header is closed unanswered.
+    let (status, body) = raw(a.http_port, request);
+    assert_eq!((status, body.as_str()), (0, ""));
+}

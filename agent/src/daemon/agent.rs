@@ -442,6 +442,7 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         limits: api::Limits {
             max_conns: cfg.listen.max_connections.max(1),
             idle: Duration::from_millis(cfg.listen.idle_timeout_ms.max(100)),
+            proxy_from: &[],
         },
     };
     let conn_limits = endpoints.limits;
@@ -456,7 +457,16 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
                 max_tunnels: cfg.listen.max_connections.max(1),
                 tunnel_idle: Duration::from_millis(cfg.ingress.tunnel_idle_timeout_ms.max(100)),
             },
-            conns: conn_limits,
+            conns: crate::http::Limits {
+                // Read once per process, kept for its life.
+                proxy_from: Box::leak(
+                    cfg.ingress
+                        .proxy_sources()
+                        .unwrap_or_default()
+                        .into_boxed_slice(),
+                ),
+                ..conn_limits
+            },
             counters: counters.ingress_conns.clone(),
             load_interval: Duration::from_millis(cfg.autoscale.interval_ms.max(100)),
         },

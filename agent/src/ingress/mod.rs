@@ -109,7 +109,8 @@ pub async fn publish(
     let Ok(key) = crate::store::keys::load(h.me.id.as_str()) else {
         return;
     };
-    let mut quiet = false;
+    // Nothing is written until there is something to say.
+    let mut quiet = true;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
