@@ -9,7 +9,15 @@ use std::time::{Duration, Instant};
 /// A GET of `path` through the ingress at 127.0.0.1:`port` for `host`, on a fresh
 /// connection: the status (0 when it failed outright) and the body.
 pub fn get(port: u16, host: &str, path: &str) -> (u16, String) {
-    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+    get_from(&format!("127.0.0.1:{port}"), host, path)
+}
+
+/// `get` through the ingress at `addr` (`ip:port`).
+pub fn get_from(addr: &str, host: &str, path: &str) -> (u16, String) {
+    let Some(addr) = addr.parse::<std::net::SocketAddr>().ok() else {
+        return (0, String::new());
+    };
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5)) else {
         return (0, String::new());
     };
     let _ = s.set_read_timeout(Some(Duration::from_secs(10)));

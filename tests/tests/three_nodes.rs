@@ -5,7 +5,9 @@
 //! the reason; a job completes once; a new version that is never ready rolls back on its
 //! own while the old replicas answer every probe (every 50 ms, from outside the nodes);
 //! a drained node empties while its replicas become ready elsewhere; a SIGKILLed node
-//! (agent and engine) has its replicas ready elsewhere.
+//! (agent and engine) has its replicas ready elsewhere. The ingress of every node (port 80 of
+//! its address) reaches an app that runs on one node only, and an app on every node reaches
+//! it by `<app>.internal` from inside its containers.
 
 use serde_json::Value;
 use shoal_e2e::docker::*;
@@ -128,6 +130,41 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
     for e in &engines {
         assert_eq!(e.image_id(&id).as_deref(), Some(id.as_str()));
         assert_eq!(e.containers(&cluster, "web", false).len(), 1);
+    }
+
+    phase("ingress");
+    // The ingress of every node: `solo` runs on one node only, `caller` on each, and asks
+    // for `solo.internal` from inside its container: through every node's ingress (port 80
+    // of its address), caller answers with what solo said, whichever node took it, locally
+    // or through the hop to solo's node.
+    put_app(
+        n1,
+        "solo",
+        &format!(
+            "name = \"solo\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"mkdir -p /www && echo solo here > /www/index.html && exec httpd -f -p 8080 -h /www\"]\nport = 8080\n[resources]\nmemory = \"16Mi\"\n"
+        ),
+    );
+    put_app(
+        n1,
+        "caller",
+        &format!(
+            "name = \"caller\"\n[source]\nimage = \"{BUSYBOX}\"\n[run]\ncommand = [\"sh\", \"-c\", \"mkdir -p /www/cgi-bin && printf '#!/bin/sh\\necho Content-Type: text/plain\\necho\\nwget -q -O - http://solo.internal/ 2>&1\\n' > /www/cgi-bin/call && chmod +x /www/cgi-bin/call && exec httpd -f -p 8080 -h /www\"]\nport = 8080\n[scale]\nplacement = \"every-node\"\n[resources]\nmemory = \"16Mi\"\n"
+        ),
+    );
+    for (i, h) in lan.hosts.iter().enumerate() {
+        let addr = format!("{}:80", h.ip);
+        converge(&all, &format!("solo through n{}'s ingress", i + 1), || {
+            let r = shoal_e2e::load::get_from(&addr, "solo.localhost", "/");
+            (r == (200, "solo here\n".to_string())).then_some(())
+        });
+        converge(
+            &all,
+            &format!("caller on n{} reaching solo by name", i + 1),
+            || {
+                let r = shoal_e2e::load::get_from(&addr, "caller.localhost", "/cgi-bin/call");
+                (r == (200, "solo here\n".to_string())).then_some(())
+            },
+        );
     }
 
     phase("too big");
