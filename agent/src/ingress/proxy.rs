@@ -60,6 +60,9 @@ const MAX_TRACKED: usize = 4096;
 /// The mark of a request another node passed on: the host it was for.
 pub const HOP: &str = "x-shoal-hop";
 
+/// The mark of a node's answer to a hop it has no replica for (never shown to a client).
+const GONE: &str = "x-shoal-replica-gone";
+
 type HopClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, UpBody>;
 
 pub struct Proxy {
@@ -610,15 +613,24 @@ async fn pass(
             None => &proxy.hop,
         };
         return match (hop, route.remote.is_empty() || !may_hop) {
-            (Some(hop), false) => hop_on(parts, body, &host, &route, hop, proxy, upgrade).await,
+            (Some(hop), false) => {
+                hop_on(parts, body, &host, &route, hop, proxy, upgrade, retry).await
+            }
             _ if route.remote.is_empty() => plain(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!("{} has no ready replica", route.app),
             ),
-            _ => plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{} has no ready replica on this node", route.app),
-            ),
+            _ => {
+                // A hop to a node whose replica just went (its record not yet everywhere):
+                // marked, so the node that sent it may try another.
+                let mut r = plain(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("{} has no ready replica on this node", route.app),
+                );
+                r.headers_mut()
+                    .insert(HeaderName::from_static(GONE), HeaderValue::from_static("1"));
+                r
+            }
         };
     };
     let mut body = Some(body);
@@ -706,7 +718,10 @@ fn over_limit(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// Passes the request to a node that runs a ready replica (one picked at random).
+/// Passes the request to a node that runs a ready replica (one picked at random). A
+/// bodiless idempotent request that node cannot serve (no answer at all, or its replica
+/// gone: `GONE`) goes to the next such node, each tried once.
+#[allow(clippy::too_many_arguments)]
 async fn hop_on(
     mut parts: hyper::http::request::Parts,
     body: UpBody,
@@ -715,16 +730,14 @@ async fn hop_on(
     hop: &HopClient,
     proxy: &Proxy,
     upgrade: Option<Upgrade>,
+    retry: bool,
 ) -> Response<Body> {
-    let (node, addr) = &route.remote[rand::random_range(0..route.remote.len())];
     let path = parts
         .uri
         .path_and_query()
         .map(|p| p.as_str())
-        .unwrap_or("/");
-    let Ok(uri) = format!("https://{addr}{path}").parse::<Uri>() else {
-        return plain(StatusCode::BAD_REQUEST, "the request target is not a path");
-    };
+        .unwrap_or("/")
+        .to_string();
     let Ok(mark) = HeaderValue::from_str(host) else {
         return plain(StatusCode::BAD_REQUEST, "the host is not text");
     };
@@ -732,31 +745,62 @@ async fn hop_on(
     // The connection to the node names its own host (`:authority`, or Host from the URI);
     // the mark carries the app's.
     parts.headers.remove(header::HOST);
-    let mut up = Request::new(body);
-    *up.method_mut() = parts.method;
-    *up.uri_mut() = uri;
-    *up.headers_mut() = parts.headers;
-    match tokio::time::timeout(proxy.limits.answer_within, hop.request(up)).await {
-        Ok(Ok(resp)) => answer(resp, None, upgrade, proxy),
-        Ok(Err(e)) if over_limit(&e) => plain(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the body is over {} bytes", proxy.limits.max_body),
-        ),
-        Ok(Err(e)) => {
-            tracing::debug!(app = %route.app, %node, err = %crate::error_chain(&e), "the node with the replica did not answer");
-            plain(
-                StatusCode::BAD_GATEWAY,
-                format!("{}: {node}, which runs it, did not answer", route.app),
-            )
+    let n = route.remote.len();
+    let first = rand::random_range(0..n);
+    let tries = if retry && upgrade.is_none() { n } else { 1 };
+    let mut body = Some(body);
+    let mut last = None;
+    for k in 0..tries {
+        let (node, addr) = &route.remote[(first + k) % n];
+        let Ok(uri) = format!("https://{addr}{path}").parse::<Uri>() else {
+            return plain(StatusCode::BAD_REQUEST, "the request target is not a path");
+        };
+        let mut up = Request::new(
+            body.take()
+                .unwrap_or_else(|| Empty::new().map_err(|never| match never {}).boxed()),
+        );
+        *up.method_mut() = parts.method.clone();
+        *up.uri_mut() = uri;
+        *up.headers_mut() = parts.headers.clone();
+        let sent = tokio::time::timeout(proxy.limits.answer_within, hop.request(up)).await;
+        let more = k + 1 < tries;
+        match sent {
+            Ok(Ok(resp)) if more && resp.headers().contains_key(GONE) => {
+                tracing::debug!(app = %route.app, %node, "the node's replica is gone: trying another");
+                last = Some(format!("{}: {node} no longer runs it", route.app));
+            }
+            Ok(Ok(mut resp)) => {
+                resp.headers_mut().remove(GONE);
+                return answer(resp, None, upgrade, proxy);
+            }
+            Ok(Err(e)) if over_limit(&e) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("the body is over {} bytes", proxy.limits.max_body),
+                )
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(app = %route.app, %node, err = %crate::error_chain(&e), "the node with the replica did not answer");
+                last = Some(format!(
+                    "{}: {node}, which runs it, did not answer",
+                    route.app
+                ));
+            }
+            Err(_) => {
+                return plain(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "{}: no answer within {:?}",
+                        route.app, proxy.limits.answer_within
+                    ),
+                )
+            }
         }
-        Err(_) => plain(
-            StatusCode::GATEWAY_TIMEOUT,
-            format!(
-                "{}: no answer within {:?}",
-                route.app, proxy.limits.answer_within
-            ),
-        ),
     }
+    plain(
+        StatusCode::BAD_GATEWAY,
+        last.unwrap_or_else(|| format!("{}: no node answered", route.app)),
+    )
 }
 
 /// The replica's answer, its hop-by-hop headers dropped; the request counts as in flight
