@@ -297,6 +297,28 @@ fn a_node_without_a_replica_passes_the_request_to_one_that_has_it() {
         )
         .unwrap();
     assert_eq!(r.status, 403, "{}", r.text());
+    // A member's hop to a node with no ready replica of the app (a sender whose view is
+    // behind): 503, marked so the sender tries another node.
+    let (cert, key) = n2.cert();
+    let member = Some(shoal_e2e::ClientCert {
+        cert: &cert,
+        key: &key,
+    });
+    let r = n1
+        .api(
+            "GET",
+            "/cgi-bin/env",
+            &[("x-shoal-hop", "web.localhost")],
+            b"",
+            member,
+        )
+        .unwrap();
+    assert_eq!(
+        (r.status, r.header("x-shoal-replica-gone")),
+        (503, Some("1")),
+        "{}",
+        r.text()
+    );
 }
 
 /// `curl` over TLS to the ingress's `listen.https`, `host` resolved to loopback (so SNI and
