@@ -1005,4 +1005,88 @@ mod tests {
             "for=192.0.2.1, for=\"[2001:db8::1]\";host=\"ab\";proto=http"
         );
     }
+
+    /// A node's API listener as a hop sees it: TLS with HTTP/2, answering every request with
+    /// `status` (marked `GONE` if `gone`) and its name.
+    async fn node(
+        name: &'static str,
+        status: u16,
+        gone: bool,
+        stop: &tokio_util::sync::CancellationToken,
+    ) -> (String, rustls::pki_types::CertificateDer<'static>) {
+        let certs = Arc::new(super::super::certs::Certs::new("localhost").unwrap());
+        let cert = certs.lookup(None).cert[0].clone();
+        let config = certs.server_config().unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(crate::http::serve(
+            listener,
+            Some(crate::http::TlsListener {
+                acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+                counters: Arc::default(),
+            }),
+            crate::http::Limits::default(),
+            Arc::default(),
+            move |_req, _conn| async move {
+                let mut r = plain(StatusCode::from_u16(status).unwrap(), name);
+                if gone {
+                    r.headers_mut()
+                        .insert(HeaderName::from_static(GONE), HeaderValue::from_static("1"));
+                }
+                r
+            },
+            stop.clone(),
+            tokio_util::task::TaskTracker::new(),
+        ));
+        (format!("localhost:{port}"), cert)
+    }
+
+    #[tokio::test]
+    async fn a_hop_whose_node_lost_its_replica_goes_on_to_the_next_node_when_it_may() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (gone_at, gone_cert) = node("a", 503, true, &stop).await;
+        let (ok_at, ok_cert) = node("b", 200, false, &stop).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(gone_cert).unwrap();
+        roots.add(ok_cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (_tx, rx) = watch::channel(Arc::new(Table::default()));
+        let p = Proxy::new(rx, Limits::default(), Some(Arc::new(client)));
+        let route = Route {
+            app: "web".into(),
+            local: vec![],
+            remote: vec![("n1".into(), gone_at), ("n2".into(), ok_at)],
+            force_https: false,
+            wake: None,
+        };
+        let ask = |retry: bool| {
+            let (p, route) = (&p, &route);
+            async move {
+                let (parts, ()) = Request::get("/x").body(()).unwrap().into_parts();
+                let body: UpBody = Empty::new().map_err(|never| match never {}).boxed();
+                let hop = p.hop.as_ref().unwrap();
+                let r = hop_on(parts, body, "web.localhost", route, hop, p, None, retry).await;
+                assert!(!r.headers().contains_key(GONE), "the mark reached a client");
+                r.status()
+            }
+        };
+        // A GET goes on to n2 whichever node is tried first.
+        for _ in 0..16 {
+            assert_eq!(ask(true).await, StatusCode::OK);
+        }
+        // A request that may not be sent twice is not: n1's 503 reaches the client.
+        let mut seen = BTreeSet::new();
+        for _ in 0..40 {
+            seen.insert(ask(false).await);
+        }
+        assert_eq!(
+            seen,
+            BTreeSet::from([StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE])
+        );
+        stop.cancel();
+    }
 }
