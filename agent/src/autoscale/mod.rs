@@ -46,7 +46,8 @@ pub fn observe(loads: &BTreeMap<String, LoadRecord>, app: &str, now_ms: u64) -> 
                 o.rps += l.rps;
             }
             o.inflight += l.inflight as f64;
-            o.waiting += l.waiting;
+            // Another node's numbers: nothing it writes may overflow the sum.
+            o.waiting = o.waiting.saturating_add(l.waiting);
         }
     }
     o
@@ -148,6 +149,13 @@ pub async fn run(h: Handle, interval: Duration, shutdown: CancellationToken) {
                 }
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
             },
+        }
+        // Nothing to size and nothing to clean up: no need to read the whole state.
+        if !records::apps(&h.store).iter().any(|a| a.spec.autoscaled())
+            && records::scales(&h.store).is_empty()
+        {
+            stable.clear();
+            continue;
         }
         let Ok(snap) = h.snapshot().await else {
             continue;
@@ -348,6 +356,13 @@ mod tests {
         assert_eq!(o.inflight, 3.0);
         assert_eq!(o.waiting, 1);
         assert_eq!(observe(&loads, "other", 10_500), Observed::default());
+        // Hostile numbers do not overflow the sum.
+        let huge: BTreeMap<String, LoadRecord> = [
+            ("n1".to_string(), rec(10_000, 1.0, u64::MAX)),
+            ("n2".to_string(), rec(10_000, 1.0, u64::MAX)),
+        ]
+        .into();
+        assert_eq!(observe(&huge, "web", 10_500).waiting, u64::MAX);
     }
 
     #[test]

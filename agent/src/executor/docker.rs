@@ -152,7 +152,12 @@ impl Docker {
                     .config?
                     .into_iter()
                     .find_map(|c| c.gateway?.parse().ok())?;
-                self.gateways.lock().ok()?.insert(network.to_string(), gw);
+                let mut known = self.gateways.lock().ok()?;
+                // Networks come and go (spares have new names): a cache, not a record.
+                if known.len() >= 1024 {
+                    known.clear();
+                }
+                known.insert(network.to_string(), gw);
                 gw
             }
         };

@@ -162,6 +162,8 @@ impl Resolver {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::debug!(err = %e, "a DNS question could not be read");
+                    // An error that repeats must not spin the loop.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             };

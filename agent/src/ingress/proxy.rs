@@ -492,8 +492,11 @@ async fn wake(
                 // Ready may mean only running (no health check): a replica just started may
                 // not listen yet, and a refused first request would undo the wait.
                 if let Some(addr) = r.local.first() {
-                    while tokio::net::TcpStream::connect(addr).await.is_err() {
-                        if crate::clock::now() >= deadline {
+                    loop {
+                        let up =
+                            tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr))
+                                .await;
+                        if matches!(up, Ok(Ok(_)) | Err(_)) || crate::clock::now() >= deadline {
                             break;
                         }
                         tokio::time::sleep(Duration::from_millis(50)).await;
