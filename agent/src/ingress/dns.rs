@@ -5,9 +5,13 @@
 //! wherever its replicas run. Every other name goes on to the node's own resolvers
 //! (`/etc/resolv.conf`), the answer passed back as it came.
 //!
-//! One UDP socket per gateway (`listen`), made when the executor first starts a container on
-//! that network; bounded: at most `MAX_FORWARDS` questions forwarded at once, each given
-//! `FORWARD_WITHIN` per resolver.
+//! One UDP socket and one TCP listener per gateway (`listen`), made when the executor first
+//! starts a container on that network; over TCP (RFC 7766: what a client asks again on when
+//! an answer came truncated) each message is length-prefixed and a connection may carry
+//! several, one after another, and the node's resolvers are asked over TCP too. Bounded: at
+//! most `MAX_FORWARDS` questions forwarded at once, each given `FORWARD_WITHIN` per
+//! resolver; at most `MAX_TCP_CONNS` TCP connections per gateway, each closed after
+//! `TCP_IDLE` without a whole question.
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::{rdata::A, RData, Record, RecordType};
@@ -15,7 +19,8 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 
 /// The names apps reach each other by: `<app>.internal`.
@@ -26,6 +31,10 @@ const MAX_FORWARDS: usize = 256;
 const FORWARD_WITHIN: Duration = Duration::from_secs(2);
 /// The largest message taken or passed on (EDNS allows more over UDP than 512 bytes).
 const MAX_MESSAGE: usize = 4096;
+/// TCP connections open at once on one gateway; more are closed at once.
+const MAX_TCP_CONNS: usize = 64;
+/// A TCP connection with no whole question for this long is closed.
+const TCP_IDLE: Duration = Duration::from_secs(10);
 
 /// What one question gets.
 #[derive(Debug, PartialEq)]
@@ -108,14 +117,21 @@ pub struct Resolver {
     upstream: Vec<SocketAddr>,
     sockets: Mutex<HashMap<Ipv4Addr, tokio::task::AbortHandle>>,
     forwards: Arc<Semaphore>,
+    /// `TCP_IDLE`, shorter in tests.
+    tcp_idle: Duration,
 }
 
 impl Resolver {
     pub fn new(upstream: Vec<SocketAddr>) -> Arc<Resolver> {
+        Resolver::with_tcp_idle(upstream, TCP_IDLE)
+    }
+
+    fn with_tcp_idle(upstream: Vec<SocketAddr>, tcp_idle: Duration) -> Arc<Resolver> {
         Arc::new(Resolver {
             upstream,
             sockets: Mutex::new(HashMap::new()),
             forwards: Arc::new(Semaphore::new(MAX_FORWARDS)),
+            tcp_idle,
         })
     }
 
@@ -143,11 +159,34 @@ impl Resolver {
                 return false;
             }
         };
-        tracing::info!(%ip, port, "answering containers' DNS questions (<app>.internal)");
+        // TCP beside it, for answers too big for a datagram; UDP alone still serves.
+        let tcp = std::net::TcpListener::bind((ip, port))
+            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+            .and_then(TcpListener::from_std)
+            .map_err(|e| tracing::warn!(%ip, port, err = %e, "containers' DNS questions over TCP are not answered here"))
+            .ok();
+        tracing::info!(%ip, port, tcp = tcp.is_some(), "answering containers' DNS questions (<app>.internal)");
         let me = self.clone();
-        let task = tokio::spawn(async move { me.serve(socket, ip).await });
+        let task = tokio::spawn(async move {
+            match tcp {
+                Some(tcp) => {
+                    tokio::join!(me.clone().serve(socket, ip), me.serve_tcp(tcp, ip));
+                }
+                None => me.serve(socket, ip).await,
+            }
+        });
         sockets.insert(ip, task.abort_handle());
         true
+    }
+
+    /// Whether this resolver answers at `ip`: an app network's gateway on this node.
+    pub fn serves(&self, ip: std::net::IpAddr) -> bool {
+        let std::net::IpAddr::V4(ip) = ip.to_canonical() else {
+            return false;
+        };
+        self.sockets
+            .lock()
+            .is_ok_and(|s| s.get(&ip).is_some_and(|h| !h.is_finished()))
     }
 
     /// Answers on `ip:53`.
@@ -181,24 +220,126 @@ impl Resolver {
                         (socket.clone(), query.to_vec(), self.upstream.clone());
                     tokio::spawn(async move {
                         let _slot = slot;
-                        if let Some(answer) = forward(&query, &upstream).await {
+                        let answer = match forward(&query, &upstream).await {
+                            Some(a) => Some(a),
+                            None => servfail(&query),
+                        };
+                        if let Some(answer) = answer {
                             let _ = socket.send_to(&answer, from).await;
-                        } else if let Ok(q) = Message::from_vec(&query) {
-                            let mut r = Message::error_msg(
-                                q.metadata.id,
-                                q.metadata.op_code,
-                                ResponseCode::ServFail,
-                            );
-                            r.queries = q.queries;
-                            if let Ok(v) = r.to_vec() {
-                                let _ = socket.send_to(&v, from).await;
-                            }
                         }
                     });
                 }
             }
         }
     }
+
+    /// Accepts TCP connections on a gateway, each served on its own (at most
+    /// `MAX_TCP_CONNS` at once; they end with this task).
+    async fn serve_tcp(self: Arc<Self>, listener: TcpListener, local: Ipv4Addr) {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let stream = match listener.accept().await {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::debug!(err = %e, "a DNS connection could not be accepted");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            while conns.try_join_next().is_some() {}
+            if conns.len() >= MAX_TCP_CONNS {
+                continue;
+            }
+            let me = self.clone();
+            conns.spawn(async move { me.tcp_conn(stream, local).await });
+        }
+    }
+
+    /// Questions on one TCP connection, answered in turn, until it closes, idles or sends
+    /// something that is not a question.
+    async fn tcp_conn(&self, mut s: TcpStream, local: Ipv4Addr) {
+        loop {
+            let Some(query) = read_framed(&mut s, self.tcp_idle).await else {
+                return;
+            };
+            let answer = match reply(&query, local) {
+                Reply::Here(a) => a,
+                Reply::Drop => return,
+                Reply::Forward => {
+                    let Ok(_slot) = self.forwards.try_acquire() else {
+                        return;
+                    };
+                    match forward_tcp(&query, &self.upstream).await {
+                        Some(a) => a,
+                        None => match servfail(&query) {
+                            Some(a) => a,
+                            None => return,
+                        },
+                    }
+                }
+            };
+            if !write_framed(&mut s, &answer).await {
+                return;
+            }
+        }
+    }
+}
+
+/// SERVFAIL for a question no resolver answered.
+fn servfail(query: &[u8]) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let mut r = Message::error_msg(q.metadata.id, q.metadata.op_code, ResponseCode::ServFail);
+    r.queries = q.queries;
+    r.to_vec().ok()
+}
+
+/// One length-prefixed DNS message from a TCP stream, within `within`.
+async fn read_framed(s: &mut TcpStream, within: Duration) -> Option<Vec<u8>> {
+    let read = async {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.ok()?;
+        let mut m = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut m).await.ok()?;
+        Some(m)
+    };
+    tokio::time::timeout(within, read).await.ok()?
+}
+
+/// Writes one length-prefixed DNS message; whether it went.
+async fn write_framed(s: &mut TcpStream, m: &[u8]) -> bool {
+    let Ok(len) = u16::try_from(m.len()) else {
+        return false;
+    };
+    let mut out = Vec::with_capacity(m.len() + 2);
+    out.extend(len.to_be_bytes());
+    out.extend(m);
+    matches!(
+        tokio::time::timeout(TCP_IDLE, s.write_all(&out)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// `forward` over TCP: each resolver in turn, the first answer with the question's id.
+async fn forward_tcp(query: &[u8], upstream: &[SocketAddr]) -> Option<Vec<u8>> {
+    let id = query.get(..2)?;
+    for up in upstream {
+        let asked = async {
+            let mut s = TcpStream::connect(up).await.ok()?;
+            if !write_framed(&mut s, query).await {
+                return None;
+            }
+            loop {
+                let m = read_framed(&mut s, FORWARD_WITHIN).await?;
+                if m.get(..2) == Some(id) {
+                    return Some(m);
+                }
+            }
+        };
+        if let Ok(Some(answer)) = tokio::time::timeout(FORWARD_WITHIN, asked).await {
+            return Some(answer);
+        }
+    }
+    None
 }
 
 impl Drop for Resolver {
@@ -295,6 +436,63 @@ mod tests {
                 "[fd00::3]:53".parse().unwrap()
             ]
         );
+    }
+
+    /// One A record for whatever was asked.
+    fn answer_all(query: &[u8]) -> Vec<u8> {
+        let q = Message::from_vec(query).unwrap();
+        let mut r = Message::response(q.metadata.id, q.metadata.op_code);
+        r.add_query(q.queries[0].clone());
+        r.add_answer(Record::from_rdata(
+            q.queries[0].name().clone(),
+            60,
+            RData::A(A(Ipv4Addr::new(192, 0, 2, 8))),
+        ));
+        r.to_vec().unwrap()
+    }
+
+    #[tokio::test]
+    async fn over_tcp_several_questions_go_on_one_connection_and_others_to_the_resolver_by_tcp() {
+        // The node's resolver over TCP: a real listener answering length-prefixed questions.
+        let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let up_addr = upstream.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = upstream.accept().await {
+                tokio::spawn(async move {
+                    while let Some(q) = read_framed(&mut s, Duration::from_secs(5)).await {
+                        write_framed(&mut s, &answer_all(&q)).await;
+                    }
+                });
+            }
+        });
+        let r = Resolver::with_tcp_idle(vec![up_addr], Duration::from_millis(300));
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        assert!(r.listen_on(Ipv4Addr::LOCALHOST, port));
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        for (name, want) in [
+            ("api.internal.", Ipv4Addr::LOCALHOST),
+            ("example.com.", Ipv4Addr::new(192, 0, 2, 8)),
+            ("web.internal.", Ipv4Addr::LOCALHOST),
+        ] {
+            assert!(write_framed(&mut s, &ask(name, RecordType::A)).await);
+            let m = read_framed(&mut s, Duration::from_secs(5)).await.unwrap();
+            let m = Message::from_vec(&m).unwrap();
+            assert_eq!(m.answers[0].data, RData::A(A(want)), "{name}");
+        }
+        // Garbage ends the connection.
+        assert!(write_framed(&mut s, b"\x00\x01garbage").await);
+        assert!(read_framed(&mut s, Duration::from_secs(5)).await.is_none());
+        // A connection that says nothing is not held past the idle bound, and a length with
+        // no message behind it gets nothing.
+        let mut idle = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        idle.write_all(&[0x10, 0x00, 1, 2]).await.unwrap();
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), idle.read(&mut buf))
+            .await
+            .expect("closed within the idle bound");
+        assert!(matches!(n, Ok(0) | Err(_)), "{n:?}");
     }
 
     #[tokio::test]
