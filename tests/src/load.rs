@@ -49,17 +49,23 @@ pub struct Load {
 
 impl Load {
     pub fn start(port: u16, host: &str, path: &str, threads: usize, rps_each: u64) -> Load {
+        Load::start_at(&format!("127.0.0.1:{port}"), host, path, threads, rps_each)
+    }
+
+    /// `start` through the ingress at `addr` (`ip:port`).
+    pub fn start_at(addr: &str, host: &str, path: &str, threads: usize, rps_each: u64) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let ok = Arc::new(AtomicU64::new(0));
         let failed: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
         let threads = (0..threads)
             .map(|_| {
-                let (stop, ok, failed, host, path) = (
+                let (stop, ok, failed, host, path, addr) = (
                     stop.clone(),
                     ok.clone(),
                     failed.clone(),
                     host.to_string(),
                     path.to_string(),
+                    addr.to_string(),
                 );
                 std::thread::spawn(move || {
                     let pace = match rps_each {
@@ -68,7 +74,7 @@ impl Load {
                     };
                     while !stop.load(Relaxed) {
                         let t = Instant::now();
-                        match get(port, &host, &path) {
+                        match get_from(&addr, &host, &path) {
                             (200, _) => {
                                 ok.fetch_add(1, Relaxed);
                             }

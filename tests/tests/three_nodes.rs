@@ -7,10 +7,13 @@
 //! a drained node empties while its replicas become ready elsewhere; a SIGKILLed node
 //! (agent and engine) has its replicas ready elsewhere. The ingress of every node (port 80 of
 //! its address) reaches an app that runs on one node only, and an app on every node reaches
-//! it by `<app>.internal` from inside its containers.
+//! it by `<app>.internal` from inside its containers. Under continuous load through a node
+//! that runs no replica, a rolling update fails no request and a replica killed mid-load
+//! fails at most what it had in flight.
 
 use serde_json::Value;
 use shoal_e2e::docker::*;
+use shoal_e2e::load::Load;
 use shoal_e2e::netns::Lan;
 use shoal_e2e::registry::Registry;
 use shoal_e2e::{busybox_image, get_at, Agent, AgentBuilder, BUSYBOX};
@@ -104,6 +107,12 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
                 .extra(&engines[i].agent_settings())
                 // Records of a node not heard from for 10 s are collected (24 h by default).
                 .extra("[sync]\ndeparted_ms = 10000\ngc_interval_ms = 500\n")
+                // n1 is the front door of the load phase: no replica of `steady` there.
+                .extra(if i == 0 {
+                    "labels = { front = \"yes\" }\n"
+                } else {
+                    ""
+                })
                 .build()
         })
         .collect();
@@ -166,6 +175,120 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
             },
         );
     }
+
+    phase("load");
+    // Continuous load through n1's ingress, whose node runs no replica of `steady`: every
+    // request goes on to n2 or n3 over the hop. A rolling update fails none of them, and a
+    // replica killed mid-load fails at most what it had in flight.
+    const CLIENTS: usize = 4;
+    let steady = |version: &str| {
+        format!(
+            r#"name = "steady"
+[source]
+image = "{BUSYBOX}"
+[run]
+command = ["sh", "-c", "mkdir -p /www/cgi-bin && printf '#!/bin/sh\nsleep 0.3\necho Content-Type: text/plain\necho\necho v=$VERSION\n' > /www/cgi-bin/slow && chmod +x /www/cgi-bin/slow && exec httpd -f -p 8080 -h /www"]
+port = 8080
+env = {{ VERSION = "{version}" }}
+[health]
+tcp = 8080
+interval = "300ms"
+[update]
+monitor = "1s"
+[scale]
+replicas = 2
+constraints = ["!front"]
+[resources]
+memory = "16Mi"
+"#
+        )
+    };
+    let ready_versions = || -> Vec<String> {
+        tasks(n1, "steady")
+            .iter()
+            .filter(|t| t["ready"] == true && t["node"] != "n1")
+            .map(|t| t["version"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    let steady_containers = |all_states: bool| -> Vec<String> {
+        engines
+            .iter()
+            .flat_map(|e| e.containers(&cluster, "steady", all_states))
+            .collect()
+    };
+    put_app(n1, "steady", &steady("1"));
+    converge(&all, "two replicas of steady v1 ready", || {
+        (ready_versions().len() == 2).then_some(())
+    });
+    let front = format!("{}:80", lan.hosts[0].ip);
+    converge(&all, "steady through n1's ingress", || {
+        (shoal_e2e::load::get_from(&front, "steady.localhost", "/cgi-bin/slow")
+            == (200, "v=1\n".to_string()))
+            .then_some(())
+    });
+    let load = Load::start_at(&front, "steady.localhost", "/cgi-bin/slow", CLIENTS, 0);
+    converge(&all, "some load through v1", || {
+        (load.ok() > 10).then_some(())
+    });
+    let old = ready_versions()[0].clone();
+    put_app(n1, "steady", &steady("2"));
+    converge(
+        &all,
+        "steady v2 rolled out and v1's containers gone",
+        || {
+            let v = ready_versions();
+            (v.len() == 2 && v.iter().all(|x| *x != old) && steady_containers(true).len() == 2)
+                .then_some(())
+        },
+    );
+    let before = load.ok();
+    converge(&all, "more load through v2", || {
+        (load.ok() > before + 10).then_some(())
+    });
+    let (ok, failed) = load.finish();
+    assert!(
+        failed.is_empty(),
+        "{} of {ok} failed during the rolling update across nodes: {failed:?}",
+        failed.len()
+    );
+    assert_eq!(
+        shoal_e2e::load::get_from(&front, "steady.localhost", "/cgi-bin/slow").1,
+        "v=2\n"
+    );
+    let load = Load::start_at(&front, "steady.localhost", "/cgi-bin/slow", CLIENTS, 0);
+    converge(&all, "some load on two replicas", || {
+        (load.ok() > 10).then_some(())
+    });
+    let (engine, victim) = engines
+        .iter()
+        .find_map(|e| {
+            e.containers(&cluster, "steady", false)
+                .first()
+                .cloned()
+                .map(|c| (e, c))
+        })
+        .expect("a replica of steady");
+    engine.docker(&["kill", &victim]);
+    converge(&all, "the killed replica replaced and ready", || {
+        let c = steady_containers(false);
+        (c.len() == 2 && !c.contains(&victim) && ready_versions().len() == 2).then_some(())
+    });
+    let before = load.ok();
+    converge(&all, "more load after the replacement", || {
+        (load.ok() > before + 10).then_some(())
+    });
+    let (ok, failed) = load.finish();
+    assert!(
+        failed.len() <= CLIENTS,
+        "{} of {ok} failed, more than the {CLIENTS} the killed replica can have had in flight: {failed:?}",
+        failed.len()
+    );
+    eprintln!(
+        "killed mid-load across nodes: {} of {} failed",
+        failed.len(),
+        ok + failed.len() as u64
+    );
+    n1.delete_app("steady").unwrap();
 
     phase("too big");
     // Too big for any node: pending with the reason, nothing started anywhere.

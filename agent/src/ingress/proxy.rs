@@ -231,14 +231,20 @@ impl Proxy {
         m.entry(addr).or_default().clone()
     }
 
-    /// The less busy of two replicas picked at random (the only one, if one), but `not`;
-    /// replicas left out for their failures only when every one is.
-    fn pick(&self, route: &Route, not: Option<SocketAddr>) -> Option<(SocketAddr, Arc<Backend>)> {
+    /// Whether every replica of the route on this node is left out for its failures.
+    fn all_out(&self, route: &Route) -> bool {
+        let now = self.now_ms();
+        route.local.iter().all(|a| self.backend(*a).out(now))
+    }
+
+    /// The less busy of two replicas picked at random (the only one, if one), none of
+    /// `not`; replicas left out for their failures only when every one is.
+    fn pick(&self, route: &Route, not: &[SocketAddr]) -> Option<(SocketAddr, Arc<Backend>)> {
         let now = self.now_ms();
         let all: Vec<(SocketAddr, Arc<Backend>)> = route
             .local
             .iter()
-            .filter(|a| Some(**a) != not)
+            .filter(|a| !not.contains(a))
             .map(|a| (*a, self.backend(*a)))
             .collect();
         let mut choices: Vec<&(SocketAddr, Arc<Backend>)> =
@@ -610,34 +616,14 @@ async fn pass(
         parts.headers.insert(header::HOST, v);
     }
     let body: UpBody = Limited::new(body, proxy.limits.max_body as usize).boxed();
-    let Some(first) = proxy.pick(&route, None) else {
-        let hop = match upgrade {
-            Some(_) => &proxy.hop1,
-            None => &proxy.hop,
-        };
-        return match (hop, route.remote.is_empty() || !may_hop) {
-            (Some(hop), false) => {
-                hop_on(parts, body, &host, &route, hop, proxy, upgrade, retry).await
-            }
-            _ if route.remote.is_empty() => plain(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("{} has no ready replica", route.app),
-            ),
-            _ => {
-                // A hop to a node whose replica just went (its record not yet everywhere):
-                // marked, so the node that sent it may try another.
-                let mut r = plain(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("{} has no ready replica on this node", route.app),
-                );
-                r.headers_mut()
-                    .insert(HeaderName::from_static(GONE), HeaderValue::from_static("1"));
-                r
-            }
-        };
+    // Replicas here all left out for their failures: another node's, while there is one.
+    let skip_here = may_hop && !route.remote.is_empty() && proxy.all_out(&route);
+    let Some(first) = (!skip_here).then(|| proxy.pick(&route, &[])).flatten() else {
+        return elsewhere(parts, body, &host, &route, proxy, upgrade, retry, may_hop).await;
     };
     let mut body = Some(body);
     let (mut to, mut backend) = first;
+    let mut tried = Vec::new();
     loop {
         let path = parts
             .uri
@@ -678,19 +664,32 @@ async fn pass(
             Ok(Err(e)) => {
                 drop(held);
                 proxy.outcome(&route.app, to, &backend, false);
-                let again = retry && e.is_connect();
-                let next = again.then(|| proxy.pick(&route, Some(to))).flatten();
-                match next {
-                    Some(n) => {
-                        tracing::debug!(app = %route.app, replica = %to, err = %crate::error_chain(&e), "replica refused: trying another");
-                        (to, backend) = n;
-                    }
-                    None => {
-                        tracing::debug!(app = %route.app, replica = %to, err = %crate::error_chain(&e), "no answer from the replica");
+                tried.push(to);
+                // Refused, or no answer at all: a request that may be sent twice (idempotent,
+                // bodiless; RFC 9110 §9.2.2) goes to another replica here, else to another
+                // node; any other is the replica's failure to tell.
+                if !retry {
+                    tracing::debug!(app = %route.app, replica = %to, err = %crate::error_chain(&e), "no answer from the replica");
+                    return plain(
+                        StatusCode::BAD_GATEWAY,
+                        format!("{}: the replica did not answer", route.app),
+                    );
+                }
+                tracing::debug!(app = %route.app, replica = %to, err = %crate::error_chain(&e), "no answer from the replica: trying another");
+                match proxy.pick(&route, &tried) {
+                    Some(n) => (to, backend) = n,
+                    None if may_hop && route.remote.is_empty() => {
                         return plain(
                             StatusCode::BAD_GATEWAY,
-                            format!("{}: the replica did not answer", route.app),
+                            format!("{}: no replica answered", route.app),
                         );
+                    }
+                    None => {
+                        let body = Empty::new().map_err(|never| match never {}).boxed();
+                        return elsewhere(
+                            parts, body, &host, &route, proxy, upgrade, retry, may_hop,
+                        )
+                        .await;
                     }
                 }
             }
@@ -704,6 +703,44 @@ async fn pass(
                     ),
                 );
             }
+        }
+    }
+}
+
+/// A request no replica on this node can take: on to a node that runs one, when this node
+/// took it from a client; back to the node that passed it on, marked `GONE` so that node
+/// may try another, when it is a hop.
+#[allow(clippy::too_many_arguments)]
+async fn elsewhere(
+    parts: hyper::http::request::Parts,
+    body: UpBody,
+    host: &str,
+    route: &Route,
+    proxy: &Proxy,
+    upgrade: Option<Upgrade>,
+    retry: bool,
+    may_hop: bool,
+) -> Response<Body> {
+    let hop = match upgrade {
+        Some(_) => &proxy.hop1,
+        None => &proxy.hop,
+    };
+    match (hop, route.remote.is_empty() || !may_hop) {
+        (Some(hop), false) => hop_on(parts, body, host, route, hop, proxy, upgrade, retry).await,
+        _ if may_hop => plain(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{} has no ready replica", route.app),
+        ),
+        _ => {
+            // A hop to a node whose replica just went (its record not yet everywhere):
+            // marked, so the node that sent it may try another.
+            let mut r = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("{} has no ready replica on this node", route.app),
+            );
+            r.headers_mut()
+                .insert(HeaderName::from_static(GONE), HeaderValue::from_static("1"));
+            r
         }
     }
 }
@@ -950,15 +987,15 @@ mod tests {
             p.outcome("web", a, &p.backend(a), false);
         }
         for _ in 0..200 {
-            assert_eq!(p.pick(&route, None).unwrap().0, b);
+            assert_eq!(p.pick(&route, &[]).unwrap().0, b);
         }
         for _ in 0..EJECT_AFTER {
             p.outcome("web", b, &p.backend(b), false);
         }
         let picked: BTreeSet<SocketAddr> =
-            (0..200).map(|_| p.pick(&route, None).unwrap().0).collect();
+            (0..200).map(|_| p.pick(&route, &[]).unwrap().0).collect();
         assert_eq!(picked.len(), 2, "all out: all chosen again");
-        assert_eq!(p.pick(&route, Some(a)).unwrap().0, b);
+        assert_eq!(p.pick(&route, &[a]).unwrap().0, b);
     }
 
     #[test]
@@ -1089,6 +1126,75 @@ mod tests {
         assert_eq!(
             seen,
             BTreeSet::from([StatusCode::OK, StatusCode::SERVICE_UNAVAILABLE])
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_request_no_replica_here_answers_goes_on_to_another_node_when_it_may() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (ok_at, ok_cert) = node("b", 200, false, &stop).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ok_cert).unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let (_tx, rx) = watch::channel(Arc::new(Table::default()));
+        let p = Proxy::new(rx, Limits::default(), Some(Arc::new(client)));
+        // Two replicas here that died (nothing listens where they were).
+        let dead: Vec<SocketAddr> = (0..2)
+            .map(|_| {
+                std::net::TcpListener::bind("127.0.0.1:0")
+                    .unwrap()
+                    .local_addr()
+                    .unwrap()
+            })
+            .collect();
+        let route = |remote: Vec<(String, String)>| {
+            Arc::new(Route {
+                app: "web".into(),
+                local: dead.clone(),
+                remote,
+                force_https: false,
+                wake: None,
+            })
+        };
+        let ask = |method: Method, route: Arc<Route>, may_hop: bool| {
+            let p = &p;
+            async move {
+                let (parts, ()) = Request::builder()
+                    .method(method)
+                    .uri("/x")
+                    .body(())
+                    .unwrap()
+                    .into_parts();
+                let body = Empty::<Bytes>::new().map_err(|never| match never {});
+                let r = pass(parts, body, "web.localhost".into(), route, p, may_hop).await;
+                (r.status(), r.headers().contains_key(GONE))
+            }
+        };
+        // Taken from a client: both replicas tried, then the node that has one.
+        let everywhere = route(vec![("n2".into(), ok_at)]);
+        assert_eq!(
+            ask(Method::GET, everywhere.clone(), true).await,
+            (StatusCode::OK, false)
+        );
+        // A request that may not go twice gets the replica's silence.
+        assert_eq!(
+            ask(Method::POST, everywhere, true).await,
+            (StatusCode::BAD_GATEWAY, false)
+        );
+        // A hop: sent back marked, so the node that passed it on tries another.
+        assert_eq!(
+            ask(Method::GET, route(vec![]), false).await,
+            (StatusCode::SERVICE_UNAVAILABLE, true)
+        );
+        // No other node: the client is told no replica answered.
+        assert_eq!(
+            ask(Method::GET, route(vec![]), true).await,
+            (StatusCode::BAD_GATEWAY, false)
         );
         stop.cancel();
     }
