@@ -101,6 +101,40 @@ impl Default for Autoscale {
     }
 }
 
+/// `[acme]`: the CA that certifies the hosts of apps with `[expose] acme = true`
+/// (RFC 8555). Every node should say the same: whichever is the host's owner orders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Acme {
+    /// The CA's directory URL (https). Enabling `acme` on an app agrees to its terms.
+    pub directory: String,
+    /// Contact URIs for the account (`mailto:ops@example.com`).
+    pub contact: Vec<String>,
+    /// PEM roots the directory's TLS is checked against; default: Mozilla's (webpki-roots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<PathBuf>,
+    /// A certificate is renewed once less than this much of its life is left, or a third of
+    /// it for short-lived ones.
+    pub renew_before_days: u64,
+    /// How often the owner looks for certificates to order (besides when apps change).
+    pub check_interval_ms: u64,
+    /// How long an order may take, from the new order to the certificate.
+    pub order_timeout_ms: u64,
+}
+
+impl Default for Acme {
+    fn default() -> Self {
+        Acme {
+            directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            contact: Vec::new(),
+            ca: None,
+            renew_before_days: 30,
+            check_interval_ms: 3_600_000,
+            order_timeout_ms: 120_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Docker {
@@ -182,6 +216,7 @@ pub struct AgentConfig {
     pub docker: Docker,
     pub ingress: Ingress,
     pub autoscale: Autoscale,
+    pub acme: Acme,
     pub discovery: Discovery,
     pub sync: SyncConfig,
     pub membership: MembershipConfig,
@@ -200,6 +235,7 @@ impl Default for AgentConfig {
             docker: Docker::default(),
             ingress: Ingress::default(),
             autoscale: Autoscale::default(),
+            acme: Acme::default(),
             discovery: Discovery::default(),
             sync: SyncConfig::default(),
             membership: MembershipConfig::default(),
@@ -281,6 +317,24 @@ impl AgentConfig {
             ));
         }
         self.ingress.proxy_sources().map_err(ConfigError::Invalid)?;
+        if !self.acme.directory.starts_with("https://")
+            || self.acme.directory.parse::<hyper::Uri>().is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "acme.directory {:?}: an https:// URL",
+                self.acme.directory
+            )));
+        }
+        if let Some(c) = self.acme.contact.iter().find(|c| !c.contains(':')) {
+            return Err(ConfigError::Invalid(format!(
+                "acme.contact {c:?}: a URI such as mailto:ops@example.com"
+            )));
+        }
+        if self.acme.check_interval_ms < 1000 || self.acme.order_timeout_ms < 1000 {
+            return Err(ConfigError::Invalid(
+                "acme.check_interval_ms and acme.order_timeout_ms: at least 1000".into(),
+            ));
+        }
         if self.membership.probe_rtt_ms >= self.membership.probe_period_ms {
             return Err(ConfigError::Invalid(
                 "membership.probe_rtt_ms must be below membership.probe_period_ms".into(),
@@ -408,6 +462,25 @@ mdns = true
             AgentConfig::from_toml("[membership]\nprobe_rtt_ms = 900\nprobe_period_ms = 500")
                 .is_err()
         );
+        for (acme, says) in [
+            ("directory = \"http://ca/dir\"", "acme.directory"),
+            ("directory = \"https://\"", "acme.directory"),
+            ("contact = [\"ops@example.com\"]", "acme.contact"),
+            ("check_interval_ms = 5", "acme.check_interval_ms"),
+        ] {
+            let e = AgentConfig::from_toml(&format!("[acme]\n{acme}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{acme}: {e}");
+        }
+        let c = AgentConfig::from_toml(
+            "[acme]\ndirectory = \"https://127.0.0.1:14000/dir\"\ncontact = [\"mailto:ops@example.com\"]\nca = \"/etc/ca.pem\"",
+        )
+        .unwrap();
+        assert_eq!(c.acme.renew_before_days, 30);
+        // The CA file is read when the agent starts: one that is not there stops it, named.
+        let e = crate::ingress::acme::Acme::new(&c.acme).err().unwrap();
+        assert!(e.contains("acme.ca /etc/ca.pem"), "{e}");
     }
 
     #[test]

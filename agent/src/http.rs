@@ -50,6 +50,8 @@ pub fn full(b: impl Into<Bytes>) -> Body {
 #[derive(Debug, Clone)]
 pub struct Conn {
     pub remote: SocketAddr,
+    /// The address the client connected to (on a wildcard listener, which of the node's).
+    pub local: Option<SocketAddr>,
     /// The node id of a verified cluster client certificate, if one was presented.
     pub peer: Option<Arc<str>>,
     /// Whether the connection is TLS.
@@ -351,6 +353,7 @@ pub async fn serve<H, F>(
             },
         };
         let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             counters.shed.fetch_add(1, Relaxed);
             if tls.is_none() {
@@ -402,6 +405,7 @@ pub async fn serve<H, F>(
             let Some(tls) = tls else {
                 let conn = Conn {
                     remote,
+                    local,
                     peer: None,
                     tls: false,
                 };
@@ -435,6 +439,7 @@ pub async fn serve<H, F>(
             let peer = crate::tls::peer_node_id(stream.get_ref().1.peer_certificates());
             let conn = Conn {
                 remote,
+                local,
                 peer: peer.map(Arc::from),
                 tls: true,
             };

@@ -323,6 +323,14 @@ pub struct Expose {
     /// kept), except ACME's HTTP-01 challenges.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force_https: bool,
+    /// Certificates for `hosts` from the cluster's ACME CA (`[acme]` in the agent config),
+    /// validated over HTTP-01 on any node and renewed before they expire.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub acme: bool,
+    /// Reachable only from the cluster's own apps, at `<app>.internal`: no outside name
+    /// (not even `<app>.<domain>`), so no client outside the cluster reaches it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub internal: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -747,6 +755,27 @@ impl AppSpec {
                 "expose.hosts: at most {MAX_HOSTS} names of at most 253 bytes"
             ));
         }
+        if self.expose.internal
+            && (!self.expose.hosts.is_empty() || self.expose.acme || self.expose.force_https)
+        {
+            return bad(
+                "expose.internal: an internal app has no outside name: no hosts, acme or force_https"
+                    .into(),
+            );
+        }
+        if self.expose.acme {
+            if self.expose.hosts.is_empty() {
+                return bad("expose.acme: needs expose.hosts, the names to certify".into());
+            }
+            // HTTP-01 proves one name at a time: a wildcard needs DNS-01.
+            if let Some(h) = self.expose.hosts.iter().find(|h| {
+                h.starts_with("*.") || crate::ingress::routes::normalize(h).as_deref() != Some(h)
+            }) {
+                return bad(format!(
+                    "expose.acme: {h:?} is not a lowercase DNS name an HTTP-01 challenge can prove (no wildcards, no port)"
+                ));
+            }
+        }
         if self.volumes.len() > MAX_VOLUMES {
             return bad(format!("volumes: at most {MAX_VOLUMES}"));
         }
@@ -959,6 +988,42 @@ mod tests {
             format!("[expose]\nhosts = [{}]\n", vec!["\"h\""; 65].join(",")),
         ] {
             assert!(!ok(&bad), "accepted: {}", &bad[..bad.len().min(80)]);
+        }
+    }
+
+    #[test]
+    fn acme_asks_for_names_an_http_01_challenge_can_prove() {
+        let p = |expose: &str| AppSpec::parse(&format!("name = \"a\"\n[expose]\n{expose}"));
+        let s = p("hosts = [\"a.example.com\", \"b.example.com\"]\nacme = true\n").unwrap();
+        assert!(s.expose.acme);
+        for (bad, says) in [
+            ("acme = true\n", "needs expose.hosts"),
+            (
+                "hosts = [\"*.example.com\"]\nacme = true\n",
+                "*.example.com",
+            ),
+            (
+                "hosts = [\"A.example.com\"]\nacme = true\n",
+                "A.example.com",
+            ),
+            (
+                "hosts = [\"a.example.com:8443\"]\nacme = true\n",
+                "a.example.com:8443",
+            ),
+            ("hosts = [\"10.0.0.1\"]\nacme = true\n", "10.0.0.1"),
+        ] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // Without acme, the same hosts are fine: only certificates need provable names.
+        assert!(p("hosts = [\"*.example.com\"]\n").is_ok());
+        assert!(p("internal = true\n").unwrap().expose.internal);
+        for bad in [
+            "internal = true\nhosts = [\"a.example.com\"]\n",
+            "internal = true\nforce_https = true\n",
+        ] {
+            let e = p(bad).unwrap_err().to_string();
+            assert!(e.contains("expose.internal"), "{bad}: {e}");
         }
     }
 

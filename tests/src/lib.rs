@@ -5,6 +5,7 @@ use std::net::TcpListener;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+pub mod acme;
 pub mod agent;
 pub mod bins;
 pub mod docker;

@@ -628,7 +628,7 @@ fn hostile_requests_get_a_4xx_or_a_timeout_and_do_not_hurt_other_clients() {
 }
 
 #[test]
-fn an_app_calls_another_by_name_across_nodes() {
+fn an_app_calls_another_by_name_across_nodes_and_an_internal_one_is_theirs_alone() {
     shoal_e2e::netns::require_root();
     let root = tempfile::tempdir().unwrap();
     let _cleanup = Cleanup::for_agents_in(root.path());
@@ -662,6 +662,8 @@ command = ["sh", "-c", "mkdir -p /www && echo hello from b > /www/index.html && 
 port = 8080
 [scale]
 constraints = ["zone=b"]
+[expose]
+internal = true
 "#
         ),
     );
@@ -693,6 +695,23 @@ constraints = ["zone=a"]
         r.1.contains("hello from b").then_some(r)
     });
     assert_eq!((status, body.as_str()), (200, "hello from b\n"));
+    // b is internal: no client outside the cluster reaches it, by any name; nor does one
+    // reach a by the cluster's own name for it.
+    for (host, app) in [
+        ("b.localhost", "b"),
+        ("b.internal", "b"),
+        ("a.internal", "a"),
+    ] {
+        for a in [n1, n2] {
+            let (status, body) = shoal_e2e::load::get(a.http_port, host, "/");
+            assert_eq!(
+                (status, body.as_str()),
+                (404, format!("no app answers to {host}\n").as_str()),
+                "{app} from outside through {}",
+                a.id
+            );
+        }
+    }
     let m = n1.metrics();
     assert!(
         m.contains("shoal_ingress_requests_total{app=\"b\",class=\"2xx\"}"),

@@ -68,7 +68,7 @@ async fn route(
                 let apps: Vec<Value> = view
                     .apps
                     .iter()
-                    .map(|a| app(&view, &placed, &loads, a))
+                    .map(|a| app(h, &view, &placed, &loads, a))
                     .collect();
                 json(StatusCode::OK, &apps)
             }
@@ -85,6 +85,7 @@ async fn route(
                         Some(a) => json(
                             StatusCode::OK,
                             &app(
+                                h,
                                 &view,
                                 &view.place(),
                                 &crate::state::records::loads(&h.store),
@@ -119,6 +120,7 @@ fn view(h: &Handle, s: &Snapshot) -> View {
 /// An app as the status port shows it: its spec (`public_app`), with its state (`status`)
 /// beside.
 fn app(
+    h: &Handle,
     view: &View,
     placed: &crate::scheduler::Placed,
     loads: &std::collections::BTreeMap<String, crate::state::records::LoadRecord>,
@@ -140,6 +142,12 @@ fn app(
                     "replicas": view.replicas(a),
                     "last": view.scale.get(&a.spec.name),
                 }),
+            );
+        }
+        if a.spec.expose.acme {
+            o.insert(
+                "certificates".into(),
+                crate::ingress::acme::status(&h.store, &a.spec.expose.hosts),
             );
         }
     }

@@ -321,6 +321,9 @@ pub struct Parts<R> {
     pub mdns: Option<Arc<Mdns>>,
     /// The container runtime, when this node runs containers.
     pub runtime: Option<Arc<R>>,
+    /// The resolver on the runtime's app networks: where the ingress tells the cluster's
+    /// own apps from outside clients.
+    pub resolver: Option<Arc<crate::ingress::dns::Resolver>>,
 }
 
 /// Runs the agent on this machine until `shutdown` is cancelled: binds the configured
@@ -342,15 +345,16 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
     } else {
         None
     };
-    let runtime = cfg.docker.enabled.then(|| {
+    let resolver = cfg
+        .docker
+        .enabled
+        .then(crate::ingress::dns::Resolver::from_system);
+    let runtime = resolver.clone().map(|r| {
         tracing::info!(socket = %cfg.docker.socket.display(), "containers run on this Docker");
         Arc::new(
             Docker::new(&cfg.docker.socket.to_string_lossy())
                 .with_max_image_bytes(cfg.docker.max_image_bytes)
-                .with_resolver({
-                    let r = crate::ingress::dns::Resolver::from_system();
-                    Arc::new(move |ip| r.listen(ip))
-                }),
+                .with_resolver(Arc::new(move |ip| r.listen(ip))),
         )
     });
     let parts = Parts {
@@ -361,6 +365,7 @@ pub async fn run(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), Da
         machine_id: std::fs::read_to_string("/etc/machine-id").ok(),
         mdns,
         runtime,
+        resolver,
     };
     run_with(cfg, parts, shutdown).await
 }
@@ -379,8 +384,11 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
         machine_id,
         mdns,
         runtime,
+        resolver,
     } = parts;
     let id = cfg.resolve_node_id(machine_id.as_deref())?;
+    let acme =
+        crate::ingress::acme::Acme::new(&cfg.acme).map_err(crate::config::ConfigError::Invalid)?;
     let advertise = advertise_addr(&cfg);
     if let Some(crate::config::BundleSource::Inline(b)) = &cfg.bundle {
         // From user-data (init's node.json): the same bundle on every boot, kept where a
@@ -469,6 +477,9 @@ pub async fn run_with<R: ContainerRuntime + 'static>(
             },
             counters: counters.ingress_conns.clone(),
             load_interval: Duration::from_millis(cfg.autoscale.interval_ms.max(100)),
+            acme: Some(acme),
+            app_gateways: resolver
+                .map(|r| -> crate::ingress::proxy::AppGateway { Arc::new(move |ip| r.serves(ip)) }),
         },
         h.clone(),
         &tracker,

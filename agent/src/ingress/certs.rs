@@ -23,6 +23,7 @@ pub struct Parsed {
     pub key_pem: String,
     /// The DNS names the leaf is for (its subject alternative names), lowercase.
     pub names: Vec<String>,
+    pub not_before_ms: u64,
     pub not_after_ms: u64,
 }
 
@@ -71,6 +72,7 @@ pub fn parse(pem: &[u8], host: &str, now_ms: u64) -> Result<Parsed, String> {
         chain_pem,
         key_pem,
         names,
+        not_before_ms,
         not_after_ms,
     })
 }

@@ -2,8 +2,10 @@
 //! with the certificates `certs` chooses by SNI). `routes` decides which app answers a Host
 //! and where its ready replicas are, from the replicated state alone; `proxy` passes
 //! requests on. The table is rebuilt when apps, tasks or members change, and read by every
-//! request; the certificates when `certs/` changes.
+//! request; the certificates when `certs/` or `acme/` change. `acme` orders certificates
+//! for the hosts of apps that ask, and every node answers its challenges.
 
+pub mod acme;
 pub mod certs;
 pub mod dns;
 pub mod metrics;
@@ -32,6 +34,10 @@ pub struct Ingress {
     pub counters: Arc<ConnCounters>,
     /// How often this node's load goes to the store (`[autoscale] interval_ms`).
     pub load_interval: std::time::Duration,
+    /// The ACME CA to order certificates from (`[acme]`), for the hosts this node owns.
+    pub acme: Option<acme::Acme>,
+    /// Which of this node's addresses its containers reach it at (`dns::Resolver::serves`).
+    pub app_gateways: Option<proxy::AppGateway>,
 }
 
 /// Serves the ingress until `shutdown`; the proxy, which also serves the requests other
@@ -44,9 +50,12 @@ pub fn start(
 ) -> Arc<proxy::Proxy> {
     let (tx, rx) = watch::channel(Arc::new(Table::default()));
     let (wake_tx, wake_rx) = tokio::sync::mpsc::channel(256);
-    let p = Arc::new(
-        proxy::Proxy::new(rx.clone(), i.limits, Some(h.tls.client.clone())).with_waker(wake_tx),
-    );
+    let mut p =
+        proxy::Proxy::new(rx.clone(), i.limits, Some(h.tls.client.clone())).with_waker(wake_tx);
+    if let Some(g) = i.app_gateways {
+        p = p.with_app_gateways(g);
+    }
+    let p = Arc::new(p);
     tracker.spawn(crate::autoscale::wake(h.clone(), wake_rx));
     tracker.spawn(publish(
         h.clone(),
@@ -55,6 +64,10 @@ pub fn start(
         i.load_interval,
         shutdown.clone(),
     ));
+    if let Some(a) = i.acme {
+        tracker.spawn(acme::run(h.clone(), a, p.clone(), shutdown.clone()));
+    }
+    let mut served = None;
     if let Some((listener, tls_counters)) = i.tls_listener {
         let made = certs::Certs::new(&i.domain).and_then(|c| {
             let c = Arc::new(c);
@@ -63,7 +76,7 @@ pub fn start(
         });
         match made {
             Ok((c, config)) => {
-                tracker.spawn(keep_certs(h.clone(), c, shutdown.clone()));
+                served = Some(c);
                 let serving = p.clone();
                 tracker.spawn(crate::http::serve(
                     listener,
@@ -81,6 +94,7 @@ pub fn start(
             Err(e) => tracing::error!(err = %e, "the ingress serves no TLS"),
         }
     }
+    tracker.spawn(keep_certs(h.clone(), served, p.clone(), shutdown.clone()));
     tracker.spawn(keep_table(h, i.domain, tx, shutdown.clone()));
     let serving = p.clone();
     tracker.spawn(crate::http::serve(
@@ -141,37 +155,75 @@ pub async fn publish(
     }
 }
 
-/// The uploaded certificates, their keys opened: rebuilt whenever `certs/` changes.
-async fn keep_certs(h: Handle, certs: Arc<certs::Certs>, shutdown: CancellationToken) {
+/// Opens a sealed certificate record kept at `key`.
+fn open_cert(
+    h: &Handle,
+    key: &str,
+    c: &records::CertRecord,
+) -> Result<Arc<rustls::sign::CertifiedKey>, String> {
+    crate::identity::join::unhex(&c.key_sealed)
+        .ok_or_else(|| "the sealed key is not hex".to_string())
+        .and_then(|sealed| {
+            h.trust
+                .secrets
+                .open(key, &sealed)
+                .map_err(|e| e.to_string())
+        })
+        .and_then(|pem| String::from_utf8(pem).map_err(|e| e.to_string()))
+        .and_then(|pem| certs::load(&c.chain_pem, &pem))
+}
+
+/// The certificates served by SNI, their keys opened, and the ACME challenges answered:
+/// rebuilt whenever `certs/`, `acme/` or the apps change. An uploaded certificate wins over
+/// an ACME one; an ACME one is served only for a host an app asks it for.
+async fn keep_certs(
+    h: Handle,
+    served: Option<Arc<certs::Certs>>,
+    proxy: Arc<proxy::Proxy>,
+    shutdown: CancellationToken,
+) {
     let mut changes = h.subscribe();
     loop {
-        let mut by_name = std::collections::HashMap::new();
-        for (host, c) in records::certs(&h.store) {
-            let key = format!("certs/{host}");
-            let opened = crate::identity::join::unhex(&c.key_sealed)
-                .ok_or_else(|| "the sealed key is not hex".to_string())
-                .and_then(|sealed| {
-                    h.trust
-                        .secrets
-                        .open(&key, &sealed)
-                        .map_err(|e| e.to_string())
-                })
-                .and_then(|pem| String::from_utf8(pem).map_err(|e| e.to_string()))
-                .and_then(|pem| certs::load(&c.chain_pem, &pem));
-            match opened {
-                Ok(k) => {
-                    by_name.insert(host, k);
+        if let Some(served) = &served {
+            let mut by_name = std::collections::HashMap::new();
+            for (host, c) in records::certs(&h.store) {
+                match open_cert(&h, &format!("certs/{host}"), &c) {
+                    Ok(k) => {
+                        by_name.insert(host, k);
+                    }
+                    Err(e) => {
+                        tracing::warn!(%host, err = %e, "cannot serve an uploaded certificate")
+                    }
                 }
-                Err(e) => tracing::warn!(%host, err = %e, "cannot serve an uploaded certificate"),
             }
+            let wanted = acme::wanted(&records::apps(&h.store));
+            for (host, c) in records::acme::<records::AcmeCert>(&h.store, "certs") {
+                if !wanted.contains(&host) || by_name.contains_key(&host) {
+                    continue;
+                }
+                match open_cert(&h, &format!("acme/certs/{host}"), &c.cert) {
+                    Ok(k) => {
+                        by_name.insert(host, k);
+                    }
+                    Err(e) => tracing::warn!(%host, err = %e, "cannot serve an ACME certificate"),
+                }
+            }
+            tracing::debug!(certificates = by_name.len(), "ingress certificates loaded");
+            served.replace(by_name);
         }
-        tracing::debug!(certificates = by_name.len(), "ingress certificates loaded");
-        certs.replace(by_name);
+        let challenges = records::acme::<records::AcmeChallenge>(&h.store, "challenges")
+            .into_iter()
+            .map(|(token, c)| (token, (c.host, c.key_authorization, c.expires_ms)))
+            .collect();
+        proxy.set_challenges(challenges);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 c = changes.recv() => match c {
-                    Ok(c) if c.entry.key.keyspace() != Keyspace::Certs => continue,
+                    Ok(c) if !matches!(
+                        c.entry.key.keyspace(),
+                        Keyspace::Certs | Keyspace::Acme | Keyspace::Apps
+                    ) => continue,
                     Ok(_) | Err(RecvError::Lagged(_)) => {
                         while changes.try_recv().is_ok() {}
                         break;

@@ -84,7 +84,16 @@ pub struct Proxy {
     waker: Option<tokio::sync::mpsc::Sender<String>>,
     /// Requests held while their apps wake.
     held: Arc<Semaphore>,
+    /// ACME HTTP-01 challenges this node answers: token → (host, key authorization,
+    /// until when in ms since the epoch).
+    challenges: std::sync::RwLock<HashMap<String, (String, String, u64)>>,
+    /// Whether an address of this node is where its containers reach it (an app network's
+    /// gateway): requests that arrive there come from the cluster's own apps.
+    app_gateway: Option<AppGateway>,
 }
+
+/// Says whether an address of this node is an app network's gateway.
+pub type AppGateway = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 
 /// Requests held at once on one node while apps scaled to zero start; beyond, 503.
 const MAX_HELD: usize = 4096;
@@ -194,7 +203,64 @@ impl Proxy {
             stats: Arc::default(),
             waker: None,
             held: Arc::new(Semaphore::new(MAX_HELD)),
+            challenges: Default::default(),
+            app_gateway: None,
         }
+    }
+
+    /// Requests that arrive at an address `is_gateway` names come from this node's
+    /// containers: only they (and members' hops) reach `<app>.internal`.
+    pub fn with_app_gateways(mut self, is_gateway: AppGateway) -> Proxy {
+        self.app_gateway = Some(is_gateway);
+        self
+    }
+
+    /// Whether a connection came from one of this node's containers.
+    fn inside(&self, conn: &Conn) -> bool {
+        match (&self.app_gateway, conn.local) {
+            (Some(f), Some(local)) => f(local.ip()),
+            _ => false,
+        }
+    }
+
+    /// Answers exactly these ACME challenges from now on.
+    pub fn set_challenges(&self, c: HashMap<String, (String, String, u64)>) {
+        *self.challenges.write().unwrap_or_else(|p| p.into_inner()) = c;
+    }
+
+    /// The key authorization to answer a challenge's `token` with, when asked for `host`.
+    pub fn challenge(&self, token: &str, host: &str) -> Option<String> {
+        let host = super::routes::normalize(host)?;
+        let c = self.challenges.read().unwrap_or_else(|p| p.into_inner());
+        let (for_host, answer, until) = c.get(token)?;
+        (*for_host == host && crate::clock::wall_ms() <= *until).then(|| answer.clone())
+    }
+
+    /// Asks another node's ingress for `path` on `host`, as a member passing a request on
+    /// (the hop): its status and the start of its body. How the ACME client sees that a
+    /// node answers a challenge before it asks the CA to look.
+    pub async fn ask_node(
+        &self,
+        addr: &str,
+        host: &str,
+        path: &str,
+    ) -> Option<(StatusCode, Bytes)> {
+        let hop = self.hop.as_ref()?;
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed());
+        *req.uri_mut() = format!("https://{addr}{path}").parse().ok()?;
+        req.headers_mut().insert(
+            HeaderName::from_static(HOP),
+            HeaderValue::from_str(host).ok()?,
+        );
+        let asked = async {
+            let resp = hop.request(req).await.ok()?;
+            let status = resp.status();
+            let body = Limited::new(resp.into_body(), 4096).collect().await.ok()?;
+            Some((status, body.to_bytes()))
+        };
+        tokio::time::timeout(Duration::from_secs(5), asked)
+            .await
+            .ok()?
     }
 
     /// Requests for apps scaled to zero are held and their names sent to `waker`, whose
@@ -408,7 +474,11 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
         Ok(h) => h,
         Err(why) => return plain(StatusCode::BAD_REQUEST, why),
     };
-    let route = proxy.table.borrow().route(&host);
+    if let Some(r) = challenge_answer(&proxy, req.uri(), &host) {
+        return r;
+    }
+    let inside = proxy.inside(&conn);
+    let route = proxy.table.borrow().route(&host, inside);
     let Some(mut route) = route else {
         return no_app(&host);
     };
@@ -419,7 +489,7 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
     let meter = proxy.stats.of(&route.app).map(|s| s.begin());
     if route.local.is_empty() && route.remote.is_empty() {
         if let Some(timeout) = route.wake {
-            route = match wake(&proxy, &host, route, timeout, meter.as_ref()).await {
+            route = match wake(&proxy, &host, inside, route, timeout, meter.as_ref()).await {
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
@@ -468,6 +538,7 @@ fn no_app(host: &str) -> Response<Body> {
 async fn wake(
     proxy: &Proxy,
     host: &str,
+    inside: bool,
     route: Arc<Route>,
     timeout: Duration,
     meter: Option<&super::metrics::InFlight>,
@@ -491,7 +562,7 @@ async fn wake(
         if let Ok(Err(_)) = changed {
             break;
         }
-        let now = table.borrow_and_update().route(host);
+        let now = table.borrow_and_update().route(host, inside);
         match now {
             None => return Err(no_app(host)),
             Some(r) if !r.local.is_empty() || !r.remote.is_empty() => {
@@ -557,11 +628,28 @@ pub async fn handle_hop(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<B
         Some(Ok(h)) => h,
         _ => return plain(StatusCode::BAD_REQUEST, "a hop names the host it is for"),
     };
-    let route = proxy.table.borrow().route(&host);
+    if let Some(r) = challenge_answer(&proxy, &parts.uri, &host) {
+        return r;
+    }
+    // The node that passed it on checked where it came from.
+    let route = proxy.table.borrow().route(&host, true);
     let Some(route) = route else {
         return no_app(&host);
     };
     pass(parts, body, host, route, &proxy, false).await
+}
+
+/// The answer to an ACME HTTP-01 challenge this cluster set (RFC 8555 §8.3): the key
+/// authorization, whatever the app behind the host would say. `None` for any other request
+/// (an app may run its own ACME client).
+fn challenge_answer(proxy: &Proxy, uri: &Uri, host: &str) -> Option<Response<Body>> {
+    let token = uri.path().strip_prefix(ACME_CHALLENGE)?;
+    let answer = proxy.challenge(token, host)?;
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(full(answer))
+        .ok()
 }
 
 async fn pass(
@@ -938,6 +1026,45 @@ mod tests {
         let m = p.inflight.lock().unwrap();
         assert!(m.len() < MAX_TRACKED, "{}", m.len());
         assert!(Arc::ptr_eq(&m[&"10.0.0.1:80".parse().unwrap()], &held));
+    }
+
+    #[tokio::test]
+    async fn a_challenge_is_answered_for_its_host_until_it_expires_and_nothing_else_is() {
+        let (_tx, rx) = watch::channel(Arc::new(Table::default()));
+        let p = Proxy::new(rx, Limits::default(), None);
+        let later = crate::clock::wall_ms() + 60_000;
+        let mut c = HashMap::new();
+        c.insert(
+            "tok-1".to_string(),
+            (
+                "a.example.com".to_string(),
+                "tok-1.thumb".to_string(),
+                later,
+            ),
+        );
+        c.insert(
+            "old".to_string(),
+            ("a.example.com".to_string(), "old.thumb".to_string(), 1),
+        );
+        p.set_challenges(c);
+        // As a client writes the host: any case, a port, a trailing dot.
+        for host in ["a.example.com", "A.Example.COM:5002", "a.example.com."] {
+            assert_eq!(p.challenge("tok-1", host).as_deref(), Some("tok-1.thumb"));
+        }
+        assert_eq!(p.challenge("tok-1", "b.example.com"), None);
+        assert_eq!(p.challenge("tok-2", "a.example.com"), None);
+        assert_eq!(p.challenge("old", "a.example.com"), None);
+        let uri: Uri = "/.well-known/acme-challenge/tok-1".parse().unwrap();
+        let r = challenge_answer(&p, &uri, "a.example.com").unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"tok-1.thumb");
+        // Another path, or a token this cluster did not set, is the app's.
+        for path in ["/tok-1", "/.well-known/acme-challenge/tok-2"] {
+            assert!(challenge_answer(&p, &path.parse().unwrap(), "a.example.com").is_none());
+        }
+        p.set_challenges(HashMap::new());
+        assert_eq!(p.challenge("tok-1", "a.example.com"), None);
     }
 
     #[test]

@@ -38,8 +38,14 @@ pub struct Table {
 
 impl Table {
     /// The route for a request's Host (or HTTP/2 `:authority`), as the client wrote it.
-    pub fn route(&self, host: &str) -> Option<Arc<Route>> {
-        self.hosts.get(&normalize(host)?).cloned()
+    /// `<app>.internal` is for the cluster's own apps only: `inside` says the request came
+    /// from one of this node's containers (or from a member that checked as much).
+    pub fn route(&self, host: &str, inside: bool) -> Option<Arc<Route>> {
+        let host = normalize(host)?;
+        if !inside && is_internal(&host) {
+            return None;
+        }
+        self.hosts.get(&host).cloned()
     }
 
     /// Whether some host routes to `app`.
@@ -73,7 +79,14 @@ pub fn normalize(host: &str) -> Option<String> {
     (labels_ok && name.len() <= 253 && name.parse::<std::net::Ipv4Addr>().is_err()).then_some(name)
 }
 
-/// The hosts `spec` answers to under `domain`.
+/// Whether a (normalized) host is a name of the cluster's own network, `<app>.internal`.
+pub fn is_internal(host: &str) -> bool {
+    host.strip_suffix(super::dns::SUFFIX)
+        .is_some_and(|app| app.ends_with('.'))
+}
+
+/// The hosts `spec` answers to under `domain`: its `expose.hosts` and `<app>.<domain>`,
+/// unless it is internal only; and `<app>.internal`.
 pub fn hosts_of(spec: &AppSpec, domain: &str) -> Vec<String> {
     let mut out: Vec<String> = spec
         .expose
@@ -82,7 +95,8 @@ pub fn hosts_of(spec: &AppSpec, domain: &str) -> Vec<String> {
         .filter_map(|h| normalize(h))
         .collect();
     // And, for other apps, `<app>.internal` (`dns`).
-    for d in [domain, super::dns::SUFFIX] {
+    let outside = (!spec.expose.internal).then_some(domain);
+    for d in outside.into_iter().chain([super::dns::SUFFIX]) {
         if let Some(h) = normalize(&format!("{}.{d}", spec.name)) {
             out.push(h);
         }
@@ -248,24 +262,50 @@ mod tests {
             task("web", "n3", "10.2.0.2", true),
         ];
         let t = build(&apps, &tasks, "n1", "localhost", |n| n != "n3", &addrs());
-        let r = t.route("WWW.example.com:80").unwrap();
+        let r = t.route("WWW.example.com:80", false).unwrap();
         assert_eq!(r.app, "web");
         assert_eq!(r.local, ["10.0.0.2:8080".parse().unwrap()]);
         assert_eq!(r.remote, [remote("n2")], "n3 is down");
-        assert_eq!(t.route("web.localhost").unwrap(), r);
+        assert_eq!(t.route("web.localhost", false).unwrap(), r);
         assert_eq!(
-            t.route("web.internal").unwrap(),
+            t.route("web.internal", true).unwrap(),
             r,
             "other apps' name for it"
         );
-        assert!(t.route("worker.localhost").is_none(), "no port, no route");
-        assert!(t.route("other.localhost").is_none());
+        assert!(
+            t.route("web.internal", false).is_none(),
+            "the cluster's own name is not for outside clients"
+        );
+        assert!(
+            t.route("worker.localhost", false).is_none(),
+            "no port, no route"
+        );
+        assert!(t.route("other.localhost", false).is_none());
         assert_eq!(t.len(), 3);
         // Seen from n2: its own replica is local, n1's is remote.
         let t = build(&apps, &tasks, "n2", "localhost", |_| true, &addrs());
-        let r = t.route("web.localhost").unwrap();
+        let r = t.route("web.localhost", false).unwrap();
         assert_eq!(r.local, ["10.1.0.2:8080".parse().unwrap()]);
         assert_eq!(r.remote, [remote("n1"), remote("n3")]);
+    }
+
+    #[test]
+    fn an_internal_app_answers_to_its_internal_name_from_inside_only() {
+        let mut db = app("db", Some(5432), &[]);
+        db.spec.expose.internal = true;
+        let apps = [db, app("web", Some(8080), &[])];
+        let t = build(&apps, &[], "n1", "localhost", |_| true, &addrs());
+        assert_eq!(t.route("db.internal", true).unwrap().app, "db");
+        assert_eq!(t.route("DB.internal.:80", true).unwrap().app, "db");
+        for outside in ["db.internal", "db.localhost"] {
+            assert!(t.route(outside, false).is_none(), "{outside}");
+        }
+        assert!(
+            t.route("db.localhost", true).is_none(),
+            "no outside name at all"
+        );
+        assert_eq!(t.route("web.localhost", false).unwrap().app, "web");
+        assert!(is_internal("a.internal") && !is_internal("internal") && !is_internal("ainternal"));
     }
 
     #[test]
@@ -275,8 +315,8 @@ mod tests {
             app("alpha", Some(80), &["shop.example.com"]),
         ];
         let t = build(&apps, &[], "n1", "localhost", |_| true, &addrs());
-        assert_eq!(t.route("shop.example.com").unwrap().app, "alpha");
-        assert_eq!(t.route("zeta.localhost").unwrap().app, "zeta");
+        assert_eq!(t.route("shop.example.com", false).unwrap().app, "alpha");
+        assert_eq!(t.route("zeta.localhost", false).unwrap().app, "zeta");
         assert_eq!(
             t.clashes,
             [(

@@ -359,6 +359,68 @@ pub fn certs(store: &DiskBackend) -> BTreeMap<String, CertRecord> {
     keyed(store, Keyspace::Certs)
 }
 
+/// A certificate an ACME CA issued, `acme/certs/<host>`: as an uploaded one (the key sealed
+/// for this store key), and where and when it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeCert {
+    #[serde(flatten)]
+    pub cert: CertRecord,
+    /// The directory URL of the CA that issued it.
+    pub directory: String,
+    pub issued_ms: u64,
+    /// The leaf's start of validity (ms since the epoch): with `not_after_ms`, its life.
+    pub not_before_ms: u64,
+    /// The member that ordered it.
+    pub by: String,
+}
+
+/// An HTTP-01 challenge, `acme/challenges/<token>`: what every node answers at
+/// `/.well-known/acme-challenge/<token>` until `expires_ms`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeChallenge {
+    pub host: String,
+    pub key_authorization: String,
+    pub expires_ms: u64,
+}
+
+/// The cluster's account with one CA, `acme/account/<dir>`: its credentials (JSON) sealed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeAccount {
+    pub directory: String,
+    pub credentials_sealed: String,
+}
+
+/// A host's failed orders, `acme/failures/<host>`: removed when one succeeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AcmeFailure {
+    /// Orders that failed in a row: the next waits longer each time.
+    pub failures: u32,
+    pub error: String,
+    pub at_ms: u64,
+    pub by: String,
+}
+
+/// Everything under `acme/<kind>/`, by the rest of the key.
+pub fn acme<T: serde::de::DeserializeOwned>(
+    store: &DiskBackend,
+    kind: &str,
+) -> BTreeMap<String, T> {
+    scan_keyspace(store, Keyspace::Acme, &format!("{kind}/"), usize::MAX)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| {
+            let v = serde_json::from_slice(e.value.as_deref()?).ok()?;
+            let name = e
+                .key
+                .name()
+                .strip_prefix(kind)?
+                .strip_prefix('/')?
+                .to_string();
+            Some((name, v))
+        })
+        .collect()
+}
+
 /// The replica count the autoscaler chose for an app, `scale/<app>`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ScaleRecord {

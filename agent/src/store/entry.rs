@@ -95,10 +95,14 @@ pub enum Keyspace {
     /// app's rendezvous owner, or by a node whose ingress woke an app scaled to zero; held
     /// within the spec's `min` and `max` wherever it is read.
     Scale,
+    /// What the ingress's ACME client keeps (`acme/account/<dir>`, `acme/certs/<host>`,
+    /// `acme/challenges/<token>`, `acme/failures/<host>`): written by the member that
+    /// ordered, the keys sealed; a certificate is served only for a host an app asks it for.
+    Acme,
 }
 
 impl Keyspace {
-    pub const ALL: [Keyspace; 13] = [
+    pub const ALL: [Keyspace; 14] = [
         Keyspace::Nodes,
         Keyspace::Apps,
         Keyspace::Tasks,
@@ -112,6 +116,7 @@ impl Keyspace {
         Keyspace::Images,
         Keyspace::Certs,
         Keyspace::Scale,
+        Keyspace::Acme,
     ];
 
     pub fn name(self) -> &'static str {
@@ -129,6 +134,7 @@ impl Keyspace {
             Keyspace::Images => "images",
             Keyspace::Certs => "certs",
             Keyspace::Scale => "scale",
+            Keyspace::Acme => "acme",
         }
     }
 

@@ -1,7 +1,7 @@
 //! Every key the agent writes, built in one place (ARCHITECTURE.md's state model):
 //! `nodes/<id>`, `tasks/<node>/<app>/<replica>`, `apps/<name>`, `secrets/<app>/<NAME>`,
 //! `revoked/<id>`, `cluster/join`, `cluster/drain/<id>`, `history/<app>`, `rollouts/<app>/<revision>`,
-//! `images/<id>`, `scale/<app>`, `metrics/<node>/ingress`. Each builder validates like `Key::parse`.
+//! `images/<id>`, `scale/<app>`, `metrics/<node>/ingress`, `acme/...`. Each builder validates like `Key::parse`.
 
 use super::{Key, Keyspace, NodeId, StoreError};
 
@@ -48,6 +48,26 @@ pub fn secret(app: &str, name: &str) -> Result<Key, StoreError> {
 /// The ingress's certificate for a host (or `*.domain`), uploaded by an operator.
 pub fn cert(host: &str) -> Result<Key, StoreError> {
     Key::join(Keyspace::Certs, &[host])
+}
+
+/// The ACME account the cluster holds with one CA (`dir`: a digest of its directory URL).
+pub fn acme_account(dir: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Acme, &["account", dir])
+}
+
+/// The certificate an ACME CA issued for a host.
+pub fn acme_cert(host: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Acme, &["certs", host])
+}
+
+/// An HTTP-01 challenge every node answers while an order waits on it.
+pub fn acme_challenge(token: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Acme, &["challenges", token])
+}
+
+/// Why a host's latest orders failed, and how many in a row.
+pub fn acme_failure(host: &str) -> Result<Key, StoreError> {
+    Key::join(Keyspace::Acme, &["failures", host])
 }
 
 /// The replica count the autoscaler chose for an app.

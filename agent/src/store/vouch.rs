@@ -35,7 +35,7 @@ impl std::fmt::Debug for Proof {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Writer {
     /// The node the key describes (`nodes/`, `tasks/`, `metrics/`), or that made it (`builds/`,
-    /// `rollouts/`, `scale/`).
+    /// `rollouts/`, `scale/`, `acme/`).
     Node(NodeId),
     /// An operator: desired state (`apps/`, `history/`, `secrets/`, `certs/`), evictions (`revoked/`)
     /// and cluster settings (`cluster/`).
@@ -52,7 +52,9 @@ impl Key {
             | Keyspace::Cluster
             | Keyspace::History
             | Keyspace::Certs => Writer::Operator,
-            Keyspace::Builds | Keyspace::Rollouts | Keyspace::Scale => Writer::Node(origin.clone()),
+            Keyspace::Builds | Keyspace::Rollouts | Keyspace::Scale | Keyspace::Acme => {
+                Writer::Node(origin.clone())
+            }
             // Owner-only keys: `check_write` already holds the origin to the owner.
             Keyspace::Nodes | Keyspace::Tasks | Keyspace::Metrics | Keyspace::Images => {
                 Writer::Node(origin.clone())
