@@ -109,3 +109,28 @@ impl Load {
         (self.ok.load(Relaxed), failed)
     }
 }
+
+/// An app `name` of busybox httpd whose `/cgi-bin/slow` answers after 300 ms with the
+/// app's version (`v=VERSION`): requests long enough in flight for a rollout, a drain or a
+/// killed replica to catch some. Ready once it accepts connections; `extra` is more TOML
+/// (it may add to `[scale]`, which comes last).
+pub fn slow_app(name: &str, version: &str, replicas: u32, extra: &str) -> String {
+    format!(
+        r#"name = "{name}"
+[source]
+image = "{image}"
+[run]
+command = ["sh", "-c", "mkdir -p /www/cgi-bin && printf '#!/bin/sh\nsleep 0.3\necho Content-Type: text/plain\necho\necho v=$VERSION\n' > /www/cgi-bin/slow && chmod +x /www/cgi-bin/slow && exec httpd -f -p 8080 -h /www"]
+port = 8080
+env = {{ VERSION = "{version}" }}
+[health]
+tcp = 8080
+interval = "300ms"
+[update]
+monitor = "1s"
+[scale]
+replicas = {replicas}
+{extra}"#,
+        image = crate::BUSYBOX
+    )
+}

@@ -6,29 +6,12 @@
 
 use shoal_e2e::docker::*;
 use shoal_e2e::load::{get, Load};
-use shoal_e2e::{Agent, BUSYBOX};
+use shoal_e2e::Agent;
 
 const CLIENTS: usize = 4;
 
-/// busybox httpd whose `/cgi-bin/slow` answers after 300 ms with the app's version.
 fn spec(version: &str, replicas: u32) -> String {
-    format!(
-        r#"name = "steady"
-[source]
-image = "{BUSYBOX}"
-[run]
-command = ["sh", "-c", "mkdir -p /www/cgi-bin && printf '#!/bin/sh\nsleep 0.3\necho Content-Type: text/plain\necho\necho v=$VERSION\n' > /www/cgi-bin/slow && chmod +x /www/cgi-bin/slow && exec httpd -f -p 8080 -h /www"]
-port = 8080
-env = {{ VERSION = "{version}" }}
-[health]
-tcp = 8080
-interval = "300ms"
-[update]
-monitor = "1s"
-[scale]
-replicas = {replicas}
-"#
-    )
+    shoal_e2e::load::slow_app("steady", version, replicas, "")
 }
 
 fn versions(a: &Agent) -> Vec<String> {

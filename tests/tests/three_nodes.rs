@@ -182,25 +182,11 @@ fn three_nodes_on_their_own_engines_keep_apps_up() {
     // replica killed mid-load fails at most what it had in flight.
     const CLIENTS: usize = 4;
     let steady = |version: &str| {
-        format!(
-            r#"name = "steady"
-[source]
-image = "{BUSYBOX}"
-[run]
-command = ["sh", "-c", "mkdir -p /www/cgi-bin && printf '#!/bin/sh\nsleep 0.3\necho Content-Type: text/plain\necho\necho v=$VERSION\n' > /www/cgi-bin/slow && chmod +x /www/cgi-bin/slow && exec httpd -f -p 8080 -h /www"]
-port = 8080
-env = {{ VERSION = "{version}" }}
-[health]
-tcp = 8080
-interval = "300ms"
-[update]
-monitor = "1s"
-[scale]
-replicas = 2
-constraints = ["!front"]
-[resources]
-memory = "16Mi"
-"#
+        shoal_e2e::load::slow_app(
+            "steady",
+            version,
+            2,
+            "constraints = [\"!front\"]\n[resources]\nmemory = \"16Mi\"\n",
         )
     };
     let ready_versions = || -> Vec<String> {

@@ -1208,21 +1208,27 @@ mod tests {
         (format!("localhost:{port}"), cert)
     }
 
-    #[tokio::test]
-    async fn a_hop_whose_node_lost_its_replica_goes_on_to_the_next_node_when_it_may() {
-        let stop = tokio_util::sync::CancellationToken::new();
-        let (gone_at, gone_cert) = node("a", 503, true, &stop).await;
-        let (ok_at, ok_cert) = node("b", 200, false, &stop).await;
+    /// A proxy with no route of its own whose hops trust `certs` (the test nodes').
+    fn member_proxy(certs: Vec<rustls::pki_types::CertificateDer<'static>>) -> Proxy {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(gone_cert).unwrap();
-        roots.add(ok_cert).unwrap();
+        for c in certs {
+            roots.add(c).unwrap();
+        }
         let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_root_certificates(roots)
             .with_no_client_auth();
         let (_tx, rx) = watch::channel(Arc::new(Table::default()));
-        let p = Proxy::new(rx, Limits::default(), Some(Arc::new(client)));
+        Proxy::new(rx, Limits::default(), Some(Arc::new(client)))
+    }
+
+    #[tokio::test]
+    async fn a_hop_whose_node_lost_its_replica_goes_on_to_the_next_node_when_it_may() {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (gone_at, gone_cert) = node("a", 503, true, &stop).await;
+        let (ok_at, ok_cert) = node("b", 200, false, &stop).await;
+        let p = member_proxy(vec![gone_cert, ok_cert]);
         let route = Route {
             app: "web".into(),
             local: vec![],
@@ -1261,15 +1267,7 @@ mod tests {
     async fn a_request_no_replica_here_answers_goes_on_to_another_node_when_it_may() {
         let stop = tokio_util::sync::CancellationToken::new();
         let (ok_at, ok_cert) = node("b", 200, false, &stop).await;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ok_cert).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let (_tx, rx) = watch::channel(Arc::new(Table::default()));
-        let p = Proxy::new(rx, Limits::default(), Some(Arc::new(client)));
+        let p = member_proxy(vec![ok_cert]);
         // Two replicas here that died (nothing listens where they were).
         let dead: Vec<SocketAddr> = (0..2)
             .map(|_| {
