@@ -229,22 +229,19 @@ impl Acme {
         Ok(account)
     }
 
-    /// Orders a certificate for `host` and records it; the challenge records go again,
-    /// whatever the outcome.
+    /// Orders a certificate for `host` (opening or making the account first), all within
+    /// `order_within`; the challenge records go again, whatever the outcome.
     async fn order(&mut self, h: &Handle, proxy: &Proxy, host: &str) -> Result<AcmeCert, String> {
-        let account = self.account(h).await?;
+        let within = self.order_within;
         let mut written = Vec::new();
-        let got = tokio::time::timeout(
-            self.order_within,
-            self.order_with(h, proxy, &account, host, &mut written),
-        )
+        // The account too: a CA that never finishes an answer holds up no other host.
+        let got = tokio::time::timeout(within, async {
+            let account = self.account(h).await?;
+            self.order_with(h, proxy, &account, host, &mut written)
+                .await
+        })
         .await
-        .unwrap_or_else(|_| {
-            Err(format!(
-                "the order took longer than {:?}",
-                self.order_within
-            ))
-        });
+        .unwrap_or_else(|_| Err(format!("the order took longer than {within:?}")));
         if !written.is_empty() {
             let gone = written.into_iter().map(|k| (k, None)).collect();
             if let Err(e) = h.write(gone).await {

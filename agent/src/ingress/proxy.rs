@@ -477,8 +477,7 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
     if let Some(r) = challenge_answer(&proxy, req.uri(), &host) {
         return r;
     }
-    let inside = proxy.inside(&conn);
-    let route = proxy.table.borrow().route(&host, inside);
+    let route = proxy.table.borrow().route(&host, || proxy.inside(&conn));
     let Some(mut route) = route else {
         return no_app(&host);
     };
@@ -489,7 +488,7 @@ pub async fn handle(req: Request<Incoming>, conn: Conn, proxy: Arc<Proxy>) -> Re
     let meter = proxy.stats.of(&route.app).map(|s| s.begin());
     if route.local.is_empty() && route.remote.is_empty() {
         if let Some(timeout) = route.wake {
-            route = match wake(&proxy, &host, inside, route, timeout, meter.as_ref()).await {
+            route = match wake(&proxy, &host, route, timeout, meter.as_ref()).await {
                 Ok(r) => r,
                 Err(resp) => return resp,
             };
@@ -538,7 +537,6 @@ fn no_app(host: &str) -> Response<Body> {
 async fn wake(
     proxy: &Proxy,
     host: &str,
-    inside: bool,
     route: Arc<Route>,
     timeout: Duration,
     meter: Option<&super::metrics::InFlight>,
@@ -562,7 +560,8 @@ async fn wake(
         if let Ok(Err(_)) = changed {
             break;
         }
-        let now = table.borrow_and_update().route(host, inside);
+        // The host was routed once already: where the request came from is settled.
+        let now = table.borrow_and_update().route(host, || true);
         match now {
             None => return Err(no_app(host)),
             Some(r) if !r.local.is_empty() || !r.remote.is_empty() => {
@@ -632,7 +631,7 @@ pub async fn handle_hop(req: Request<Incoming>, proxy: Arc<Proxy>) -> Response<B
         return r;
     }
     // The node that passed it on checked where it came from.
-    let route = proxy.table.borrow().route(&host, true);
+    let route = proxy.table.borrow().route(&host, || true);
     let Some(route) = route else {
         return no_app(&host);
     };

@@ -38,11 +38,12 @@ pub struct Table {
 
 impl Table {
     /// The route for a request's Host (or HTTP/2 `:authority`), as the client wrote it.
-    /// `<app>.internal` is for the cluster's own apps only: `inside` says the request came
-    /// from one of this node's containers (or from a member that checked as much).
-    pub fn route(&self, host: &str, inside: bool) -> Option<Arc<Route>> {
+    /// `<app>.internal` is for the cluster's own apps only: `inside` says whether the
+    /// request came from one of this node's containers (or from a member that checked as
+    /// much), asked only for such a name.
+    pub fn route(&self, host: &str, inside: impl FnOnce() -> bool) -> Option<Arc<Route>> {
         let host = normalize(host)?;
-        if !inside && is_internal(&host) {
+        if is_internal(&host) && !inside() {
             return None;
         }
         self.hosts.get(&host).cloned()
@@ -262,29 +263,29 @@ mod tests {
             task("web", "n3", "10.2.0.2", true),
         ];
         let t = build(&apps, &tasks, "n1", "localhost", |n| n != "n3", &addrs());
-        let r = t.route("WWW.example.com:80", false).unwrap();
+        let r = t.route("WWW.example.com:80", || false).unwrap();
         assert_eq!(r.app, "web");
         assert_eq!(r.local, ["10.0.0.2:8080".parse().unwrap()]);
         assert_eq!(r.remote, [remote("n2")], "n3 is down");
-        assert_eq!(t.route("web.localhost", false).unwrap(), r);
+        assert_eq!(t.route("web.localhost", || false).unwrap(), r);
         assert_eq!(
-            t.route("web.internal", true).unwrap(),
+            t.route("web.internal", || true).unwrap(),
             r,
             "other apps' name for it"
         );
         assert!(
-            t.route("web.internal", false).is_none(),
+            t.route("web.internal", || false).is_none(),
             "the cluster's own name is not for outside clients"
         );
         assert!(
-            t.route("worker.localhost", false).is_none(),
+            t.route("worker.localhost", || false).is_none(),
             "no port, no route"
         );
-        assert!(t.route("other.localhost", false).is_none());
+        assert!(t.route("other.localhost", || false).is_none());
         assert_eq!(t.len(), 3);
         // Seen from n2: its own replica is local, n1's is remote.
         let t = build(&apps, &tasks, "n2", "localhost", |_| true, &addrs());
-        let r = t.route("web.localhost", false).unwrap();
+        let r = t.route("web.localhost", || false).unwrap();
         assert_eq!(r.local, ["10.1.0.2:8080".parse().unwrap()]);
         assert_eq!(r.remote, [remote("n1"), remote("n3")]);
     }
@@ -295,16 +296,16 @@ mod tests {
         db.spec.expose.internal = true;
         let apps = [db, app("web", Some(8080), &[])];
         let t = build(&apps, &[], "n1", "localhost", |_| true, &addrs());
-        assert_eq!(t.route("db.internal", true).unwrap().app, "db");
-        assert_eq!(t.route("DB.internal.:80", true).unwrap().app, "db");
+        assert_eq!(t.route("db.internal", || true).unwrap().app, "db");
+        assert_eq!(t.route("DB.internal.:80", || true).unwrap().app, "db");
         for outside in ["db.internal", "db.localhost"] {
-            assert!(t.route(outside, false).is_none(), "{outside}");
+            assert!(t.route(outside, || false).is_none(), "{outside}");
         }
         assert!(
-            t.route("db.localhost", true).is_none(),
+            t.route("db.localhost", || true).is_none(),
             "no outside name at all"
         );
-        assert_eq!(t.route("web.localhost", false).unwrap().app, "web");
+        assert_eq!(t.route("web.localhost", || false).unwrap().app, "web");
         assert!(is_internal("a.internal") && !is_internal("internal") && !is_internal("ainternal"));
     }
 
@@ -315,8 +316,8 @@ mod tests {
             app("alpha", Some(80), &["shop.example.com"]),
         ];
         let t = build(&apps, &[], "n1", "localhost", |_| true, &addrs());
-        assert_eq!(t.route("shop.example.com", false).unwrap().app, "alpha");
-        assert_eq!(t.route("zeta.localhost", false).unwrap().app, "zeta");
+        assert_eq!(t.route("shop.example.com", || false).unwrap().app, "alpha");
+        assert_eq!(t.route("zeta.localhost", || false).unwrap().app, "zeta");
         assert_eq!(
             t.clashes,
             [(
