@@ -64,7 +64,11 @@ fn a_host_gets_a_certificate_from_the_ca_validated_through_the_node_that_did_not
             })
             .collect(),
     );
-    load(&nodes[0], &busybox_image());
+    // Through both: they share the host's engine, and each then says what it holds (an
+    // image of that name from before would otherwise still be in one node's record).
+    for a in &nodes {
+        load(a, &busybox_image());
+    }
     let spec = format!(
         r#"name = "shop"
 [source]
