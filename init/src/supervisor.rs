@@ -2,7 +2,8 @@
 //! `after` is ready (its `ready` path exists, or it runs if it has none); an exited service
 //! restarts with exponential backoff and jitter, and one that exits 5 times within a minute is
 //! shown as crash-looping (it keeps being restarted). Output goes to the console with a prefix
-//! and to a size-capped log under `/var/log/shoal/`.
+//! and to a size-capped log under `/var/log/shoal/`. A run that printed the mark of known
+//! damage to its service's state (`Repair`) has that file moved aside before the next start.
 
 use crate::report::ServiceReport;
 use nix::sys::signal::{kill, Signal};
@@ -40,6 +41,33 @@ pub struct ServiceSpec {
     pub stop_timeout_ms: u64,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+    /// Damage a service cannot get past by itself, and what clears it.
+    #[serde(default)]
+    pub repair: Vec<Repair>,
+}
+
+/// A known failure that makes a service exit at every start until a file of its state is
+/// moved aside: when a run that exited printed `seen`, `move_aside` is renamed to
+/// `<name>.broken` (replacing an older one) before the next start.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repair {
+    pub seen: String,
+    pub move_aside: PathBuf,
+    /// Said on the console when it is done.
+    pub why: String,
+}
+
+/// dockerd 20.10 (Debian 12's) panics at every start when a network's removal was cut
+/// short (power lost, killed) between releasing its addresses and forgetting it
+/// (moby/moby#45057, fixed in later releases): its network store then holds a network it
+/// cannot restore. The agent makes its networks again; Docker makes its default ones.
+fn dockerd_repairs() -> Vec<Repair> {
+    vec![Repair {
+        seen: "libnetwork.(*controller).reservePools".into(),
+        move_aside: "/var/lib/docker/network/files/local-kv.db".into(),
+        why: "its network store holds a network whose removal was cut short (moby#45057)".into(),
+    }]
 }
 
 fn default_stop_ms() -> u64 {
@@ -77,6 +105,11 @@ impl Table {
                     20_000
                 },
                 env: BTreeMap::new(),
+                repair: if name == "dockerd" {
+                    dockerd_repairs()
+                } else {
+                    vec![]
+                },
             };
         Table {
             service: vec![
@@ -152,6 +185,8 @@ struct Service {
     output: Option<OwnedFd>,
     pending: Vec<u8>,
     log: PathBuf,
+    /// The repairs this run's output called for (`ServiceSpec::repair`, by index).
+    damaged: Vec<usize>,
 }
 
 pub struct Supervisor {
@@ -196,6 +231,7 @@ impl Supervisor {
                 exits: VecDeque::new(),
                 output: None,
                 pending: Vec::new(),
+                damaged: Vec::new(),
             })
             .collect();
         Supervisor {
@@ -311,6 +347,7 @@ impl Supervisor {
                 s.started = Some(Instant::now());
                 s.started_ms = Some(crate::report::now_ms());
                 s.output = Some(rd);
+                s.damaged.clear();
                 crate::console(&format!("service {}: started, pid {pid}", s.spec.name));
             }
             Err(e) => {
@@ -368,8 +405,40 @@ impl Supervisor {
             "service {}: {text}; restarting with backoff",
             s.spec.name
         ));
+        self.repair(i);
         self.schedule_restart(i, now);
         true
+    }
+
+    /// Clears what the run that just ended said was damaged (`ServiceSpec::repair`).
+    fn repair(&mut self, i: usize) {
+        let s = &mut self.services[i];
+        for r in std::mem::take(&mut s.damaged) {
+            let Some(r) = s.spec.repair.get(r) else {
+                continue;
+            };
+            let path = self
+                .root
+                .join(r.move_aside.strip_prefix("/").unwrap_or(&r.move_aside));
+            let mut aside = path.clone().into_os_string();
+            aside.push(".broken");
+            match std::fs::rename(&path, &aside) {
+                Ok(()) => crate::console(&format!(
+                    "service {}: {}: moved {} aside to {}",
+                    s.spec.name,
+                    r.why,
+                    r.move_aside.display(),
+                    Path::new(&aside).display()
+                )),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => crate::console(&format!(
+                    "service {}: {}: cannot move {} aside: {e}",
+                    s.spec.name,
+                    r.why,
+                    r.move_aside.display()
+                )),
+            }
+        }
     }
 
     /// The output pipes to poll.
@@ -407,6 +476,11 @@ impl Supervisor {
         };
         let chunk: Vec<u8> = s.pending.drain(..cut).collect();
         let text = String::from_utf8_lossy(&chunk);
+        for (n, r) in s.spec.repair.iter().enumerate() {
+            if !s.damaged.contains(&n) && text.contains(r.seen.as_str()) {
+                s.damaged.push(n);
+            }
+        }
         let mut console = String::new();
         for line in text.lines() {
             console.push_str(&format!("[{}] {line}\n", s.spec.name));
@@ -534,6 +608,51 @@ mod tests {
         assert_eq!(
             Table::default_table().service[1].needs,
             vec!["docker-modules".to_string()]
+        );
+    }
+
+    /// Runs service `d` of `table` under `root` once, to its exit.
+    fn run_once(root: &Path, table: &str) -> Supervisor {
+        let mut s = Supervisor::new(root, Table::parse(table).unwrap());
+        let now = Instant::now();
+        s.tick(now);
+        let pid = s.services[0].pid.expect("started");
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert!(s.exited(pid, status, now));
+        s
+    }
+
+    #[test]
+    fn a_run_that_shows_known_damage_has_the_damaged_file_moved_aside_and_no_other_does() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("var/lib/d")).unwrap();
+        let db = dir.path().join("var/lib/d/kv.db");
+        let repair = "[[service.repair]]\nseen = \"(*controller).reservePools\"\nmove_aside = \"/var/lib/d/kv.db\"\nwhy = \"test\"\n";
+        // Fails for another reason: the file stays.
+        std::fs::write(&db, "bad").unwrap();
+        let other = format!("[[service]]\nname = \"d\"\ncommand = [\"/bin/sh\", \"-c\", 'echo no space left; exit 1']\n{repair}");
+        let s = run_once(dir.path(), &other);
+        assert!(db.exists());
+        assert!(s.services[0].damaged.is_empty());
+        // dockerd's panic, as it prints it: the file goes aside, the next start is clean.
+        let panics = format!("[[service]]\nname = \"d\"\ncommand = [\"/bin/sh\", \"-c\", 'test -e var/lib/d/kv.db || exit 0; echo \"panic: runtime error: index out of range [0] with length 0\"; echo; echo \"github.com/docker/libnetwork.(*controller).reservePools(0x5587c2b92e70?)\"; exit 2']\n{repair}");
+        run_once(dir.path(), &panics);
+        assert!(!db.exists());
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("var/lib/d/kv.db.broken")).unwrap(),
+            "bad"
+        );
+        let again = run_once(dir.path(), &panics);
+        assert_eq!(
+            again.services[0].last_exit.as_deref(),
+            Some("exited with status 0")
+        );
+        // The machine's table carries dockerd's.
+        let t = Table::default_table();
+        assert_eq!(t.service[1].name, "dockerd");
+        assert_eq!(
+            t.service[1].repair[0].move_aside,
+            Path::new("/var/lib/docker/network/files/local-kv.db")
         );
     }
 
