@@ -46,7 +46,7 @@ impl NginxProxy {
             "worker_processes auto;\ndaemon off;\nerror_log {dir}/error.log warn;\npid {dir}/nginx.pid;\n\
 events {{ worker_connections 4096; }}\n\
 http {{\n  access_log off;\n  keepalive_requests 1000000;\n\
-  upstream app {{ server {upstream}; keepalive 128; }}\n\
+  upstream app {{ server {upstream}; keepalive 1024; }}\n\
   server {{\n    listen 127.0.0.1:{port} backlog=4096;\n    listen 127.0.0.1:{h2_port} http2;\n\
     location / {{\n      proxy_pass http://app;\n      proxy_http_version 1.1;\n\
       proxy_set_header Connection \"\";\n      proxy_set_header Host $host;\n\
