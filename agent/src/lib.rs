@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod autoscale;
+pub mod builder;
 pub mod cli;
 pub mod clock;
 pub mod config;
