@@ -262,6 +262,11 @@ impl Supervisor {
         d.mul_f64(f)
     }
 
+    /// `p` (an absolute path of the machine) under this supervisor's root.
+    fn under_root(&self, p: &Path) -> PathBuf {
+        self.root.join(p.strip_prefix("/").unwrap_or(p))
+    }
+
     fn is_ready(&self, name: &str) -> bool {
         self.services
             .iter()
@@ -271,7 +276,7 @@ impl Supervisor {
                     && s.spec
                         .ready
                         .as_ref()
-                        .is_none_or(|p| self.root.join(p.strip_prefix("/").unwrap_or(p)).exists())
+                        .is_none_or(|p| self.under_root(p).exists())
             })
     }
 
@@ -412,14 +417,13 @@ impl Supervisor {
 
     /// Clears what the run that just ended said was damaged (`ServiceSpec::repair`).
     fn repair(&mut self, i: usize) {
-        let s = &mut self.services[i];
-        for r in std::mem::take(&mut s.damaged) {
+        let damaged = std::mem::take(&mut self.services[i].damaged);
+        let s = &self.services[i];
+        for r in damaged {
             let Some(r) = s.spec.repair.get(r) else {
                 continue;
             };
-            let path = self
-                .root
-                .join(r.move_aside.strip_prefix("/").unwrap_or(&r.move_aside));
+            let path = self.under_root(&r.move_aside);
             let mut aside = path.clone().into_os_string();
             aside.push(".broken");
             match std::fs::rename(&path, &aside) {

@@ -140,10 +140,12 @@ fn same_repo_key(url: &str) -> String {
         // scp-like `user@host:path`
         None => u.replacen(':', "/", 1),
     };
-    let rest = rest.rsplit_once('@').map_or(rest.as_str(), |(_, r)| r);
-    let rest = rest.trim_end_matches('/');
-    let rest = rest.strip_suffix(".git").unwrap_or(rest);
-    rest.to_ascii_lowercase()
+    // A user (`git@`) is in the host part only; an `@` further on is the path's.
+    let (host, path) = rest.split_once('/').unwrap_or((rest.as_str(), ""));
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let path = path.trim_end_matches('/');
+    let path = path.strip_suffix(".git").unwrap_or(path);
+    format!("{host}/{path}").to_ascii_lowercase()
 }
 
 #[cfg(test)]
@@ -237,6 +239,15 @@ mod tests {
         );
         assert_eq!(
             commit_for(&e, "https://gitlab.com/acme/hello", Some("main")),
+            None
+        );
+        // An `@` in the path names another repository, not a user.
+        assert_eq!(
+            commit_for(
+                &e,
+                "https://example.org/x@github.com/acme/hello",
+                Some("main")
+            ),
             None
         );
         let tag = parse("push", &push("refs/tags/v1.2", c)).unwrap();
