@@ -187,7 +187,9 @@ impl<B: Backend> Node<B> {
     }
 
     /// Discovery found these members (mDNS, static peers, DNS): join the ones we do not
-    /// already count as live. Cheap to call often.
+    /// already count as live, and those that restarted since (a newer generation than the one
+    /// we count: the old one may linger as suspect for good once we were renamed ourselves,
+    /// and the new process ignores what is addressed to the old). Cheap to call often.
     pub fn discovered(
         &mut self,
         candidates: impl IntoIterator<Item = Member>,
@@ -195,7 +197,9 @@ impl<B: Backend> Node<B> {
     ) {
         let fresh: Vec<Member> = candidates
             .into_iter()
-            .filter(|c| c.id != self.me.id && !self.live.iter().any(|m| m.id == c.id))
+            .filter(|c| {
+                c.id != self.me.id && !self.live.iter().any(|m| m.id == c.id && m.gen >= c.gen)
+            })
             .collect();
         for m in fresh {
             self.join(m, out);
@@ -390,6 +394,7 @@ impl<B: Backend> Node<B> {
                 MembershipEffect::Up(_) | MembershipEffect::Down(_) | MembershipEffect::Renamed(_)
             )
         });
+        let mut rejoined = false;
         for e in fx {
             match e {
                 MembershipEffect::Send(to, data) => out.push(Effect::Send(
@@ -412,7 +417,22 @@ impl<B: Backend> Node<B> {
                 MembershipEffect::Renamed(m) => {
                     self.me = m.clone();
                     self.sync.set_me(m);
+                    rejoined = true;
                 }
+            }
+        }
+        // Declared down and back under a new generation, our failure detector waits for
+        // someone to talk to us; a member that restarted meanwhile never will (it ignores what
+        // is addressed to its old self, and counts us as nobody). Ask everyone we knew to let
+        // us in: an announce reaches whichever process now holds the address.
+        if rejoined {
+            let known: Vec<Member> = self.live.iter().cloned().collect();
+            if let Peers::Swim(ms) = &mut self.peers {
+                let mut fx = Vec::new();
+                for k in known {
+                    ms.announce(k, &mut fx);
+                }
+                self.membership_effects(fx, out);
             }
         }
         if changed {

@@ -294,3 +294,41 @@ fn one_byzantine_node_among_twenty_wipes_nothing_in_an_hour() {
         );
     }
 }
+
+/// A seed restarts while a member still counts its old self. The seed went deaf first (its
+/// listener closed at shutdown) and declared the member down; the member rejoined under a new
+/// generation, which reset its failure detector and left the old seed suspect for good. The
+/// member finds the seed only through its configured peer list; the restarted seed knows
+/// nobody. Both must see each other alive again (in a real cluster the seed never got its
+/// peer back: `trust::the_join_secret_rotates_without_losing_sealed_secrets`).
+#[test]
+fn a_member_renamed_while_its_only_peer_restarts_finds_it_again() {
+    for seed in seeds(&[41, 42, 43, 44, 45, 46]) {
+        let mut cfg = SimConfig::new(2, seed);
+        cfg.discovery = Some(vec![vec![], vec![0]]);
+        let mut sim = Sim::new(cfg);
+        assert!(
+            sim.run_until(30_000, 100, all_joined).is_some(),
+            "seed {seed}: membership never formed"
+        );
+        let gen = sim.node(1).unwrap().me().gen;
+        sim.deafen(0, true);
+        // The deaf seed declares the member down and tells it; it rejoins as a new generation.
+        let declared = sim.run_until(30_000, 10, |s| {
+            s.live_view(0).is_empty() && s.node(1).unwrap().me().gen > gen
+        });
+        assert!(
+            declared.is_some(),
+            "seed {seed}: the deaf seed kept its peer"
+        );
+        sim.crash(0);
+        sim.deafen(0, false);
+        sim.restart(0);
+        let back = sim.run_until(60_000, 100, |s| (0..2).all(|i| s.alive_view(i).len() == 1));
+        assert!(
+            back.is_some(),
+            "seed {seed}: the two do not see each other alive a minute after the seed's restart: {:?}",
+            (0..2).map(|i| sim.node(i).unwrap().members()).collect::<Vec<_>>()
+        );
+    }
+}

@@ -346,7 +346,11 @@ impl Agent {
         let child = cmd
             .args(["agent", "--config"])
             .arg(&self.config)
-            .env("SHOAL_LOG", "info")
+            // SHOAL_TEST_LOG=shoal::daemon=debug,info and the like, to see more in a failure.
+            .env(
+                "SHOAL_LOG",
+                std::env::var("SHOAL_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(log)
@@ -523,6 +527,25 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // A failed test shows what each of its agents said last (its directory goes).
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let from = lines.len().saturating_sub(60);
+            let members = self
+                .child
+                .is_some()
+                .then(|| self.status()["members"].to_string());
+            eprintln!(
+                "---- agent {}: members {}; last {} log lines ----",
+                self.id,
+                members.as_deref().unwrap_or("(not running)"),
+                lines.len() - from
+            );
+            for l in &lines[from..] {
+                eprintln!("{l}");
+            }
+        }
         self.kill9();
     }
 }

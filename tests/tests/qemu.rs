@@ -266,6 +266,9 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            say_what_it_said("the node", &self.console());
+        }
         if let Ok(pid) = std::fs::read_to_string(self.dir().join("qemu.pid")) {
             let _ = Command::new("kill").args(["-9", pid.trim()]).status();
         }
@@ -273,6 +276,23 @@ impl Drop for Node {
         if let Some(seed) = &self.seed {
             let _ = std::fs::remove_dir_all(seed);
         }
+    }
+}
+
+/// On a failed test, what a node's init and agent said: CI shows only the test's output
+/// (dockerd and containerd are loud and rarely the story).
+fn say_what_it_said(who: &str, console: &str) {
+    let lines: Vec<&str> = console
+        .lines()
+        .filter(|l| l.starts_with("[agent]") || l.starts_with("shoal-init"))
+        .collect();
+    let from = lines.len().saturating_sub(150);
+    eprintln!(
+        "---- {who}: init and agent, last {} lines ----",
+        lines.len() - from
+    );
+    for l in &lines[from..] {
+        eprintln!("{l}");
     }
 }
 
@@ -486,6 +506,11 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 1..=self.n {
+                say_what_it_said(&format!("c{i}"), &self.console(i));
+            }
+        }
         let _ = Command::new(self.repo.join("qemu/cluster"))
             .arg("stop")
             .status();

@@ -47,7 +47,8 @@ pub async fn retry_join(
     }
 }
 
-/// Live member ids as the core sees them.
+/// Ids of the members the core sees alive. A suspect is asked again: it may be a process
+/// that restarted under a newer generation (see `Node::discovered`).
 async fn live_ids(handle: &Handle) -> HashSet<String> {
     handle
         .snapshot()
@@ -55,7 +56,7 @@ async fn live_ids(handle: &Handle) -> HashSet<String> {
         .map(|s| {
             s.members
                 .into_iter()
-                .filter(|m| m.state.is_live())
+                .filter(|m| m.state == crate::membership::MemberState::Alive)
                 .map(|m| m.id.to_string())
                 .collect()
         })

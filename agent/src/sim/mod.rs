@@ -46,6 +46,8 @@ pub struct SimConfig {
     pub node: NodeConfig,
     /// Nodes that lie about the store in every sync message they send.
     pub byzantine: Vec<usize>,
+    /// Whom each node's discovery can find (static peers); `None`: anyone (mDNS on a LAN).
+    pub discovery: Option<Vec<Vec<usize>>>,
 }
 
 impl SimConfig {
@@ -60,6 +62,7 @@ impl SimConfig {
             swim: true,
             node: NodeConfig::default(),
             byzantine: Vec::new(),
+            discovery: None,
         }
     }
 }
@@ -112,6 +115,8 @@ struct SimNode {
     epoch: u64,
     skew_ms: i64,
     group: u32,
+    /// Hears nothing while it still sends (a process whose listener closed first).
+    deaf: bool,
 }
 
 /// An acknowledged write: durable on its origin when the writer was told it succeeded.
@@ -254,6 +259,7 @@ impl Sim {
                 epoch: 0,
                 skew_ms: skew,
                 group: 0,
+                deaf: false,
             });
         }
         sim.rng = rng;
@@ -321,6 +327,12 @@ impl Sim {
             // Join through a random live node, as a node with a static peer list would.
             let up: Vec<usize> = (0..self.nodes.len())
                 .filter(|&j| j != i && self.is_up(j))
+                .filter(|j| {
+                    self.cfg
+                        .discovery
+                        .as_ref()
+                        .is_none_or(|d| d.get(i).is_some_and(|d| d.contains(j)))
+                })
                 .collect();
             if !up.is_empty() {
                 let j = up[self.rng.random_range(0..up.len())];
@@ -359,6 +371,11 @@ impl Sim {
                 self.nodes[i].group = g as u32 + 1;
             }
         }
+    }
+
+    /// Node `i` stops hearing anything (or hears again), while what it sends still arrives.
+    pub fn deafen(&mut self, i: usize, deaf: bool) {
+        self.nodes[i].deaf = deaf;
     }
 
     pub fn heal(&mut self) {
@@ -435,6 +452,7 @@ impl Sim {
                     self.bytes_sent[i] += bytes.len() as u64;
                     self.messages_sent += 1;
                     if self.nodes[i].group != self.nodes[j].group
+                        || self.nodes[j].deaf
                         || self.rng.random_bool(self.cfg.loss)
                     {
                         continue;
@@ -549,7 +567,13 @@ impl Sim {
     }
 
     fn discover(&mut self, i: usize) {
-        let j = self.rng.random_range(0..self.nodes.len());
+        let j = match &self.cfg.discovery {
+            None => self.rng.random_range(0..self.nodes.len()),
+            Some(d) => match d.get(i).filter(|d| !d.is_empty()) {
+                Some(d) => d[self.rng.random_range(0..d.len())],
+                None => i,
+            },
+        };
         let found = self.nodes[j].node.as_ref().map(|n| n.me().clone());
         let mut out = Vec::new();
         if let (Some(found), Some(node)) = (found, self.nodes[i].node.as_mut()) {
@@ -700,6 +724,21 @@ impl Sim {
             }
         }
         Ok(())
+    }
+
+    /// Members node `i` currently sees alive (not suspect).
+    pub fn alive_view(&self, i: usize) -> Vec<NodeId> {
+        self.nodes[i]
+            .node
+            .as_ref()
+            .map(|n| {
+                n.members()
+                    .into_iter()
+                    .filter(|m| m.state == crate::membership::MemberState::Alive)
+                    .map(|m| m.id)
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Members node `i` currently sees as live.
