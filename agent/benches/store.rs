@@ -83,7 +83,7 @@ fn child(dir: &Path, start: u64) -> ! {
             Some(value(i)),
         )
         .unwrap();
-        if i % 4 == 0 {
+        if i.is_multiple_of(4) {
             r.flush().unwrap();
             writeln!(out, "{i}").unwrap();
             out.flush().unwrap();

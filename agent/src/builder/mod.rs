@@ -1,5 +1,6 @@
 //! From a git push to an image (issue 16, in progress): `hooks` checks and reads GitHub's
-//! webhook deliveries. Fetching sources, building, testing and scanning come next, each
+//! webhook deliveries; `source` fetches a ref's tree. Building, testing and scanning come next, each
 //! build owned by the live node ranking highest by rendezvous hash of (app, source hash).
 
 pub mod hooks;
+pub mod source;

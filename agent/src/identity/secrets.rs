@@ -125,7 +125,7 @@ impl SecretKey {
         cluster_id: &str,
     ) -> Result<SecretKey, SealError> {
         let w = wrapped.trim();
-        if w.len() % 2 != 0 || w.len() > 512 {
+        if !w.len().is_multiple_of(2) || w.len() > 512 {
             return Err(SealError::Malformed);
         }
         let bytes = (0..w.len())
