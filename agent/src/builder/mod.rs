@@ -2,5 +2,6 @@
 //! webhook deliveries; `source` fetches a ref's tree. Building, testing and scanning come next, each
 //! build owned by the live node ranking highest by rendezvous hash of (app, source hash).
 
+pub mod context;
 pub mod hooks;
 pub mod source;
