@@ -14,7 +14,7 @@ use std::path::{Component, Path};
 /// replaced, which a source has no reason to hold).
 pub const GENERATED: &str = ".shoal.Dockerfile";
 
-/// Base images of written Dockerfiles (agent config `build.bases.*`).
+/// Base images of written Dockerfiles (to be read from the agent config with the builder).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Bases {
