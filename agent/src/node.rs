@@ -394,7 +394,6 @@ impl<B: Backend> Node<B> {
                 MembershipEffect::Up(_) | MembershipEffect::Down(_) | MembershipEffect::Renamed(_)
             )
         });
-        let mut rejoined = false;
         for e in fx {
             match e {
                 MembershipEffect::Send(to, data) => out.push(Effect::Send(
@@ -417,22 +416,7 @@ impl<B: Backend> Node<B> {
                 MembershipEffect::Renamed(m) => {
                     self.me = m.clone();
                     self.sync.set_me(m);
-                    rejoined = true;
                 }
-            }
-        }
-        // Declared down and back under a new generation, our failure detector waits for
-        // someone to talk to us; a member that restarted meanwhile never will (it ignores what
-        // is addressed to its old self, and counts us as nobody). Ask everyone we knew to let
-        // us in: an announce reaches whichever process now holds the address.
-        if rejoined {
-            let known: Vec<Member> = self.live.iter().cloned().collect();
-            if let Peers::Swim(ms) = &mut self.peers {
-                let mut fx = Vec::new();
-                for k in known {
-                    ms.announce(k, &mut fx);
-                }
-                self.membership_effects(fx, out);
             }
         }
         if changed {
